@@ -1,0 +1,478 @@
+"""ThetaModel: the one small wrapper around GPT-2 that every part of Theta uses.
+
+It loads a model from any source DESIGN.md lists, owns the prompt format, generates answers and saves
+Hugging Face folders that plain ``transformers`` loads too.
+
+    python -m src.model.theta_model generate --model_path models/<run>/theta_final --prompt "What is a firewall?"
+    python -m src.model.theta_model chat --model_path models/<run>/theta_final
+    python src/model/theta_model.py build-tiny            # (re)build the offline theta-tiny base model
+
+Model sources (``model_name``):
+- ``theta-tiny``: GPT-2 architecture at a small size, seeded random init, with a byte-level BPE tokenizer
+  trained on ``Datasets/``; built once and cached under ``models/base/theta-tiny/``. Needs no download.
+- a local folder holding a ``save_pretrained`` model and tokenizer (``theta_final/``, ``theta_best/``...).
+- a hub name (``gpt2``, ``gpt2-medium``): the local Hugging Face cache, or a download when online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+if __package__ in (None, ""):  # run as a file: make `src` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from src.utils.common import PROJECT_ROOT, UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASETS_DIR = PROJECT_ROOT / "Datasets"
+BASE_MODELS_DIR = PROJECT_ROOT / "models" / "base"
+TINY_NAME = "theta-tiny"
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+# theta-tiny: small enough for a whole pipeline in minutes on 2 CPU cores, big enough to learn something.
+TINY_CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1024)
+TINY_SEED = 1234
+
+# Files in Datasets/ that are our own outputs or held out, never training text for the tokenizer.
+NON_TRAINING_FILES = {"enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"}
+# Keys whose string values are training text, in every input shape DESIGN.md accepts.
+TEXT_KEYS = {"question", "answer", "context", "instruction", "input", "output", "content", "value",
+             "prompt", "chosen"}
+
+
+class ThetaModelError(UserError):
+    """A model could not be had or used; the message says what to do. Entry points print it, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt format: the one place it lives
+# ---------------------------------------------------------------------------------------------------------------
+
+def split_prompt(question: str, answer: str | None = None, context: str | None = None) -> tuple[str, str]:
+    """Return ``(prompt, completion)``: what the model is given and what it must produce.
+
+    ``prompt + completion`` is the training text. The completion starts with the space after ``Answer:`` so a
+    byte-level BPE tokenizer joins it to the first answer word exactly as it will during generation, and it
+    ends with the end-of-text token. Without an answer the completion is empty.
+    """
+    prompt = f"Question: {question.strip()}\nAnswer:"
+    if context:
+        prompt = f"Context: {context.strip()}\n" + prompt
+    completion = f" {answer.strip()}{EOS_TOKEN}" if answer is not None else ""
+    return prompt, completion
+
+
+def format_prompt(question: str, answer: str | None = None, context: str | None = None) -> str:
+    """``Question: {question}\\nAnswer: {answer}<eos>`` (``Context: ...`` first when given; no answer: the prompt)."""
+    prompt, completion = split_prompt(question, answer, context)
+    return prompt + completion
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# theta-tiny: the offline base model
+# ---------------------------------------------------------------------------------------------------------------
+
+def _strings(value, key: str | None = None) -> Iterator[str]:
+    """Every string under a text key, at any depth of a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v, key)
+    elif isinstance(value, str) and key in TEXT_KEYS and value.strip():
+        yield value
+
+
+def iter_corpus_texts(datasets_dir: Path) -> Iterator[str]:
+    """Training text of every ``*.json``/``*.jsonl`` under ``datasets_dir`` in a fixed order (sorted paths).
+
+    Unreadable files and lines are skipped here: data preparation is where they get reported.
+    """
+    files = sorted(p for p in Path(datasets_dir).rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()
+                   and p.name not in NON_TRAINING_FILES)
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if path.suffix == ".jsonl":
+            docs = []
+            for line in text.splitlines():
+                try:
+                    docs.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        else:
+            try:
+                docs = [json.loads(text)]
+            except json.JSONDecodeError:
+                continue
+        for doc in docs:
+            yield from _strings(doc)
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int) -> GPT2TokenizerFast:
+    """Byte-level BPE (GPT-2's scheme) trained on ``texts``; deterministic for the same texts and size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                             unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def build_tiny_model(output_dir: Path, datasets_dir: Path = DEFAULT_DATASETS_DIR, **config_overrides) -> Path:
+    """Build ``theta-tiny`` into ``output_dir`` (atomically) and return it.
+
+    Same data, same config: byte-identical files. ``config_overrides`` (e.g. ``n_layer=2, vocab_size=384``)
+    make the even smaller models the tests use.
+    """
+    cfg = {**TINY_CONFIG, **config_overrides}
+    texts = list(iter_corpus_texts(datasets_dir))
+    if not texts:
+        raise ThetaModelError(f"cannot build {TINY_NAME}: no training text found under {datasets_dir}. "
+                              "Put question-answer files (*.json, *.jsonl) there; see Datasets/README.md.")
+    tokenizer = train_tiny_tokenizer(texts, cfg["vocab_size"])
+    torch.manual_seed(TINY_SEED)
+    config = GPT2Config(**{**cfg, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    digest = corpus_digest(texts)
+    meta = {"name": TINY_NAME, "config": cfg, "seed": TINY_SEED, "datasets_dir": str(datasets_dir),
+            "corpus_texts": len(texts), "corpus_sha256": digest}
+    ThetaModel.from_parts(model, tokenizer).save(output_dir, extra_files={"theta_tiny.json": meta})
+    logger.info("built %s (%.2fM parameters, vocabulary %d) from %d texts in %s into %s", TINY_NAME,
+                model.num_parameters() / 1e6, len(tokenizer), len(texts), datasets_dir, output_dir)
+    return Path(output_dir)
+
+
+def corpus_digest(texts: list[str]) -> str:
+    return hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
+
+
+def tiny_model_dir(datasets_dir: Path = DEFAULT_DATASETS_DIR, base_dir: Path = BASE_MODELS_DIR) -> Path:
+    """The cached ``theta-tiny`` folder, built on first use.
+
+    A cache built from other data is kept (a run being resumed needs the same tokenizer) with a warning that
+    says how to rebuild it.
+    """
+    path = Path(base_dir) / TINY_NAME
+    if not (path / "config.json").exists():
+        build_tiny_model(path, datasets_dir)
+        return path
+    try:
+        built_from = json.loads((path / "theta_tiny.json").read_text(encoding="utf-8")).get("corpus_sha256")
+    except (OSError, json.JSONDecodeError):
+        built_from = None
+    if built_from != corpus_digest(list(iter_corpus_texts(datasets_dir))):
+        logger.warning("%s in %s was built from other data than %s now holds; using it as it is. To rebuild it "
+                       "(new runs only): python -m src.model.theta_model build-tiny", TINY_NAME, path, datasets_dir)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ThetaModel
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise a ThetaModelError naming what a model folder lacks."""
+    if not path.is_dir():
+        raise ThetaModelError(f"model folder not found: {path}")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
+                                                "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise ThetaModelError(f"{path} is not a model folder: missing {', '.join(missing)}. Point --model_path at a "
+                              "folder written by save_pretrained (e.g. models/<run>/theta_final).")
+
+
+class ThetaModel:
+    """GPT2LMHeadModel + GPT2TokenizerFast with Theta's special tokens and prompt format.
+
+    >>> tm = ThetaModel("theta-tiny")
+    >>> tm.generate("What is a firewall?", max_length=32, seed=0)
+    """
+
+    def __init__(self, model_name: str = "gpt2", device: str | torch.device | None = None,
+                 datasets_dir: Path | str = DEFAULT_DATASETS_DIR, base_dir: Path | str = BASE_MODELS_DIR):
+        self.model_name = str(model_name)
+        self.device = resolve_device(device)
+        path = self._resolve_source(self.model_name, Path(datasets_dir), Path(base_dir))
+        self.model, self.tokenizer = self._load(path)
+        self.source_path = path
+        self._ensure_special_tokens()
+        self.model.to(self.device)
+
+    @classmethod
+    def from_parts(cls, model: GPT2LMHeadModel, tokenizer: GPT2TokenizerFast,
+                   device: str | torch.device | None = None) -> "ThetaModel":
+        """Wrap an existing model and tokenizer (no loading)."""
+        self = cls.__new__(cls)
+        self.model_name, self.source_path = getattr(model.config, "name_or_path", ""), None
+        self.model, self.tokenizer = model, tokenizer
+        self.device = resolve_device(device) if device is not None else next(model.parameters()).device
+        self._ensure_special_tokens()
+        self.model.to(self.device)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ThetaModel":
+        """Load a folder written by :meth:`save` (or any GPT-2 ``save_pretrained`` folder)."""
+        path = Path(path)
+        check_model_folder(path)
+        return cls(str(path), device=device)
+
+    # --- loading -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_source(name: str, datasets_dir: Path, base_dir: Path) -> Path | str:
+        if name == TINY_NAME:
+            return tiny_model_dir(datasets_dir, base_dir)
+        path = Path(name).expanduser()
+        if path.exists() or name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
+            check_model_folder(path)  # a local folder: it must be complete
+            return path
+        return name  # a hub id
+
+    @staticmethod
+    def _load(source: Path | str):
+        if isinstance(source, Path):
+            return (GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source))
+        try:  # the local cache first: no network when the weights are already here
+            return (GPT2LMHeadModel.from_pretrained(source, local_files_only=True),
+                    GPT2TokenizerFast.from_pretrained(source, local_files_only=True))
+        except OSError:
+            pass
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise ThetaModelError(_offline_message(source, "HF_HUB_OFFLINE is set"))
+        try:
+            return GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source)
+        except Exception as err:  # network, DNS, 404: all mean "cannot be had from here"
+            raise ThetaModelError(_offline_message(source, f"{type(err).__name__}: {str(err).splitlines()[0]}")) \
+                from err
+
+    def _ensure_special_tokens(self) -> None:
+        """A pad token distinct from EOS; new embedding rows start at the mean of the existing ones."""
+        tok = self.tokenizer
+        # add_special_tokens puts a missing token into the vocabulary; assigning tok.pad_token alone would not
+        # (its id would silently resolve to an existing token).
+        if tok.eos_token is None or tok.convert_tokens_to_ids(tok.eos_token) is None:
+            tok.add_special_tokens({"eos_token": EOS_TOKEN})
+        if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id \
+                or tok.convert_tokens_to_ids(PAD_TOKEN) == tok.unk_token_id:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        old_rows = self.model.get_input_embeddings().weight.shape[0]
+        if len(tok) > old_rows:
+            # New rows start at the mean of the existing ones, not random noise: the new token then neither
+            # dominates the softmax nor starts in an odd corner of the embedding space. (GPT-2 ties the LM head to
+            # these embeddings, so the head's new rows are the same.)
+            self.model.resize_token_embeddings(len(tok), mean_resizing=False)
+            with torch.no_grad():
+                weight = self.model.get_input_embeddings().weight  # (V, C)
+                weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+        cfg = self.model.config
+        cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.eos_token_id
+        gen = self.model.generation_config
+        gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.eos_token_id
+
+    # --- saving --------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
+        """Write a Hugging Face folder (safetensors, tokenizer, generation config) atomically.
+
+        The folder is written next to its destination under a temporary name and renamed into place, so a
+        crash leaves the previous version intact.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = getattr(self.model, "module", self.model)  # unwrap DDP
+        model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every epoch's log
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        self.tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # --- generation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_with_stats(self, prompt: str, max_length: int = 256, temperature: float = 0.8, top_p: float = 0.9,
+                            top_k: int = 50, repetition_penalty: float = 1.2, seed: int | None = None,
+                            context: str | None = None) -> dict:
+        """Answer ``prompt`` (the user's question); returns ``{"text", "new_tokens", "seconds", "tokens_per_sec"}``.
+
+        ``max_length`` is the most new tokens to produce (capped by the model's context size). Generation stops
+        at the end-of-text token. ``temperature == 0`` is greedy decoding.
+        """
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        text, _ = split_prompt(prompt, context=context)
+        enc = self.tokenizer(text, return_tensors="pt").to(self.device)
+        n_prompt = enc["input_ids"].shape[1]
+        room = self.model.config.n_positions - n_prompt
+        if room <= 0:
+            raise ThetaModelError(f"the question is {n_prompt} tokens long; this model reads at most "
+                                  f"{self.model.config.n_positions}. Shorten it.")
+        sampling = temperature > 0
+        gen = GenerationConfig(
+            max_new_tokens=min(max_length, room), do_sample=sampling,
+            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+            top_k=top_k if sampling else None, repetition_penalty=repetition_penalty,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
+            if seed is not None else nullcontext()
+        start = time.perf_counter()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(**enc, generation_config=gen)
+        seconds = time.perf_counter() - start
+        self.model.train(was_training)
+        new = out[0, n_prompt:]  # (new_tokens,)
+        n_new = int(new.numel())
+        answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return {"text": answer, "new_tokens": n_new, "seconds": seconds,
+                "tokens_per_sec": n_new / seconds if seconds > 0 else 0.0}
+
+    def generate(self, prompt: str, max_length: int = 256, temperature: float = 0.8, top_p: float = 0.9,
+                 top_k: int = 50, repetition_penalty: float = 1.2, seed: int | None = None,
+                 context: str | None = None) -> str:
+        """Answer text only, for ``prompt`` (the user's question); see :meth:`generate_with_stats`."""
+        return self.generate_with_stats(prompt, max_length, temperature, top_p, top_k, repetition_penalty,
+                                        seed, context)["text"]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _offline_message(name: str, why: str) -> str:
+    return (f"cannot load the hub model '{name}': it is not in the local Hugging Face cache and could not be "
+            f"downloaded ({why}). Either download it once while online (python -c \"from transformers import "
+            f"AutoModelForCausalLM, AutoTokenizer; AutoModelForCausalLM.from_pretrained('{name}'); "
+            f"AutoTokenizer.from_pretrained('{name}')\"), point --model_name at a local model folder, or use "
+            f"--model_name {TINY_NAME}, which needs no download.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: generate, chat, build-tiny
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.model.theta_model",
+                                     description="Try a Theta model: one answer, or an interactive chat.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("generate", "answer one question"), ("chat", "interactive questions and answers")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model_path", type=str, required=True,
+                       help="model folder (e.g. models/<run>/theta_final), a hub name, or theta-tiny")
+        if name == "generate":
+            p.add_argument("--prompt", type=str, required=True, help="the question to answer")
+        p.add_argument("--max_length", type=int, default=256, help="most new tokens per answer (default 256)")
+        p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+        p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+        p.add_argument("--top_k", type=int, default=50, help="top-k sampling (default 50)")
+        p.add_argument("--repetition_penalty", type=float, default=1.2, help="repetition penalty (default 1.2)")
+        p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+        p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    b = sub.add_parser("build-tiny", help=f"(re)build the offline {TINY_NAME} base model from Datasets/")
+    b.add_argument("--datasets_dir", type=Path, default=DEFAULT_DATASETS_DIR, help="training data folder")
+    b.add_argument("--output_dir", type=Path, default=BASE_MODELS_DIR / TINY_NAME, help="where to write it")
+    args = parser.parse_args(argv)
+    if args.command != "build-tiny":
+        checks = [(args.max_length < 1, "--max_length must be at least 1"),
+                  (args.temperature < 0, "--temperature must be >= 0"),
+                  (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+                  (args.top_k < 0, "--top_k must be >= 0"),
+                  (args.repetition_penalty <= 0, "--repetition_penalty must be > 0")]
+        for bad, message in checks:
+            if bad:
+                parser.error(message)
+    return args
+
+
+def _answer(tm: ThetaModel, question: str, args: argparse.Namespace) -> str:
+    out = tm.generate_with_stats(question, args.max_length, args.temperature, args.top_p, args.top_k,
+                                 args.repetition_penalty, args.seed)
+    return f"{out['text']}\n[{out['new_tokens']} tokens, {out['tokens_per_sec']:.1f} tokens/s]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        if args.command == "build-tiny":
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+            build_tiny_model(args.output_dir, args.datasets_dir)
+            return 0
+        tm = ThetaModel.load(args.model_path, args.device) if Path(args.model_path).exists() \
+            else ThetaModel(args.model_path, args.device)
+        if args.command == "generate":
+            print(_answer(tm, args.prompt, args))
+            return 0
+        print("Theta chat: type a question; 'exit', Ctrl-D or Ctrl-C to leave.")
+        while True:
+            try:
+                question = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if question.lower() in ("exit", "quit"):
+                return 0
+            if question:
+                try:
+                    print("theta> " + _answer(tm, question, args))
+                except KeyboardInterrupt:
+                    print("\n(interrupted)")
+    except ThetaModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
