@@ -1,32 +1,146 @@
-"""Evaluate a trained model on the held-out test set and write the metrics to stats/.
+"""Evaluate a trained model on the held-out test set; write the metrics to stats/ and an HTML report with plots.
 
-Perplexity and token accuracy are computed over answer tokens only (the prompt and padding are masked),
-weighted by tokens, overall and per domain; a few generated answers are stored next to their references.
+Teacher-forced metrics (perplexity, token accuracy) cover answer tokens only: the prompt and padding are masked
+and every answer token weighs the same. Generated-answer metrics (exact match, token F1, BLEU-1..4, ROUGE-L)
+compare each model answer with its reference. Everything is also broken down per domain. Before any of it, the
+test set is checked against the model's training data (named in the run folder's ``training_config.json``):
+an overlap is refused, because it would make every number here look better than the model is.
 
     python src/training/evaluate_model.py --model_path models/<run>/theta_final
     python -m src.training.evaluate_model --model_path models/<run>/theta_final --test_data Datasets/test_set.json \
         --output_file stats/evaluation_<run>.json --num_samples 5 --seed 42
+    python -m src.training.evaluate_model --model_path models/<run>/theta_final --baseline_model theta-tiny
+
+Writes ``--output_file`` (default ``stats/evaluation_<run>.json``) and ``stats/<run>/``: ``report.html`` plus
+``loss_curve.png``, ``learning_rate.png``, ``token_accuracy.png``, ``domains.png`` (and ``baseline_deltas.png``
+with ``--baseline_model``). See documentation/EVALUATION.md for what every number means.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
+import string
 import sys
 import time
+from collections import Counter, defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+from transformers import GenerationConfig
 
-from src.model.theta_model import ThetaModel
+from src.data_processing.prepare_data_for_training import question_key
+from src.model.theta_model import ThetaModel, split_prompt
 from src.training.train_enhanced import EpochSampler, TokenizedDataset, collate, evaluate
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
+# Headline metrics, in report order; the baseline deltas and the per-domain tables use the same keys.
+TEXT_METRICS = ("exact_match", "f1", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")
+BLEU_WEIGHTS = {"bleu_1": (1.0,), "bleu_2": (0.5, 0.5), "bleu_3": (1 / 3, 1 / 3, 1 / 3),
+                "bleu_4": (0.25, 0.25, 0.25, 0.25)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text metrics: exact match, token F1 (SQuAD), BLEU (nltk), ROUGE-L
+# ---------------------------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, punctuation removed, articles (a/an/the) removed, whitespace collapsed."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1: harmonic mean of precision and recall of the normalised tokens (a multiset overlap).
+
+    Two empty answers agree (1.0); one empty answer against a non-empty one scores 0.
+    """
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks as separate tokens (BLEU and ROUGE-L count n-grams of these)."""
+    return _WORDS.findall(text.lower())
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence: the textbook dynamic programme, O(len(a) * len(b)), one row."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (beta = 1): precision LCS/len(prediction), recall LCS/len(reference), over ``bleu_tokens``."""
+    pred, ref = bleu_tokens(prediction), bleu_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU-1..4 (nltk, one reference per answer), smoothed with Chen & Cherry's method 1.
+
+    Smoothing matters for short answers: without it one missing 4-gram makes BLEU-4 exactly 0.
+    """
+    hyps = [bleu_tokens(p) for p in predictions]
+    refs = [[bleu_tokens(r)] for r in references]
+    if not any(hyps):  # nltk divides by the hypothesis length
+        return {name: 0.0 for name in BLEU_WEIGHTS}
+    smooth = SmoothingFunction().method1
+    return {name: float(corpus_bleu(refs, hyps, weights=w, smoothing_function=smooth))
+            for name, w in BLEU_WEIGHTS.items()}
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean exact match, token F1 and ROUGE-L per answer, plus corpus BLEU-1..4."""
+    n = len(predictions)
+    if n == 0:
+        return {name: 0.0 for name in TEXT_METRICS} | {"records": 0}
+    out = {"exact_match": sum(map(exact_match, predictions, references)) / n,
+           "f1": sum(map(token_f1, predictions, references)) / n}
+    out.update(bleu_scores(predictions, references))
+    out["rouge_l"] = sum(map(rouge_l, predictions, references)) / n
+    out["records"] = n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the test set, and the training data it must not overlap
+# ---------------------------------------------------------------------------------------------------------------
 
 def load_test_records(path: Path) -> list[dict]:
     """A flat list, a ``{"qa_pairs": [...]}`` wrapper or a prepared file; records need question and answer."""
@@ -51,54 +165,241 @@ def run_name(model_path: Path) -> str:
     return model_path.parent.name if model_path.name.startswith("theta_") else model_path.name
 
 
-def evaluate_model(args: argparse.Namespace) -> dict:
-    tm = ThetaModel.load(args.model_path, device=args.device)
-    records = load_test_records(Path(args.test_data))
-    max_length = min(args.max_length, tm.model.config.n_positions)
+def run_folder(model_path: Path) -> Path | None:
+    """``models/<run>/`` for ``models/<run>/theta_final`` (any ``theta_*`` folder inside a run), else None."""
+    model_path = Path(model_path)
+    return model_path.parent if model_path.name.startswith("theta_") else None
+
+
+def training_data_path(run_dir: Path | None) -> Path | None:
+    """The prepared file the run trained on (``args.data_path`` of its training_config.json), when it can be found.
+
+    A relative path was relative to where training ran: the project root for the overnight scripts, so both the
+    current folder and the project root are tried.
+    """
+    if run_dir is None or not (run_dir / "training_config.json").is_file():
+        return None
+    try:
+        config = read_json(run_dir / "training_config.json", "training config")
+    except UserError as err:
+        logger.warning("cannot check the test set against the training data: %s", err)
+        return None
+    data_path = (config.get("args") or {}).get("data_path") if isinstance(config, dict) else None
+    if not data_path:
+        return None
+    path = Path(data_path)
+    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]):
+        if candidate.is_file():
+            return candidate
+    logger.warning("cannot check the test set against the training data: %s (args.data_path of %s) is gone",
+                   data_path, run_dir / "training_config.json")
+    return None
+
+
+def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path) -> dict:
+    """Refuse (UserError) a test set that shares a question with the model's training data.
+
+    Questions are compared after ``question_key`` normalisation (the one data preparation uses to keep the
+    test set apart: lower case, runs of non-alphanumerics as one space). Shared ids alone are reported but not
+    refused: ids from different files can coincide without the text being the same.
+    Returns what was checked, for the results file.
+    """
+    data_path = training_data_path(run_folder(model_path))
+    if data_path is None:
+        logger.warning("no training data found for %s (no run folder training_config.json with args.data_path): "
+                       "the test set cannot be checked for leakage", model_path)
+        return {"checked": False}
+    data = read_json(data_path, "training data")
+    train = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
+    train_questions = {question_key(r["question"]): r.get("id") for r in train
+                       if isinstance(r, dict) and isinstance(r.get("question"), str)}
+    train_ids = {str(r.get("id")) for r in train if isinstance(r, dict) and r.get("id") not in (None, "")}
+    overlap = [r for r in test_records if question_key(r["question"]) in train_questions]
+    if overlap:
+        shown = "; ".join(f"{r.get('id', '?')}: {r['question'][:60]!r}" for r in overlap[:5])
+        raise UserError(
+            f"--test_data {test_path} overlaps the training data of this model ({data_path}): {len(overlap)} of "
+            f"{len(test_records)} test questions were trained on (e.g. {shown}). Metrics on them would be "
+            "inflated. Use the held-out set data preparation wrote (Datasets/test_set.json) or remove those "
+            "records, then evaluate again.")
+    shared_ids = sorted(str(r["id"]) for r in test_records if r.get("id") not in (None, "") and str(r["id"]) in train_ids)
+    if shared_ids:
+        logger.warning("%d test record id(s) also occur in the training data with other questions (e.g. %s); "
+                       "not an overlap of text, evaluating", len(shared_ids), ", ".join(shared_ids[:5]))
+    return {"checked": True, "training_data": str(data_path), "training_records": len(train),
+            "overlapping_questions": 0, "shared_ids": len(shared_ids)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int, max_length: int) -> dict:
+    """Answer-token loss, perplexity and token accuracy (overall and per domain), via the trainer's ``evaluate``."""
+    max_length = min(max_length, tm.model.config.n_positions)
     ds = TokenizedDataset(records, tm.tokenizer, max_length)
-    sampler = EpochSampler(len(ds), args.batch_size, seed=0, shuffle=False)
+    if len(ds) == 0:
+        raise UserError("no test record leaves room for an answer token within --max_length; raise --max_length")
+    sampler = EpochSampler(len(ds), batch_size, seed=0, shuffle=False)
     batches = [collate([ds[i] for i in b], tm.tokenizer.pad_token_id) for b in sampler.batches()]
+    m = evaluate(tm.model, batches, tm.device, nullcontext(), ds.domain_names)
+    m.update(evaluated_records=len(ds), truncated=ds.truncated, skipped=ds.skipped)
+    return m
+
+
+@torch.no_grad()
+def generate_answers(tm: ThetaModel, records: list[dict], settings: dict, batch_size: int) -> tuple[list[str], dict]:
+    """Answer every test question, ``batch_size`` prompts at a time (left padding), with ``settings``.
+
+    Returns the answers (in record order) and generation timing. The RNG is seeded once with
+    ``settings["seed"]`` before the first batch, so the same settings and batch size give the same answers.
+    """
+    tok, model = tm.tokenizer, tm.model
+    sampling = settings["temperature"] > 0
+    gen = GenerationConfig(
+        max_new_tokens=settings["max_new_tokens"], do_sample=sampling,
+        temperature=settings["temperature"] if sampling else None, top_p=settings["top_p"] if sampling else None,
+        top_k=settings["top_k"] if sampling else None, repetition_penalty=settings["repetition_penalty"],
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    was_training, old_side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"  # decoder-only models continue from the right end of the prompt
+    n_positions = model.config.n_positions
+    answers, new_tokens, seconds = [""] * len(records), 0, 0.0
+    torch.manual_seed(settings["seed"])
+    try:
+        prompts = [(i, split_prompt(r["question"], None, r.get("context"))[0]) for i, r in enumerate(records)]
+        # Prompts that leave no room for an answer get an empty answer (counted): scoring them 0 is honest.
+        lengths = {i: len(tok(p)["input_ids"]) for i, p in prompts}
+        too_long = [i for i, _ in prompts if lengths[i] >= n_positions]
+        prompts = [(i, p) for i, p in prompts if lengths[i] < n_positions]
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tok([p for _, p in chunk], return_tensors="pt", padding=True).to(tm.device)
+            T = enc["input_ids"].shape[1]
+            gen.max_new_tokens = min(settings["max_new_tokens"], n_positions - T)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, generation_config=gen)  # (B, T + new)
+            seconds += time.perf_counter() - t0
+            new = out[:, T:]  # (B, new); pad after an early end-of-text
+            new_tokens += int((new != tok.pad_token_id).sum())
+            for (i, _), text in zip(chunk, tok.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+    finally:
+        tok.padding_side = old_side
+        model.train(was_training)
+    return answers, {"new_tokens": new_tokens, "seconds": round(seconds, 3),
+                     "tokens_per_sec": new_tokens / seconds if seconds > 0 else 0.0, "prompts_too_long": len(too_long)}
+
+
+def evaluate_one(tm: ThetaModel, records: list[dict], args: argparse.Namespace, settings: dict) -> dict:
+    """Every metric of one model on ``records``: overall, per domain, and the answers themselves."""
     start = time.time()
-    metrics = evaluate(tm.model, batches, tm.device, torch.autocast("cpu", enabled=False), ds.domain_names)
-    samples = []
-    for rec in records[:args.num_samples]:
-        out = tm.generate_with_stats(rec["question"], max_length=args.max_new_tokens, temperature=args.temperature,
-                                     seed=args.seed)
-        samples.append({"id": rec.get("id"), "domain": rec["domain"], "question": rec["question"],
-                        "reference": rec["answer"], "generated": out["text"],
-                        "tokens_per_sec": round(out["tokens_per_sec"], 1)})
+    forced = teacher_forced_metrics(tm, records, args.batch_size, args.max_length)
+    answers, timing = generate_answers(tm, records, settings, args.batch_size)
+    references = [r["answer"] for r in records]
+    by_domain = defaultdict(list)
+    for i, r in enumerate(records):
+        by_domain[r["domain"]].append(i)
+    per_domain = {}
+    for domain, idx in sorted(by_domain.items()):
+        text = text_metrics([answers[i] for i in idx], [references[i] for i in idx])
+        per_domain[domain] = {**forced["domains"].get(domain, {}), **text}
     return {
-        "run": run_name(Path(args.model_path)), "model_path": str(args.model_path), "test_data": str(args.test_data),
-        "test_records": len(records), "evaluated_records": len(ds), "truncated": ds.truncated,
-        "perplexity": metrics["perplexity"], "loss": metrics["loss"], "token_accuracy": metrics["token_accuracy"],
-        "answer_tokens": metrics["tokens"], "per_domain": metrics["domains"],
-        "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": 0.9,
-                       "top_k": 50, "repetition_penalty": 1.2, "seed": args.seed,
-                       "decoding": "sampling" if args.temperature > 0 else "greedy"},
-        "samples": samples, "seconds": round(time.time() - start, 2),
+        "perplexity": forced["perplexity"], "loss": forced["loss"], "token_accuracy": forced["token_accuracy"],
+        "answer_tokens": forced["tokens"], "evaluated_records": forced["evaluated_records"],
+        "truncated": forced["truncated"], **text_metrics(answers, references), "per_domain": per_domain,
+        "generation_timing": timing, "answers": answers, "seconds": round(time.time() - start, 2),
     }
 
 
+def load_any_model(name_or_path: str | Path, device: str) -> ThetaModel:
+    """A model folder through ``ThetaModel.load``; otherwise a hub name or ``theta-tiny``."""
+    return ThetaModel.load(name_or_path, device=device) if Path(name_or_path).exists() \
+        else ThetaModel(str(name_or_path), device=device)
+
+
+def evaluate_model(args: argparse.Namespace) -> dict:
+    """Check the test set, evaluate the model (and the baseline), return the results dict."""
+    model_path = Path(args.model_path)
+    records = load_test_records(Path(args.test_data))
+    leakage = check_no_overlap(records, model_path, Path(args.test_data))
+    torch.manual_seed(args.seed)
+    settings = {"decoding": "sampling" if args.temperature > 0 else "greedy", "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                "repetition_penalty": args.repetition_penalty, "seed": args.seed, "batch_size": args.batch_size}
+    tm = ThetaModel.load(model_path, device=args.device)
+    logger.info("evaluating %s on %d test records (%s decoding, up to %d new tokens, seed %d)", model_path,
+                len(records), settings["decoding"], args.max_new_tokens, args.seed)
+    ours = evaluate_one(tm, records, args, settings)
+    answers = ours.pop("answers")
+    vocab = len(tm.tokenizer)
+    result = {
+        "run": run_name(model_path), "model_path": str(model_path), "test_data": str(args.test_data),
+        "test_records": len(records), "device": str(tm.device), **ours, "generation": settings,
+        "leakage_check": leakage, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    del tm
+    baseline_answers = None
+    if args.baseline_model:
+        logger.info("evaluating the baseline %s with the same settings", args.baseline_model)
+        base_tm = load_any_model(args.baseline_model, args.device)
+        base = evaluate_one(base_tm, records, args, settings)
+        baseline_answers = base.pop("answers")
+        result["baseline"] = {"model": str(args.baseline_model), **base}
+        keys = ("perplexity", "loss", "token_accuracy") + TEXT_METRICS
+        result["deltas"] = {k: ours[k] - base[k] for k in keys}
+        result["per_domain_deltas"] = {d: {k: m[k] - base["per_domain"][d][k] for k in keys if k in m
+                                           and k in base["per_domain"].get(d, {})}
+                                       for d, m in ours["per_domain"].items()}
+        if len(base_tm.tokenizer) != vocab:
+            result["baseline"]["note"] = ("different tokenizers: perplexity and token accuracy count different "
+                                          "tokens, so only the text metrics compare like for like")
+    result["samples"] = [
+        {"id": r.get("id"), "domain": r["domain"], "question": r["question"], "reference": r["answer"],
+         "generated": answers[i], "f1": token_f1(answers[i], r["answer"]), "rouge_l": rouge_l(answers[i], r["answer"]),
+         **({"baseline_generated": baseline_answers[i]} if baseline_answers is not None else {})}
+        for i, r in enumerate(records[:args.num_samples])]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a Theta model on the held-out test set.")
-    p.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
-    p.add_argument("--test_data", type=Path, default=PROJECT_ROOT / "Datasets" / "test_set.json",
-                   help="held-out test set (default Datasets/test_set.json)")
-    p.add_argument("--output_file", type=Path, default=None,
-                   help="metrics file (default stats/evaluation_<run>.json)")
-    p.add_argument("--batch_size", type=int, default=8, help="records per forward pass")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max_length", type=int, default=512, help="longest sequence in tokens")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per sample")
-    p.add_argument("--num_samples", type=int, default=5, help="generated examples stored with their references")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the samples; 0 = greedy")
-    p.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
+    p = argparse.ArgumentParser(description="Evaluate a Theta model on the held-out test set and write a report.")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
+    io.add_argument("--test_data", type=Path, default=PROJECT_ROOT / "Datasets" / "test_set.json",
+                    help="held-out test set (default Datasets/test_set.json)")
+    io.add_argument("--output_file", type=Path, default=None,
+                    help="metrics file (default stats/evaluation_<run>.json); the report goes to <its folder>/<run>/")
+    io.add_argument("--baseline_model", type=str, default=None,
+                    help="also evaluate this model (folder, hub name or theta-tiny) and report the deltas")
+    io.add_argument("--no_report", action="store_true", help="write the metrics file only, no HTML report or plots")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--batch_size", type=int, default=8, help="records per forward pass and per generation batch")
+    ev.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    ev.add_argument("--max_length", type=int, default=512, help="longest teacher-forced sequence in tokens")
+    ev.add_argument("--num_samples", type=int, default=5, help="generated examples stored and shown with references")
+    gen = p.add_argument_group("generation (every test question is answered for EM/F1/BLEU/ROUGE-L)")
+    gen.add_argument("--max_new_tokens", type=int, default=128,
+                     help="most tokens generated per answer (short limits lower BLEU through its brevity penalty)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    gen.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (sampling only)")
+    gen.add_argument("--top_k", type=int, default=50, help="top-k sampling (sampling only)")
+    gen.add_argument("--repetition_penalty", type=float, default=1.2, help="repetition penalty (1 = none)")
+    gen.add_argument("--seed", type=int, default=42, help="seed set before generation (recorded in the results)")
     args = p.parse_args(argv)
     for bad, message in [(args.batch_size < 1, "--batch_size must be at least 1"),
                          (args.max_length < 8, "--max_length must be at least 8"),
                          (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
                          (args.num_samples < 0, "--num_samples must be >= 0"),
-                         (args.temperature < 0, "--temperature must be >= 0")]:
+                         (args.temperature < 0, "--temperature must be >= 0"),
+                         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+                         (args.top_k < 0, "--top_k must be >= 0"),
+                         (args.repetition_penalty <= 0, "--repetition_penalty must be > 0")]:
         if bad:
             p.error(message)
     if args.output_file is None:
@@ -106,15 +407,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def log_summary(result: dict) -> None:
+    logger.info("test set: %d records | perplexity %.2f | token accuracy %.3f | EM %.3f | F1 %.3f | BLEU-4 %.3f | "
+                "ROUGE-L %.3f", result["test_records"], result["perplexity"], result["token_accuracy"],
+                result["exact_match"], result["f1"], result["bleu_4"], result["rouge_l"])
+    for domain, m in sorted(result["per_domain"].items()):
+        logger.info("    %-22s perplexity %8.2f  token accuracy %.3f  F1 %.3f  ROUGE-L %.3f", domain,
+                    m.get("perplexity", float("nan")), m.get("token_accuracy", float("nan")), m["f1"], m["rouge_l"])
+    if "deltas" in result:
+        d = result["deltas"]
+        logger.info("vs baseline %s: perplexity %+.2f, token accuracy %+.3f, F1 %+.3f, ROUGE-L %+.3f",
+                    result["baseline"]["model"], d["perplexity"], d["token_accuracy"], d["f1"], d["rouge_l"])
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     result = evaluate_model(args)
+    if not args.no_report:
+        from src.training.report import write_report
+
+        report_dir = Path(args.output_file).parent / result["run"]
+        result["report"] = str(write_report(result, run_folder(Path(args.model_path)), report_dir))
     atomic_write_json(args.output_file, result)
-    logger.info("test set: %d records, perplexity %.2f, token accuracy %.3f -> %s", result["test_records"],
-                result["perplexity"], result["token_accuracy"], args.output_file)
-    for domain, m in sorted(result["per_domain"].items()):
-        logger.info("    %-22s perplexity %8.2f  token accuracy %.3f", domain, m["perplexity"], m["token_accuracy"])
+    log_summary(result)
+    logger.info("metrics -> %s%s", args.output_file, f"; report -> {result['report']}" if "report" in result else "")
     return 0
 
 

@@ -1,0 +1,327 @@
+"""The morning report: matplotlib plots and one self-contained HTML page for an evaluated run.
+
+``evaluate_model.py`` calls :func:`write_report` as part of its normal run; it can also rebuild a report from a
+results file that is already there:
+
+    python -m src.training.report --results stats/evaluation_<run>.json --run_dir models/<run>
+
+Files in ``stats/<run>/`` (each plot only when its data exists):
+- ``loss_curve.png``      train and validation loss per epoch (``loss_history.json``); the completion email
+                          attaches this file, so its name is a contract
+- ``learning_rate.png``   learning rate per optimizer step (``metrics.jsonl``)
+- ``token_accuracy.png``  validation token accuracy per epoch, with the test-set value as a line
+- ``domains.png``         test metrics per domain
+- ``baseline_deltas.png`` model minus baseline, per metric (only with ``--baseline_model``)
+- ``report.html``         every table and plot; images are embedded as base64 data URIs and every piece of dataset
+                          text is HTML-escaped, so the one file can be mailed or opened anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `src` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI; must come before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from src.utils.common import UserError, atomic_write_text, read_json, run_entry_point, setup_logging  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+LOSS_CURVE = "loss_curve.png"
+METRIC_LABELS = {"perplexity": "perplexity", "loss": "loss", "token_accuracy": "token accuracy",
+                 "exact_match": "exact match", "f1": "token F1", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2",
+                 "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "rouge_l": "ROUGE-L"}
+# Scores in [0, 1], higher is better: plotted together per domain and in the delta chart.
+SCORES = ("token_accuracy", "exact_match", "f1", "bleu_4", "rouge_l")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run-folder data
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_history(run_dir: Path | None) -> list[dict]:
+    """``loss_history.json`` of the run (a list of per-epoch entries), or [] when there is none."""
+    path = run_dir / "loss_history.json" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        data = read_json(path, "loss history")
+    except UserError as err:
+        logger.warning("%s; no loss plots", err)
+        return []
+    return [e for e in data if isinstance(e, dict) and "epoch" in e] if isinstance(data, list) else []
+
+
+def load_step_metrics(run_dir: Path | None) -> list[dict]:
+    """Lines of ``metrics.jsonl``; a half-written last line (the run was killed mid-write) is skipped."""
+    path = run_dir / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row and "lr" in row:
+            rows.append(row)
+    return rows
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots (each returns the file it wrote, or None when it had no data)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> Path:
+    """Write the PNG through a temporary name, so a reader (the email) never attaches half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
+    if not history:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    epochs = [e["epoch"] for e in history]
+    for key, label, style in (("train_loss", "train", "o-"), ("val_loss", "validation", "s-")):
+        pts = [(x, e[key]) for x, e in zip(epochs, history) if _finite(e.get(key))]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    best = min((e for e in history if _finite(e.get("val_loss"))), key=lambda e: e["val_loss"], default=None)
+    if best:
+        ax.axvline(best["epoch"], color="grey", ls=":", label=f"best epoch {best['epoch']}")
+    ax.set(xlabel="epoch", ylabel="loss (answer tokens)", title="Train and validation loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out_dir / LOSS_CURVE)
+
+
+def plot_learning_rate(steps: list[dict], out_dir: Path) -> Path | None:
+    pts = [(r["step"], r["lr"]) for r in steps if _finite(r.get("lr"))]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+    ax.plot(*zip(*pts), "-")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    return _save(fig, out_dir / "learning_rate.png")
+
+
+def plot_token_accuracy(history: list[dict], test_accuracy: float | None, out_dir: Path) -> Path | None:
+    pts = [(e["epoch"], e["val_token_accuracy"]) for e in history if _finite(e.get("val_token_accuracy"))]
+    if not pts and not _finite(test_accuracy):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+    if pts:
+        ax.plot(*zip(*pts), "o-", label="validation")
+    if _finite(test_accuracy):
+        ax.axhline(test_accuracy, color="C3", ls="--", label=f"test set {test_accuracy:.3f}")
+    ax.set(xlabel="epoch", ylabel="token accuracy", title="Next-token accuracy on answer tokens")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out_dir / "token_accuracy.png")
+
+
+def plot_domains(per_domain: dict, out_dir: Path) -> Path | None:
+    if not per_domain:
+        return None
+    names = sorted(per_domain)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained",
+                                   gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.8 / len(SCORES)
+    for k, key in enumerate(SCORES):
+        ax1.bar([i + k * width for i in range(len(names))], [per_domain[d].get(key, 0.0) for d in names],
+                width, label=METRIC_LABELS[key])
+    ax1.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, ha="right")
+    ax1.set(ylim=(0, 1), ylabel="score (higher is better)", title="Test metrics per domain")
+    ax1.legend(fontsize=8, ncols=3)
+    ax2.barh(names, [per_domain[d].get("perplexity", float("nan")) for d in names], color="C4")
+    ax2.set(xlabel="perplexity (lower is better)", title="Perplexity")
+    ax2.invert_yaxis()
+    return _save(fig, out_dir / "domains.png")
+
+
+def plot_deltas(deltas: dict, out_dir: Path) -> Path | None:
+    keys = [k for k in SCORES if _finite(deltas.get(k))]
+    if not keys:
+        return None
+    values = [deltas[k] for k in keys]
+    fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+    ax.bar([METRIC_LABELS[k] for k in keys], values, color=["C2" if v >= 0 else "C3" for v in values])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(ylabel="model - baseline", title="Change against the baseline (above 0 = better)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out_dir / "baseline_deltas.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------------------------
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _esc(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}" if math.isfinite(value) else _esc(value)
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"><figcaption>{_esc(alt)}</figcaption></figure>'
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.3em .6em;
+vertical-align:top;text-align:left}th{background:#f3f3f3}td.num{text-align:right}
+table.samples td{white-space:pre-wrap;max-width:340px}figure{margin:1em 0}img{max-width:100%;
+border:1px solid #eee}figcaption{color:#666;font-size:.85em}.note{color:#8a5a00}.pos{color:#1a7f37}
+.neg{color:#b42318}"""
+
+
+def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | None) -> str:
+    """The report page; every value from the results or the dataset is escaped."""
+    r = result
+    parts = [f"<h1>Theta evaluation: {_esc(r.get('run', ''))}</h1>",
+             f"<p>Model <code>{_esc(r.get('model_path'))}</code> on <code>{_esc(r.get('test_data'))}</code> "
+             f"({_fmt(r.get('test_records'))} records), {_esc(r.get('created', ''))}, device {_esc(r.get('device'))}."
+             "</p>"]
+    leak = r.get("leakage_check", {})
+    parts.append('<p class="note">The test set was checked against the training data: no shared question.</p>'
+                 if leak.get("checked") else
+                 '<p class="note">The test set could not be checked against the training data (the run folder '
+                 'does not name it).</p>')
+
+    # headline metrics, with the baseline beside them when there is one
+    keys = ["perplexity", "loss", "token_accuracy", "exact_match", "f1", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
+            "rouge_l"]
+    base = r.get("baseline")
+    header = ["metric", "model"] + (["baseline", "delta"] if base else [])
+    rows = []
+    for k in keys:
+        row = [_esc(METRIC_LABELS[k]), f'<span class="num">{_fmt(r.get(k))}</span>']
+        if base:
+            d = r["deltas"].get(k)
+            better = d is not None and ((d < 0) if k in ("perplexity", "loss") else (d > 0))
+            row += [_fmt(base.get(k)), f'<span class="{"pos" if better else "neg"}">{_fmt(d)}</span>'
+                    if _finite(d) and d != 0 else _fmt(d)]
+        rows.append(row)
+    parts += ["<h2>Test-set metrics</h2>", _table(header, rows, "metrics")]
+    if base and base.get("note"):
+        parts.append(f'<p class="note">{_esc(base["note"])}</p>')
+
+    # per domain
+    dom = r.get("per_domain", {})
+    if dom:
+        dkeys = ["perplexity", "token_accuracy", "exact_match", "f1", "bleu_4", "rouge_l"]
+        rows = [[_esc(d)] + [_fmt(m.get(k)) for k in dkeys] + [_fmt(m.get("records"))] for d, m in sorted(dom.items())]
+        parts += ["<h2>Per domain</h2>",
+                  _table(["domain"] + [METRIC_LABELS[k] for k in dkeys] + ["records"], rows, "domains")]
+        parts.append(_img(images.get("domains"), "Test metrics per domain"))
+    if base and r.get("per_domain_deltas"):
+        dkeys = ["perplexity", "token_accuracy", "f1", "rouge_l"]
+        rows = [[_esc(d)] + [_fmt(m.get(k)) for k in dkeys] for d, m in sorted(r["per_domain_deltas"].items())]
+        parts += ["<h2>Change against the baseline</h2>",
+                  f"<p>Baseline <code>{_esc(base.get('model'))}</code>, same test set and generation settings.</p>",
+                  _table(["domain"] + [f"Δ {METRIC_LABELS[k]}" for k in dkeys], rows, "deltas"),
+                  _img(images.get("deltas"), "Model minus baseline per metric")]
+
+    # training curves
+    parts.append("<h2>Training</h2>")
+    curves = [_img(images.get("loss"), "Train and validation loss per epoch"),
+              _img(images.get("lr"), "Learning rate per optimizer step"),
+              _img(images.get("accuracy"), "Token accuracy per epoch")]
+    parts += [c for c in curves if c] or [f"<p>No training history found in {_esc(run_dir)}.</p>"]
+
+    # generation settings and samples
+    gen = r.get("generation", {})
+    timing = r.get("generation_timing", {})
+    parts += ["<h2>Generation</h2>",
+              _table(["setting", "value"], [[_esc(k), _fmt(v)] for k, v in gen.items()] +
+                     [["answers generated", _fmt(r.get("records"))],
+                      ["new tokens", _fmt(timing.get("new_tokens"))],
+                      ["tokens per second", _fmt(timing.get("tokens_per_sec"), 3)]], "settings")]
+    samples = r.get("samples", [])
+    if samples:
+        with_base = any("baseline_generated" in s for s in samples)
+        header = ["domain", "question", "reference", "generated"] + (["baseline"] if with_base else []) + \
+            ["F1", "ROUGE-L"]
+        rows = [[_esc(s.get("domain")), _esc(s.get("question")), _esc(s.get("reference")), _esc(s.get("generated"))]
+                + ([_esc(s.get("baseline_generated", ""))] if with_base else [])
+                + [_fmt(s.get("f1"), 3), _fmt(s.get("rouge_l"), 3)] for s in samples]
+        parts += ["<h2>Examples</h2>", _table(header, rows, "samples")]
+    body = "\n".join(p for p in parts if p)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>Theta evaluation {_esc(r.get('run', ''))}</title><style>{_CSS}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def write_report(result: dict, run_dir: Path | None, out_dir: Path) -> Path:
+    """Write the plots and ``report.html`` into ``out_dir`` (``stats/<run>/``); returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history, steps = load_history(run_dir), load_step_metrics(run_dir)
+    if not history:
+        logger.warning("no loss_history.json in %s: the report has no loss curve", run_dir)
+    images = {"loss": plot_loss_curve(history, out_dir), "lr": plot_learning_rate(steps, out_dir),
+              "accuracy": plot_token_accuracy(history, result.get("token_accuracy"), out_dir),
+              "domains": plot_domains(result.get("per_domain", {}), out_dir),
+              "deltas": plot_deltas(result.get("deltas", {}), out_dir) if result.get("deltas") else None}
+    path = atomic_write_text(out_dir / "report.html", render_html(result, images, run_dir))
+    logger.info("report: %s (%s)", path, ", ".join(p.name for p in images.values() if p))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Rebuild the HTML report and plots from an evaluation results file.")
+    p.add_argument("--results", type=Path, required=True, help="stats/evaluation_<run>.json")
+    p.add_argument("--run_dir", type=Path, default=None, help="models/<run> (loss history and step metrics)")
+    p.add_argument("--output_dir", type=Path, default=None, help="default: stats/<run>/ next to the results file")
+    args = p.parse_args(argv)
+    setup_logging()
+    result = read_json(args.results, "results file (--results)")
+    if not isinstance(result, dict) or "run" not in result:
+        raise UserError(f"--results {args.results} is not an evaluate_model.py results file")
+    write_report(result, args.run_dir, args.output_dir or args.results.parent / result["run"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry_point(main))
