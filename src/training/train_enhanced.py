@@ -17,6 +17,8 @@ saving a checkpoint (run the same command again to resume), 4 too many non-finit
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -27,7 +29,6 @@ import signal
 import sys
 import threading
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,6 +391,9 @@ class RunState:
     bad_epochs: int = 0
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
+    epoch_loss_sum: float = 0.0  # summed token losses of the current epoch so far (for its mean train loss)
+    epoch_tokens: int = 0
+    micro_split: int = 1  # each sampler batch runs as this many micro-batches (raised by CUDA OOM)
     history: list[dict] = field(default_factory=list)
 
 
@@ -449,6 +453,14 @@ class StopFlag:
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
+def add_switch(group, name: str, default: bool, help_text: str, off: str | None = None) -> None:
+    """A boolean with an on and an off form: ``--<name>`` / ``--<off>`` (default ``--no_<name>``)."""
+    off = off or f"no_{name}"
+    group.add_argument(f"--{name}", dest=name, action="store_true", help=f"{help_text} (default {'on' if default else 'off'})")
+    group.add_argument(f"--{off}", dest=name, action="store_false", help=f"turn --{name} off")
+    group.set_defaults(**{name: default})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
                                 "(see documentation/HYPERPARAMETERS.md).")
@@ -464,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", type=Path, default=None,
                    help="run folder (default: models/theta_enhanced_<YYYYMMDD_HHMMSS>)")
     g.add_argument("--log_file", type=Path, default=None, help="extra log file (train.log is always written)")
-    g.add_argument("--no_color", action="store_true", help="no colour codes on the console")
+    add_switch(g, "color", True, "colour on a terminal", off="no_color")
+    add_switch(g, "progress_bar", True, "a tqdm bar on a terminal (never in log files)")
+    g.add_argument("--log_every_steps", type=int, default=10, help="console step line every N steps "
+                   "(metrics.jsonl and tensorboard get every step)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, order and dropout")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
@@ -485,8 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss on the answer and EOS only, or on the whole text")
     o.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="auto: fp32 on CPU, bf16 (else fp16) on CUDA")
-    o.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute activations in backward to save memory")
+    add_switch(o, "gradient_checkpointing", False, "recompute activations in backward to save memory")
     o.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row")
     e = p.add_argument_group("validation and early stopping")
@@ -497,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save_every_steps", type=int, default=0, help="checkpoint every N steps (0 = per epoch)")
     c.add_argument("--keep_last_n_checkpoints", type=int, default=2, help="checkpoints kept")
-    c.add_argument("--keep_best_only", action=argparse.BooleanOptionalAction, default=False,
-                   help="delete step checkpoints once training completes (theta_best/ and theta_final/ stay)")
+    add_switch(c, "keep_best_only", False, "delete step checkpoints once training completes "
+               "(theta_best/ and theta_final/ stay)")
+    o.add_argument("--min_micro_batch", type=int, default=1,
+                   help="CUDA out of memory halves the micro-batch (same effective batch) down to this size")
     c.add_argument("--resume", type=str, default="auto",
                    help="auto (newest complete checkpoint in --output_dir), never, or a checkpoint folder")
     return p
@@ -530,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.num_workers < 0, "--num_workers must be >= 0"),
         (args.num_samples < 0, "--num_samples must be >= 0"),
         (args.max_nonfinite_steps < 1, "--max_nonfinite_steps must be at least 1"),
+        (args.log_every_steps < 1, "--log_every_steps must be at least 1"),
+        (args.min_micro_batch < 1, "--min_micro_batch must be at least 1"),
     ]
     for bad, message in checks:
         if bad:
@@ -590,30 +608,68 @@ def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device
     return 0, 1, device
 
 
+def _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, precision, steps_per_epoch,
+                         total_steps) -> list[str]:
+    model, tokenizer = tm.model, tm.tokenizer
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"model {args.model_name}: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
+        f"context {model.config.n_positions}",
+        f"device {device}, precision {precision.name}, world size {world}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+        f"examples: {len(train_ds)} train, {len(val_ds)} validation ({train_ds.truncated + val_ds.truncated} "
+        f"truncated to {args.max_length} tokens, {train_ds.skipped + val_ds.skipped} skipped); "
+        f"{train_ds.target_tokens()} target tokens per epoch",
+        f"batch {args.batch_size} x accumulation {args.gradient_accumulation_steps} x {world} process(es) = "
+        f"effective batch {effective}; {steps_per_epoch} steps per epoch, {total_steps} steps in all",
+        f"optimizer AdamW lr {args.learning_rate:.2e} (weight decay {args.weight_decay:g}, not on biases/norms), "
+        f"{args.scheduler_type} schedule, warmup {100 * args.warmup_proportion:.0f}%, clip {args.max_grad_norm:g}; "
+        f"loss on {args.loss_on}",
+    ]
+    for ex in train_ds.examples[:2]:
+        shown = "".join(tokenizer.decode([tid]) if lab == IGNORE_INDEX else f"[{tokenizer.decode([tid])}]"
+                        for tid, lab in zip(ex["input_ids"], ex["labels"]))
+        lines.append("sample (loss on [bracketed] tokens): " + shown[:400].replace("\n", "\\n"))
+    return lines
+
+
+def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a padded batch into ``parts`` smaller ones along the batch dimension (for CUDA OOM recovery)."""
+    if parts <= 1:
+        return [batch]
+    chunks = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
+    return [{k: chunks[k][i] for k in batch} for i in range(parts) if chunks["input_ids"][i].shape[0] > 0]
+
+
 def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     """Run training as ``args`` says; returns the summary dict (also in ``training_config.json``)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
     rank, world, device = _setup_distributed(args)
     is_main = rank == 0
     out = Path(args.output_dir)
-    color = not args.no_color and sys.stdout.isatty()
+    tty = sys.stdout.isatty()
+    color = args.color and tty
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(out / "train.log")
         if args.log_file:
-            fh = logging.FileHandler(args.log_file, encoding="utf-8")
-            fh.setFormatter(logging.getLogger().handlers[-1].formatter)
-            logging.getLogger().addHandler(fh)
+            extra = logging.FileHandler(args.log_file, encoding="utf-8")
+            extra.setFormatter(logging.getLogger().handlers[-1].formatter)
+            logging.getLogger().addHandler(extra)
     else:
         logging.getLogger().setLevel(logging.WARNING)
     if device.type == "cuda":
-        # Fewer fragmentation OOMs on 12 GB cards (the RTX 3060 notes); must be set before the first allocation.
+        # Fewer fragmentation OOMs on 12 GB cards (the RTX 3060 notes); read at the first CUDA allocation.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     notify = SafeNotifier(notifier if is_main else None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # --- data ---------------------------------------------------------------------------------------------
+    # --- data and model -----------------------------------------------------------------------------------
     records = load_prepared_records(Path(args.data_path))
     train_recs = [r for r in records if r.get("split", "train") == "train"]
     val_recs = [r for r in records if r.get("split") == "validation"]
@@ -622,8 +678,6 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     if not val_recs:
         raise UserError(f"--data_path {args.data_path} has no validation records; prepare with "
                         "--validation_fraction > 0")
-
-    # --- model --------------------------------------------------------------------------------------------
     tm = ThetaModel(args.model_name, device=device, datasets_dir=args.datasets_dir)
     model, tokenizer = tm.model, tm.tokenizer
     if args.max_length > model.config.n_positions:
@@ -636,17 +690,16 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     domain_names = sorted({r.get("domain", "unknown") for r in records})
     train_ds = TokenizedDataset(train_recs, tokenizer, args.max_length, args.loss_on)
     val_ds = TokenizedDataset(val_recs, tokenizer, args.max_length, args.loss_on)
-    # One domain index space for both splits.
-    for ds in (train_ds, val_ds):
+    for ds in (train_ds, val_ds):  # one domain index space for both splits
         remap = {i: domain_names.index(n) for i, n in enumerate(ds.domain_names)}
         for ex in ds.examples:
             ex["domain"] = remap[ex["domain"]]
     pad_id = tokenizer.pad_token_id
+    collate_fn = functools.partial(collate, pad_id=pad_id)
     sampler = EpochSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank, world=world)
     val_sampler = EpochSampler(len(val_ds), args.batch_size, args.seed, shuffle=False, rank=rank, world=world)
-    val_batches = [collate([val_ds[i] for i in b], pad_id) for b in val_sampler.batches()]
-    batches_per_epoch = len(sampler)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    val_batches = [collate_fn([val_ds[i] for i in b]) for b in val_sampler.batches()]
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -665,17 +718,17 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     if args.resume == "auto":
         found = find_resume_checkpoint(ckpt_dir)
     elif args.resume != "never":
-        path = Path(args.resume)
         try:
-            found = (path, load_checkpoint_file(path))
+            found = (Path(args.resume), load_checkpoint_file(Path(args.resume)))
         except Exception as err:
-            raise UserError(f"--resume {path}: not a loadable checkpoint ({err})") from err
+            raise UserError(f"--resume {args.resume}: not a loadable checkpoint ({err})") from err
     if found:
         path, ckpt = found
-        for key, old in ckpt["args"].items():
-            new = _json_args(args).get(key)
-            if key not in ("resume", "output_dir", "log_file") and new != old:
-                logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old, new)
+        now = _json_args(args)
+        for key, old in sorted(ckpt["args"].items()):
+            if key not in ("resume", "output_dir", "log_file") and now.get(key) != old:
+                logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old,
+                               now.get(key))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -683,42 +736,29 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
             precision.scaler.load_state_dict(ckpt["scaler"])
         state = RunState(**ckpt["run_state"])
         set_rng_state(ckpt["rng"])
-        logger.info("resumed from %s: step %d, epoch %d, batch %d", path, state.global_step, state.epoch + 1,
-                    state.batch_in_epoch)
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, state.global_step,
+                    state.epoch + 1, state.batch_in_epoch)
 
     # --- run summary --------------------------------------------------------------------------------------
     effective = args.batch_size * args.gradient_accumulation_steps * world
     env = _environment(device, precision.name, world)
-    n_params = sum(p.numel() for p in model.parameters())
     if is_main:
         atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
                                                           "status": "running"})
         logger.info(_color("=" * 78, "CYAN", color))
         logger.info("Theta training run %s", out.name)
-        logger.info("model %s: %.2fM parameters, vocabulary %d, context %d", args.model_name, n_params / 1e6,
-                    len(tokenizer), model.config.n_positions)
-        logger.info("device %s, precision %s, world size %d%s", device, precision.name, world,
-                    ", gradient checkpointing" if args.gradient_checkpointing else "")
-        logger.info("examples: %d train, %d validation (%d truncated to %d tokens, %d skipped); %d target tokens "
-                    "per epoch", len(train_ds), len(val_ds), train_ds.truncated + val_ds.truncated, args.max_length,
-                    train_ds.skipped + val_ds.skipped, train_ds.target_tokens())
-        logger.info("batch %d x accumulation %d x %d process(es) = effective batch %d; %d steps per epoch, "
-                    "%d steps in all", args.batch_size, args.gradient_accumulation_steps, world, effective,
-                    steps_per_epoch, total_steps)
-        logger.info("optimizer AdamW lr %.2e (weight decay %.3g, not on biases/norms), %s schedule, warmup %.0f%%; "
-                    "loss on %s", args.learning_rate, args.weight_decay, args.scheduler_type,
-                    100 * args.warmup_proportion, args.loss_on)
-        for ex in train_ds.examples[:2]:
-            shown = "".join(
-                tokenizer.decode([tid]) if lab == IGNORE_INDEX else f"[{tokenizer.decode([tid])}]"
-                for tid, lab in zip(ex["input_ids"], [IGNORE_INDEX] + ex["labels"][1:]))
-            logger.info("sample (loss on [bracketed] tokens): %s", shown[:400].replace("\n", "\\n"))
+        for line in _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, precision,
+                                         steps_per_epoch, total_steps):
+            logger.info("%s", line)
         logger.info(_color("=" * 78, "CYAN", color))
     notify("start_training_notification", args)
 
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step or None) if is_main else None
+    # purge_step: after a resume, drop events a crashed run wrote past its checkpoint (no overlapping curves)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step + 1 if state.global_step else None) \
+        if is_main else None
     metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
+    bar = tqdm(total=total_steps, initial=state.global_step, disable=not (is_main and tty and args.progress_bar),
+               dynamic_ncols=True, leave=False)
     stop = StopFlag()
     stop.install()
 
@@ -728,58 +768,82 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
         payload = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(),
                    "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                   "run_state": vars(state).copy(), "rng": rng_state(), "args": _json_args(args),
+                   "run_state": dataclasses.asdict(state), "rng": rng_state(), "args": _json_args(args),
                    "sampler": sampler.state_dict(), "global_step": state.global_step}
-        path = save_checkpoint(ckpt_dir, payload, args.keep_last_n_checkpoints)
-        logger.info("checkpoint (%s): %s", reason, path)
+        logger.info("checkpoint (%s): %s", reason, save_checkpoint(ckpt_dir, payload, args.keep_last_n_checkpoints))
 
-    def validate(tag: str) -> dict:
-        metrics = evaluate(ddp_model.module if world > 1 else model, val_batches, device, precision.autocast,
-                           domain_names, world)
+    def validate() -> dict:
+        metrics = evaluate(model, val_batches, device, precision.autocast, domain_names, world)
         if writer is not None:
-            writer.add_scalar("val/loss", metrics["loss"], state.global_step)
-            writer.add_scalar("val/perplexity", metrics["perplexity"], state.global_step)
-            writer.add_scalar("val/token_accuracy", metrics["token_accuracy"], state.global_step)
+            for key in ("loss", "perplexity", "token_accuracy"):
+                writer.add_scalar(f"val/{key}", metrics[key], state.global_step)
             for name, d in metrics["domains"].items():
                 writer.add_scalar(f"val/loss_{name}", d["loss"], state.global_step)
                 writer.add_scalar(f"val/perplexity_{name}", d["perplexity"], state.global_step)
         return metrics
 
+    def stop_requested() -> bool:
+        """Every rank stops together: the flag is agreed with an all-reduce under DDP."""
+        if world == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    def forward_backward(window: list[dict], n_targets: torch.Tensor) -> torch.Tensor:
+        """Backward over the micro-batches of one optimizer step; returns their summed token loss."""
+        step_loss = torch.zeros((), device=device)
+        micro = [m for b in window for m in _split_batch(b, state.micro_split)]
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+            sync = nullcontext() if world == 1 or k == len(micro) - 1 else ddp_model.no_sync()
+            with sync:
+                with precision.autocast:
+                    logits = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                tok_loss, _ = token_losses(logits, batch["labels"])
+                # Sum over this micro-batch / target tokens of the whole accumulated (and, under DDP, global)
+                # batch, x world as DDP averages gradients over ranks: the step's gradient is that of the mean
+                # over every target token of the step, however the tokens are split into micro-batches.
+                loss = tok_loss.sum() * world / n_targets
+                (precision.scaler.scale(loss) if precision.scaler is not None else loss).backward()
+            step_loss += tok_loss.detach().sum()
+        return step_loss
+
     # --- the loop -----------------------------------------------------------------------------------------
     exit_code, status, started = 0, "completed", time.time()
-    model.train()
     accum = args.gradient_accumulation_steps
     tokens_since_log, t_log = 0, time.perf_counter()
+    model.train()
     try:
         while state.epoch < args.epochs and not (args.max_steps and state.global_step >= args.max_steps):
             epoch_start = time.time()
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             batches = sampler.batches()
-            train_loss_sum, train_tokens = 0.0, 0
-            i = state.batch_in_epoch
-            while i < len(batches):
-                # ---- one optimizer step over up to `accum` micro-batches -------------------------------------
-                window = [collate([train_ds[j] for j in b], pad_id) for b in batches[i:min(i + accum, len(batches))]]
+            loader = iter(DataLoader(train_ds, batch_sampler=batches[state.batch_in_epoch:], collate_fn=collate_fn,
+                                     num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                     # its own generator: creating the iterator must not draw from the global RNG,
+                                     # or a resumed run's dropout masks would drift from an uninterrupted run's
+                                     generator=torch.Generator().manual_seed(args.seed + state.epoch)))
+            while state.batch_in_epoch < len(batches):
+                # ---- one optimizer step over up to `accum` micro-batches --------------------------------------
+                window = [next(loader) for _ in range(min(accum, len(batches) - state.batch_in_epoch))]
                 n_targets = torch.tensor(float(sum(count_target_tokens(b["labels"]) for b in window)))
                 if world > 1:  # normalise by the target tokens of the global batch
                     torch.distributed.all_reduce(n_targets)
-                step_loss = torch.zeros((), device=device)
-                for k, batch in enumerate(window):
-                    batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-                    sync = nullcontext() if world == 1 or k == len(window) - 1 else ddp_model.no_sync()
-                    with sync, precision.autocast:
-                        logits = ddp_model(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).logits
-                        tok_loss, mask = token_losses(logits, batch["labels"])
-                        # Sum over this micro-batch / target tokens of the whole accumulated batch (x world, as
-                        # DDP averages gradients over ranks): the step's gradient is that of the token mean.
-                        loss = tok_loss.sum() * world / n_targets.to(device)
-                    if precision.scaler is not None:
-                        precision.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                    step_loss += tok_loss.detach().sum()
-                    tokens_since_log += int(batch["attention_mask"].sum())
+                n_targets = n_targets.to(device)
+                while True:
+                    try:
+                        step_loss = forward_backward(window, n_targets)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        optimizer.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        if args.batch_size // (state.micro_split * 2) < args.min_micro_batch:
+                            raise
+                        state.micro_split *= 2
+                        logger.warning("CUDA out of memory: micro-batch now %d x %d accumulation (same effective "
+                                       "batch)", math.ceil(args.batch_size / state.micro_split),
+                                       accum * state.micro_split)
                 if precision.scaler is not None:
                     precision.scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -788,35 +852,35 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                 if finite:
                     if precision.scaler is not None:
                         precision.scaler.step(optimizer)
-                        precision.scaler.update()
                     else:
                         optimizer.step()
                     state.nonfinite_in_row = 0
                 else:
                     state.nonfinite_total += 1
                     state.nonfinite_in_row += 1
-                    if precision.scaler is not None:
-                        precision.scaler.update()
-                    logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped "
-                                   "(%d in a row, %d in all)", state.global_step + 1, state.nonfinite_in_row,
-                                   state.nonfinite_total)
-                    if state.nonfinite_in_row >= args.max_nonfinite_steps:
-                        exit_code, status = EXIT_NONFINITE, "failed: non-finite"
-                        raise FloatingPointError(
-                            f"{state.nonfinite_in_row} non-finite steps in a row (--max_nonfinite_steps "
-                            f"{args.max_nonfinite_steps}); the last good checkpoint is kept in {ckpt_dir}. Lower "
-                            "--learning_rate or use --precision fp32.")
+                    logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, "
+                                   "%d in all)", state.global_step + 1, state.nonfinite_in_row, state.nonfinite_total)
+                if precision.scaler is not None:
+                    precision.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state.global_step += 1
-                i += len(window)
-                state.batch_in_epoch = i
-                # ---- logging (the only host syncs of the step) -----------------------------------------------
-                mean_loss = float(step_loss) / max(float(n_targets) / world, 1.0)
-                train_loss_sum += float(step_loss)
-                train_tokens += int(float(n_targets) / world)
-                lr = optimizer.param_groups[0]["lr"]
+                state.batch_in_epoch += len(window)
+                if state.nonfinite_in_row >= args.max_nonfinite_steps:
+                    exit_code, status = EXIT_NONFINITE, "failed: non-finite"
+                    raise FloatingPointError(
+                        f"{state.nonfinite_in_row} non-finite steps in a row (--max_nonfinite_steps "
+                        f"{args.max_nonfinite_steps}); the last good checkpoint is kept in {ckpt_dir}. Lower "
+                        "--learning_rate or use --precision fp32.")
+                # ---- logging: the step's only host syncs ----------------------------------------------------
+                step_targets = float(n_targets) / world
+                mean_loss = float(step_loss) / max(step_targets, 1.0)
+                if finite:
+                    state.epoch_loss_sum += float(step_loss)
+                    state.epoch_tokens += int(step_targets)
+                tokens_since_log += sum(int(b["attention_mask"].sum()) for b in window)
                 if is_main:
+                    lr = optimizer.param_groups[0]["lr"]
                     dt = time.perf_counter() - t_log
                     tps = tokens_since_log * world / dt if dt > 0 else 0.0
                     tokens_since_log, t_log = 0, time.perf_counter()
@@ -825,73 +889,35 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                             "skipped": not finite}
                     metrics_file.write(json.dumps(line) + "\n")
                     metrics_file.flush()
-                    writer.add_scalar("train/loss", mean_loss, state.global_step)
-                    writer.add_scalar("train/lr", lr, state.global_step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), state.global_step)
-                    writer.add_scalar("train/tokens_per_sec", tps, state.global_step)
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+                        writer.add_scalar(f"train/{key}", line[key], state.global_step)
                     if device.type == "cuda":
                         writer.add_scalar("system/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30,
                                           state.global_step)
-                    logger.info("step %5d/%d | epoch %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.0f ms",
-                                state.global_step, total_steps, state.epoch + 1, mean_loss, lr, float(grad_norm),
-                                tps, dt * 1000)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", refresh=False)
+                    bar.update(1)
+                    if state.global_step % args.log_every_steps == 0 or state.global_step == 1:
+                        msg = (f"step {state.global_step:5d}/{total_steps} | epoch {state.epoch + 1} | loss "
+                               f"{mean_loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | {tps:.0f} tok/s | "
+                               f"{dt * 1000:.0f} ms")
+                        bar.write(msg) if not bar.disable else logger.info("%s", msg)
                 if args.eval_every_steps and state.global_step % args.eval_every_steps == 0:
-                    m = validate("step")
+                    m = validate()
                     logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f",
                                 state.global_step, m["loss"], m["perplexity"], m["token_accuracy"])
                 if args.save_every_steps and state.global_step % args.save_every_steps == 0:
-                    checkpoint("every %d steps" % args.save_every_steps)
-                if stop.requested:
+                    checkpoint(f"every {args.save_every_steps} steps")
+                if stop_requested():
                     checkpoint("interrupted")
                     exit_code, status = EXIT_INTERRUPTED, "interrupted"
                     raise KeyboardInterrupt
                 if args.max_steps and state.global_step >= args.max_steps:
                     break
-            if state.batch_in_epoch < len(batches):  # stopped by --max_steps mid-epoch
+            if state.batch_in_epoch < len(batches):  # --max_steps ended the run mid-epoch
                 break
-
-            # ---- end of epoch: validate, keep the best, early stopping ---------------------------------------
-            m = validate("epoch")
-            prev = state.history[-1] if state.history else None
-            train_loss = train_loss_sum / max(train_tokens, 1) if train_tokens else float("nan")
-            entry = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": train_loss,
-                     "val_loss": m["loss"], "val_perplexity": m["perplexity"],
-                     "val_token_accuracy": m["token_accuracy"],
-                     "domains": {d: {"loss": v["loss"], "perplexity": v["perplexity"],
-                                     "token_accuracy": v["token_accuracy"]} for d, v in m["domains"].items()},
-                     "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.time() - epoch_start}
-            state.history.append(entry)
-            improved = m["loss"] < state.best_val_loss - args.min_delta
-            if is_main:
-                header = _color(f"epoch {state.epoch + 1}/{args.epochs}", "YELLOW", color)
-                logger.info("%s | train loss %.4f | val loss %.4f %s | perplexity %.2f | token accuracy %.3f %s",
-                            header, train_loss, m["loss"], _arrow(m["loss"], prev and prev["val_loss"]),
-                            m["perplexity"], m["token_accuracy"],
-                            _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
-                for d, v in sorted(m["domains"].items()):
-                    logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f", d, v["loss"],
-                                v["perplexity"], v["token_accuracy"])
-                writer.add_scalar("epoch/train_loss", train_loss, state.epoch + 1)
-                writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
-                for ex in val_ds.examples[:args.num_samples]:
-                    answer = tm.generate(ex["question"], max_length=48, temperature=0.0)
-                    logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
-                    writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
-            if improved:
-                state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
-                if is_main:
-                    tm.save(out / "theta_best", extra_files={"theta_run.json": {
-                        "epoch": state.epoch + 1, "step": state.global_step, "val_loss": m["loss"]}})
-                    logger.info(_color(f"new best validation loss {m['loss']:.4f}: saved theta_best/", "GREEN",
-                                       color))
-            else:
-                state.bad_epochs += 1
-            notify("epoch_update", state.epoch + 1, entry)
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if is_main:
-                atomic_write_json(out / "loss_history.json", state.history)
-            checkpoint("end of epoch %d" % state.epoch)
+            _end_of_epoch(args, state, validate, tm, val_ds, writer, notify, out, color, is_main, epoch_start,
+                          optimizer.param_groups[0]["lr"])
+            checkpoint(f"end of epoch {state.epoch}")
             if state.bad_epochs >= args.patience:
                 logger.info("early stopping: no improvement larger than %g for %d epoch(s)", args.min_delta,
                             args.patience)
@@ -899,12 +925,13 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     except KeyboardInterrupt:
         if exit_code == 0:
             exit_code, status = EXIT_INTERRUPTED, "interrupted"
-        logger.warning("training interrupted at step %d; run the same command again to resume", state.global_step)
+        logger.warning("training stopped at step %d; run the same command again to resume", state.global_step)
     except FloatingPointError as err:
         logger.error("%s", err)
         notify("training_failed", str(err))
     finally:
         stop.restore()
+        bar.close()
         if writer is not None:
             writer.close()
         if metrics_file is not None:
@@ -914,22 +941,23 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
                "nonfinite_steps": state.nonfinite_total, "seconds": time.time() - started,
                "final_model": str(out / "theta_final"), "exit_code": exit_code}
-    if exit_code == 0 and is_main:
+    if exit_code == 0:
         if state.best_epoch < 0:  # --max_steps ended before any validation: validate now
-            m = validate("final")
+            m = validate()
             state.best_val_loss, state.best_epoch = m["loss"], state.epoch
-            tm.save(out / "theta_best")
+            if is_main:
+                tm.save(out / "theta_best")
             summary.update(best_epoch=state.best_epoch, best_val_loss=state.best_val_loss)
-        final = out / "theta_final"
-        tmp = out / ".theta_final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "theta_best", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if args.keep_best_only:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} "
-                           f"(validation loss {state.best_val_loss:.4f})", "GREEN", color))
+        if is_main:
+            tmp = out / ".theta_final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(out / "theta_best", tmp)
+            shutil.rmtree(out / "theta_final", ignore_errors=True)
+            os.replace(tmp, out / "theta_final")
+            if args.keep_best_only:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} "
+                               f"(validation loss {state.best_val_loss:.4f})", "GREEN", color))
         notify("training_completed", summary)
     if is_main:
         atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
@@ -939,9 +967,71 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     return summary
 
 
+def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, writer, notify, out: Path, color: bool,
+                  is_main: bool, epoch_start: float, lr: float) -> None:
+    """Validate, log, keep the best model, update early stopping and the history; advances ``state.epoch``."""
+    m = validate()
+    prev = state.history[-1] if state.history else None
+    train_loss = state.epoch_loss_sum / state.epoch_tokens if state.epoch_tokens else float("nan")
+    entry = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": train_loss,
+             "val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_token_accuracy": m["token_accuracy"],
+             "domains": {d: {k: v[k] for k in ("loss", "perplexity", "token_accuracy")}
+                         for d, v in m["domains"].items()},
+             "learning_rate": lr, "seconds": time.time() - epoch_start}
+    state.history.append(entry)
+    improved = m["loss"] < state.best_val_loss - args.min_delta
+    if is_main:
+        header = _color(f"epoch {state.epoch + 1}/{args.epochs}", "YELLOW", color)
+        logger.info("%s | train loss %.4f | val loss %.4f %s | perplexity %.2f | token accuracy %.3f %s", header,
+                    train_loss, m["loss"], _arrow(m["loss"], prev and prev["val_loss"]), m["perplexity"],
+                    m["token_accuracy"], _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
+        for d, v in sorted(m["domains"].items()):
+            logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f", d, v["loss"], v["perplexity"],
+                        v["token_accuracy"])
+        writer.add_scalar("epoch/train_loss", train_loss, state.epoch + 1)
+        writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
+        for ex in val_ds.examples[:args.num_samples]:
+            answer = tm.generate(ex["question"], max_length=48, temperature=0.0)  # greedy: uses no RNG
+            logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
+            writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
+    if improved:
+        state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
+        if is_main:
+            tm.save(out / "theta_best", extra_files={"theta_run.json": {
+                "epoch": state.epoch + 1, "step": state.global_step, "val_loss": m["loss"]}})
+            logger.info(_color(f"new best validation loss {m['loss']:.4f}: saved theta_best/", "GREEN", color))
+    else:
+        state.bad_epochs += 1
+    notify("epoch_update", state.epoch + 1, entry)
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    state.epoch_loss_sum, state.epoch_tokens = 0.0, 0
+    if is_main:
+        atomic_write_json(out / "loss_history.json", state.history)
+
+
+def _create_notifier(args: argparse.Namespace):
+    """The email notifier when email is configured (src/training/email_integration.py), else None."""
+    try:
+        from src.training.email_integration import create_notifier
+    except ImportError:
+        return None
+    try:
+        return create_notifier(Path(args.output_dir), args)
+    except Exception as err:  # notifications must never stop training
+        logger.warning("email notifications off: %s", err)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    summary = train(args)
+    notifier = _create_notifier(args) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        summary = train(args, notifier)
+    finally:
+        close = getattr(notifier, "close", None)
+        if callable(close):
+            close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary["exit_code"]

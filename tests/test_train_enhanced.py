@@ -1,0 +1,304 @@
+"""The training engine: loss maths, accumulation, resume, signals, faults, tensorboard, DDP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PROJECT_ROOT, TINY_TEST_CONFIG, run_script
+from src.model.theta_model import build_tiny_model
+import src.training.train_enhanced as te
+
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_no_dropout(tmp_path_factory, tiny_datasets_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "nodrop", tiny_datasets_dir, **TINY_TEST_CONFIG,
+                            **NO_DROPOUT)
+
+
+def _args(model_dir, data, out, *extra):
+    return te.parse_args(["--model_name", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+                          "--epochs", "2", "--batch_size", "4", "--learning_rate", "3e-3", "--max_length", "96",
+                          "--num_samples", "0", "--seed", "3", "--no_progress_bar", *extra])
+
+
+def _weights(run: Path, folder: str = "theta_final") -> dict[str, torch.Tensor]:
+    return load_file(str(run / folder / "model.safetensors"))
+
+
+# --- loss maths ------------------------------------------------------------------------------------------------
+
+def test_loss_is_shifted_masked_cross_entropy_by_hand():
+    torch.manual_seed(0)
+    B, T, V = 3, 7, 11
+    logits = torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :3] = -100  # a prompt
+    labels[1, 5:] = -100  # padding
+    labels[2, :] = -100
+    labels[2, 4] = 5      # a single target
+    loss, mask = te.token_losses(logits, labels)
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T - 1):
+            target = int(labels[b, t + 1])
+            if target == -100:
+                continue
+            log_probs = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)  # position t predicts token t + 1
+            total -= float(log_probs[target])
+            count += 1
+    assert int(mask.sum()) == count == te.count_target_tokens(labels)
+    assert float(loss.sum()) / int(mask.sum()) == pytest.approx(total / count, rel=1e-6)
+    assert float(loss[~mask].abs().sum()) == 0.0
+
+
+def test_dataset_masks_prompt_and_appends_eos(tiny_model_dir, tiny_records):
+    from src.model.theta_model import ThetaModel, split_prompt
+
+    tm = ThetaModel.load(tiny_model_dir, device="cpu")
+    rec = tiny_records[0]
+    ds = te.TokenizedDataset([rec], tm.tokenizer, max_length=256)
+    ex = ds[0]
+    n_prompt = len(tm.tokenizer(split_prompt(rec["question"])[0])["input_ids"])
+    assert ex["input_ids"][-1] == tm.tokenizer.eos_token_id
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    all_ds = te.TokenizedDataset([rec], tm.tokenizer, max_length=256, loss_on="all")
+    assert all_ds[0]["labels"] == all_ds[0]["input_ids"]
+    short = te.TokenizedDataset([rec], tm.tokenizer, max_length=n_prompt + 2)
+    assert short.truncated == 1 and len(short[0]["input_ids"]) == n_prompt + 2
+    batch = te.collate([ex, short[0]], pad_id=tm.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ex["input_ids"]))  # padded to the longest, not max_length
+    assert (batch["labels"][1, n_prompt + 2:] == -100).all() and (batch["attention_mask"][1, n_prompt + 2:] == 0).all()
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, tiny_model_no_dropout, prepared_data):
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "big", "--max_steps", "3",
+                   "--batch_size", "4", "--gradient_accumulation_steps", "1"))
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "acc", "--max_steps", "3",
+                   "--batch_size", "2", "--gradient_accumulation_steps", "2"))
+    big, acc = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=2e-6, rtol=1e-5), name
+
+
+# --- resume, signals, faults -----------------------------------------------------------------------------------
+
+class _StopAfter(te.StopFlag):
+    """Asks the loop to stop at its n-th check, as a SIGTERM would."""
+    n = 3
+
+    def __init__(self):
+        self.checks = 0
+        super().__init__()
+
+    @property
+    def requested(self):
+        self.checks = getattr(self, "checks", 0) + 1
+        return self.checks >= self.n
+
+    @requested.setter
+    def requested(self, value):
+        pass
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    full = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "full"))
+    assert full["exit_code"] == 0
+    run = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(te, "StopFlag", _StopAfter)
+        first = te.train(_args(tiny_model_dir, prepared_data, run))
+    assert first["exit_code"] == te.EXIT_INTERRUPTED and first["global_step"] == 3
+    assert not (run / "theta_final").exists()
+    second = te.train(_args(tiny_model_dir, prepared_data, run))
+    assert second["exit_code"] == 0 and second["global_step"] == full["global_step"]
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, dropout included
+    hist_a = json.loads((tmp_path / "full" / "loss_history.json").read_text())
+    hist_b = json.loads((run / "loss_history.json").read_text())
+    assert [h["val_loss"] for h in hist_a] == [h["val_loss"] for h in hist_b]
+    assert [h["train_loss"] for h in hist_a] == pytest.approx([h["train_loss"] for h in hist_b], rel=1e-9)
+    # tensorboard continues at the right step: every step once, no overlapping curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, full["global_step"] + 1))
+    assert {"val/loss", "val/perplexity", "val/token_accuracy", "train/lr", "train/grad_norm"} <= \
+        set(acc.Tags()["scalars"])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, full["global_step"] + 1))
+
+
+def test_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(te, "StopFlag", _StopAfter)
+        te.train(_args(tiny_model_dir, prepared_data, run, "--save_every_steps", "1", "--keep_last_n_checkpoints", "5"))
+    ckpts = sorted(te.list_checkpoints(run / "checkpoints"), key=lambda p: int(p.name.split("_")[1]))
+    assert [p.name for p in ckpts] == ["step_1", "step_2", "step_3"]
+    (ckpts[-1] / te.COMPLETE_MARKER).unlink()              # an interrupted save
+    (ckpts[-2] / "state.pt").write_bytes(b"not a checkpoint")  # a torn file
+    path, state = te.find_resume_checkpoint(run / "checkpoints")
+    assert path.name == "step_1" and state["global_step"] == 1
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_model_dir, prepared_data):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "src/training/train_enhanced.py", "--model_name", str(tiny_model_dir), "--data_path",
+           str(prepared_data), "--output_dir", str(run), "--epochs", "200", "--batch_size", "2", "--num_samples", "0",
+           "--max_length", "96", "--no_progress_bar"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == te.EXIT_INTERRUPTED, output[-2000:]
+    assert "Traceback" not in output
+    found = te.find_resume_checkpoint(run / "checkpoints")
+    assert found is not None
+    path, state = found
+    assert state["global_step"] >= 2 and (path / te.COMPLETE_MARKER).exists()
+    assert json.loads((run / "training_config.json").read_text())["status"] == "interrupted"
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    real = te.token_losses
+    calls = {"n": 0}
+
+    def nan_on_second_training_call(logits, labels):
+        loss, mask = real(logits, labels)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                loss = loss * float("nan")
+        return loss, mask
+
+    monkeypatch.setattr(te, "token_losses", nan_on_second_training_call)
+    summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_steps", "4"))
+    assert summary["exit_code"] == 0 and summary["nonfinite_steps"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped"] for x in lines] == [False, True, False, False]
+    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "run").values())
+
+
+def test_too_many_non_finite_steps_stop_the_run(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    real = te.token_losses
+    monkeypatch.setattr(te, "token_losses", lambda lg, lb: (real(lg, lb)[0] * float("nan"), real(lg, lb)[1]))
+    summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_nonfinite_steps", "2"))
+    assert summary["exit_code"] == te.EXIT_NONFINITE and summary["global_step"] == 2
+    assert not (tmp_path / "run" / "theta_final").exists()
+
+
+def test_cuda_oom_halves_the_micro_batch_with_the_same_result(tmp_path, tiny_model_no_dropout, prepared_data,
+                                                              monkeypatch):
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "plain", "--max_steps", "3"))
+    from transformers import GPT2LMHeadModel
+
+    real_forward = GPT2LMHeadModel.forward
+
+    def small_memory_forward(self, input_ids=None, **kw):
+        if self.training and input_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", small_memory_forward)
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "oom", "--max_steps", "3"))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "oom")
+    assert all(torch.allclose(a[k], b[k], atol=2e-6) for k in a)
+    assert "micro-batch now 2 x 2 accumulation" in (tmp_path / "oom" / "train.log").read_text()
+
+
+class _Recorder:
+    def __init__(self, hang: bool = False):
+        self.calls, self.hang = [], hang
+
+    def __getattr__(self, name):
+        def record(*args):
+            self.calls.append(name)
+            if self.hang:
+                time.sleep(30)
+            raise RuntimeError("mail server on fire")
+        return record
+
+
+def test_a_failing_or_hanging_notifier_never_stops_training(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    monkeypatch.setattr(te.SafeNotifier, "__init__", lambda self, n=None, timeout=0.2:
+                        (setattr(self, "notifier", n), setattr(self, "timeout", timeout), setattr(self, "failures", 0))
+                        and None)
+    for hang in (False, True):
+        rec = _Recorder(hang)
+        summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / f"run{hang}", "--epochs", "1"), rec)
+        assert summary["exit_code"] == 0
+        assert rec.calls[0] == "start_training_notification" and "epoch_update" in rec.calls
+        assert rec.calls[-1] == "training_completed"
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+def test_profiles_and_explicit_flags():
+    args = te.parse_args(["--profile", "quick", "--epochs", "7"])
+    assert args.model_name == "theta-tiny" and args.epochs == 7
+    args = te.parse_args(["--profile", "rtx3060"])
+    assert (args.model_name, args.batch_size, args.gradient_accumulation_steps, args.learning_rate, args.epochs,
+            args.patience, args.warmup_proportion, args.scheduler_type, args.num_cycles, args.weight_decay) == \
+        ("gpt2-medium", 3, 4, 3e-5, 20, 5, 0.15, "cosine_hard_restarts", 4, 0.01)
+    assert te.parse_args(["--no_color"]).color is False and te.parse_args(["--color"]).color is True
+    assert te.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True
+    assert te.parse_args(["--no_gradient_checkpointing"]).gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("flags,named", [(["--batch_size", "0"], "--batch_size"),
+                                         (["--learning_rate", "-1"], "--learning_rate"),
+                                         (["--warmup_proportion", "1.5"], "--warmup_proportion"),
+                                         (["--resume", "/no/such/checkpoint"], "--resume"),
+                                         (["--scheduler_type", "triangle"], "--scheduler_type")])
+def test_bad_flags_name_the_flag_without_traceback(flags, named):
+    out = run_script(["-m", "src.training.train_enhanced", *flags])
+    assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path, tiny_model_dir):
+    bad = tmp_path / "enhanced_training_data.json"
+    bad.write_text('[{"question": "q", "answer": "a"}]')
+    out = run_script(["src/training/train_enhanced.py", "--model_name", str(tiny_model_dir), "--data_path", str(bad),
+                      "--output_dir", str(tmp_path / "run")])
+    assert out.returncode == 2 and "re-run data preparation" in out.stderr.lower() and "Traceback" not in out.stderr
+
+
+# --- distributed -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(tmp_path, tiny_model_no_dropout, prepared_data):
+    common = ["--model_name", str(tiny_model_no_dropout), "--data_path", str(prepared_data), "--max_steps", "3",
+              "--learning_rate", "3e-3", "--max_length", "96", "--num_samples", "0", "--seed", "3",
+              "--no_progress_bar", "--device", "cpu"]
+    single = run_script(["-m", "src.training.train_enhanced", *common, "--batch_size", "4",
+                         "--output_dir", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "src.training.train_enhanced", *common, "--batch_size", "2",
+                          "--output_dir", str(tmp_path / "ddp")], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    # same global batch of 4: gradients agree up to float summation order
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    config = json.loads((tmp_path / "ddp" / "training_config.json").read_text())
+    assert config["environment"]["world_size"] == 2
