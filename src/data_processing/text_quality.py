@@ -1,0 +1,160 @@
+"""Text normalisation, the quality score and the difficulty rating of a Q&A record.
+
+Both formulas are deterministic, cheap (a few regular expressions per record) and documented in
+documentation/DATA_PROCESSING.md, where each is worked through on an example.
+
+    from src.data_processing.text_quality import normalise_text, quality_components, quality_score, difficulty
+    quality_score("What is DNS?", "DNS translates names into IP addresses.")
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+CODE_FENCE = "```"
+
+# Quality: weights of the six parts (they sum to 1).
+QUALITY_WEIGHTS = {"length": 0.25, "relevance": 0.20, "formatting": 0.10, "code": 0.15, "repetition": 0.15,
+                   "boilerplate": 0.15}
+CONTENT_WORD = re.compile(r"[a-z]{4,}")
+STOPWORDS = frozenset(
+    "what does this that with from have which when where your about there their would could should into they "
+    "them then than these those been were will some more most also just like make many much very such explain "
+    "describe tell give show please difference between work works used using".split())
+TERMINAL = (".", "!", "?", ":", ")", "]", '"', "'", CODE_FENCE)
+SHOUTING = re.compile(r"[!?]{3,}")
+BOILERPLATE = [re.compile(p, re.IGNORECASE) for p in (
+    r"\bas an ai\b", r"\blanguage model\b", r"\bi(?:'m| am) (?:sorry|unable)\b", r"\bi cannot (?:help|answer)\b",
+    r"\blorem ipsum\b", r"\bclick here\b", r"\bsubscribe\b", r"\b(?:todo|tbd|fixme)\b", r"^\s*n/?a\s*\.?\s*$",
+    r"\bi don'?t know\b")]
+
+# Difficulty markers.
+TECH_TERM = re.compile(r"\b(?:[A-Z]{2,}[A-Za-z0-9]*|\w+\(\)|[a-z]+_\w+|\w+\.\w+)")
+STEP_MARKER = re.compile(r"(?mi)^\s*(?:\d+[.)]\s|step \d+|first\b|then\b|next\b|finally\b)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------------------
+
+def normalise_text(text: str) -> str:
+    """Prose: Unicode NFC, CRLF -> LF, trailing spaces of each line removed, the whole text trimmed.
+
+    Text between ``` fences (the fences included) is kept byte for byte: no NFC, no trimming, whatever it holds.
+    An unclosed fence protects everything after it.
+    """
+    if CODE_FENCE not in text:
+        if text.isascii():  # the common case: NFC cannot change ASCII
+            prose = text
+        else:
+            prose = unicodedata.normalize("NFC", text)
+        if "\r" in prose or " \n" in prose or "\t\n" in prose:
+            prose = "\n".join(line.rstrip() for line in prose.replace("\r\n", "\n").split("\n"))
+        return prose.strip()
+    parts = text.split(CODE_FENCE)
+    for i in range(0, len(parts), 2):  # even parts are prose, odd parts code
+        prose = unicodedata.normalize("NFC", parts[i]).replace("\r\n", "\n")
+        parts[i] = "\n".join(line.rstrip() for line in prose.split("\n"))
+    if len(parts) > 1:
+        parts[0] = parts[0].lstrip()
+        if len(parts) % 2:  # the last part is prose
+            parts[-1] = parts[-1].rstrip()
+    return CODE_FENCE.join(parts)
+
+
+def code_blocks(text: str) -> list[str]:
+    """The fenced code blocks of ``text`` (language tag line included), in order."""
+    return text.split(CODE_FENCE)[1::2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quality
+# ---------------------------------------------------------------------------------------------------------------
+
+def _length_part(n_words: int) -> float:
+    if n_words < 3:
+        return 0.0
+    if n_words < 20:
+        return (n_words - 3) / 17
+    if n_words <= 300:
+        return 1.0
+    return max(0.5, 1.0 - 0.5 * (n_words - 300) / 300)
+
+
+def _code_part(answer: str) -> float:
+    fences = answer.count(CODE_FENCE)
+    if fences == 0:
+        return 1.0
+    if fences % 2:
+        return 0.0
+    for block in code_blocks(answer):
+        body = block.split("\n", 1)[1] if "\n" in block else ""  # first line is the language tag
+        if not body.strip():
+            return 0.5
+    return 1.0
+
+
+def quality_components(question: str, answer: str) -> dict[str, float]:
+    """The six parts of the quality score, each in [0, 1] (see ``quality_score``)."""
+    words = answer.split()
+    n = len(words)
+    q_words = {w for w in CONTENT_WORD.findall(question.lower()) if w not in STOPWORDS}
+    if q_words:
+        a_words = set(CONTENT_WORD.findall(answer.lower()))
+        relevance = min(1.0, 2 * len(q_words & a_words) / len(q_words))
+    else:
+        relevance = 0.5
+    formatting = 1.0
+    if not answer.rstrip().endswith(TERMINAL):
+        formatting -= 0.5
+    letters = [c for c in answer if c.isalpha()] if n < 400 else []
+    if SHOUTING.search(answer) or (len(letters) >= 20 and sum(c.isupper() for c in letters) > 0.8 * len(letters)):
+        formatting -= 0.5
+    if n >= 3:
+        trigrams = list(zip(words, words[1:], words[2:]))
+        repetition = len(set(trigrams)) / len(trigrams)
+    else:
+        repetition = 1.0
+    boilerplate = max(0.0, 1.0 - 0.5 * sum(1 for p in BOILERPLATE if p.search(answer)))
+    return {"length": _length_part(n), "relevance": relevance, "formatting": formatting,
+            "code": _code_part(answer), "repetition": repetition, "boilerplate": boilerplate}
+
+
+def quality_score(question: str, answer: str) -> float:
+    """Quality in [0, 1], rounded to 4 places: the weighted sum of six parts.
+
+    - length (0.25): answer words n (split on whitespace): 0 under 3, (n - 3) / 17 up to 19, 1 from 20 to 300,
+      then down by 0.5 per 300 words to a floor of 0.5;
+    - relevance (0.20): the question's content words (4+ letters, not stopwords) that the answer repeats:
+      min(1, 2 * shared / question words); 0.5 when the question has none;
+    - formatting (0.10): 1, minus 0.5 when the answer does not end with . ! ? : ) ] quote or a fence, minus 0.5
+      for shouting (a run of 3+ ! or ?, or 80%+ capital letters over 20+ letters);
+    - code (0.15): 1 without fences, 0 for an odd number of fences, 0.5 when a fenced block is empty, else 1;
+    - repetition (0.15): distinct word trigrams / all word trigrams of the answer (1 under 3 words);
+    - boilerplate (0.15): 1 minus 0.5 per boilerplate pattern found ("as an AI", "lorem ipsum", "TODO"...), >= 0.
+    """
+    parts = quality_components(question, answer)
+    return round(sum(QUALITY_WEIGHTS[k] * v for k, v in parts.items()), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Difficulty
+# ---------------------------------------------------------------------------------------------------------------
+
+def difficulty_points(question: str, answer: str, has_code: bool) -> dict[str, bool]:
+    words = answer.split()
+    return {
+        "long_answer": len(words) >= 80,
+        "technical_terms": bool(words) and len(TECH_TERM.findall(answer)) / len(words) >= 0.08,
+        "code": has_code,
+        "multi_step": len(STEP_MARKER.findall(answer)) >= 2,
+        "long_question": len(question.split()) >= 25,
+    }
+
+
+def difficulty(question: str, answer: str, has_code: bool) -> int:
+    """1-5: 1 plus one point each for a long answer (80+ words), dense technical terms (acronyms, ``call()``,
+    snake_case or dotted names making 8%+ of the answer's words), code, multi-step reasoning (2+ numbered lines
+    or lines opening with first/then/next/finally/step N) and a long question (25+ words); capped at 5."""
+    return min(5, 1 + sum(difficulty_points(question, answer, has_code).values()))
