@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -302,3 +301,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path, tiny_model_no_dro
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
     config = json.loads((tmp_path / "ddp" / "training_config.json").read_text())
     assert config["environment"]["world_size"] == 2
+
+
+def test_hyperparameters_doc_lists_every_flag():
+    doc = (PROJECT_ROOT / "documentation" / "HYPERPARAMETERS.md").read_text(encoding="utf-8")
+    flags = [o for a in te.build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}`" not in doc]
+    assert not missing, f"regenerate with documentation/make_hyperparameters_md.py: {missing}"
