@@ -71,7 +71,8 @@ def rephrasings(question: str) -> list[str]:
             parts = {k: v.strip() for k, v in m.groupdict().items()}
             out.extend(t.format(**parts) for t in templates)
             break
-    out.extend(t.format(q=q) for t in GENERIC)
+    if q.endswith("?") and len(q.split()) >= 4:  # wrapping a greeting or a command would read oddly
+        out.extend(t.format(q=q) for t in GENERIC)
     return [s[0].upper() + s[1:] for s in out]
 
 
@@ -158,7 +159,7 @@ class Augmenter:
                 for j in index[w]:
                     if j != i and (rec.get("split") == recs[j].get("split")):
                         shared[j] += 1
-            partners = sorted(j for j, n in shared.items() if n >= 1 and _simple_question(recs[j]["question"]))
+            partners = sorted(j for j, n in shared.items() if n >= 2 and _simple_question(recs[j]["question"]))
             if not partners:
                 continue
             other = recs[rng.choice(partners)]

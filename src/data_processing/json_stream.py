@@ -117,6 +117,7 @@ class _TextBuffer:
             except json.JSONDecodeError:
                 if self.fill(grow=True):
                     continue
+                _DECODER.raw_decode(self.buf, self.pos)  # fill() moved the text: raise again with fresh positions
                 raise
             # A number or literal that ends exactly at the buffer end may go on in the next chunk.
             if end == len(self.buf) and self.fill():
@@ -239,7 +240,7 @@ def iter_jsonl_items(fh: IO[bytes]) -> Iterator[Item]:
             continue
         if index == 0 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]
-        text = raw.decode("utf-8", errors="surrogateescape")
+        text = raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:

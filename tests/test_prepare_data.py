@@ -1,0 +1,392 @@
+"""Data preparation: streaming loader, validation, dedup, scores, balancing, augmentation, split, CLI.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_prepare_data.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, run_script
+from src.data_processing import prepare_data_for_training as prep
+from src.data_processing.augmentation import Augmenter, inversion, rephrasings
+from src.data_processing.json_stream import iter_json_items, iter_jsonl_items
+from src.data_processing.near_duplicates import MinHasher, choose_bands, find_near_duplicates
+from src.data_processing.text_quality import difficulty, normalise_text, quality_components, quality_score
+
+OFF = ["--max_domain_fraction", "1", "--min_domain_count", "0", "--synthetic_ratio", "0"]
+
+
+def rec(i, domain="networking", q=None, a=None, **extra):
+    return {"id": f"r{i}", "domain": domain, "question": q or f"What does protocol number {i} handle?",
+            "answer": a or f"Protocol number {i} handles a distinct kind of traffic {i} on the network.", **extra}
+
+
+def write(d: Path, name: str, data) -> Path:
+    path = d / name
+    if isinstance(data, (bytes, str)):
+        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    elif name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(x) + "\n" for x in data), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def run_prepare(d: Path, *extra: str) -> tuple[dict, list[dict]]:
+    out = d / "out" / "enhanced_training_data.json"
+    assert prep.main(["--datasets_dir", str(d), "--output", str(out), "--no-create_test_set", *extra]) == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["format_version"] == 1
+    return json.loads((d / "out" / "enhanced_data_stats.json").read_text(encoding="utf-8")), data["records"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming JSON
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [3, 17, 1 << 20])
+def test_stream_array_matches_json_loads_at_any_chunk_size(chunk):
+    data = [{"question": f"q{i} \u00e9", "answer": "x" * (i % 40), "n": i * 1.5} for i in range(300)] + [7, "s"]
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    items = list(iter_json_items(io.BytesIO(text.encode("utf-8")), chunk))
+    assert [it.value for it in items] == data
+    assert [it.index for it in items] == list(range(len(data)))
+    assert items[1].line == text.splitlines().index("  {", 2) + 1  # line of the second element's "{"
+
+
+def test_stream_wrapper_object_and_concatenated_objects():
+    wrapped = b'{"meta": {"v": 1}, "qa_pairs": [{"question": "a"}, {"question": "b"}]}'
+    assert [it.value for it in iter_json_items(io.BytesIO(wrapped), 5)] == [{"question": "a"}, {"question": "b"}]
+    assert [it.value for it in iter_json_items(io.BytesIO(b'{"a": 1}\n{"a": 2}'))] == [{"a": 1}, {"a": 2}]
+
+
+def test_stream_reports_line_and_column_then_stops():
+    text = b'[\n  {"question": "a", "answer": "b"},\n  {"question": "c" "answer": "d"}\n]'
+    items = list(iter_json_items(io.BytesIO(text), 4))
+    assert items[0].value == {"question": "a", "answer": "b"}
+    assert items[1].error == "line 3, column 20: Expecting ',' delimiter" and items[1].fatal
+    assert len(items) == 2
+
+
+def test_jsonl_bad_line_reported_and_reading_goes_on():
+    items = list(iter_jsonl_items(io.BytesIO(b'{"a": 1}\n\n{"a": \n{"a": 3}\n')))
+    assert [(it.index, it.value, it.error) for it in items] == [
+        (0, {"a": 1}, None), (2, None, "line 3, column 7: Expecting value"), (3, {"a": 3}, None)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation, quality, difficulty
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_normalise_nfc_in_prose_code_byte_for_byte():
+    decomposed = "Cafe\u0301"  # e + combining acute
+    code = "```python\nx = 'Cafe\u0301'   \r\n\tprint(x)  \n```"
+    text = f"  {decomposed} menu.   \r\n{code}\n  trailing  "
+    out = normalise_text(text)
+    assert out.startswith(unicodedata.normalize("NFC", decomposed) + " menu.\n")
+    assert code in out  # untouched: decomposed accent, trailing spaces, CRLF, tab
+    assert out.endswith("\n  trailing")
+
+
+def test_quality_score_hand_computed_good_example():
+    q, a = "What is DNS caching?", "DNS caching stores answers to recent lookups so repeated queries are faster."
+    parts = quality_components(q, a)
+    # 12 words -> length (12 - 3) / 17; "caching" shared -> relevance 1; ends with "."; no fences; no repeats.
+    assert parts == pytest.approx({"length": 9 / 17, "relevance": 1.0, "formatting": 1.0, "code": 1.0,
+                                   "repetition": 1.0, "boilerplate": 1.0})
+    assert quality_score(q, a) == 0.8824  # 0.25 * 9/17 + 0.20 + 0.10 + 0.15 * 3
+
+
+def test_quality_score_hand_computed_bad_example():
+    q, a = "Explain the firewall rules?", "todo todo todo todo"
+    parts = quality_components(q, a)
+    # 4 words -> 1/17; no shared word; no final punctuation -> 0.5; 1 of 2 trigrams distinct; "todo" boilerplate.
+    assert parts == pytest.approx({"length": 1 / 17, "relevance": 0.0, "formatting": 0.5, "code": 1.0,
+                                   "repetition": 0.5, "boilerplate": 0.5})
+    assert quality_score(q, a) == 0.3647  # 0.25/17 + 0.05 + 0.15 + 0.075 + 0.075
+
+
+def test_quality_code_part():
+    good = "Use this:\n```python\nprint(1)\n```"
+    assert quality_components("Print?", good)["code"] == 1.0
+    assert quality_components("Print?", "Use:\n```python\n```")["code"] == 0.5
+    assert quality_components("Print?", "Use:\n```python\nprint(1)")["code"] == 0.0
+
+
+def test_difficulty_hand_computed():
+    answer = "First, install the package.\nThen run it:\n```bash\npip install x\n```"
+    assert difficulty("How do I install it?", answer, True) == 3  # 1 + code + two step markers
+    assert difficulty("What is DNS?", "DNS maps names to addresses.", False) == 2  # 1 + DNS is 1 of 5 words
+    long_q = " ".join(["word"] * 25) + "?"
+    assert difficulty(long_q, "plain words only here", False) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a broken folder
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_broken_folder_good_records_through_bad_ones_reported(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    good = [rec(i) for i in range(6)]
+    write(d, "good.json", good[:3])
+    write(d, "good.jsonl", good[3:])
+    write(d, "broken.json", '[\n  {"question": "Q?", "answer": "A."},\n  {"question": oops}\n]')
+    write(d, "shapes.json", [{"foo": 1}, 42, {"question": "", "answer": "x"}, {"question": "Q", "answer": 5},
+                             {"question": "Bell\x07?", "answer": "ring"}, {"answer": "no question"}])
+    write(d, "junk.json", bytes(range(256)) * 4)
+    write(d, "bad_utf8.jsonl", b'{"question": "caf\xe9?", "answer": "broken byte"}\n'
+                               + json.dumps(rec(99)).encode() + b"\n")
+    (d / "notes.txt").write_text("ignored", encoding="utf-8")
+    stats, records = run_prepare(d, *OFF)
+    ids = {r["id"] for r in records}
+    assert {f"r{i}" for i in range(6)} | {"r99", "broken.json#0"} == ids
+    dropped = stats["dropped"]
+    assert dropped["invalid_json"]["count"] == 2
+    errors = {e["source"]: e["detail"] for e in dropped["invalid_json"]["examples"]}
+    assert errors["broken.json"] == "line 3, column 16: Expecting value"
+    assert errors["junk.json"].startswith("line 1, column 1")
+    assert dropped["unsupported_shape"]["count"] == 2
+    assert dropped["empty_question"]["count"] == 1
+    assert dropped["wrong_type_answer"]["count"] == 1
+    assert dropped["control_characters"]["count"] == 1
+    assert dropped["missing_question"]["count"] == 1
+    assert dropped["invalid_utf8"]["examples"][0] == {"source": "bad_utf8.jsonl", "index": 0, "line": 1,
+                                                      "detail": "question holds bytes that are not UTF-8"}
+    assert stats["per_file"]["broken.json"]["error"].startswith("line 3")
+    assert stats["per_file"]["shapes.json"]["dropped"] == {"unsupported_shape": 2, "empty_question": 1,
+                                                          "wrong_type_answer": 1, "control_characters": 1,
+                                                          "missing_question": 1}
+
+
+def test_strict_makes_a_problem_fatal_without_traceback(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    write(d, "good.json", [rec(1)])
+    write(d, "broken.json", '[{"question": "Q?",\n "answer": }]')
+    res = run_script(["-m", "src.data_processing.prepare_data_for_training", "--datasets_dir", str(d), "--strict",
+                      "--no-create_test_set", *OFF])
+    assert res.returncode == 2
+    assert "error: --strict: invalid_json in broken.json" in res.stderr and "line 2, column 12" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_no_usable_record_is_a_clear_error(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    write(d, "empty.json", [{"question": " ", "answer": "x"}])
+    with pytest.raises(prep.UserError, match="no usable record"):
+        prep.main(["--datasets_dir", str(d), "--no-create_test_set"])
+
+
+def test_fifty_megabyte_file_streams(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    padding = "p" * 100_000  # an unused field: the file is big, the records few
+    with (d / "big.json").open("w", encoding="utf-8") as fh:
+        fh.write("[\n")
+        for i in range(500):
+            fh.write((",\n" if i else "") + json.dumps({**rec(i), "notes": padding}))
+        fh.write("\n]")
+    assert (d / "big.json").stat().st_size > 50_000_000
+    stats, records = run_prepare(d, *OFF, "--near_dup_threshold", "1")
+    assert len(records) == 500 and stats["dropped_total"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Domains, dedup, test set
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_domain_aliases_and_inferred_marker(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    write(d, "a.json", [rec(1, domain="Cyber Security"), rec(2, domain="ML"), rec(3, domain=None),
+                        rec(4, domain="", q="How do I stop phishing?", a="Train people and use MFA against attack.")])
+    _, records = run_prepare(d, *OFF)
+    by_id = {r["id"]: r for r in records}
+    assert by_id["r1"]["domain"] == "cybersecurity" and "domain_inferred" not in by_id["r1"]
+    assert by_id["r2"]["domain"] == "data_science"
+    assert by_id["r3"]["domain"] == "networking" and by_id["r3"]["domain_inferred"] is True  # "protocol", "network"
+    assert by_id["r4"]["domain"] == "cybersecurity" and by_id["r4"]["domain_inferred"] is True
+
+
+def test_exact_duplicate_keeps_the_better_copy(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    a = "TCP delivers a reliable ordered stream of bytes between two hosts on a network"
+    write(d, "a.json", [rec(1, q="What does TCP do?", a=a.upper() + "."), rec(2, q="what does  TCP do?", a=a + ".")])
+    stats, records = run_prepare(d, *OFF)
+    # Same text up to case and spaces, but r1 shouts (formatting 0.5): the second copy is better and stays.
+    assert [r["id"] for r in records] == ["r2"]
+    assert stats["dropped"]["exact_duplicate"]["examples"][0]["detail"] == "same as r2"
+
+
+def test_near_duplicates_found_and_better_copy_kept():
+    base = "A firewall filters incoming and outgoing network traffic using ordered rules that allow or deny " \
+           "each connection based on addresses ports and protocols"
+    texts = [base, base + " carefully", "Completely different text about cooking pasta in salted water tonight",
+             base.replace("ordered", "sorted")]
+    found = find_near_duplicates(texts, [0.5, 0.9, 0.7, 0.6], threshold=0.8)
+    # base: 23 words, 21 trigrams. Text 1 (best quality) adds one: J(0, 1) = 21/22. Text 3 changes one word,
+    # so 3 trigrams: J(3, 1) = 18 / (22 + 21 - 18) = 0.72, under 0.8.
+    assert found == [(0, 1, 0.9545)]
+    assert find_near_duplicates(texts, [0.5, 0.9, 0.7, 0.6], threshold=0.6) == [(0, 1, 0.9545), (3, 1, 0.72)]
+    assert choose_bands(32, 0.8) == (8, 4)
+
+
+def test_minhash_deterministic_and_estimates_jaccard():
+    texts = ["one two three four five six seven eight nine ten", "one two three four five six seven eight nine"]
+    s1 = MinHasher(64, seed=3).signatures(texts)
+    s2 = MinHasher(64, seed=3).signatures(texts)
+    assert (s1 == s2).all() and s1.shape == (2, 64)
+    assert 0.7 <= (s1[0] == s1[1]).mean() <= 1.0  # true Jaccard 7/8
+
+
+def test_test_set_duplicates_and_near_duplicates_removed(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    long_a = "Subnetting splits one address block into smaller networks so that routing tables stay small and " \
+             "broadcast domains stay contained within each department of the organisation"
+    test = [rec(100, q="What is subnetting used for?", a=long_a), rec(101, q="Which port does SSH use?",
+                                                                     a="SSH listens on port 22 by default.")]
+    write(d, "test_set.json", test)
+    write(d, "train.json", [rec(1), rec(2, q="Which port does SSH use?", a="Port 22."),
+                            rec(3, q="What is subnetting mostly used for?", a=long_a + " today")])
+    stats, records = run_prepare(d, *OFF)
+    assert [r["id"] for r in records] == ["r1"]
+    assert stats["dropped"]["test_set_duplicate"]["examples"][0]["detail"] == "r2"
+    assert stats["dropped"]["test_set_near_duplicate"]["examples"][0]["detail"].startswith("r3 ~ test r100")
+    assert stats["test_records"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split, balancing, augmentation, curriculum
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_split_stable_when_a_file_is_added(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    write(d, "a.json", [rec(i) for i in range(60)] + [rec(i, domain="programming") for i in range(60, 120)])
+    _, first = run_prepare(d, *OFF, "--validation_fraction", "0.2", "--near_dup_threshold", "1")
+    write(d, "b.jsonl", [rec(i, domain=("networking", "programming")[i % 2]) for i in range(200, 260)])
+    _, second = run_prepare(d, *OFF, "--validation_fraction", "0.2", "--near_dup_threshold", "1")
+    before = {r["id"]: r["split"] for r in first}
+    after = {r["id"]: r["split"] for r in second}
+    assert all(after[i] == s for i, s in before.items())
+    assert 0 < sum(s == "validation" for s in after.values()) < len(after)
+
+
+def test_domain_caps_fixed_point():
+    caps = prep.domain_caps({"a": 1000, "b": 100, "c": 100, "d": 100, "e": 100, "f": 100}, 0.2)
+    assert caps == {"a": 125, "b": 100, "c": 100, "d": 100, "e": 100, "f": 100}  # 125 = 0.2 * 625
+    # 2 domains cannot be under 0.2 each: 1/2 is used, which makes them equal.
+    assert prep.domain_caps({"a": 10, "b": 1}, 0.2) == {"a": 1, "b": 1}
+
+
+def _scored(records):
+    out = []
+    for r in records:
+        clean = prep.validate_record({**r, "source": "s.json", "source_index": 0}, prep.DropLog(), 10_000)
+        out.append(clean)
+    prep.compute_quality_scores(out)
+    prep.split_records(out, 0.0, 1)
+    return out
+
+
+def test_balance_cap_floor_and_marks():
+    records = _scored([rec(i, domain="big") for i in range(40)] + [rec(i, domain="small") for i in range(40, 45)])
+    drops = prep.DropLog()
+    out, report = prep.balance_domains(records, max_fraction=0.5, min_count=12, seed=1, drops=drops)
+    counts = {d: sum(r["domain"] == d for r in out) for d in ("big", "small")}
+    assert report["capped"] == {"big": 35} and drops.counts["domain_cap"] == 35
+    assert counts == {"big": 12, "small": 12}  # cap 0.5 of 10 -> 5, then the floor raises both to 12
+    added = [r for r in out if r.get("synthetic")]
+    assert all(r["origin"] and r["augmentation"] in ("rephrase", "invert", "combine", "repeat") for r in added)
+    assert len({r["id"] for r in out}) == len(out)
+    assert report["synthetic_added"].get("small", 0) + report["repeated_added"].get("small", 0) == 7
+
+
+def test_balance_target_distribution_and_repetition_only():
+    records = _scored([rec(i, domain="a") for i in range(30)] + [rec(i, domain="b") for i in range(30, 40)])
+    out, report = prep.balance_domains(records, 1.0, 0, target={"a": 1, "b": 1}, allow_synthetic=False)
+    assert report["after"] == {"a": 20, "b": 20}
+    assert report["repeated_added"] == {"b": 10} and not report["synthetic_added"]
+    reps = [r for r in out if r.get("augmentation") == "repeat"]
+    assert all(r["id"] == f"{r['origin']}~rep1" and r["answer"] for r in reps)
+
+
+def test_synthetic_examples_keep_code_and_are_deterministic():
+    code_answer = "Use a comprehension.\n```python\nsquares = [n * n for n in range(10)]\n```\nIt is short."
+    base = [rec(1, "programming", "What is a list comprehension?", "A list comprehension is a compact way to "
+                "build a list from an iterable.\nMore text."),
+            rec(2, "programming", "How do I square numbers in a list?", code_answer),
+            rec(3, "programming", "What is a list of numbers used for?", "Storing values in order.")]
+    records = _scored(base)
+    first = prep.generate_synthetic_examples(records, 1.0, seed=5)
+    again = prep.generate_synthetic_examples(records, 1.0, seed=5)
+    assert first == again and len(first) == 3
+    for s in first:
+        assert s["synthetic"] is True and s["origin"] in {"r1", "r2", "r3"}
+        origin = next(r for r in records if r["id"] == s["origin"])
+        if s["augmentation"] == "rephrase":
+            assert s["answer"] == origin["answer"]  # byte for byte, code and newlines included
+    assert rephrasings("What is a list comprehension?")[0] == "Can you explain what a list comprehension is?"
+    assert inversion("What is a list comprehension?", base[0]["answer"]) == (
+        "Which term describes a compact way to build a list from an iterable?",
+        "A list comprehension is a compact way to build a list from an iterable.")
+    combos = [s for s in Augmenter(records, 5).generate({"programming": 20}) if s["augmentation"] == "combine"]
+    assert combos and all(code_answer in c["answer"] or "```" not in c["answer"] for c in combos)
+
+
+def test_curriculum_easy_to_hard_with_domains_interleaved():
+    records = [{"id": f"{d}{k}", "domain": d, "difficulty": 5 - k % 5, "answer": "x"} for d in "ab" for k in range(10)]
+    ordered = prep.apply_curriculum_ordering(records)
+    assert [r["domain"] for r in ordered[:4]] == ["a", "b", "a", "b"]
+    for d in "ab":
+        diffs = [r["difficulty"] for r in ordered if r["domain"] == d]
+        assert diffs == sorted(diffs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped data and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_shipped_datasets_prepare_with_zero_drops(tmp_path):
+    d = tmp_path / "Datasets"
+    shutil.copytree(PROJECT_ROOT / "Datasets", d, ignore=shutil.ignore_patterns("enhanced_*", "knowledge_base"))
+    out = d / "enhanced_training_data.json"
+    assert prep.main(["--datasets_dir", str(d), "--output", str(out), "--test_set", str(d / "test_set.json"),
+                      "--seed", "42", "--validation_fraction", "0.1"]) == 0
+    stats = json.loads((d / "enhanced_data_stats.json").read_text(encoding="utf-8"))
+    assert stats["dropped_total"] == 0 and stats["real_records"] == 450 and stats["test_records"] == 72
+    records = json.loads(out.read_text(encoding="utf-8"))["records"]
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records:
+        assert isinstance(r["quality_score"], float) and 0 <= r["quality_score"] <= 1
+        assert r["difficulty"] in range(1, 6) and r["split"] in ("train", "validation")
+        assert isinstance(r["has_code"], bool) and r["source"]
+    assert all(not r.get("synthetic") for r in records if r["split"] == "validation")
+    assert {v["train"] + v["validation"] for v in stats["per_domain"].values()} == {300}
+
+
+def test_trainer_reads_the_output(prepared_data):
+    from src.training.train_enhanced import load_prepared_records
+
+    records = load_prepared_records(prepared_data)
+    assert records and {r["split"] for r in records} == {"train", "validation"}
+
+
+@pytest.mark.parametrize("launch", [["src/data_processing/prepare_data_for_training.py"],
+                                    ["-m", "src.data_processing.prepare_data_for_training"]])
+def test_cli_help_and_flag_errors(launch):
+    res = run_script([*launch, "--help"])
+    assert res.returncode == 0 and "--near_dup_threshold" in res.stdout
+    res = run_script([*launch, "--max_domain_fraction", "0"])
+    assert res.returncode == 2 and "--max_domain_fraction must be in (0, 1]" in res.stderr
