@@ -43,14 +43,16 @@ class MinHasher:
 
     def _ids(self, text: str) -> list[int]:
         cache = self._word_ids
-        ids = []
-        for w in WORD.findall(text.lower()):
-            i = cache.get(w)
-            if i is None:
-                i = zlib.crc32(w.encode("utf-8", "surrogatepass")) + 1  # 0 is the padding word
-                if len(cache) < _CACHE_LIMIT:
-                    cache[w] = i
-            ids.append(i)
+        words = WORD.findall(text.lower())
+        get = cache.get
+        ids = [get(w) for w in words]  # a comprehension: the per-word cost of this stage
+        if None in ids:
+            for k, w in enumerate(words):
+                if ids[k] is None:
+                    i = zlib.crc32(w.encode("utf-8", "surrogatepass")) + 1  # 0 is the padding word
+                    if len(cache) < _CACHE_LIMIT:
+                        cache[w] = i
+                    ids[k] = i
         if len(ids) < SHINGLE_WORDS:
             ids.extend([0] * (SHINGLE_WORDS - len(ids)))
         return ids

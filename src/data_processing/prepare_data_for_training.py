@@ -247,7 +247,7 @@ def normalise_domain(domain: object) -> str | None:
     if not isinstance(domain, str) or not domain.strip():
         return None
     key = re.sub(r"[\s\-/]+", "_", domain.strip().lower())
-    return DOMAIN_ALIASES.get(key, key)
+    return sys.intern(DOMAIN_ALIASES.get(key, key))  # one string object per domain, not one per record
 
 
 class DomainClassifier:
@@ -323,10 +323,28 @@ def validate_record(rec: dict, drops: DropLog, max_chars: int, max_tokens: int =
     return out
 
 
-def dedup_key(rec: dict) -> str:
-    """Exact-duplicate key: SHA-256 of question + answer, lower-cased, whitespace runs collapsed."""
+def dedup_key(rec: dict) -> bytes:
+    """Exact-duplicate key: 16-byte BLAKE2b of question + answer, lower-cased, whitespace runs collapsed
+    (bytes, not hex: a million keys fit in about 80 MB)."""
     text = " ".join(f"{rec['question']}\x00{rec['answer']}".lower().split())
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class _PairTexts:
+    """``question + " " + answer`` of test records then records, built on demand (no second copy of the data)."""
+
+    def __init__(self, *parts: list[dict]) -> None:
+        self.records = [r for part in parts for r in part]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> str:
+        r = self.records[i]
+        return f"{r['question']} {r['answer']}"
+
+    def __iter__(self):
+        return (f"{r['question']} {r['answer']}" for r in self.records)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -650,8 +668,7 @@ def prepare(args: argparse.Namespace) -> dict:
     # --- near duplicates (test-set ones first) -----------------------------------------------------------------
     near_pairs = []
     if args.near_dup_threshold < 1 and records:
-        texts = [f"{r['question']} {r['answer']}" for r in test_records] + \
-                [f"{r['question']} {r['answer']}" for r in records]
+        texts = _PairTexts(test_records, records)
         quality = [1.0] * len(test_records) + [r["quality_score"] for r in records]
         found = find_near_duplicates(texts, quality, args.near_dup_threshold, protected=len(test_records),
                                      seed=args.seed)

@@ -24,13 +24,19 @@ STOPWORDS = frozenset(
     "describe tell give show please difference between work works used using".split())
 TERMINAL = (".", "!", "?", ":", ")", "]", '"', "'", CODE_FENCE)
 SHOUTING = re.compile(r"[!?]{3,}")
-BOILERPLATE = [re.compile(p, re.IGNORECASE) for p in (
-    r"\bas an ai\b", r"\blanguage model\b", r"\bi(?:'m| am) (?:sorry|unable)\b", r"\bi cannot (?:help|answer)\b",
-    r"\blorem ipsum\b", r"\bclick here\b", r"\bsubscribe\b", r"\b(?:todo|tbd|fixme)\b", r"^\s*n/?a\s*\.?\s*$",
-    r"\bi don'?t know\b")]
+_BOILERPLATE = (r"\bas an ai\b", r"\blanguage model\b", r"\bi(?:'m| am) (?:sorry|unable)\b",
+                r"\bi cannot (?:help|answer)\b", r"\blorem ipsum\b", r"\bclick here\b", r"\bsubscribe\b",
+                r"\b(?:todo|tbd|fixme)\b", r"^\s*n/?a\s*\.?\s*$", r"\bi don'?t know\b")
+BOILERPLATE = [re.compile(p, re.IGNORECASE) for p in _BOILERPLATE]
+# Substrings one of which every boilerplate pattern needs: a plain `in` test skips the regexes for clean text.
+BOILERPLATE_HINTS = ("as an ai", "language model", "sorry", "unable", "cannot", "lorem", "click here", "subscribe",
+                     "todo", "tbd", "fixme", "know")
+_UPPER = bytes(range(65, 91))
+_LOWER = bytes(range(97, 123))
 
 # Difficulty markers.
-TECH_TERM = re.compile(r"\b(?:[A-Z]{2,}[A-Za-z0-9]*|\w+\(\)|[a-z]+_\w+|\w+\.\w+)")
+# One match per term; the possessive \w++ never backtracks inside a word (the plain \w+ form was 25% slower).
+TECH_TERM = re.compile(r"\b(?:[A-Z]{2,}|\w++(?:\(\)|\.\w)|[a-z]++_\w)")
 STEP_MARKER = re.compile(r"(?mi)^\s*(?:\d+[.)]\s|step \d+|first\b|then\b|next\b|finally\b)")
 
 
@@ -95,6 +101,18 @@ def _code_part(answer: str) -> float:
     return 1.0
 
 
+def _mostly_capitals(text: str) -> bool:
+    """20+ cased letters, over 80% of them capitals (ASCII letters are counted with bytes.translate: fast)."""
+    if text.isascii():
+        raw = text.encode("ascii")
+        upper = len(raw) - len(raw.translate(None, _UPPER))
+        lower = len(raw) - len(raw.translate(None, _LOWER))
+    else:
+        upper = sum(1 for c in text if c.isupper())
+        lower = sum(1 for c in text if c.islower())
+    return upper + lower >= 20 and upper > 0.8 * (upper + lower)
+
+
 def quality_components(question: str, answer: str) -> dict[str, float]:
     """The six parts of the quality score, each in [0, 1] (see ``quality_score``)."""
     words = answer.split()
@@ -108,15 +126,17 @@ def quality_components(question: str, answer: str) -> dict[str, float]:
     formatting = 1.0
     if not answer.rstrip().endswith(TERMINAL):
         formatting -= 0.5
-    letters = [c for c in answer if c.isalpha()] if n < 400 else []
-    if SHOUTING.search(answer) or (len(letters) >= 20 and sum(c.isupper() for c in letters) > 0.8 * len(letters)):
+    if (("!" in answer or "?" in answer) and SHOUTING.search(answer)) or _mostly_capitals(answer):
         formatting -= 0.5
     if n >= 3:
         trigrams = list(zip(words, words[1:], words[2:]))
         repetition = len(set(trigrams)) / len(trigrams)
     else:
         repetition = 1.0
-    boilerplate = max(0.0, 1.0 - 0.5 * sum(1 for p in BOILERPLATE if p.search(answer)))
+    boilerplate = 1.0
+    lowered = answer.lower()
+    if len(answer) < 8 or any(hint in lowered for hint in BOILERPLATE_HINTS):
+        boilerplate = max(0.0, 1.0 - 0.5 * sum(1 for p in BOILERPLATE if p.search(answer)))
     return {"length": _length_part(n), "relevance": relevance, "formatting": formatting,
             "code": _code_part(answer), "repetition": repetition, "boilerplate": boilerplate}
 
