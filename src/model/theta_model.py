@@ -49,6 +49,10 @@ PAD_TOKEN = "<|pad|>"
 TINY_CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1024)
 TINY_SEED = 1234
 
+# An int8 folder written by optimize_for_inference.py: this marker plus the quantised state dict, no safetensors.
+QUANTIZED_MARKER = "theta_quantization.json"
+QUANTIZED_WEIGHTS = "quantized_model.pt"
+
 # Files in Datasets/ that are our own outputs or held out, never training text for the tokenizer.
 NON_TRAINING_FILES = {"enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"}
 # Keys whose string values are training text, in every input shape DESIGN.md accepts.
@@ -208,8 +212,11 @@ def check_model_folder(path: Path) -> None:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
-                                                "pytorch_model.bin")):
+    if (path / QUANTIZED_MARKER).is_file():
+        if not (path / QUANTIZED_WEIGHTS).is_file():
+            missing.append(QUANTIZED_WEIGHTS)
+    elif not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
+                                                  "pytorch_model.bin")):
         missing.append("model.safetensors")
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         missing.append("tokenizer.json")
@@ -252,6 +259,9 @@ class ThetaModel:
         """Load a folder written by :meth:`save` (or any GPT-2 ``save_pretrained`` folder)."""
         path = Path(path)
         check_model_folder(path)
+        if (path / QUANTIZED_MARKER).is_file() and resolve_device(device).type != "cpu":
+            logger.warning("%s is int8-quantised, which runs on the CPU only: loading it on the CPU", path)
+            device = "cpu"
         return cls(str(path), device=device)
 
     # --- loading -------------------------------------------------------------------------------------------
@@ -267,6 +277,10 @@ class ThetaModel:
 
     @staticmethod
     def _load(source: Path | str):
+        if isinstance(source, Path) and (source / QUANTIZED_MARKER).is_file():
+            from src.training.optimize_for_inference import load_quantized_model  # torch.ao only when needed
+
+            return load_quantized_model(source), GPT2TokenizerFast.from_pretrained(source)
         if isinstance(source, Path):
             return (GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source))
         try:  # the local cache first: no network when the weights are already here

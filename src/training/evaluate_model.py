@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from transformers import GenerationConfig
+from transformers.utils import logging as hf_logging
 
 from src.data_processing.prepare_data_for_training import question_key
 from src.model.theta_model import ThetaModel, split_prompt
@@ -423,6 +424,7 @@ def log_summary(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     result = evaluate_model(args)
     if not args.no_report:
         from src.training.report import write_report
