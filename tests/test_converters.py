@@ -1,0 +1,113 @@
+"""Converters (src/data_processing/convert_*.py) on small hand-written fixtures, and their output through
+preparation.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_converters.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+from src.data_processing.convert_alpaca import convert_alpaca
+from src.data_processing.convert_chat import convert_chat
+from src.data_processing.convert_faq import convert_faq
+from src.data_processing.convert_oasst import convert_oasst
+from src.data_processing.convert_stackexchange import convert_stackexchange, html_to_text
+
+FIX = Path(__file__).parent / "fixtures" / "data_processing"
+
+
+def test_alpaca():
+    skipped = Counter()
+    recs = convert_alpaca(FIX / "alpaca.json", domain="programming", skipped=skipped)
+    assert [r["id"] for r in recs] == ["alpaca-000000", "alpaca-000001"]
+    assert recs[0]["question"] == "Explain what a Python generator is." and recs[0]["domain"] == "programming"
+    assert recs[1]["question"] == "Fix the bug in this code.\n\ndef add(a, b):\n    return a - b"
+    assert recs[1]["answer"].endswith("```python\ndef add(a, b):\n    return a + b\n```")
+    assert skipped == {"empty": 1, "not_alpaca": 1}
+
+
+def test_sharegpt_turns_and_context():
+    skipped = Counter()
+    recs = convert_chat(FIX / "sharegpt.json", skipped=skipped)
+    assert [(r["id"], r["turn"]) for r in recs] == [("sharegpt-c1-t0", 0), ("sharegpt-c1-t1", 1)]
+    assert "context" not in recs[0]
+    assert recs[1]["context"] == "User: What is a VLAN?\nAssistant: A VLAN splits one physical switch into " \
+                                 "several logical networks."
+    assert skipped["no_exchange"] == 1
+
+
+def test_openai_messages_jsonl():
+    skipped = Counter()
+    recs = convert_chat(FIX / "openai_messages.jsonl", domain="cloud", skipped=skipped)
+    assert len(recs) == 1
+    assert recs[0]["answer"] == "Object storage keeps files as objects with metadata in flat buckets."
+    assert recs[0]["context"] == "You are a concise cloud tutor."
+    assert skipped["invalid_json"] == 1 and skipped["empty_message"] == 1
+    assert convert_chat(FIX / "openai_messages.jsonl", context_turns=0)[0].get("context") is None
+
+
+def test_oasst_best_ranked_path_nested_and_flat():
+    recs = convert_oasst(FIX / "oasst_tree.json")
+    assert [r["question"] for r in recs] == ["How do I reverse a list in Python?", "Which one is faster?"]
+    assert recs[0]["answer"].startswith("Call `my_list.reverse()`")  # rank 0 beats rank 1
+    assert recs[1]["turn"] == 1
+    skipped = Counter()
+    flat = convert_oasst(FIX / "oasst_flat.jsonl", lang="en", skipped=skipped)
+    assert [r["answer"] for r in flat] == ["DHCP hands out IP addresses, gateways and DNS servers to devices that "
+                                           "join a network."]
+    assert skipped["other_language"] == 1
+
+
+def test_stackexchange_json_accepted_first():
+    skipped = Counter()
+    recs = convert_stackexchange(FIX / "stackexchange.json", max_answers=2, skipped=skipped)
+    assert [r["id"] for r in recs] == ["stackexchange-101-a0", "stackexchange-101-a1"]
+    assert recs[0]["accepted"] is True and recs[0]["answer"] == "Run `git revert HEAD` to undo it with a new commit."
+    assert recs[1]["answer"] == "Use reset:\n```\ngit reset --soft HEAD~1\n```"
+    assert recs[0]["question"] == "How do I undo the last git commit?\n\nI committed too early."
+    assert skipped["no_good_answer"] == 1
+
+
+def test_stackexchange_posts_xml():
+    recs = convert_stackexchange(FIX / "Posts.xml")
+    assert len(recs) == 1 and recs[0]["accepted"] is True
+    assert recs[0]["answer"] == "A mask of 255.255.255.0 means the first 24 bits name the network."
+
+
+def test_html_to_text_keeps_code_verbatim():
+    assert html_to_text("<p>a &amp; b</p><pre><code>x  =  1\n  y &lt; 2\n</code></pre>") == \
+        "a & b\n```\nx  =  1\n  y < 2\n```"
+
+
+def test_faq_markdown_and_qa_lines():
+    recs = convert_faq(FIX / "faq.md", domain_from_sections=True)
+    assert [(r["question"], r["domain"]) for r in recs] == [
+        ("What is latency?", "Networking"), ("How do I test connectivity?", "Networking"),
+        ("Should I reuse passwords?", "Security"), ("What is MFA?", "Security")]
+    assert recs[0]["answer"] == "Latency is the time a packet takes to reach its destination.\n\n" \
+                                "It is measured in milliseconds."
+    assert "```bash\n# this hash is not a heading\nping -c 4 example.org\n```" in recs[1]["answer"]
+
+
+@pytest.mark.parametrize("script,fixture", [("convert_alpaca", "alpaca.json"), ("convert_chat", "sharegpt.json"),
+                                            ("convert_oasst", "oasst_tree.json"),
+                                            ("convert_stackexchange", "Posts.xml"), ("convert_faq", "faq.md")])
+def test_cli_both_launch_forms_and_output_prepares(tmp_path, script, fixture):
+    out = tmp_path / "Datasets" / f"{script}.json"
+    res = run_script([f"src/data_processing/{script}.py", str(FIX / fixture), "--output", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text(encoding="utf-8"))
+    res = run_script(["-m", f"src.data_processing.{script}", "--help"])
+    assert res.returncode == 0 and "--output" in res.stdout
+    res = run_script(["-m", f"src.data_processing.{script}", str(tmp_path / "missing.json"), "--output", str(out)])
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    from src.data_processing.prepare_data_for_training import main as prepare_main
+
+    assert prepare_main(["--datasets_dir", str(out.parent), "--no-create_test_set", "--min_domain_count", "0",
+                         "--synthetic_ratio", "0", "--max_domain_fraction", "1"]) == 0
