@@ -9,13 +9,14 @@
 # Disk: the venv about 1.6 GB (CPU torch); a quick run about 100 MB; a gpt2-medium run about 6 GB with checkpoints.
 # Re-running the same command after a crash or a kill resumes the unfinished run (the newest models/<run>/
 # without a DONE marker). train_overnight_enhanced.bat runs the same steps with the same flags in the same order.
-set -euo pipefail
+# Email (start, every epoch, status, completion, failure): set EMAIL_* in .env, see documentation/EMAIL_NOTIFICATIONS.md.
+set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   echo "Options: --profile quick|rtx3060  --gpus N  --tensorboard  --  <flags for train_enhanced.py>"
 }
 
@@ -52,6 +53,9 @@ if [ -z "$PROFILE" ]; then
     PROFILE="quick"; PROFILE_WHY="no CUDA GPU was found"
   fi
 fi
+# The quick profile keeps the prepared data small: no raising of small domains to the default minimum count.
+PREPARE_PROFILE_FLAGS=()
+if [ "$PROFILE" = quick ]; then PREPARE_PROFILE_FLAGS=(--min_domain_count 0); fi
 
 # --- virtual environment -----------------------------------------------------------------------------------------
 PY_SYS="$(command -v python3 || command -v python || true)"
@@ -67,91 +71,145 @@ for dir in models/theta_enhanced_*; do  # globs sort by name, and names sort by 
   if [ -d "$dir" ] && [ ! -f "$dir/DONE" ]; then RUN_ID="$(basename "$dir")"; fi
 done
 RESUMING=1
+RESUMING_FLAG=(--resuming)
 if [ -z "$RUN_ID" ]; then
-  RUN_ID="theta_enhanced_$(date +%Y%m%d_%H%M%S)"; RESUMING=0
+  RESUMING_FLAG=()
+  RUN_ID="$("$PY" -c 'from src.utils.common import new_run_id; print(new_run_id())')"; RESUMING=0
 fi
 RUN_DIR="models/$RUN_ID"
 mkdir -p logs "$RUN_DIR" stats
 LOG="logs/training_enhanced_${RUN_ID}.log"
+STEP_OUT="logs/.step_output_${RUN_ID}.txt"  # the running step's output, for the failure message and email
 OLD_LOGS=(logs/training_enhanced_*.log)
-for ((i = 0; i < ${#OLD_LOGS[@]} - 4; i++)); do rm -f -- "${OLD_LOGS[$i]}"; done  # keep the newest 5 with this one
+for ((i = 0; i < ${#OLD_LOGS[@]} - 4; i++)); do  # keep the newest 5 with this one (never this run's own)
+  [ "${OLD_LOGS[$i]}" = "$LOG" ] || rm -f -- "${OLD_LOGS[$i]}"
+done
 exec > >(tee -a "$LOG") 2>&1
+
+# The scripts send the start/failure/completion emails of the whole chain; the trainer then sends only its epoch
+# and status emails (src/training/email_integration.py).
+export THETA_NOTIFY_FROM_SCRIPT=1
+export PYTHONUNBUFFERED=1
+
+KB_MODULE="src/data_processing/knowledge_base_enhancer_main.py"
+if [ -f "$KB_MODULE" ] && [ -d Datasets/knowledge ]; then KB_WHY="on (Datasets/knowledge/ found)"
+elif [ -f "$KB_MODULE" ]; then KB_WHY="skipped (no Datasets/knowledge/ folder)"
+else KB_WHY="skipped (knowledge_base_enhancer_main.py not installed)"
+fi
+if [ "$RESUMING" = 1 ] && [ -f Datasets/enhanced_training_data.json ]; then
+  PREPARE_WHY="skipped: resuming, the run keeps the data it started with"
+else
+  PREPARE_WHY="Datasets/ to Datasets/enhanced_training_data.json ${PREPARE_PROFILE_FLAGS[*]:-}"
+fi
 
 echo "=============================================================================="
 echo " Theta overnight run $RUN_ID$( [ $RESUMING = 1 ] && echo ' (resuming)')"
+echo " started     $(date '+%Y-%m-%d %H:%M:%S')"
 echo " profile     $PROFILE ($PROFILE_WHY)"
-echo " gpus        $GPUS"
+echo " device      $("$PY" -m src.utils.gpu_info --summary 2>/dev/null || echo unknown)"
+echo " gpus        $GPUS$( [ "$GPUS" -gt 1 ] && echo ' (torchrun, one machine)')"
 echo " python      $PY"
 echo " run folder  $RUN_DIR"
 echo " log         $LOG"
-echo " extra flags ${TRAIN_EXTRA[*]:-(none)}"
+echo " data        $PREPARE_WHY"
+echo " knowledge   $KB_WHY"
+echo " trainer     --profile $PROFILE --resume auto ${TRAIN_EXTRA[*]:-}"
+echo " tensorboard $( [ "$TENSORBOARD" = 1 ] && echo 'http://127.0.0.1:6006/' || echo off)"
+echo " $("$PY" -m src.utils.email_notifier --show-config 2>&1 | tail -n 1)"
 echo "=============================================================================="
 
 STEP="start"
 fail() {
   local code=$?
+  trap - ERR
   echo
-  echo "FAILED at step '$STEP' (exit $code). Log: $LOG"
+  # Prints the step, the log and the error, then sends the failure email (when email is configured).
+  "$PY" -m src.training.email_integration failed --run_id "$RUN_ID" --run_dir "$RUN_DIR" --log "$LOG" \
+    --step "$STEP" --exit_code "$code" --error_file "$STEP_OUT" --show || echo "FAILED at step '$STEP' (exit $code)"
   exit "$code"
 }
 trap fail ERR
 
+STEPS=5
+STEP_NO=0
+run_step() {  # run_step "<name>" command...: its output goes to the console, the log and $STEP_OUT
+  STEP="$1"; shift
+  STEP_NO=$((STEP_NO + 1))
+  echo; echo "[$STEP_NO/$STEPS] $STEP  ($(date '+%H:%M:%S'))"
+  "$@" 2>&1 | tee "$STEP_OUT"
+}
+skip_step() {
+  STEP_NO=$((STEP_NO + 1))
+  echo; echo "[$STEP_NO/$STEPS] $1: $2"
+}
+
 if [ "$TENSORBOARD" = 1 ]; then
   "$PY" -m tensorboard.main --logdir models --host 127.0.0.1 --port 6006 >/dev/null 2>&1 &
+  TB_PID=$!
   echo "tensorboard: http://127.0.0.1:6006/ (stops when this run ends)"
-  trap 'kill %1 2>/dev/null || true' EXIT
+  trap 'kill "$TB_PID" 2>/dev/null || true' EXIT
 fi
 
-STEP="prepare data"
-echo; echo "[1/4] $STEP"
-if ! "$PY" -m src.data_processing.prepare_data_for_training \
+"$PY" -m src.training.email_integration start --run_id "$RUN_ID" --run_dir "$RUN_DIR" --log "$LOG" \
+  --profile "$PROFILE" --gpus "$GPUS" --trainer_flags "${TRAIN_EXTRA[*]:-}" ${RESUMING_FLAG[@]+"${RESUMING_FLAG[@]}"} || true
+
+# The knowledge base runs before preparation: prepare_data_for_training reads its outputs when they exist.
+if [ "$KB_WHY" = "on (Datasets/knowledge/ found)" ] && [ "$RESUMING" = 0 ]; then
+  run_step "knowledge base" "$PY" -m src.data_processing.knowledge_base_enhancer_main
+else
+  skip_step "knowledge base" "$( [ "$RESUMING" = 1 ] && echo 'skipped: resuming' || echo "$KB_WHY")"
+fi
+
+if [ "$RESUMING" = 1 ] && [ -f Datasets/enhanced_training_data.json ]; then
+  skip_step "prepare data" "$PREPARE_WHY"
+elif ! run_step "prepare data" "$PY" -m src.data_processing.prepare_data_for_training \
     --datasets_dir Datasets \
     --output Datasets/enhanced_training_data.json \
     --test_set Datasets/test_set.json \
     --seed 42 \
-    --validation_fraction 0.1; then
+    --validation_fraction 0.1 \
+    ${PREPARE_PROFILE_FLAGS[@]+"${PREPARE_PROFILE_FLAGS[@]}"}; then
   if [ -f Datasets/enhanced_training_data.json ]; then
-    echo "WARNING: data preparation failed; training on the PREVIOUS Datasets/enhanced_training_data.json"
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    echo "WARNING: data preparation FAILED; training on the PREVIOUS Datasets/enhanced_training_data.json"
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
   else
     false
   fi
 fi
 
-STEP="train"
-echo; echo "[2/4] $STEP"
 if [ "$GPUS" -gt 1 ]; then
   LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS")
 else
   LAUNCH=("$PY")
 fi
-"${LAUNCH[@]}" -m src.training.train_enhanced \
+run_step "train" "${LAUNCH[@]}" -m src.training.train_enhanced \
   --profile "$PROFILE" \
   --data_path Datasets/enhanced_training_data.json \
   --output_dir "$RUN_DIR" \
   --resume auto \
   ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 
-STEP="evaluate"
-echo; echo "[3/4] $STEP"
-"$PY" -m src.training.evaluate_model \
+run_step "evaluate" "$PY" -m src.training.evaluate_model \
   --model_path "$RUN_DIR/theta_final" \
   --test_data Datasets/test_set.json \
   --output_file "stats/evaluation_${RUN_ID}.json"
 
-STEP="optimise for inference"
-echo; echo "[4/4] $STEP"
-"$PY" -m src.training.optimize_for_inference \
+run_step "optimise for inference" "$PY" -m src.training.optimize_for_inference \
   --model_path "$RUN_DIR/theta_final" \
   --output_path "$RUN_DIR/theta_inference"
 
 date +%Y-%m-%dT%H:%M:%S > "$RUN_DIR/DONE"
 trap - ERR
+rm -f -- "$STEP_OUT"
+"$PY" -m src.training.email_integration completed --run_id "$RUN_ID" --run_dir "$RUN_DIR" --log "$LOG" || true
 echo
 echo "=============================================================================="
-echo " Done: $RUN_ID"
+echo " Done: $RUN_ID  ($(date '+%Y-%m-%d %H:%M:%S'))"
 echo " model       $RUN_DIR/theta_final"
 echo " inference   $RUN_DIR/theta_inference"
 echo " evaluation  stats/evaluation_${RUN_ID}.json"
+echo " report      stats/$RUN_ID/"
 echo " log         $LOG"
 echo " try it      $PY -m src.model.theta_model chat --model_path $RUN_DIR/theta_final"
 echo "=============================================================================="

@@ -3,7 +3,7 @@
     python -m src.training.email_integration start --run_id theta_enhanced_20260101_230000 --log logs/x.log
     python -m src.training.email_integration failed --run_id RUN --step train --exit_code 1 --error_file F --log LOG
     python -m src.training.email_integration completed --run_id RUN --log LOG
-    python -m src.training.email_integration tee --log LOG -- python -m src.training.evaluate_model ...
+    python -m src.training.email_integration tee --log LOG --step_output F -- python -m src.training.evaluate_model ...
 
 Who sends which email (so nobody gets two of the same):
   * The overnight scripts export ``THETA_NOTIFY_FROM_SCRIPT=1`` and send the start, failure and completion emails
@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.email_notifier import TrainingEmailNotifier, load_email_config
+from src.utils.email_notifier import TrainingEmailNotifier, load_email_config, resolve_email_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def create_notifier(run_dir: Path, args: Any = None) -> TrainingEmailNotifier | 
     try:
         if int(os.environ.get("RANK", "0") or 0) != 0:
             return None
-        config = load_email_config()
+        # Under an overnight script the banner already said why email is off; alone, the trainer logs it once.
+        config = resolve_email_config()[0] if notify_from_script() else load_email_config()
         if config is None:
             return None
         run_dir = Path(run_dir)
@@ -72,7 +73,7 @@ def create_notifier(run_dir: Path, args: Any = None) -> TrainingEmailNotifier | 
 # ---------------------------------------------------------------------------------------------------------------
 
 def _script_notifier(args: argparse.Namespace) -> TrainingEmailNotifier | None:
-    config = load_email_config()
+    config, _, _ = resolve_email_config()  # quiet when off: the script's banner already said why
     if config is None:
         return None
     # A one-shot process: no periodic status thread, and one quick attempt set bounded by the shutdown wait.
@@ -110,20 +111,34 @@ def cmd_start(args: argparse.Namespace) -> None:
 
 
 def cmd_failed(args: argparse.Namespace) -> None:
+    output: list[str] = []
+    if args.error_file:
+        try:
+            text = Path(args.error_file).read_text(encoding="utf-8", errors="replace")
+            output = [line for line in text.splitlines() if line.strip()][-ERROR_LINES:]
+        except OSError:
+            pass
+    if args.show:
+        print(f"FAILED at step '{args.step}' (exit {args.exit_code})")
+        if args.log:
+            print(f"  log:   {args.log}")
+        if output:
+            print("  error:")
+            print("\n".join("    " + line for line in output[-8:]))
+        if args.exit_code == 3:
+            print("  training was interrupted after saving a checkpoint: run the same command to resume")
+        sys.stdout.flush()
     notifier = _script_notifier(args)
     if notifier is None:
         return
+    if output:
+        output = ["", "last lines of the step's output:"] + output
     lines = [f"step '{args.step}' failed with exit code {args.exit_code}"]
     if args.exit_code == 3:
         lines.append("training was interrupted (SIGINT/SIGTERM) after saving a checkpoint")
     if args.error:
         lines.append(args.error)
-    if args.error_file:
-        try:
-            text = Path(args.error_file).read_text(encoding="utf-8", errors="replace")
-            lines += ["", f"last lines of the step's output:"] + text.splitlines()[-ERROR_LINES:]
-        except OSError:
-            pass
+    lines += output
     notifier.training_failed("\n".join(lines), step=args.step, log_file=Path(args.log) if args.log else None)
     _finish(notifier, "failure")
 
@@ -148,7 +163,16 @@ def cmd_tee(args: argparse.Namespace) -> int:
         print("error: tee needs a command after --", file=sys.stderr)
         return 2
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.log, "ab") as log:
+    copy = open(args.step_output, "wb") if args.step_output else None
+    try:
+        return _tee(command, Path(args.log), copy)
+    finally:
+        if copy is not None:
+            copy.close()
+
+
+def _tee(command: list[str], log_path: Path, copy) -> int:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         while True:
             try:
@@ -157,8 +181,10 @@ def cmd_tee(args: argparse.Namespace) -> int:
                     break
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                log.write(chunk)
-                log.flush()
+                for fh in (log, copy):
+                    if fh is not None:
+                        fh.write(chunk)
+                        fh.flush()
             except KeyboardInterrupt:
                 continue  # Ctrl-C reached the child too; keep copying while it saves and exits
         while True:
@@ -190,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--exit_code", type=int, default=1, help="its exit code")
     f.add_argument("--error", default="", help="an error message")
     f.add_argument("--error_file", default=None, help="a file holding the step's output; its last lines are shown")
+    f.add_argument("--show", action="store_true", help="also print the step, the log and the error on the console")
     c = sub.add_parser("completed", help="the completion email with the evaluation summary and loss curve")
     run_args(c)
     t = sub.add_parser("tee", help="run a command, copy its output to the console and append it to --log")
     t.add_argument("--log", required=True, help="file to append to")
+    t.add_argument("--step_output", default=None, help="also write the output to this file (replaced)")
     t.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = p.parse_args(argv)
     if args.command_name == "tee":

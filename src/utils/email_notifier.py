@@ -106,7 +106,8 @@ class EmailConfig:
 
     def describe(self) -> str:
         mode = "SSL" if self.use_ssl else ("STARTTLS" if self.use_tls else "plain (no TLS)")
-        return (f"{self.sender} -> {', '.join(self.recipients)} via {self.smtp_server}:{self.smtp_port} {mode}, "
+        # No | < > & here: the Windows script echoes this line.
+        return (f"from {self.sender} to {', '.join(self.recipients)} via {self.smtp_server}:{self.smtp_port} {mode}, "
                 f"status every {self.status_interval_min:g} min, at most {self.max_per_hour}/hour")
 
 
@@ -903,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config, level, message = resolve_email_config(dotenv_path=args.env_file)
     if config is None:
-        print(f"{'warning' if level == 'warning' else 'info'}: {message}")
+        print(message if not args.test else f"{'warning' if level == 'warning' else 'info'}: {message}")
         return 2 if args.test else 0
     print(f"email: {config.describe()}")
     if not args.test:

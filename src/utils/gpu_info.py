@@ -211,7 +211,7 @@ def _fmt(value: Any, unit: str = "", digits: int = 0) -> str:
 
 
 def summary_line(info: dict[str, Any] | None = None) -> str:
-    """One human line: ``GPU 0 NVIDIA ... | 3.1/12.0 GB | 64 C | 97% | 160 W`` or the CPU/RAM figures."""
+    """One human line: ``GPU 0 NVIDIA ..., 3.1/12.0 GB, 64 C, 97% busy, 160 W`` or the CPU/RAM figures."""
     info = info if info is not None else get_best_gpu_info()
     system = info.get("system") or {}
     if not info.get("available"):
@@ -221,8 +221,9 @@ def summary_line(info: dict[str, Any] | None = None) -> str:
     used, total = info.get("memory_used_mb"), info.get("memory_total_mb")
     mem = f"{_fmt(used and used / 1024, '', 1)}/{_fmt(total and total / 1024, ' GB', 1)}"
     more = f" (best of {info['gpu_count']})" if info.get("gpu_count", 1) > 1 else ""
-    return (f"GPU {info.get('index')} {info.get('name')}{more} | {mem} | {_fmt(info.get('temperature_c'), ' C')} | "
-            f"{_fmt(info.get('utilization_pct'), '%')} | {_fmt(info.get('power_w'), ' W')}")
+    # No | < > & in this line: the Windows script echoes it.
+    return (f"GPU {info.get('index')} {info.get('name')}{more}, {mem}, {_fmt(info.get('temperature_c'), ' C')}, "
+            f"{_fmt(info.get('utilization_pct'), '%')} busy, {_fmt(info.get('power_w'), ' W')}")
 
 
 def main(argv: list[str] | None = None) -> int:
