@@ -161,7 +161,7 @@ set "STEP=knowledge base"
 if "%RESUMING%"=="1" (set "WHY=skipped: resuming" & call :skip_step & goto kb_done)
 if not "%KB_WHY%"=="on (Datasets\knowledge\ found)" (set "WHY=%KB_WHY%" & call :skip_step & goto kb_done)
 call :step_header
-%STEP_TEE% "%PY%" -m src.data_processing.knowledge_base_enhancer_main
+%STEP_TEE% "%PY%" -m src.data_processing.knowledge_base_enhancer_main --datasets_dir Datasets
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 :kb_done

@@ -155,7 +155,7 @@ fi
 
 # The knowledge base runs before preparation: prepare_data_for_training reads its outputs when they exist.
 if [ "$KB_WHY" = "on (Datasets/knowledge/ found)" ] && [ "$RESUMING" = 0 ]; then
-  run_step "knowledge base" "$PY" -m src.data_processing.knowledge_base_enhancer_main
+  run_step "knowledge base" "$PY" -m src.data_processing.knowledge_base_enhancer_main --datasets_dir Datasets
 else
   skip_step "knowledge base" "$( [ "$RESUMING" = 1 ] && echo 'skipped: resuming' || echo "$KB_WHY")"
 fi

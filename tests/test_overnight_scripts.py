@@ -119,9 +119,10 @@ def test_sh_syntax_and_help():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def project(tmp_path) -> Path:
-    """src/, Datasets/, the requirements and the scripts in a folder with a space; .venv is a symlink (the
-    bootstrap sees its stamp and installs nothing)."""
+def project(tmp_path, tiny_datasets_dir) -> Path:
+    """src/, Datasets/ (the tiny records plus the repository's knowledge/ folder; prepare creates the test set),
+    the requirements and the scripts in a folder with a space; .venv is a symlink (the bootstrap sees its stamp
+    and installs nothing)."""
     d = tmp_path / "my theta"
     d.mkdir()
     paths = ["src", "Datasets", "requirements.txt", "requirements-dev.txt"]
@@ -136,8 +137,11 @@ def project(tmp_path) -> Path:
         shutil.copytree(ROOT / "Datasets", d / "Datasets")
         for name in paths[2:]:
             shutil.copy2(ROOT / name, d / name)
-    for name in ("enhanced_training_data.json", "enhanced_data_stats.json"):
-        (d / "Datasets" / name).unlink(missing_ok=True)
+    for f in (d / "Datasets").iterdir():
+        if f.suffix in (".json", ".jsonl"):
+            f.unlink()
+    for f in tiny_datasets_dir.iterdir():
+        shutil.copy2(f, d / "Datasets" / f.name)
     for rel in (SH.name, BAT.name, "src/utils/email_notifier.py", "src/utils/gpu_info.py",
                 "src/training/email_integration.py"):
         shutil.copy2(ROOT / rel, d / rel)
@@ -221,8 +225,7 @@ def test_failing_step_stops_the_chain_and_sends_the_failure_email(project, tls_c
 def test_prepare_failure_falls_back_to_the_previous_file_only_when_one_exists(project, prepared_data):
     datasets = project / "Datasets"
     for f in datasets.iterdir():  # nothing left to prepare: data preparation fails
-        if f.name != "test_set.json" and f.is_file():
-            f.unlink()
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
     env = {"PATH": os.environ["PATH"]}
     proc = run_sh(project, ["--model_name", str(project / "no such model")], env=env)
     out, _ = proc.communicate(timeout=300)
