@@ -408,3 +408,29 @@ def test_cli_test_email(smtp_server, tls_cert, tmp_path):
     assert bad.returncode == 1 and "FAILED (auth:" in bad.stderr and "app password" in bad.stderr
     off = cli({}, "--test", "--env-file", str(empty))
     assert off.returncode == 2 and "nothing configured" in off.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# create_notifier: what the trainer calls
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_create_notifier_rules(monkeypatch, tmp_path):
+    import os
+
+    from src.training import email_integration as ei
+
+    for k in [k for k in os.environ if k.startswith("EMAIL_") or k in ("RANK", "THETA_NOTIFY_FROM_SCRIPT")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(en, "PROJECT_ROOT", tmp_path)  # no .env there
+    t0 = time.time()
+    assert ei.create_notifier(tmp_path / "models" / "r1", None) is None
+    assert time.time() - t0 < 1.0
+    for k, v in email_env(587, None).items():
+        monkeypatch.setenv(k, v)
+    n = ei.create_notifier(tmp_path / "models" / "r1", None)
+    assert n.lifecycle_emails and n.run_name == "r1" and n.log_file == tmp_path / "models" / "r1" / "train.log"
+    assert n._worker is None  # no thread until something is sent
+    monkeypatch.setenv("THETA_NOTIFY_FROM_SCRIPT", "1")
+    assert not ei.create_notifier(tmp_path / "models" / "r1", None).lifecycle_emails
+    monkeypatch.setenv("RANK", "1")
+    assert ei.create_notifier(tmp_path / "models" / "r1", None) is None
