@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from src.model.theta_model import ThetaModel, split_prompt
+from src.model.theta_model import ThetaModel, check_model_folder, split_prompt
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, new_run_id, read_json,
                               run_entry_point, setup_logging)
 
@@ -55,14 +55,39 @@ EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 IGNORE_INDEX = -100
 
+# Techniques by name: the --use_X switch of each (for --ablation_mode and the run summary).
+TECHNIQUES = ["ema", "label_smoothing", "quality_weighting", "rdrop", "llrd", "gradient_noise", "cpu_offload",
+              "code_contrastive", "curriculum", "dynamic_curriculum", "domain_stratified"]
+
 # Profiles (DESIGN.md). Explicit flags override these values.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": dict(model_name="theta-tiny", epochs=4, batch_size=8, gradient_accumulation_steps=2,
-                  learning_rate=2e-3, warmup_proportion=0.1, scheduler_type="cosine", weight_decay=0.01,
-                  max_length=256, patience=3),
+    # Every technique on, at settings that suit a 3M-parameter model trained from scratch for a few minutes.
+    "quick": dict(model_name="theta-tiny", epochs=5, batch_size=8, gradient_accumulation_steps=1,
+                  learning_rate=3e-3, warmup_proportion=0.05, scheduler_type="cosine", weight_decay=0.01,
+                  max_length=256, patience=3,
+                  use_ema=True, ema_decay=0.95, ema_warmup_epochs=1,
+                  use_label_smoothing=True, label_smoothing_epsilon=0.05,
+                  use_quality_weighting=True,
+                  use_rdrop=True, rdrop_alpha=0.05,
+                  use_llrd=True, llrd_factor=0.85,
+                  use_gradient_noise=True, gradient_noise_eta=0.01,
+                  use_cpu_offload=True, cpu_offload_fraction=0.5,
+                  use_code_contrastive=True, code_contrastive_weight=0.02,
+                  use_curriculum=True, curriculum_start_fraction=0.7,
+                  use_dynamic_curriculum=True, dynamic_curriculum_warmup=1,
+                  use_domain_stratified=True),
     "rtx3060": dict(model_name="gpt2-medium", epochs=20, batch_size=3, gradient_accumulation_steps=4,
                     learning_rate=3e-5, warmup_proportion=0.15, scheduler_type="cosine_hard_restarts",
-                    num_cycles=4, weight_decay=0.01, patience=5, max_length=512),
+                    num_cycles=4, weight_decay=0.01, patience=5, max_length=512,
+                    use_label_smoothing=True, label_smoothing_epsilon=0.05,
+                    use_rdrop=True, rdrop_alpha=0.05,
+                    use_llrd=True, llrd_factor=0.85,
+                    use_ema=True, ema_decay=0.998, ema_warmup_epochs=1,
+                    use_cpu_offload=True, cpu_offload_fraction=0.5,
+                    use_curriculum=True, curriculum_start_fraction=0.7,
+                    use_dynamic_curriculum=True, dynamic_curriculum_warmup=3,
+                    use_code_contrastive=True, code_contrastive_weight=0.02,
+                    use_gradient_noise=False),
 }
 
 
@@ -97,9 +122,12 @@ class TokenizedDataset(Dataset):
             if all(x == IGNORE_INDEX for x in labels[1:]):
                 self.skipped += 1
                 continue
-            self.examples.append({"input_ids": ids, "labels": labels, "id": rec.get("id", ""),
+            self.examples.append({"input_ids": ids, "labels": labels, "id": str(rec.get("id", "")),
                                   "domain": domain_index[rec.get("domain", "unknown")],
-                                  "question": rec["question"]})
+                                  "question": rec["question"], "answer": rec["answer"],
+                                  "difficulty": int(rec.get("difficulty", 1)),
+                                  "quality": float(rec.get("quality_score", 1.0)),
+                                  "has_code": bool(rec.get("has_code", "```" in rec["answer"]))})
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -124,7 +152,10 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(ex["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "domain": torch.tensor([ex["domain"] for ex in batch])}
+            "domain": torch.tensor([ex["domain"] for ex in batch]),
+            "index": torch.tensor([ex.get("index", -1) for ex in batch]),
+            "quality": torch.tensor([ex.get("quality", 1.0) for ex in batch], dtype=torch.float32),
+            "has_code": torch.tensor([ex.get("has_code", False) for ex in batch])}
 
 
 class EpochSampler:
@@ -197,38 +228,658 @@ def count_target_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Optimization techniques: EMA, label smoothing, CPU offload, code-contrastive loss, R-Drop, LLRD, gradient noise
+# ---------------------------------------------------------------------------------------------------------------
+
+class ExponentialMovingAverage:
+    """An fp32 exponential moving average of the model's parameters, used for validation and the saved model.
+
+    What: ``shadow = decay * shadow + (1 - decay) * weights`` after every real optimizer step (a skipped
+    non-finite step does not count). The shadow starts from the *current* weights once ``warmup_epochs`` epochs
+    have passed (starting it from the pretrained weights, as the original did, averages in a model that was
+    never trained on the task). With ``decay_warmup`` the decay ramps as ``min(decay, (1 + n) / (10 + n))`` over
+    the first updates ``n``, so an early shadow is not dominated by its first copy.
+    Paper: Polyak & Juditsky 1992; as used for "EMA of weights" in e.g. Tan & Le 2019 (EfficientNet).
+    Cost: one fp32 copy of the parameters (on the CPU with ``device="cpu"``, which also costs a device-to-host
+    copy per step) and one fused ``lerp`` per step: a few percent of step time.
+    Sharp edge: validation, ``theta_best/`` and ``theta_final/`` see the EMA weights once it has started, while
+    the optimizer keeps training the raw ones; a very high decay on a short run leaves the shadow near its start.
+    Oracle: ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` (tested).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup_epochs: int = 0,
+                 device: str = "cpu", decay_warmup: bool = False):
+        self.decay, self.warmup_epochs, self.decay_warmup = decay, warmup_epochs, decay_warmup
+        self.device = device
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow: list[torch.Tensor] | None = None
+        self.updates = 0
+
+    @property
+    def active(self) -> bool:
+        return self.shadow is not None
+
+    def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        named = dict(model.named_parameters())
+        return [named[n] for n in self.names]
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Begin averaging from the model's current weights."""
+        target = None if self.device == "device" else torch.device(self.device)
+        self.shadow = [p.detach().to(target or p.device, dtype=torch.float32, copy=True)
+                       for p in self._params(model)]
+        self.updates = 0
+
+    def maybe_start(self, model: torch.nn.Module, epoch: int) -> bool:
+        if self.shadow is None and epoch >= self.warmup_epochs:
+            self.start(model)
+            return True
+        return False
+
+    def current_decay(self) -> float:
+        if self.decay_warmup:
+            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """After a real optimizer step: shadow <- decay * shadow + (1 - decay) * weights (one foreach lerp)."""
+        if self.shadow is None:
+            return
+        weights = [p.detach().to(s.device, dtype=torch.float32, non_blocking=True)
+                   for p, s in zip(self._params(model), self.shadow)]
+        torch._foreach_lerp_(self.shadow, weights, 1.0 - self.current_decay())
+        self.updates += 1
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Swap the EMA weights into ``model`` for the ``with`` block (validation, saving), then restore."""
+        if self.shadow is None:
+            yield
+            return
+        params = self._params(model)
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow):
+                p.copy_(s.to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow] if self.shadow is not None else None,
+                "updates": self.updates, "names": self.names}
+
+    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
+        self.updates = state["updates"]
+        if state["shadow"] is None:
+            self.shadow = None
+            return
+        devices = [torch.device("cpu") if self.device == "cpu" else p.device for p in self._params(model)]
+        self.shadow = [s.to(d) for s, d in zip(state["shadow"], devices)]
+
+
+class LabelSmoothingLoss(torch.nn.Module):
+    """Next-token cross-entropy with label smoothing, per target token.
+
+    What: the target distribution puts ``1 - s`` on the true token and spreads ``s`` evenly over the vocabulary,
+    so per token ``loss = (1 - s) * nll + s * mean_v(-log p_v)``; on shifted logits, ignoring -100.
+    Paper: Szegedy et al. 2016 (Inception v3); Müller et al. 2019 ("When does label smoothing help?").
+    Cost: one extra mean over the vocabulary of the log-softmax: negligible.
+    Sharp edge: the smoothed loss never reaches 0 and is not the model's likelihood: perplexity and validation
+    loss are computed without smoothing. Oracle: ``F.cross_entropy(..., label_smoothing=s)`` (tested).
+    """
+
+    def __init__(self, smoothing: float):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+        targets = labels[:, 1:]  # (B, T-1)
+        mask = targets != IGNORE_INDEX
+        nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        smooth = -logp.mean(dim=-1)  # (B, T-1)
+        loss = (1.0 - self.smoothing) * nll + self.smoothing * smooth
+        return loss * mask, mask
+
+
+class CPUOffloadOptimizer(torch.optim.Optimizer):
+    """AdamW with the state of a fraction of the parameters kept, and updated, in CPU memory.
+
+    What: the largest parameters, up to ``fraction`` of the parameter count, get an fp32 master copy and their
+    two Adam moments in (pinned) host memory; ``pre_step()`` starts copying their gradients to the host
+    (non-blocking), ``step()`` runs AdamW for them on the CPU and for the rest on the device, and ``post_step()``
+    copies the updated weights back (non-blocking). On a 12 GB card, offloading half of gpt2-medium's optimizer
+    state frees about 1.4 GB.
+    Paper: ZeRO-Offload, Ren et al. 2021.
+    Cost: PCIe traffic of two copies of the offloaded parameters per step and a CPU AdamW over them; on a CPU-only
+    run nothing is saved (the "device" is the host).
+    Sharp edge: the GradScaler's fp16 path needs a plain torch optimizer, so fp16 with offload is refused at
+    start-up (bf16 works); parameter groups keep their ``lr``/``lr_scale`` for the scheduler.
+    Oracle: its updates equal plain ``torch.optim.AdamW``'s (tested).
+    """
+
+    def __init__(self, param_groups: list[dict], fraction: float, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 pin_memory: bool | None = None):
+        super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, lr_scale=1.0))
+        params = [p for g in self.param_groups for p in g["params"]]
+        total = sum(p.numel() for p in params)
+        chosen, count = set(), 0
+        for p in sorted(params, key=lambda t: -t.numel()):  # largest first: fewest copies per offloaded byte
+            if count >= fraction * total - 1e-9 or fraction <= 0:
+                break
+            chosen.add(id(p))
+            count += p.numel()
+        self.offloaded_fraction = count / total if total else 0.0
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.host_params, self.device_params, self.masters, self.host_grads = [], [], [], []
+        cpu_groups, dev_groups = [], []
+        for g in self.param_groups:
+            hp = [p for p in g["params"] if id(p) in chosen]
+            dp = [p for p in g["params"] if id(p) not in chosen]
+            masters = [p.detach().to("cpu", torch.float32, copy=True) for p in hp]
+            grads = [torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin) for p in hp]
+            for m in masters:
+                m.grad = None
+            self.host_params.append(hp)
+            self.device_params.append(dp)
+            self.masters.append(masters)
+            self.host_grads.append(grads)
+            opts = {k: g[k] for k in ("lr", "betas", "eps", "weight_decay")}
+            cpu_groups.append({"params": masters, **opts})
+            dev_groups.append({"params": dp, **opts})
+        self.cpu_optimizer = torch.optim.AdamW(cpu_groups, foreach=True)
+        try:
+            self.device_optimizer = torch.optim.AdamW(dev_groups, fused=True)
+        except (RuntimeError, TypeError):
+            self.device_optimizer = torch.optim.AdamW(dev_groups, foreach=True)
+
+    def _sync_hyperparameters(self) -> None:
+        for g, cg, dg in zip(self.param_groups, self.cpu_optimizer.param_groups, self.device_optimizer.param_groups):
+            for k in ("lr", "betas", "eps", "weight_decay"):
+                cg[k] = dg[k] = g[k]
+
+    def pre_step(self) -> None:
+        """Start the device-to-host copies of the offloaded gradients."""
+        for params, grads in zip(self.host_params, self.host_grads):
+            for p, g in zip(params, grads):
+                if p.grad is not None:
+                    g.copy_(p.grad, non_blocking=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._sync_hyperparameters()
+        self.device_optimizer.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the host gradients must have landed before the CPU reads them
+        for params, masters, grads in zip(self.host_params, self.masters, self.host_grads):
+            for p, m, g in zip(params, masters, grads):
+                m.grad = g if p.grad is not None else None
+        self.cpu_optimizer.step()
+        return None
+
+    def post_step(self) -> None:
+        """Copy the updated master weights back to the device (non-blocking)."""
+        with torch.no_grad():
+            for params, masters in zip(self.host_params, self.masters):
+                for p, m in zip(params, masters):
+                    p.copy_(m, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.device_optimizer.zero_grad(set_to_none)
+        for params in self.host_params:
+            for p in params:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"cpu": self.cpu_optimizer.state_dict(), "device": self.device_optimizer.state_dict(),
+                "masters": [[m.clone() for m in ms] for ms in self.masters],
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cpu_optimizer.load_state_dict(state["cpu"])
+        self.device_optimizer.load_state_dict(state["device"])
+        for ms, saved in zip(self.masters, state["masters"]):
+            for m, s in zip(ms, saved):
+                m.copy_(s)
+        for g, saved in zip(self.param_groups, state["groups"]):
+            g.update(saved)
+
+
+class CodeContrastiveLoss(torch.nn.Module):
+    """InfoNCE that pulls a question's pooled hidden state towards its own answer's, away from the batch's others.
+
+    What: mean-pool the last hidden states over each record's question tokens and over its answer tokens,
+    project both with a small head (Linear-GELU-Linear), L2-normalise, and take the symmetric cross-entropy of
+    the B x B cosine-similarity matrix divided by ``temperature`` (the diagonal is the positive pair). By
+    default only records with code take part (``scope="code"``); fewer than two eligible records give 0.
+    Paper: van den Oord et al. 2018 (InfoNCE); Neelakantan et al. 2022 (contrastive text/code embeddings).
+    Cost: a B x B matrix and a tiny head per step: negligible next to the LM forward.
+    Sharp edge: the head is trained and saved in checkpoints but is not part of ``theta_final``; with small
+    batches there are few negatives, so keep the weight small (0.02 in the rtx3060 profile).
+    """
+
+    def __init__(self, hidden_size: int, projection_size: int = 128, temperature: float = 0.1, scope: str = "code"):
+        super().__init__()
+        self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.GELU(),
+                                        torch.nn.Linear(hidden_size, projection_size))
+        self.temperature, self.scope = temperature, scope
+
+    def pooled(self, hidden: torch.Tensor, input_labels: torch.Tensor, attention_mask: torch.Tensor):
+        """(question, answer) mean-pooled states, each (B, C): prompt tokens have label -100, answer tokens not."""
+        answer = (input_labels != IGNORE_INDEX) & (attention_mask > 0)  # (B, T)
+        question = (input_labels == IGNORE_INDEX) & (attention_mask > 0)
+        q = (hidden * question.unsqueeze(-1)).sum(1) / question.sum(1, keepdim=True).clamp(min=1)
+        a = (hidden * answer.unsqueeze(-1)).sum(1) / answer.sum(1, keepdim=True).clamp(min=1)
+        return q, a
+
+    def similarity(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        zq = F.normalize(self.head(q.float()), dim=-1)
+        za = F.normalize(self.head(a.float()), dim=-1)
+        return zq @ za.T / self.temperature  # (B, B)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                has_code: torch.Tensor) -> torch.Tensor:
+        keep = has_code.bool() if self.scope == "code" else torch.ones_like(has_code, dtype=torch.bool)
+        if int(keep.sum()) < 2:
+            return hidden.new_zeros(())
+        q, a = self.pooled(hidden[keep], labels[keep], attention_mask[keep])
+        logits = self.similarity(q, a)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def compute_rdrop_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       alpha: float, loss_fn=None, doubled: bool = True, output_hidden_states: bool = False) -> dict:
+    """R-Drop: two dropout passes, their cross-entropies averaged, plus ``alpha`` x their symmetric KL.
+
+    What: the same batch goes through the model twice with different dropout masks (one forward over the
+    doubled batch when ``doubled``, two forwards otherwise); per target token,
+    ``total = (ce1 + ce2) / 2 + alpha * (KL(p1 || p2) + KL(p2 || p1)) / 2``. Padding and prompt tokens carry 0.
+    Paper: Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks".
+    Cost: about 2x the forward and backward of the plain step (the doubled batch also doubles activation memory;
+    ``doubled=False`` trades that for a second, sequential forward).
+    Sharp edge: with dropout off (eval mode, or p = 0) both passes agree and the KL term is exactly 0.
+
+    Returns ``{"total", "ce", "kl"}`` as means over this batch's target tokens, and per-token tensors
+    ``token_loss`` (B, T-1) (what the loop sums and normalises), ``mask``, ``per_record`` (B,) summed total
+    losses, plus ``logits`` (first pass) and ``hidden`` (last hidden states of the first pass, when asked).
+    """
+    loss_fn = loss_fn or token_losses
+    B = input_ids.shape[0]
+    kw = {"output_hidden_states": True} if output_hidden_states else {}
+    if doubled:
+        out = model(input_ids=torch.cat([input_ids, input_ids]), attention_mask=torch.cat([attention_mask,
+                                                                                         attention_mask]), **kw)
+        logits1, logits2 = out.logits[:B], out.logits[B:]
+        hidden = out.hidden_states[-1][:B] if output_hidden_states else None
+    else:
+        out1 = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        logits1, hidden = out1.logits, (out1.hidden_states[-1] if output_hidden_states else None)
+        logits2 = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    ce1, mask = loss_fn(logits1, labels)
+    ce2, _ = loss_fn(logits2, labels)
+    lp1 = torch.log_softmax(logits1[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    lp2 = torch.log_softmax(logits2[:, :-1].float(), dim=-1)
+    kl = 0.5 * ((lp1.exp() * (lp1 - lp2)).sum(-1) + (lp2.exp() * (lp2 - lp1)).sum(-1))  # (B, T-1)
+    kl = kl * mask
+    ce = 0.5 * (ce1 + ce2)
+    token_loss = ce + alpha * kl
+    n = mask.sum().clamp(min=1)
+    return {"total": token_loss.sum() / n, "ce": ce.sum() / n, "kl": kl.sum() / n, "token_loss": token_loss,
+            "mask": mask, "per_record": token_loss.sum(1), "logits": logits1, "hidden": hidden}
+
+
+def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight_decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay groups for GPT-2, each with an ``lr_scale`` the scheduler multiplies in.
+
+    What: the top block learns at the base rate and each block below at ``llrd_factor`` times the one above
+    (block i of L: ``factor ** (L - 1 - i)``); the position embeddings sit below block 0 (``factor ** L``). The
+    token embedding, which GPT-2 ties to the LM head, and the final layer norm learn at the base rate: the head
+    must adapt to the new domain's vocabulary (the original gave it about 1e-7 and never noticed). Biases and
+    norms (every 1-D parameter) get no weight decay.
+    Paper: Howard & Ruder 2018 (ULMFiT, "discriminative fine-tuning"); Clark et al. 2020 (ELECTRA).
+    Cost: none at run time. Sharp edge: with a small factor and many layers the bottom blocks barely move.
+    """
+    blocks = model.transformer.h
+    n_layer = len(blocks)
+    scales: dict[str, float] = {}
+    for name, _ in model.named_parameters():
+        if ".h." in f".{name}":
+            layer = int(name.split(".h.")[1].split(".")[0])
+            scales[name] = llrd_factor ** (n_layer - 1 - layer)
+        elif "wpe" in name:
+            scales[name] = llrd_factor ** n_layer
+        else:  # wte (tied LM head), ln_f
+            scales[name] = 1.0
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2
+        key = (scales[name], decay)
+        if key not in groups:
+            label = "head" if name.endswith("wte.weight") else name.rsplit(".", 1)[0]
+            groups[key] = {"params": [], "names": [], "lr_scale": scales[name],
+                           "weight_decay": weight_decay if decay else 0.0, "name": label}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["name"]))
+
+
+def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Generator) -> float:
+    """Add Gaussian noise of variance ``eta / (1 + step) ** 0.55`` to every gradient; returns the std used.
+
+    What: annealed gradient noise, applied after unscaling and before clipping.
+    Paper: Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very Deep Networks".
+    Cost: one random tensor per parameter per step (a few percent). Sharp edge: seeded by its own generator,
+    whose state is checkpointed, so a resumed run draws the same noise.
+    """
+    std = math.sqrt(eta / (1 + step) ** 0.55)
+    for p in parameters:
+        if p.grad is not None:
+            noise = torch.randn(p.grad.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            p.grad.add_(noise.to(p.grad.device, p.grad.dtype), alpha=std)
+    return std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: curriculum, dynamic weighting, domain stratification
+# ---------------------------------------------------------------------------------------------------------------
+
+class CurriculumSampler:
+    """Which records an epoch may draw from: the easiest first, growing to the whole set.
+
+    What: records are ranked by the ``difficulty`` data preparation gave them (ties broken by a stable hash of
+    the id); epoch e draws from the easiest ``fraction(e)`` of them, where the fraction grows from
+    ``start_fraction`` to 1 at ``full_at`` of the epochs, with ``pacing`` linear, root (sqrt: fast early) or
+    step (half-way jumps).
+    Paper: Bengio et al. 2009 (curriculum learning); Platanios et al. 2019 (competence-based pacing).
+    Cost: a sort once. Sharp edge: early epochs are shorter, so the step count differs from a plain run
+    (the run summary states it).
+    """
+
+    def __init__(self, difficulties: list[int], ids: list[str], start_fraction: float, epochs: int,
+                 full_at: float = 0.5, pacing: str = "linear"):
+        self.order = sorted(range(len(difficulties)), key=lambda i: (difficulties[i], _stable_hash(ids[i])))
+        self.start_fraction, self.epochs, self.full_at, self.pacing = start_fraction, epochs, full_at, pacing
+
+    def fraction(self, epoch: int) -> float:
+        ramp_epochs = max(1, math.ceil(self.full_at * self.epochs))
+        progress = min(1.0, epoch / ramp_epochs)
+        if self.pacing == "root":
+            progress = math.sqrt(progress)
+        elif self.pacing == "step":
+            progress = math.floor(progress * 2) / 2
+        return min(1.0, self.start_fraction + (1 - self.start_fraction) * progress)
+
+    def pool(self, epoch: int) -> list[int]:
+        n = max(1, math.ceil(self.fraction(epoch) * len(self.order)))
+        return sorted(self.order[:n])
+
+
+class DynamicCurriculumTracker:
+    """Per-record training loss, averaged over time, turned into sampling weights.
+
+    What: after each step the loss of every record in the batch updates its running average (``momentum``);
+    a record's weight is its average loss over the median of all seen records', clipped to
+    ``[min_weight, max_weight]`` (unseen records weigh 1). During ``warmup_epochs`` all weights are 1.
+    Paper: in the spirit of Loshchilov & Hutter 2015 (online batch selection) and focal re-weighting.
+    Cost: one host sync per step for the per-record losses. Sharp edge: noisy records (wrong answers) keep a high
+    loss and get drawn more: the bound ``max_weight`` limits that.
+    """
+
+    def __init__(self, n: int, warmup_epochs: int = 3, momentum: float = 0.9, min_weight: float = 0.5,
+                 max_weight: float = 2.0):
+        self.losses = np.full(n, np.nan)
+        self.warmup_epochs, self.momentum = warmup_epochs, momentum
+        self.min_weight, self.max_weight = min_weight, max_weight
+
+    def update(self, indices: list[int], losses: list[float]) -> None:
+        for i, value in zip(indices, losses):
+            if not math.isfinite(value):
+                continue
+            old = self.losses[i]
+            self.losses[i] = value if np.isnan(old) else self.momentum * old + (1 - self.momentum) * value
+
+    def weights(self, epoch: int) -> np.ndarray:
+        w = np.ones(len(self.losses))
+        seen = ~np.isnan(self.losses)
+        if epoch < self.warmup_epochs or not seen.any():
+            return w
+        median = float(np.median(self.losses[seen]))
+        if median > 0:
+            w[seen] = np.clip(self.losses[seen] / median, self.min_weight, self.max_weight)
+        return w
+
+    def difficult_ratio(self) -> float:
+        """Share of seen records whose loss is above 1.5x the median (the notifier's "difficult ratio")."""
+        seen = self.losses[~np.isnan(self.losses)]
+        return float((seen > 1.5 * np.median(seen)).mean()) if len(seen) else 0.0
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = np.array(state["losses"], dtype=float)
+
+
+class DynamicWeightedSampler:
+    """Draws an epoch's records with probability proportional to the tracker's weights (with replacement).
+
+    Cost: one multinomial draw per epoch. Sharp edge: with replacement some records repeat within an epoch and
+    some are not seen; uniform weights fall back to a plain permutation (no repeats).
+    """
+
+    def __init__(self, tracker: DynamicCurriculumTracker):
+        self.tracker = tracker
+
+    def draw(self, pool: list[int], epoch: int, generator: torch.Generator) -> list[int]:
+        w = self.tracker.weights(epoch)[pool]
+        if np.allclose(w, 1.0):
+            return [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        picks = torch.multinomial(torch.tensor(w, dtype=torch.float64), len(pool), replacement=True,
+                                  generator=generator)
+        return [pool[i] for i in picks.tolist()]
+
+
+class DomainStratifiedSampler:
+    """Shapes every (global) batch to a target domain mix.
+
+    What: slot counts per domain are allotted batch by batch with a running largest-remainder rule, so each batch
+    follows ``mix`` as closely as whole records allow and the shares are exact over the epoch; each domain's
+    records come from its own queue in the order given (curriculum pool, tracker weights), refilled when empty.
+    The mix defaults to uniform over domains. It works with gradient accumulation: every micro-batch follows it.
+    Paper: stratified sampling for multi-domain training, e.g. Arivazhagan et al. 2019 (temperature sampling).
+    Cost: negligible. Sharp edge: small domains repeat within an epoch when the mix asks more of them than exist.
+    """
+
+    def __init__(self, domains: list[int], mix: dict[int, float] | None = None):
+        self.domains = domains
+        present = sorted(set(domains))
+        mix = mix or {d: 1.0 for d in present}
+        total = sum(mix.get(d, 0.0) for d in present)
+        self.mix = {d: mix.get(d, 0.0) / total for d in present if mix.get(d, 0.0) > 0}
+
+    def arrange(self, order: list[int], batch_size: int) -> list[int]:
+        queues: dict[int, list[int]] = {d: [] for d in self.mix}
+        for i in order:
+            if self.domains[i] in queues:
+                queues[self.domains[i]].append(i)
+        sources = {d: list(q) for d, q in queues.items()}
+        n_batches = max(1, len(order) // batch_size)
+        credit = {d: 0.0 for d in self.mix}
+        out: list[int] = []
+        for _ in range(n_batches):
+            for d in credit:
+                credit[d] += self.mix[d] * batch_size
+            slots = {d: int(math.floor(credit[d])) for d in credit}
+            short = batch_size - sum(slots.values())
+            for d in sorted(credit, key=lambda d: (-(credit[d] - slots[d]), d))[:short]:
+                slots[d] += 1
+            for d, k in sorted(slots.items()):
+                credit[d] -= k
+                for _ in range(k):
+                    if not queues[d]:
+                        queues[d] = list(sources[d])  # a small domain repeats rather than leaving a slot empty
+                    if queues[d]:
+                        out.append(queues[d].pop(0))
+        return out
+
+
+class TrainingSampler:
+    """The epoch's batches for this rank, composed from the techniques that are on, resumable at a batch.
+
+    Order of composition: the curriculum picks the pool, the tracker weighs it (weighted draw, else a seeded
+    permutation), stratification shapes each global batch. The global order depends only on
+    ``(seed, epoch, tracker state)``; each rank takes every ``world``-th record of each global batch, so DDP
+    sees the same global batches as one process with ``batch_size x world``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 curriculum: CurriculumSampler | None = None, weighted: DynamicWeightedSampler | None = None,
+                 stratified: DomainStratifiedSampler | None = None, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.curriculum, self.weighted, self.stratified, self.shuffle = curriculum, weighted, stratified, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def global_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        pool = self.curriculum.pool(epoch) if self.curriculum else list(range(self.n))
+        if self.weighted is not None:
+            order = self.weighted.draw(pool, epoch, g)
+        elif self.shuffle:
+            order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+        else:
+            order = pool
+        if self.stratified is not None:
+            order = self.stratified.arrange(order, self.batch_size * self.world)
+        return order
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        order = self.global_order(self.epoch if epoch is None else epoch)
+        if self.world > 1:
+            usable = len(order) // self.world * self.world
+            order = order[self.rank:usable:self.world]
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def num_batches(self, epoch: int) -> int:
+        """Batches of an epoch without drawing it (the tracker's weights do not change the count)."""
+        n = len(self.curriculum.pool(epoch)) if self.curriculum else self.n
+        if self.stratified is not None:
+            n = max(1, n // (self.batch_size * self.world)) * self.batch_size * self.world
+        if self.world > 1:
+            n = n // self.world
+        return math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches(self.epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics: per-domain validation, generation-based domain checks
+# ---------------------------------------------------------------------------------------------------------------
+
+class DomainMetrics:
+    """Token-weighted loss, perplexity and token accuracy per domain, filled batch by batch during validation."""
+
+    def __init__(self, domain_names: list[str]):
+        self.names = domain_names
+        self.sums = torch.zeros(len(domain_names), 3, dtype=torch.float64)  # loss, tokens, correct
+
+    def add(self, domain: torch.Tensor, loss_sum: torch.Tensor, tokens: torch.Tensor, correct: torch.Tensor) -> None:
+        rows = torch.stack([loss_sum, tokens, correct], 1).double().cpu()  # (B, 3)
+        self.sums.index_add_(0, domain.cpu(), rows)
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for d, name in enumerate(self.names):
+            loss, tokens, correct = self.sums[d].tolist()
+            if tokens > 0:
+                out[name] = {"loss": loss / tokens, "perplexity": safe_exp(loss / tokens),
+                             "token_accuracy": correct / tokens, "tokens": int(tokens)}
+        return out
+
+
+class ValidationMetrics:
+    """Generation-based domain check: answer a few validation questions per domain and score the answers.
+
+    Measures, each in [0, 1] except length (documented in TRAINING_TECHNIQUES.md):
+    - ``length``: mean answer length in words;
+    - ``distinct_2``: distinct word bigrams / all bigrams (1 = no repetition);
+    - ``keyword_recall``: share of the reference answer's content words (4+ letters) that the answer uses;
+    - ``coherence``: share of the question's content words the answer mentions, capped at 1 after x2 (does it
+      stay on topic?), times 0 for an empty answer.
+    The mean of distinct_2, keyword_recall and coherence is the domain's ``score``.
+    """
+
+    def __init__(self, per_domain: int = 2, max_new_tokens: int = 48):
+        self.per_domain, self.max_new_tokens = per_domain, max_new_tokens
+
+    @staticmethod
+    def score_answer(question: str, reference: str, answer: str) -> dict[str, float]:
+        import re
+        words = answer.split()
+        bigrams = list(zip(words, words[1:]))
+        content = lambda s: set(re.findall(r"[a-z]{4,}", s.lower()))  # noqa: E731
+        ref, ans, q = content(reference), content(answer), content(question)
+        return {"length": float(len(words)),
+                "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else (1.0 if words else 0.0),
+                "keyword_recall": len(ref & ans) / len(ref) if ref else 0.0,
+                "coherence": min(1.0, 2 * len(q & ans) / len(q)) if q and words else 0.0}
+
+    def run(self, tm: ThetaModel, records: list[dict]) -> dict[str, dict]:
+        by_domain: dict[str, list[dict]] = {}
+        for rec in records:
+            by_domain.setdefault(rec.get("domain", "unknown"), []).append(rec)
+        out = {}
+        for domain, recs in sorted(by_domain.items()):
+            scores = [self.score_answer(r["question"], r["answer"],
+                                        tm.generate(r["question"], max_length=self.max_new_tokens, temperature=0.0))
+                      for r in recs[:self.per_domain]]
+            mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+            mean["score"] = float(np.mean([mean["distinct_2"], mean["keyword_recall"], mean["coherence"]]))
+            out[domain] = mean
+        return out
+
+
 @torch.no_grad()
 def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_ctx, domain_names: list[str],
              world: int = 1) -> dict:
     """Validation loss (token-weighted), perplexity, token accuracy and per-domain loss/perplexity/accuracy."""
     was_training = model.training
     model.eval()
-    n_domains = len(domain_names)
-    sums = torch.zeros(3 + 3 * n_domains, dtype=torch.float64)  # loss, tokens, correct, then per domain
+    domains = DomainMetrics(domain_names)
     for batch in loader_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast_ctx:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, mask = token_losses(logits, batch["labels"])
         correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
-        per_rec = torch.stack([loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype)], 1).double()
-        sums[:3] += per_rec.sum(0).cpu()
-        for d in batch["domain"].unique().tolist():
-            sel = batch["domain"] == d
-            sums[3 + 3 * d: 6 + 3 * d] += per_rec[sel].sum(0).cpu()
+        domains.add(batch["domain"], loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype))
     if world > 1:
-        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(domains.sums)
     model.train(was_training)
-    total_loss, tokens, correct = sums[:3].tolist()
+    total_loss, tokens, correct = domains.sums.sum(0).tolist()
     val_loss = total_loss / max(tokens, 1)
-    out = {"loss": val_loss, "perplexity": safe_exp(val_loss), "token_accuracy": correct / max(tokens, 1),
-           "tokens": int(tokens), "domains": {}}
-    for d, name in enumerate(domain_names):
-        d_loss, d_tok, d_cor = sums[3 + 3 * d: 6 + 3 * d].tolist()
-        if d_tok > 0:
-            out["domains"][name] = {"loss": d_loss / d_tok, "perplexity": safe_exp(d_loss / d_tok),
-                                    "token_accuracy": d_cor / d_tok, "tokens": int(d_tok)}
-    return out
+    return {"loss": val_loss, "perplexity": safe_exp(val_loss), "token_accuracy": correct / max(tokens, 1),
+            "tokens": int(tokens), "domains": domains.summary()}
 
 
 def safe_exp(x: float) -> float:
@@ -267,19 +918,48 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(name, ctx, scaler)
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (every 1-D parameter); fused kernels where available."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay, "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-    # Fused AdamW exists on CPU and CUDA in current torch and is the fastest; foreach is the fallback.
+def build_param_groups(model: torch.nn.Module, args: argparse.Namespace, extra: torch.nn.Module | None = None):
+    """Parameter groups: LLRD groups when ``--use_llrd``, else decay / no-decay (no decay on 1-D parameters).
+
+    ``extra`` (the code-contrastive head) learns at the base rate in groups of its own.
+    """
+    if args.use_llrd:
+        groups = get_llrd_optimizer_groups(model, args.llrd_factor, args.weight_decay)
+    else:
+        groups = [{"params": [], "names": [], "weight_decay": args.weight_decay, "lr_scale": 1.0, "name": "head"},
+                  {"params": [], "names": [], "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"}]
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                g = groups[0] if p.dim() >= 2 else groups[1]
+                g["params"].append(p)
+                g["names"].append(name)
+    if extra is not None:
+        for decay in (True, False):
+            params = [(n, p) for n, p in extra.named_parameters() if (p.dim() >= 2) == decay]
+            if params:
+                groups.append({"params": [p for _, p in params], "names": [f"extra.{n}" for n, _ in params],
+                               "weight_decay": args.weight_decay if decay else 0.0, "lr_scale": 1.0,
+                               "name": "contrastive_head"})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, extra: torch.nn.Module | None = None):
+    """AdamW (fused kernels where available, foreach otherwise), or the CPU-offload AdamW."""
+    groups = build_param_groups(model, args, extra)
+    if args.use_cpu_offload:
+        return CPUOffloadOptimizer(groups, args.cpu_offload_fraction, lr=args.learning_rate)
     try:
         return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+
+def head_lr(optimizer) -> float:
+    """The learning rate of the group holding the (tied) LM head: the one worth watching under LLRD."""
+    for g in optimizer.param_groups:
+        if g.get("name") == "head":
+            return g["lr"]
+    return optimizer.param_groups[0]["lr"]
 
 
 def build_scheduler(optimizer, args: argparse.Namespace, total_steps: int):
@@ -393,6 +1073,9 @@ class RunState:
     nonfinite_in_row: int = 0
     epoch_loss_sum: float = 0.0  # summed token losses of the current epoch so far (for its mean train loss)
     epoch_tokens: int = 0
+    epoch_kl_sum: float = 0.0  # R-Drop KL and contrastive loss of the current epoch so far (for the history)
+    epoch_contrastive_sum: float = 0.0
+    epoch_steps: int = 0
     micro_split: int = 1  # each sampler batch runs as this many micro-batches (raised by CUDA OOM)
     history: list[dict] = field(default_factory=list)
 
@@ -508,6 +1191,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
     e.add_argument("--min_delta", type=float, default=0.0, help="smallest validation-loss drop that counts")
     e.add_argument("--num_samples", type=int, default=2, help="generated validation samples per epoch")
+    t = p.add_argument_group("training techniques (documentation/TRAINING_TECHNIQUES.md)")
+    add_switch(t, "use_ema", False, "exponential moving average of the weights for validation and the saved model",
+               off="no_ema")
+    t.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    t.add_argument("--ema_warmup_epochs", type=int, default=0,
+                   help="epochs before the EMA starts, from the weights of that moment")
+    t.add_argument("--ema_device", choices=["cpu", "device"], default="cpu",
+                   help="where the fp32 shadow lives: host memory or the training device")
+    add_switch(t, "ema_decay_warmup", False, "ramp the decay as min(decay, (1+n)/(10+n)) over the first updates")
+    add_switch(t, "use_label_smoothing", False, "label smoothing on the training loss", off="no_label_smoothing")
+    t.add_argument("--label_smoothing_epsilon", type=float, default=0.1, help="smoothing mass spread over the vocabulary")
+    add_switch(t, "use_quality_weighting", False, "weigh each record's loss by its quality_score",
+               off="no_quality_weighting")
+    t.add_argument("--quality_weighting_floor", type=float, default=0.5,
+                   help="weight = floor + (1 - floor) x quality_score")
+    add_switch(t, "use_rdrop", False, "R-Drop: two dropout passes with a symmetric KL term", off="no_rdrop")
+    t.add_argument("--rdrop_alpha", type=float, default=0.1, help="weight of the R-Drop KL term")
+    add_switch(t, "rdrop_doubled_batch", True, "one forward over the doubled batch (else two forwards: less memory)",
+               off="rdrop_two_pass")
+    add_switch(t, "use_llrd", False, "layer-wise learning-rate decay", off="no_llrd")
+    t.add_argument("--llrd_factor", type=float, default=0.85, help="each block's rate over the block above it")
+    add_switch(t, "use_gradient_noise", False, "annealed Gaussian gradient noise", off="no_gradient_noise")
+    t.add_argument("--gradient_noise_eta", type=float, default=0.01, help="noise variance eta / (1 + t)^0.55")
+    add_switch(t, "use_cpu_offload", False, "keep and update part of the AdamW state on the CPU", off="no_cpu_offload")
+    t.add_argument("--cpu_offload_fraction", type=float, default=0.5, help="share of parameters offloaded (by count)")
+    add_switch(t, "use_code_contrastive", False, "InfoNCE between question and answer representations",
+               off="no_code_contrastive")
+    t.add_argument("--code_contrastive_weight", type=float, default=0.02, help="weight of the contrastive loss")
+    t.add_argument("--code_contrastive_temperature", type=float, default=0.1, help="InfoNCE temperature")
+    t.add_argument("--code_contrastive_scope", choices=["code", "all"], default="code",
+                   help="records with code only, or all records")
+    t.add_argument("--code_contrastive_dim", type=int, default=128, help="projection size of the contrastive head")
+    add_switch(t, "use_curriculum", False, "easy-to-hard curriculum by difficulty", off="no_curriculum")
+    t.add_argument("--curriculum_start_fraction", type=float, default=0.7, help="share of records in epoch 1")
+    t.add_argument("--curriculum_pacing", choices=["linear", "root", "step"], default="linear",
+                   help="how the share grows")
+    t.add_argument("--curriculum_full_at", type=float, default=0.5, help="share of the epochs after which all records are used")
+    add_switch(t, "use_dynamic_curriculum", False, "sample records by their running training loss",
+               off="no_dynamic_curriculum")
+    t.add_argument("--dynamic_curriculum_warmup", type=int, default=3, help="epochs of uniform sampling first")
+    t.add_argument("--dynamic_curriculum_momentum", type=float, default=0.9, help="running-average momentum")
+    t.add_argument("--dynamic_curriculum_min_weight", type=float, default=0.5, help="lowest sampling weight")
+    t.add_argument("--dynamic_curriculum_max_weight", type=float, default=2.0, help="highest sampling weight")
+    add_switch(t, "use_domain_stratified", False, "every batch follows a target domain mix",
+               off="no_domain_stratified")
+    t.add_argument("--domain_stratified_mix", type=str, default=None,
+                   help='target mix as JSON, e.g. \'{"programming": 2, "networking": 1}\' (default uniform)')
+    t.add_argument("--domain_eval_frequency", type=int, default=1,
+                   help="generation-based domain check every N epochs (0 = off)")
+    t.add_argument("--domain_eval_per_domain", type=int, default=2, help="questions per domain in that check")
+    t.add_argument("--ablation_mode", type=str, default="none",
+                   help=f"switch one technique off after the profile: none, all, or one of {', '.join(TECHNIQUES)}")
+    t.add_argument("--warm_start", type=Path, default=None,
+                   help="start from the weights of this model folder (fresh optimizer and schedule)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save_every_steps", type=int, default=0, help="checkpoint every N steps (0 = per epoch)")
     c.add_argument("--keep_last_n_checkpoints", type=int, default=2, help="checkpoints kept")
@@ -552,6 +1289,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for bad, message in checks:
         if bad:
             parser.error(message)
+    checks = [
+        (not 0 < args.ema_decay < 1, "--ema_decay must be in (0, 1)"),
+        (args.ema_warmup_epochs < 0, "--ema_warmup_epochs must be >= 0"),
+        (not 0 <= args.label_smoothing_epsilon < 1, "--label_smoothing_epsilon must be in [0, 1)"),
+        (not 0 <= args.quality_weighting_floor <= 1, "--quality_weighting_floor must be in [0, 1]"),
+        (args.rdrop_alpha < 0, "--rdrop_alpha must be >= 0"),
+        (not 0 < args.llrd_factor <= 1, "--llrd_factor must be in (0, 1]"),
+        (args.gradient_noise_eta < 0, "--gradient_noise_eta must be >= 0"),
+        (not 0 <= args.cpu_offload_fraction <= 1, "--cpu_offload_fraction must be in [0, 1]"),
+        (args.code_contrastive_weight < 0, "--code_contrastive_weight must be >= 0"),
+        (args.code_contrastive_temperature <= 0, "--code_contrastive_temperature must be > 0"),
+        (args.code_contrastive_dim < 1, "--code_contrastive_dim must be at least 1"),
+        (not 0 < args.curriculum_start_fraction <= 1, "--curriculum_start_fraction must be in (0, 1]"),
+        (not 0 < args.curriculum_full_at <= 1, "--curriculum_full_at must be in (0, 1]"),
+        (args.dynamic_curriculum_warmup < 0, "--dynamic_curriculum_warmup must be >= 0"),
+        (not 0 <= args.dynamic_curriculum_momentum < 1, "--dynamic_curriculum_momentum must be in [0, 1)"),
+        (not 0 < args.dynamic_curriculum_min_weight <= 1 <= args.dynamic_curriculum_max_weight,
+         "--dynamic_curriculum_min_weight must be in (0, 1] and --dynamic_curriculum_max_weight >= 1"),
+        (args.domain_eval_frequency < 0, "--domain_eval_frequency must be >= 0"),
+        (args.domain_eval_per_domain < 1, "--domain_eval_per_domain must be at least 1"),
+        (args.ablation_mode not in ["none", "all", *TECHNIQUES],
+         f"--ablation_mode must be none, all or one of: {', '.join(TECHNIQUES)}"),
+        (args.use_cpu_offload and args.precision == "fp16",
+         "--use_cpu_offload cannot run with --precision fp16 (the GradScaler needs a plain optimizer): use "
+         "--precision bf16 or fp32, or --no_cpu_offload"),
+        (args.warm_start is not None and not Path(args.warm_start).is_dir(),
+         f"--warm_start {args.warm_start}: not a model folder"),
+    ]
+    for bad, message in checks:
+        if bad:
+            parser.error(message)
+    if args.domain_stratified_mix:
+        try:
+            mix = json.loads(args.domain_stratified_mix)
+            assert isinstance(mix, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values())
+            assert sum(mix.values()) > 0
+        except (json.JSONDecodeError, AssertionError):
+            parser.error("--domain_stratified_mix must be a JSON object of domain: non-negative weight")
+    for name in (TECHNIQUES if args.ablation_mode == "all" else [args.ablation_mode]):
+        if name in TECHNIQUES:
+            setattr(args, f"use_{name}", False)
     if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
         parser.error(f"--resume {args.resume}: not auto, never, or an existing checkpoint folder")
     if args.output_dir is None:
@@ -633,12 +1411,146 @@ def _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, p
     return lines
 
 
+def _technique_lines(args, optimizer, sampler: "TrainingSampler", ema, total_steps: int) -> list[str]:
+    """One run-summary line per technique that is on."""
+    lines = []
+    if args.use_ema:
+        lines.append(f"EMA: decay {args.ema_decay}, starts after {args.ema_warmup_epochs} epoch(s) from the weights of "
+                     f"then, shadow on {args.ema_device}{', decay warmup' if args.ema_decay_warmup else ''}; "
+                     "validation and theta_best/ use the EMA weights")
+    if args.use_label_smoothing:
+        lines.append(f"label smoothing: epsilon {args.label_smoothing_epsilon} (validation loss is unsmoothed)")
+    if args.use_quality_weighting:
+        lines.append(f"quality weighting: record weight {args.quality_weighting_floor} + "
+                     f"{1 - args.quality_weighting_floor:g} x quality_score")
+    if args.use_rdrop:
+        lines.append(f"R-Drop: alpha {args.rdrop_alpha}, "
+                     + ("one forward over the doubled batch" if args.rdrop_doubled_batch else "two forwards"))
+    if args.use_llrd:
+        scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups}, reverse=True)
+        lines.append(f"LLRD: factor {args.llrd_factor}, {len(optimizer.param_groups)} groups, rate scales "
+                     f"{scales[0]:g} (top block, tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
+    if args.use_gradient_noise:
+        lines.append(f"gradient noise: variance {args.gradient_noise_eta} / (1 + t)^0.55, after unscaling, "
+                     "before clipping")
+    if args.use_cpu_offload:
+        lines.append(f"CPU offload: {100 * optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
+                     f"update on the CPU (asked {100 * args.cpu_offload_fraction:.0f}%)")
+    if args.use_code_contrastive:
+        lines.append(f"code-contrastive loss: weight {args.code_contrastive_weight}, temperature "
+                     f"{args.code_contrastive_temperature}, records: {args.code_contrastive_scope}")
+    if args.use_curriculum:
+        fractions = ", ".join(f"{sampler.curriculum.fraction(e):.2f}" for e in range(min(args.epochs, 6)))
+        lines.append(f"curriculum: {args.curriculum_pacing} pacing, share of records per epoch {fractions}"
+                     f"{'...' if args.epochs > 6 else ''}; {total_steps} steps in all")
+    if args.use_dynamic_curriculum:
+        lines.append(f"dynamic curriculum: uniform for {args.dynamic_curriculum_warmup} epoch(s), then weights "
+                     f"{args.dynamic_curriculum_min_weight}-{args.dynamic_curriculum_max_weight} x from the running "
+                     "loss over its median")
+    if args.use_domain_stratified:
+        lines.append("domain stratification: every batch follows the mix "
+                     + (args.domain_stratified_mix or "uniform over domains"))
+    return lines or ["techniques: none (plain loop)"]
+
+
 def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """Cut a padded batch into ``parts`` smaller ones along the batch dimension (for CUDA OOM recovery)."""
     if parts <= 1:
         return [batch]
     chunks = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
     return [{k: chunks[k][i] for k in batch} for i in range(parts) if chunks["input_ids"][i].shape[0] > 0]
+
+
+@dataclass
+class LossSetup:
+    """How a micro-batch's loss is made: the token loss, R-Drop, quality weights, the contrastive term."""
+    loss_fn: Any = token_losses
+    rdrop_alpha: float | None = None  # None: R-Drop off
+    rdrop_doubled: bool = True
+    quality_floor: float | None = None  # None: quality weighting off
+    contrastive: CodeContrastiveLoss | None = None
+    contrastive_weight: float = 0.0
+
+    def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) loss weight per record: floor + (1 - floor) x quality_score, or 1."""
+        if self.quality_floor is None:
+            return torch.ones(batch["input_ids"].shape[0])
+        return self.quality_floor + (1 - self.quality_floor) * batch["quality"].clamp(0, 1)
+
+    def normaliser(self, window: list[dict[str, torch.Tensor]]) -> float:
+        """Weighted count of the target tokens of a whole accumulated batch (on the host: no device sync)."""
+        return float(sum(((b["labels"][:, 1:] != IGNORE_INDEX).sum(1) * self.record_weights(b)).sum()
+                         for b in window))
+
+
+def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, setup: LossSetup, device: torch.device,
+                         autocast_ctx, world: int = 1, scaler=None, no_sync=None) -> dict[str, Any]:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each micro-batch contributes ``sum(weighted token losses) / norm`` (x ``world``, as DDP averages gradients
+    over ranks), where ``norm`` counts the (weighted) target tokens of the whole step on every rank: the gradient
+    is that of the mean over all target tokens of the step, however they are split into micro-batches. The
+    contrastive term is a per-batch mean, added once per step (1/n of it per micro-batch).
+
+    Returns summed token loss, summed KL (R-Drop), summed contrastive loss, and per-record (index, mean loss)
+    pairs as tensors (no host sync here).
+    """
+    step_loss = torch.zeros((), device=device)
+    kl_sum = torch.zeros((), device=device)
+    cl_sum = torch.zeros((), device=device)
+    records = []
+    want_hidden = setup.contrastive is not None
+    for k, batch in enumerate(micro_batches):
+        weights = setup.record_weights(batch).to(device)
+        batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+        sync = nullcontext() if no_sync is None or k == len(micro_batches) - 1 else no_sync()
+        with sync:
+            with autocast_ctx:
+                if setup.rdrop_alpha is not None:
+                    out = compute_rdrop_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             setup.rdrop_alpha, setup.loss_fn, setup.rdrop_doubled, want_hidden)
+                    tok_loss, mask, hidden = out["token_loss"], out["mask"], out["hidden"]
+                    kl_sum += (out["kl"] * mask.sum()).detach()
+                else:
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                output_hidden_states=want_hidden)
+                    tok_loss, mask = setup.loss_fn(out.logits, batch["labels"])
+                    hidden = out.hidden_states[-1] if want_hidden else None
+                weighted = tok_loss * weights[:, None]  # (B, T-1)
+                loss = weighted.sum() * world / norm
+                if want_hidden:
+                    cl = setup.contrastive(hidden, batch["labels"], batch["attention_mask"], batch["has_code"])
+                    loss = loss + setup.contrastive_weight * cl / len(micro_batches)
+                    cl_sum += cl.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += weighted.detach().sum()
+        records.append((batch["index"], tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)))
+    return {"loss": step_loss, "kl": kl_sum, "contrastive": cl_sum, "records": records}
+
+
+def build_train_sampler(args, train_ds: TokenizedDataset, domain_names: list[str], rank: int, world: int):
+    """The composed TrainingSampler and the dynamic-curriculum tracker (or None)."""
+    ex = train_ds.examples
+    curriculum = CurriculumSampler([e["difficulty"] for e in ex], [e["id"] for e in ex],
+                                   args.curriculum_start_fraction, args.epochs, args.curriculum_full_at,
+                                   args.curriculum_pacing) if args.use_curriculum else None
+    tracker = DynamicCurriculumTracker(len(ex), args.dynamic_curriculum_warmup, args.dynamic_curriculum_momentum,
+                                       args.dynamic_curriculum_min_weight, args.dynamic_curriculum_max_weight) \
+        if args.use_dynamic_curriculum else None
+    stratified = None
+    if args.use_domain_stratified:
+        mix = None
+        if args.domain_stratified_mix:
+            named = json.loads(args.domain_stratified_mix)
+            unknown = sorted(set(named) - set(domain_names))
+            if unknown:
+                raise UserError(f"--domain_stratified_mix names domains the data does not have: {unknown}; "
+                                f"known: {domain_names}")
+            mix = {domain_names.index(d): float(w) for d, w in named.items()}
+        stratified = DomainStratifiedSampler([e["domain"] for e in ex], mix)
+    sampler = TrainingSampler(len(ex), args.batch_size, args.seed, rank, world, curriculum,
+                              DynamicWeightedSampler(tracker) if tracker else None, stratified)
+    return sampler, tracker
 
 
 def train(args: argparse.Namespace, notifier: Any = None) -> dict:
@@ -692,27 +1604,41 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     val_ds = TokenizedDataset(val_recs, tokenizer, args.max_length, args.loss_on)
     for ds in (train_ds, val_ds):  # one domain index space for both splits
         remap = {i: domain_names.index(n) for i, n in enumerate(ds.domain_names)}
-        for ex in ds.examples:
-            ex["domain"] = remap[ex["domain"]]
-    pad_id = tokenizer.pad_token_id
-    collate_fn = functools.partial(collate, pad_id=pad_id)
-    sampler = EpochSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank, world=world)
+        for i, ex in enumerate(ds.examples):
+            ex["domain"], ex["index"] = remap[ex["domain"]], i
+    collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
+    sampler, tracker = build_train_sampler(args, train_ds, domain_names, rank, world)
     val_sampler = EpochSampler(len(val_ds), args.batch_size, args.seed, shuffle=False, rank=rank, world=world)
     val_batches = [collate_fn([val_ds[i] for i in b]) for b in val_sampler.batches()]
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
+    accum = args.gradient_accumulation_steps
+    steps_in_epoch = [math.ceil(sampler.num_batches(e) / accum) for e in range(args.epochs)]
+    total_steps = sum(steps_in_epoch)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+
+    # --- techniques ---------------------------------------------------------------------------------------
+    ema = ExponentialMovingAverage(model, args.ema_decay, args.ema_warmup_epochs, args.ema_device,
+                                   args.ema_decay_warmup) if args.use_ema else None
+    contrastive = CodeContrastiveLoss(model.config.n_embd, args.code_contrastive_dim,
+                                      args.code_contrastive_temperature, args.code_contrastive_scope).to(device) \
+        if args.use_code_contrastive else None
+    setup = LossSetup(loss_fn=LabelSmoothingLoss(args.label_smoothing_epsilon) if args.use_label_smoothing
+                      else token_losses,
+                      rdrop_alpha=args.rdrop_alpha if args.use_rdrop else None, rdrop_doubled=args.rdrop_doubled_batch,
+                      quality_floor=args.quality_weighting_floor if args.use_quality_weighting else None,
+                      contrastive=contrastive, contrastive_weight=args.code_contrastive_weight)
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    trainable = list(model.parameters()) + (list(contrastive.parameters()) if contrastive is not None else [])
 
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, args, device)
+    optimizer = build_optimizer(model, args, contrastive)
     scheduler = build_scheduler(optimizer, args, total_steps)
     state = RunState()
 
-    # --- resume -------------------------------------------------------------------------------------------
+    # --- resume (or warm start) ---------------------------------------------------------------------------
     ckpt_dir = out / "checkpoints"
     found = None
     if args.resume == "auto":
@@ -730,17 +1656,40 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                 logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old,
                                now.get(key))
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise UserError(f"--resume {path}: its optimizer state does not fit this run's optimizer ({err}); "
+                            "use the checkpoint's technique flags, or --resume never") from err
         scheduler.load_state_dict(ckpt["scheduler"])
         if precision.scaler is not None and ckpt.get("scaler"):
             precision.scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"], model)
+        if tracker is not None and ckpt.get("tracker"):
+            tracker.load_state_dict(ckpt["tracker"])
+        if contrastive is not None and ckpt.get("contrastive"):
+            contrastive.load_state_dict(ckpt["contrastive"])
+        if ckpt.get("noise_rng") is not None:
+            noise_gen.set_state(ckpt["noise_rng"])
         state = RunState(**ckpt["run_state"])
         set_rng_state(ckpt["rng"])
         logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, state.global_step,
                     state.epoch + 1, state.batch_in_epoch)
+    elif args.warm_start:
+        from transformers import GPT2LMHeadModel
+
+        check_model_folder(Path(args.warm_start))
+        weights = GPT2LMHeadModel.from_pretrained(args.warm_start).state_dict()
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise UserError(f"--warm_start {args.warm_start}: its weights do not fit --model_name "
+                            f"{args.model_name} ({str(err).splitlines()[0]})") from err
+        logger.info("warm start from %s (fresh optimizer and schedule)", args.warm_start)
 
     # --- run summary --------------------------------------------------------------------------------------
-    effective = args.batch_size * args.gradient_accumulation_steps * world
+    effective = args.batch_size * accum * world
     env = _environment(device, precision.name, world)
     if is_main:
         atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
@@ -748,7 +1697,9 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
         logger.info(_color("=" * 78, "CYAN", color))
         logger.info("Theta training run %s", out.name)
         for line in _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, precision,
-                                         steps_per_epoch, total_steps):
+                                         steps_in_epoch[0], total_steps):
+            logger.info("%s", line)
+        for line in _technique_lines(args, optimizer, sampler, ema, total_steps):
             logger.info("%s", line)
         logger.info(_color("=" * 78, "CYAN", color))
     notify("start_training_notification", args)
@@ -768,9 +1719,17 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
         payload = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(),
                    "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                   "ema": ema.state_dict() if ema is not None else None,
+                   "tracker": tracker.state_dict() if tracker is not None else None,
+                   "contrastive": contrastive.state_dict() if contrastive is not None else None,
+                   "noise_rng": noise_gen.get_state(),
                    "run_state": dataclasses.asdict(state), "rng": rng_state(), "args": _json_args(args),
                    "sampler": sampler.state_dict(), "global_step": state.global_step}
         logger.info("checkpoint (%s): %s", reason, save_checkpoint(ckpt_dir, payload, args.keep_last_n_checkpoints))
+
+    def with_ema():
+        """Validation and saving see the EMA weights once the EMA has started."""
+        return ema.applied(model) if ema is not None else nullcontext()
 
     def validate() -> dict:
         metrics = evaluate(model, val_batches, device, precision.autocast, domain_names, world)
@@ -790,33 +1749,15 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
 
-    def forward_backward(window: list[dict], n_targets: torch.Tensor) -> torch.Tensor:
-        """Backward over the micro-batches of one optimizer step; returns their summed token loss."""
-        step_loss = torch.zeros((), device=device)
-        micro = [m for b in window for m in _split_batch(b, state.micro_split)]
-        for k, batch in enumerate(micro):
-            batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-            sync = nullcontext() if world == 1 or k == len(micro) - 1 else ddp_model.no_sync()
-            with sync:
-                with precision.autocast:
-                    logits = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                tok_loss, _ = token_losses(logits, batch["labels"])
-                # Sum over this micro-batch / target tokens of the whole accumulated (and, under DDP, global)
-                # batch, x world as DDP averages gradients over ranks: the step's gradient is that of the mean
-                # over every target token of the step, however the tokens are split into micro-batches.
-                loss = tok_loss.sum() * world / n_targets
-                (precision.scaler.scale(loss) if precision.scaler is not None else loss).backward()
-            step_loss += tok_loss.detach().sum()
-        return step_loss
-
     # --- the loop -----------------------------------------------------------------------------------------
     exit_code, status, started = 0, "completed", time.time()
-    accum = args.gradient_accumulation_steps
     tokens_since_log, t_log = 0, time.perf_counter()
     model.train()
     try:
         while state.epoch < args.epochs and not (args.max_steps and state.global_step >= args.max_steps):
             epoch_start = time.time()
+            if ema is not None and ema.maybe_start(model, state.epoch) and is_main:
+                logger.info("EMA starts now (epoch %d) from the current weights", state.epoch + 1)
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             batches = sampler.batches()
             loader = iter(DataLoader(train_ds, batch_sampler=batches[state.batch_in_epoch:], collate_fn=collate_fn,
@@ -827,13 +1768,16 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
             while state.batch_in_epoch < len(batches):
                 # ---- one optimizer step over up to `accum` micro-batches --------------------------------------
                 window = [next(loader) for _ in range(min(accum, len(batches) - state.batch_in_epoch))]
-                n_targets = torch.tensor(float(sum(count_target_tokens(b["labels"]) for b in window)))
+                n_targets = torch.tensor(setup.normaliser(window))
                 if world > 1:  # normalise by the target tokens of the global batch
                     torch.distributed.all_reduce(n_targets)
                 n_targets = n_targets.to(device)
                 while True:
                     try:
-                        step_loss = forward_backward(window, n_targets)
+                        micro = [m for b in window for m in _split_batch(b, state.micro_split)]
+                        result = accumulate_gradients(ddp_model, micro, n_targets, setup, device, precision.autocast,
+                                                      world, precision.scaler,
+                                                      ddp_model.no_sync if world > 1 else None)
                         break
                     except torch.cuda.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
@@ -844,16 +1788,25 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                         logger.warning("CUDA out of memory: micro-batch now %d x %d accumulation (same effective "
                                        "batch)", math.ceil(args.batch_size / state.micro_split),
                                        accum * state.micro_split)
+                step_loss = result["loss"]
                 if precision.scaler is not None:
                     precision.scaler.unscale_(optimizer)
+                if args.use_gradient_noise:
+                    add_gradient_noise(trainable, state.global_step, args.gradient_noise_eta, noise_gen)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                    trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
                 finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(step_loss))
                 if finite:
-                    if precision.scaler is not None:
+                    if isinstance(optimizer, CPUOffloadOptimizer):
+                        optimizer.pre_step()
+                        optimizer.step()
+                        optimizer.post_step()
+                    elif precision.scaler is not None:
                         precision.scaler.step(optimizer)
                     else:
                         optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
                     state.nonfinite_in_row = 0
                 else:
                     state.nonfinite_total += 1
@@ -872,25 +1825,36 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                         f"{state.nonfinite_in_row} non-finite steps in a row (--max_nonfinite_steps "
                         f"{args.max_nonfinite_steps}); the last good checkpoint is kept in {ckpt_dir}. Lower "
                         "--learning_rate or use --precision fp32.")
+                if tracker is not None and finite:  # a host sync per step, only with the dynamic curriculum
+                    for idx, losses in result["records"]:
+                        tracker.update(idx.tolist(), losses.float().tolist())
                 # ---- logging: the step's only host syncs ----------------------------------------------------
                 step_targets = float(n_targets) / world
                 mean_loss = float(step_loss) / max(step_targets, 1.0)
                 if finite:
                     state.epoch_loss_sum += float(step_loss)
-                    state.epoch_tokens += int(step_targets)
+                    state.epoch_tokens += int(round(step_targets))
+                    state.epoch_kl_sum += float(result["kl"])
+                    state.epoch_contrastive_sum += float(result["contrastive"])
+                    state.epoch_steps += 1
                 tokens_since_log += sum(int(b["attention_mask"].sum()) for b in window)
                 if is_main:
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = head_lr(optimizer)
                     dt = time.perf_counter() - t_log
                     tps = tokens_since_log * world / dt if dt > 0 else 0.0
                     tokens_since_log, t_log = 0, time.perf_counter()
                     line = {"step": state.global_step, "epoch": state.epoch + 1, "loss": mean_loss, "lr": lr,
                             "grad_norm": float(grad_norm), "tokens_per_sec": tps, "ms": dt * 1000,
                             "skipped": not finite}
+                    if setup.rdrop_alpha is not None:
+                        line["kl"] = float(result["kl"]) / max(step_targets, 1.0)
+                    if contrastive is not None:
+                        line["contrastive"] = float(result["contrastive"]) / max(len(micro), 1)
                     metrics_file.write(json.dumps(line) + "\n")
                     metrics_file.flush()
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
-                        writer.add_scalar(f"train/{key}", line[key], state.global_step)
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "kl", "contrastive"):
+                        if key in line:
+                            writer.add_scalar(f"train/{key}", line[key], state.global_step)
                     if device.type == "cuda":
                         writer.add_scalar("system/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30,
                                           state.global_step)
@@ -902,7 +1866,8 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                                f"{dt * 1000:.0f} ms")
                         bar.write(msg) if not bar.disable else logger.info("%s", msg)
                 if args.eval_every_steps and state.global_step % args.eval_every_steps == 0:
-                    m = validate()
+                    with with_ema():
+                        m = validate()
                     logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f",
                                 state.global_step, m["loss"], m["perplexity"], m["token_accuracy"])
                 if args.save_every_steps and state.global_step % args.save_every_steps == 0:
@@ -915,8 +1880,17 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                     break
             if state.batch_in_epoch < len(batches):  # --max_steps ended the run mid-epoch
                 break
-            _end_of_epoch(args, state, validate, tm, val_ds, writer, notify, out, color, is_main, epoch_start,
-                          optimizer.param_groups[0]["lr"])
+            extras = {"ema": {"active": ema.active, "decay": ema.current_decay(), "updates": ema.updates}
+                      if ema is not None else None,
+                      "curriculum_fraction": sampler.curriculum.fraction(state.epoch) if sampler.curriculum else 1.0,
+                      "difficult_ratio": tracker.difficult_ratio() if tracker is not None else None,
+                      "train_kl": state.epoch_kl_sum / state.epoch_tokens
+                      if setup.rdrop_alpha is not None and state.epoch_tokens else None,
+                      "contrastive_loss": state.epoch_contrastive_sum / max(state.epoch_steps, 1)
+                      if contrastive is not None else None}
+            with with_ema():
+                _end_of_epoch(args, state, validate, tm, val_ds, val_recs, writer, notify, out, color, is_main,
+                              epoch_start, head_lr(optimizer), extras)
             checkpoint(f"end of epoch {state.epoch}")
             if state.bad_epochs >= args.patience:
                 logger.info("early stopping: no improvement larger than %g for %d epoch(s)", args.min_delta,
@@ -940,13 +1914,15 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     summary = {"run": out.name, "status": status, "global_step": state.global_step, "epochs_run": state.epoch,
                "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
                "nonfinite_steps": state.nonfinite_total, "seconds": time.time() - started,
-               "final_model": str(out / "theta_final"), "exit_code": exit_code}
+               "final_model": str(out / "theta_final"), "ema_weights": bool(ema is not None and ema.active),
+               "exit_code": exit_code}
     if exit_code == 0:
         if state.best_epoch < 0:  # --max_steps ended before any validation: validate now
-            m = validate()
+            with with_ema():
+                m = validate()
+                if is_main:
+                    tm.save(out / "theta_best")
             state.best_val_loss, state.best_epoch = m["loss"], state.epoch
-            if is_main:
-                tm.save(out / "theta_best")
             summary.update(best_epoch=state.best_epoch, best_val_loss=state.best_val_loss)
         if is_main:
             tmp = out / ".theta_final.tmp"
@@ -957,7 +1933,8 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
             if args.keep_best_only:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} "
-                               f"(validation loss {state.best_val_loss:.4f})", "GREEN", color))
+                               f"(validation loss {state.best_val_loss:.4f})"
+                               + (", with EMA weights" if summary["ema_weights"] else ""), "GREEN", color))
         notify("training_completed", summary)
     if is_main:
         atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
@@ -967,9 +1944,12 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     return summary
 
 
-def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, writer, notify, out: Path, color: bool,
-                  is_main: bool, epoch_start: float, lr: float) -> None:
-    """Validate, log, keep the best model, update early stopping and the history; advances ``state.epoch``."""
+def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, val_recs: list[dict], writer, notify,
+                  out: Path, color: bool, is_main: bool, epoch_start: float, lr: float, extras: dict) -> None:
+    """Validate, log, keep the best model, update early stopping and the history; advances ``state.epoch``.
+
+    Runs with the EMA weights swapped in when EMA is on, so validation and ``theta_best/`` see them.
+    """
     m = validate()
     prev = state.history[-1] if state.history else None
     train_loss = state.epoch_loss_sum / state.epoch_tokens if state.epoch_tokens else float("nan")
@@ -977,7 +1957,12 @@ def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, write
              "val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_token_accuracy": m["token_accuracy"],
              "domains": {d: {k: v[k] for k in ("loss", "perplexity", "token_accuracy")}
                          for d, v in m["domains"].items()},
-             "learning_rate": lr, "seconds": time.time() - epoch_start}
+             "learning_rate": lr, "seconds": time.time() - epoch_start,
+             **{k: v for k, v in extras.items() if v is not None}}
+    if is_main and args.domain_eval_frequency and (state.epoch + 1) % args.domain_eval_frequency == 0:
+        entry["domain_eval"] = ValidationMetrics(args.domain_eval_per_domain).run(tm, val_recs)
+        for d, v in entry["domain_eval"].items():
+            writer.add_scalar(f"domain_eval/{d}_score", v["score"], state.global_step)
     state.history.append(entry)
     improved = m["loss"] < state.best_val_loss - args.min_delta
     if is_main:
@@ -986,8 +1971,9 @@ def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, write
                     train_loss, m["loss"], _arrow(m["loss"], prev and prev["val_loss"]), m["perplexity"],
                     m["token_accuracy"], _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
         for d, v in sorted(m["domains"].items()):
-            logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f", d, v["loss"], v["perplexity"],
-                        v["token_accuracy"])
+            score = entry.get("domain_eval", {}).get(d, {}).get("score")
+            logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f%s", d, v["loss"], v["perplexity"],
+                        v["token_accuracy"], f"  generation score {score:.2f}" if score is not None else "")
         writer.add_scalar("epoch/train_loss", train_loss, state.epoch + 1)
         writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
         for ex in val_ds.examples[:args.num_samples]:
@@ -998,14 +1984,18 @@ def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, write
         state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
         if is_main:
             tm.save(out / "theta_best", extra_files={"theta_run.json": {
-                "epoch": state.epoch + 1, "step": state.global_step, "val_loss": m["loss"]}})
-            logger.info(_color(f"new best validation loss {m['loss']:.4f}: saved theta_best/", "GREEN", color))
+                "epoch": state.epoch + 1, "step": state.global_step, "val_loss": m["loss"],
+                "ema_weights": bool(extras.get("ema") and extras["ema"]["active"])}})
+            logger.info(_color(f"new best validation loss {m['loss']:.4f}: saved theta_best/"
+                               + (" (EMA weights)" if extras.get("ema") and extras["ema"]["active"] else ""),
+                               "GREEN", color))
     else:
         state.bad_epochs += 1
     notify("epoch_update", state.epoch + 1, entry)
     state.epoch += 1
     state.batch_in_epoch = 0
     state.epoch_loss_sum, state.epoch_tokens = 0.0, 0
+    state.epoch_kl_sum, state.epoch_contrastive_sum, state.epoch_steps = 0.0, 0.0, 0
     if is_main:
         atomic_write_json(out / "loss_history.json", state.history)
 
