@@ -1,0 +1,360 @@
+"""Each training technique against an independent computation, and all of them together through a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import src.training.train_enhanced as te
+from conftest import TINY_TEST_CONFIG
+from test_train_enhanced import _StopAfter
+
+
+def _toy_model(n_layer=2, dropout=0.1, seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, n_positions=32, vocab_size=50,
+                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+
+
+# --- EMA ---------------------------------------------------------------------------------------------------------
+
+def test_ema_matches_swa_utils_oracle():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = _toy_model()
+    ema = te.ExponentialMovingAverage(model, decay=0.9, warmup_epochs=1)
+    oracle = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(12):
+        epoch = step // 4
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if ema.maybe_start(model, epoch):  # after one epoch: start from the weights of now...
+            oracle.update_parameters(model)  # ...as the oracle's first update copies them
+            assert step == 4
+        elif ema.active:
+            ema.update(model)
+            oracle.update_parameters(model)
+    shadow = dict(zip(ema.names, ema.shadow))
+    for name, p in oracle.module.named_parameters():
+        assert torch.allclose(shadow[name], p, atol=1e-6), name
+
+
+def test_ema_applied_swaps_in_and_restores():
+    model = _toy_model()
+    ema = te.ExponentialMovingAverage(model, decay=0.5)
+    ema.start(model)
+    raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # shadow = 0.5 raw + 0.5 (raw + 1) = raw + 0.5
+    with ema.applied(model):
+        for n, p in model.named_parameters():
+            assert torch.allclose(p, raw[n] + 0.5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, raw[n] + 1.0)
+    state = ema.state_dict()
+    other = te.ExponentialMovingAverage(model, decay=0.5)
+    other.load_state_dict(state, model)
+    assert all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
+    warm = te.ExponentialMovingAverage(model, decay=0.999, decay_warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+
+
+# --- label smoothing and quality weighting ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])
+def test_label_smoothing_matches_torch_cross_entropy(eps):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 6, 13)
+    labels = torch.randint(0, 13, (3, 6))
+    labels[0, :2] = -100
+    labels[2, 4:] = -100
+    loss, mask = te.LabelSmoothingLoss(eps)(logits, labels)
+    oracle = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), label_smoothing=eps,
+                             ignore_index=-100)
+    assert float(loss.sum() / mask.sum()) == pytest.approx(float(oracle), rel=1e-6)
+
+
+def test_quality_weighting_multiplies_the_smoothed_per_record_loss():
+    setup = te.LossSetup(loss_fn=te.LabelSmoothingLoss(0.1), quality_floor=0.5)
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "quality": torch.tensor([1.0, 0.2]),
+             "labels": torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, -100, -100]])}
+    w = setup.record_weights(batch)
+    assert w.tolist() == pytest.approx([1.0, 0.6])
+    assert setup.normaliser([batch]) == pytest.approx(3 * 1.0 + 1 * 0.6)  # shifted target tokens x weight
+    assert te.LossSetup().normaliser([batch]) == 4
+
+
+# --- R-Drop ------------------------------------------------------------------------------------------------------
+
+def _batch():
+    ids = torch.randint(0, 50, (3, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels[2, 7:] = -100
+    return ids, mask, labels
+
+
+def test_rdrop_kl_is_zero_without_dropout_and_forms_agree():
+    torch.manual_seed(2)
+    model = _toy_model(dropout=0.1)
+    ids, mask, labels = _batch()
+    model.eval()  # dropout off
+    a = te.compute_rdrop_loss(model, ids, mask, labels, alpha=1.0, doubled=True)
+    b = te.compute_rdrop_loss(model, ids, mask, labels, alpha=1.0, doubled=False)
+    assert float(a["kl"]) == pytest.approx(0.0, abs=1e-6) and float(b["kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(a["ce"]) == pytest.approx(float(b["ce"]), rel=1e-5)
+    plain, pmask = te.token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+    assert float(a["ce"]) == pytest.approx(float(plain.detach().sum() / pmask.sum()), rel=1e-5)
+
+
+def test_rdrop_total_is_ce_plus_alpha_kl_with_dropout():
+    torch.manual_seed(3)
+    model = _toy_model(dropout=0.3)
+    model.train()
+    ids, mask, labels = _batch()
+    out = te.compute_rdrop_loss(model, ids, mask, labels, alpha=0.5)
+    assert float(out["kl"]) > 1e-4
+    assert float(out["total"]) == pytest.approx(float(out["ce"] + 0.5 * out["kl"]), rel=1e-5)
+    assert float(out["token_loss"][~out["mask"]].abs().sum()) == 0.0
+    assert out["per_record"].shape == (3,)
+
+
+# --- LLRD --------------------------------------------------------------------------------------------------------
+
+def test_llrd_table_for_a_four_layer_model():
+    model = _toy_model(n_layer=4)
+    groups = te.get_llrd_optimizer_groups(model, llrd_factor=0.5, weight_decay=0.01)
+    scale_of = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    decay_of = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    expected = {"transformer.wte.weight": 1.0, "transformer.ln_f.weight": 1.0, "transformer.ln_f.bias": 1.0,
+                "transformer.h.3.attn.c_attn.weight": 1.0, "transformer.h.2.attn.c_attn.weight": 0.5,
+                "transformer.h.1.mlp.c_fc.weight": 0.25, "transformer.h.0.ln_1.weight": 0.125,
+                "transformer.h.0.mlp.c_proj.bias": 0.125, "transformer.wpe.weight": 0.0625}
+    for name, scale in expected.items():
+        assert scale_of[name] == scale, name
+    assert decay_of["transformer.h.0.mlp.c_proj.bias"] == 0.0 and decay_of["transformer.h.0.ln_1.weight"] == 0.0
+    assert decay_of["transformer.h.2.attn.c_attn.weight"] == 0.01
+    assert set(scale_of) == {n for n, _ in model.named_parameters()}  # every parameter once (lm_head is tied)
+    # the scheduler honours lr_scale, and the log reports the head's rate
+    args = te.parse_args(["--use_llrd", "--llrd_factor", "0.5", "--learning_rate", "1e-3", "--warmup_proportion", "0"])
+    opt = te.build_optimizer(model, args)
+    sched = te.build_scheduler(opt, args, total_steps=10)
+    rates = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert te.head_lr(opt) == pytest.approx(1e-3)
+    assert min(rates.values()) == pytest.approx(1e-3 * 0.0625)
+    sched.step()
+    assert te.head_lr(opt) == pytest.approx(1e-3 * (0.5 * (1 + math.cos(math.pi * 1 / 10))))
+
+
+# --- gradient noise -----------------------------------------------------------------------------------------------
+
+def test_gradient_noise_variance_and_seed():
+    p = torch.nn.Parameter(torch.zeros(200_000))
+    p.grad = torch.zeros_like(p)
+    std = te.add_gradient_noise([p], step=9, eta=0.3, generator=torch.Generator().manual_seed(0))
+    assert std == pytest.approx(math.sqrt(0.3 / 10 ** 0.55))
+    assert float(p.grad.std()) == pytest.approx(std, rel=0.02)
+    q = torch.nn.Parameter(torch.zeros(200_000))
+    q.grad = torch.zeros_like(q)
+    te.add_gradient_noise([q], step=9, eta=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(p.grad, q.grad)
+
+
+# --- CPU offload ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_cpu_offload_updates_equal_plain_adamw(fraction):
+    a, b = _toy_model(seed=5), _toy_model(seed=5)
+    args = te.parse_args(["--use_llrd", "--llrd_factor", "0.8", "--learning_rate", "1e-2", "--weight_decay", "0.1"])
+    plain = torch.optim.AdamW(te.build_param_groups(a, args), lr=1e-2, foreach=False)
+    offload = te.CPUOffloadOptimizer(te.build_param_groups(b, args), fraction=fraction, lr=1e-2)
+    for opt in (plain, offload):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * g["lr_scale"]
+    assert offload.offloaded_fraction == pytest.approx(fraction, abs=0.35)
+    for step in range(5):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for model, g in ((a, grads), (b, grads)):
+            for p, gr in zip(model.parameters(), g):
+                p.grad = gr.clone()
+        plain.step()
+        offload.pre_step()
+        offload.step()
+        offload.post_step()
+        offload.zero_grad()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+    # state round trip
+    again = te.CPUOffloadOptimizer(te.build_param_groups(b, args), fraction=fraction, lr=1e-2)
+    again.load_state_dict(offload.state_dict())
+    assert all(torch.equal(x, y) for xs, ys in zip(again.masters, offload.masters) for x, y in zip(xs, ys))
+
+
+def test_cpu_offload_refuses_fp16():
+    with pytest.raises(SystemExit):
+        te.parse_args(["--use_cpu_offload", "--precision", "fp16"])
+
+
+# --- code-contrastive loss ---------------------------------------------------------------------------------------
+
+def test_code_contrastive_loss_learns_to_match_pairs():
+    torch.manual_seed(0)
+    B, T, C = 6, 8, 16
+    hidden = torch.randn(B, T, C)
+    labels = torch.full((B, T), -100)
+    labels[:, 4:] = 1  # question = first 4 tokens, answer = last 4
+    attn = torch.ones(B, T, dtype=torch.long)
+    # each record's answer states share a record-specific direction with its question states
+    hidden[:, 4:] += hidden[:, :4].mean(1, keepdim=True) * 2
+    loss_fn = te.CodeContrastiveLoss(C, projection_size=8, temperature=0.1, scope="all")
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+    has_code = torch.ones(B, dtype=torch.bool)
+    first = float(loss_fn(hidden, labels, attn, has_code))
+    for _ in range(30):
+        loss = loss_fn(hidden, labels, attn, has_code)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+    with torch.no_grad():
+        q, a = loss_fn.pooled(hidden, labels, attn)
+        sim = loss_fn.similarity(q, a)
+    matched = sim.diag().mean()
+    shuffled = sim[torch.arange(B), torch.roll(torch.arange(B), 1)].mean()
+    assert matched > shuffled
+    # scope "code": fewer than two records with code gives exactly 0
+    only_one = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    assert float(te.CodeContrastiveLoss(C, scope="code")(hidden, labels, attn, only_one)) == 0.0
+
+
+# --- samplers -----------------------------------------------------------------------------------------------------
+
+def test_curriculum_pool_grows_from_the_easiest():
+    diffs = [5, 1, 3, 1, 2, 4, 2, 5, 3, 1]
+    ids = [f"r{i}" for i in range(10)]
+    cur = te.CurriculumSampler(diffs, ids, start_fraction=0.4, epochs=4, full_at=0.5, pacing="linear")
+    assert [cur.fraction(e) for e in range(4)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
+    assert sorted(diffs[i] for i in cur.pool(0)) == [1, 1, 1, 2]
+    assert len(cur.pool(1)) == 7 and len(cur.pool(2)) == 10
+    root = te.CurriculumSampler(diffs, ids, 0.4, 4, 0.5, "root")
+    assert root.fraction(1) == pytest.approx(0.4 + 0.6 * math.sqrt(0.5))
+    step = te.CurriculumSampler(diffs, ids, 0.4, 8, 0.5, "step")
+    assert [step.fraction(e) for e in (0, 1, 2, 3, 4)] == pytest.approx([0.4, 0.4, 0.7, 0.7, 1.0])
+
+
+def test_dynamic_tracker_weights_and_weighted_draws():
+    tracker = te.DynamicCurriculumTracker(4, warmup_epochs=1, momentum=0.5, min_weight=0.5, max_weight=2.0)
+    tracker.update([0, 1, 2, 3], [1.0, 2.0, 4.0, 10.0])
+    tracker.update([3], [2.0])  # running average: 0.5 * 10 + 0.5 * 2 = 6
+    assert tracker.weights(0).tolist() == [1, 1, 1, 1]  # warmup: uniform
+    # median of [1, 2, 4, 6] = 3 -> 1/3, 2/3, 4/3, 2 (clipped to [0.5, 2])
+    assert tracker.weights(1).tolist() == pytest.approx([0.5, 2 / 3, 4 / 3, 2.0])
+    draws = Counter()
+    sampler = te.DynamicWeightedSampler(tracker)
+    for seed in range(300):
+        draws.update(sampler.draw([0, 1, 2, 3], 1, torch.Generator().manual_seed(seed)))
+    total = sum(draws.values())
+    expected = np.array([0.5, 2 / 3, 4 / 3, 2.0]) / (0.5 + 2 / 3 + 4 / 3 + 2.0)
+    assert np.allclose([draws[i] / total for i in range(4)], expected, atol=0.02)
+    assert tracker.difficult_ratio() == pytest.approx(0.25)  # only 6 is above 1.5 x 3
+
+
+def test_domain_stratified_batches_follow_the_mix():
+    domains = [0] * 60 + [1] * 30 + [2] * 10
+    strat = te.DomainStratifiedSampler(domains, {0: 1, 1: 1, 2: 2})
+    order = strat.arrange(list(range(100)), batch_size=8)
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    for b in batches:
+        counts = Counter(domains[i] for i in b)
+        assert counts[0] == 2 and counts[1] == 2 and counts[2] == 4
+    uniform = te.DomainStratifiedSampler(domains).arrange(list(range(100)), batch_size=6)
+    assert Counter(domains[i] for i in uniform) == {0: 32, 1: 32, 2: 32}  # small domains repeat
+
+
+def test_training_sampler_composes_and_shards_like_one_process():
+    n = 40
+    diffs = [i % 5 + 1 for i in range(n)]
+    ids = [f"r{i}" for i in range(n)]
+    domains = [i % 4 for i in range(n)]
+
+    def make(rank, world, batch):
+        return te.TrainingSampler(n, batch, seed=7, rank=rank, world=world,
+                                  curriculum=te.CurriculumSampler(diffs, ids, 0.5, 4),
+                                  stratified=te.DomainStratifiedSampler(domains))
+    one = make(0, 1, 4)
+    pool = set(one.curriculum.pool(0))
+    assert all(i in pool for b in one.batches(0) for i in b)  # the curriculum picks the pool
+    assert len(one.batches(0)) == one.num_batches(0) == 5
+    for b in one.batches(0):
+        assert sorted(Counter(domains[i] for i in b).values()) == [1, 1, 1, 1]  # stratification shapes batches
+    r0, r1 = make(0, 2, 2), make(1, 2, 2)
+    for g, (a, b) in zip(one.batches(2), zip(r0.batches(2), r1.batches(2))):
+        assert sorted(g) == sorted(a + b)  # DDP ranks together see the same global batch
+    assert one.batches(3) == make(0, 1, 4).batches(3)  # deterministic per (seed, epoch)
+
+
+# --- validation metrics -------------------------------------------------------------------------------------------
+
+def test_generation_scores_by_hand():
+    s = te.ValidationMetrics.score_answer("What does a firewall filter?",
+                                          "A firewall filters network traffic using rules.",
+                                          "A firewall filters traffic traffic traffic")
+    assert s["length"] == 6
+    assert s["distinct_2"] == pytest.approx(4 / 5)  # bigrams: a-firewall, firewall-filters, filters-traffic, traffic-traffic x2
+    assert s["keyword_recall"] == pytest.approx(3 / 6)  # firewall, filters, traffic of 6 reference words
+    assert s["coherence"] == pytest.approx(2 * 1 / 4)  # "firewall" of {what, does, firewall, filter}, x2
+
+
+# --- everything together ------------------------------------------------------------------------------------------
+
+ALL_ON = ["--use_ema", "--ema_decay", "0.9", "--ema_warmup_epochs", "1", "--use_label_smoothing",
+          "--use_quality_weighting", "--use_rdrop", "--use_llrd", "--use_gradient_noise", "--use_cpu_offload",
+          "--use_code_contrastive", "--code_contrastive_scope", "all", "--use_curriculum",
+          "--use_dynamic_curriculum", "--dynamic_curriculum_warmup", "1", "--use_domain_stratified",
+          "--domain_eval_frequency", "1", "--domain_eval_per_domain", "1"]
+
+
+def _args(model_dir, data, out, *extra):
+    return te.parse_args(["--model_name", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+                          "--epochs", "3", "--batch_size", "4", "--learning_rate", "3e-3", "--max_length", "96",
+                          "--num_samples", "0", "--seed", "3", "--no_progress_bar", *ALL_ON, *extra])
+
+
+def test_all_techniques_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    full = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "full"))
+    assert full["exit_code"] == 0 and full["ema_weights"]
+    log = (tmp_path / "full" / "train.log").read_text()
+    for line in ("EMA: decay 0.9", "label smoothing", "R-Drop", "LLRD", "gradient noise", "CPU offload",
+                 "code-contrastive", "curriculum:", "dynamic curriculum", "domain stratification"):
+        assert line in log, line
+    history = json.loads((tmp_path / "full" / "loss_history.json").read_text())
+    assert history[-1]["ema"]["active"] and history[0]["curriculum_fraction"] < 1.0
+    assert history[-1]["train_kl"] > 0 and "domain_eval" in history[-1]
+    run = tmp_path / "resumed"
+    _StopAfter.n = 5  # mid-epoch 2: after the EMA has started and the tracker has weights
+    with monkeypatch.context() as m:
+        m.setattr(te, "StopFlag", _StopAfter)
+        first = te.train(_args(tiny_model_dir, prepared_data, run))
+    assert first["exit_code"] == te.EXIT_INTERRUPTED
+    second = te.train(_args(tiny_model_dir, prepared_data, run))
+    assert second["global_step"] == full["global_step"]
+    a = load_file(str(tmp_path / "full" / "theta_final" / "model.safetensors"))
+    b = load_file(str(run / "theta_final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _StopAfter.n = 3
