@@ -68,8 +68,10 @@ set "PROFILE=rtx3060"
 set "PROFILE_WHY=a CUDA GPU was found (nvidia-smi)"
 :profile_done
 rem The quick profile keeps the prepared data small: no raising of small domains to the default minimum count.
-set "PREPARE_PROFILE_FLAGS="
-if /i "%PROFILE%"=="quick" set "PREPARE_PROFILE_FLAGS=--min_domain_count 0"
+rem Data preparation per profile (documentation\DATA_PROCESSING.md): quick keeps the data small (about 600 records
+rem from the sample data), the overnight profile balances every domain up to 300 records.
+set "PREPARE_PROFILE_FLAGS=--max_domain_fraction 0.2 --min_domain_count 300 --synthetic_ratio 0.1 --near_dup_threshold 0.8"
+if /i "%PROFILE%"=="quick" set "PREPARE_PROFILE_FLAGS=--max_domain_fraction 0.3 --min_domain_count 100 --synthetic_ratio 0.1 --near_dup_threshold 0.8"
 
 rem --- virtual environment ------------------------------------------------------------------------------------------
 set "PY_SYS="
