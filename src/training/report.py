@@ -186,6 +186,8 @@ def _esc(value) -> str:
 
 
 def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _esc(value)
     if isinstance(value, int):
@@ -220,7 +222,8 @@ def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | No
     r = result
     parts = [f"<h1>Theta evaluation: {_esc(r.get('run', ''))}</h1>",
              f"<p>Model <code>{_esc(r.get('model_path'))}</code> on <code>{_esc(r.get('test_data'))}</code> "
-             f"({_fmt(r.get('test_records'))} records), {_esc(r.get('created', ''))}, device {_esc(r.get('device'))}."
+             f"({_fmt(r.get('test_records'))} records) on {_esc(r.get('device'))}"
+             f"{', ' + _esc(r['created']) if r.get('created') else ''}."
              "</p>"]
     leak = r.get("leakage_check", {})
     parts.append('<p class="note">The test set was checked against the training data: no shared question.</p>'
