@@ -39,7 +39,8 @@ def run_dir(tmp_path):
     run = tmp_path / "models" / RUN
     run.mkdir(parents=True)
     history = [{"epoch": e, "step": 5 * e, "train_loss": 4.0 / e, "val_loss": 4.2 / e, "val_perplexity": 50.0 / e,
-                "val_token_accuracy": 0.1 * e, "domains": {}, "learning_rate": 1e-3, "seconds": 2.0} for e in (1, 2, 3, 4)]
+                "val_token_accuracy": 0.1 * e, "domains": {}, "learning_rate": 1e-3, "seconds": 2.0}
+               for e in (1, 2, 3, 4)]
     (run / "loss_history.json").write_text(json.dumps(history))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "epoch": 1, "loss": 3.0, "lr": 1e-4 * s,
                                                            "grad_norm": 1.0, "tokens_per_sec": 1.0, "ms": 1.0,

@@ -223,7 +223,8 @@ def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path
             f"{len(test_records)} test questions were trained on (e.g. {shown}). Metrics on them would be "
             "inflated. Use the held-out set data preparation wrote (Datasets/test_set.json) or remove those "
             "records, then evaluate again.")
-    shared_ids = sorted(str(r["id"]) for r in test_records if r.get("id") not in (None, "") and str(r["id"]) in train_ids)
+    shared_ids = sorted(str(r["id"]) for r in test_records
+                        if r.get("id") not in (None, "") and str(r["id"]) in train_ids)
     if shared_ids:
         logger.warning("%d test record id(s) also occur in the training data with other questions (e.g. %s); "
                        "not an overlap of text, evaluating", len(shared_ids), ", ".join(shared_ids[:5]))
