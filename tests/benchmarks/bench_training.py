@@ -10,6 +10,7 @@ a, b, ...) and repeated, and prints the median of each column and the ratios a/b
     b2  b with length-grouped batches (group_by_length; train_sampling_strategy="group_by_length" in transformers 5)
     c   our loop with the techniques of --profile quick (shape, batch and schedule flags kept explicit)
     d   our loop with the techniques of --profile rtx3060 (same)
+    e   d without R-Drop (--no_rdrop): the issue's budget is 1.1x the plain step for every technique but R-Drop
 
 It also reports where the time of our loop goes (timers around collation, forward, loss, backward, clipping,
 optimizer, logging; plus the top torch ops) and the padding share of dynamic, length-grouped and packed batches
@@ -52,9 +53,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-CONFIGS = ("a", "b", "b2", "c", "d")
+CONFIGS = ("a", "b", "b2", "c", "d", "e")
 CONFIG_TITLES = {"a": "ours, techniques off", "b": "Trainer, dynamic padding", "b2": "Trainer, group_by_length",
-                 "c": "ours, quick techniques", "d": "ours, rtx3060 techniques"}
+                 "c": "ours, quick techniques", "d": "ours, rtx3060 techniques",
+                 "e": "ours, rtx3060 minus R-Drop"}
 SHAPES = ("quick", "gpt2-124m")
 DEFAULT_STEPS = {"quick": 30, "gpt2-124m": 4}
 VALIDATION_KEPT = 8  # validation records kept in the bench data: the runs end with a validation we do not time
@@ -304,8 +306,10 @@ def run_ours(job: Job, config: str, steps: int, seed: int, hooks: Callable | Non
     argv = _ours_argv(job, out, steps, seed)
     if config == "a":
         argv += technique_flags()["off"]
-    elif config in ("c", "d"):
-        argv += ["--profile", {"c": "quick", "d": "rtx3060"}[config]]
+    elif config in ("c", "d", "e"):
+        argv += ["--profile", {"c": "quick", "d": "rtx3060", "e": "rtx3060"}[config]]
+        if config == "e":
+            argv += ["--no_rdrop"]
     val_ids = _val_ids(job.data_path)
     log = BatchLog()
     original = te.collate
@@ -664,13 +668,15 @@ def median_of(runs: list[dict]) -> dict:
     return med
 
 
-def ratios(med: dict[str, dict]) -> dict[str, float | None]:
+def ratios(runs: dict[str, list[dict]]) -> dict[str, float | None]:
+    """Median over rounds of the per-round ratio: runs of one round are interleaved, so pairing them cancels
+    most of the load changes of a shared machine (a ratio of medians does not)."""
     def r(x, y, key="useful_tok_s"):
-        if x in med and y in med and med[x].get(key) and med[y].get(key):
-            return med[x][key] / med[y][key]
-        return None
+        pairs = [(p[key], q[key]) for p, q in zip(runs.get(x, []), runs.get(y, [])) if p.get(key) and q.get(key)]
+        return statistics.median(p / q for p, q in pairs) if pairs else None
     return {"a/b useful tok/s": r("a", "b"), "a/b2 useful tok/s": r("a", "b2"),
             "c/a step time": r("c", "a", "step_ms"), "d/a step time": r("d", "a", "step_ms"),
+            "e/a step time": r("e", "a", "step_ms"),
             "c/a useful tok/s": r("c", "a"), "d/a useful tok/s": r("d", "a")}
 
 
@@ -687,7 +693,7 @@ def print_table(shape: str, med: dict[str, dict], rat: dict, skipped: dict[str, 
             print(f"| {c + ' ' + CONFIG_TITLES[c]:<28} | {cells} | {m['useful_tok_s_all']} |")
         elif c in skipped:
             print(f"| {c + ' ' + CONFIG_TITLES[c]:<28} | skipped: {skipped[c]} |")
-    print("ratios: " + ", ".join(f"{k} = {'-' if v is None else f'{v:.2f}'}" for k, v in rat.items()))
+    print("ratios (median of per-round ratios): " + ", ".join(f"{k} = {'-' if v is None else f'{v:.2f}'}" for k, v in rat.items()))
 
 
 def print_breakdown(shape: str, bd: dict) -> None:
@@ -727,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=str, default="quick=30,gpt2-124m=4",
                    help="optimizer steps per run: one number for every shape, or shape=N,... (first step dropped)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are over these (>= 3)")
-    p.add_argument("--configs", type=str, default="a,b,b2,c,d", help="comma list of a, b, b2, c, d")
+    p.add_argument("--configs", type=str, default="a,b,b2,c,d,e", help="comma list of a, b, b2, c, d, e")
     p.add_argument("--batch_size", type=int, default=4, help="micro-batch (the rtx3060 profile's is 3)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (same for every config)")
     p.add_argument("--max_length", type=int, default=512, help="sequence limit in tokens")
@@ -765,11 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     flags = technique_flags()
     skipped = {}
     if "--use_ema" not in flags["on"]:
-        for c in ("c", "d"):
+        for c in ("c", "d", "e"):
             if c in configs:
                 skipped[c] = ("train_enhanced.py has no technique flags yet (no --use_ema in parse_args); "
                               "issue 5 adds them")
-        configs = [c for c in configs if c not in skipped]
+    elif "--no_rdrop" not in flags["off"] and "e" in configs:
+        skipped["e"] = "train_enhanced.py has no --no_rdrop flag"
+    configs = [c for c in configs if c not in skipped]
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -777,8 +785,13 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "technique_flags": flags, "skipped": skipped, "shapes": {}}
+    import hashlib
+
+    te_file = PROJECT_ROOT / "src" / "training" / "train_enhanced.py"
+    results["train_enhanced_sha256"] = hashlib.sha256(te_file.read_bytes()).hexdigest()[:12]
     print(f"theta bench: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, precision {args.precision}; work dir {work}")
+          f"{torch.get_num_threads()} threads, device {args.device}, precision {args.precision}; train_enhanced.py "
+          f"sha256 {results['train_enhanced_sha256']}; work dir {work}")
     try:
         data_path, how = prepare_data(work, args.datasets_dir)
         results["data"] = how
@@ -817,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"  padding {_fmt(r['padding_share'], '{:.1%}')}  MFU {_fmt(r.get('mfu'), '{:.1%}')}"
                           f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
             med = {c: median_of(v) for c, v in runs.items() if v}
-            rat = ratios(med)
+            rat = ratios(runs)
             shape_skipped = {**skipped, **errors}
             print_table(shape, med, rat, shape_skipped, matmul)
             entry = {"dims": vars(dims), "matmul_params": dims.matmul_params, "steps": n_steps, "warmup": warmup,
