@@ -94,7 +94,9 @@ def prepared_data(tmp_path_factory, tiny_datasets_dir) -> Path:
 
     d = tmp_path_factory.mktemp("prepared")
     shutil.copytree(tiny_datasets_dir, d / "Datasets")
-    assert prepare_main(["--datasets_dir", str(d / "Datasets"), "--validation_fraction", "0.2"]) == 0
+    # balancing and augmentation off: the fixture stays at the tiny dataset's 48 records
+    assert prepare_main(["--datasets_dir", str(d / "Datasets"), "--validation_fraction", "0.2",
+                         "--min_domain_count", "0", "--synthetic_ratio", "0"]) == 0
     return d / "Datasets" / "enhanced_training_data.json"
 
 

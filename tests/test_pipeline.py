@@ -19,6 +19,7 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_datasets_dir, tiny_model_dir):
     run = tmp_path / "models" / "theta_enhanced_20260101_000000"
 
     prep = run_script(["src/data_processing/prepare_data_for_training.py", "--datasets_dir", str(data),
+                       "--min_domain_count", "0", "--synthetic_ratio", "0",
                        "--validation_fraction", "0.2", "--seed", "1"])
     assert prep.returncode == 0, prep.stderr
     assert (data / "enhanced_training_data.json").exists() and (data / "test_set.json").exists()

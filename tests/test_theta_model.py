@@ -163,3 +163,23 @@ def test_cli_chat_leaves_cleanly_on_exit_and_eof(tiny_model_dir, stdin):
     assert "Traceback" not in out.stderr
     if stdin:
         assert "theta>" in out.stdout
+
+
+def test_fused_gelu_swap_keeps_the_outputs():
+    from transformers.activations import ACT2FN
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=300)
+    assert cfg.activation_function == "gelu_new"  # what pretrained GPT-2 checkpoints say
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    from tokenizers import Tokenizer, models
+    tok = GPT2TokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token=EOS_TOKEN)
+    tm = ThetaModel.from_parts(model, tok, device="cpu")
+    assert tm.model.config.activation_function == "gelu_pytorch_tanh"
+    assert all(isinstance(b.mlp.act, type(ACT2FN["gelu_pytorch_tanh"])) for b in tm.model.transformer.h)
+    with torch.no_grad():
+        after = tm.model(ids).logits[..., :300]
+    assert torch.allclose(before, after, atol=1e-5)
