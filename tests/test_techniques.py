@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import src.training.train_enhanced as te
-from conftest import TINY_TEST_CONFIG
 from test_train_enhanced import _StopAfter
 
 

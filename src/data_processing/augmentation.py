@@ -25,7 +25,7 @@ from src.data_processing.text_quality import CODE_FENCE, CONTENT_WORD, STOPWORDS
 
 _Q = r"(?P<x>[^?\n]{2,120}?)"
 REPHRASE = [
-    (re.compile(rf"^what is the difference between (?P<a>[^?\n]{{1,60}}?) and (?P<b>[^?\n]{{1,60}}?)\?$", re.I),
+    (re.compile(r"^what is the difference between (?P<a>[^?\n]{1,60}?) and (?P<b>[^?\n]{1,60}?)\?$", re.I),
      ["How do {a} and {b} differ?", "Can you compare {a} and {b}?"]),
     (re.compile(rf"^what (?:is|are) the (?:main )?(?:benefits?|advantages?) of {_Q}\?$", re.I),
      ["Why would someone use {x}?", "What makes {x} useful?"]),

@@ -31,10 +31,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -47,7 +45,8 @@ from src.data_processing.augmentation import Augmenter, question_key
 from src.data_processing.json_stream import iter_file_items
 from src.data_processing.near_duplicates import find_near_duplicates
 from src.data_processing.text_quality import CODE_FENCE, difficulty, normalise_text, quality_score
-from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_open, atomic_write_json, read_json, run_entry_point,
+                              setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -532,28 +531,18 @@ def histogram(values: Iterable[float], bins: int = 10, low: float = 0.0, high: f
 
 
 def write_prepared(path: Path, records: list[dict]) -> None:
-    """``{"format_version": 1, "records": [...]}`` with one record per line, streamed to a temporary file in the
-    same folder, then renamed over ``path`` (no half-written file, no second copy of the data in memory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(f'{{"format_version": {FORMAT_VERSION}, "records": [\n')
-            dumps = json.JSONEncoder(ensure_ascii=False).encode
-            for i, rec in enumerate(records):
-                out = {k: rec[k] for k in OUTPUT_KEYS}
-                for k, v in rec.items():
-                    if k not in out and k != "source_line":
-                        out[k] = v
-                fh.write((",\n" if i else "") + dumps(out))
-            fh.write("\n]}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``{"format_version": 1, "records": [...]}`` with one record per line, streamed through
+    :func:`atomic_open` (no half-written file, no second copy of the data in memory)."""
+    with atomic_open(path) as fh:
+        fh.write(f'{{"format_version": {FORMAT_VERSION}, "records": [\n')
+        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        for i, rec in enumerate(records):
+            out = {k: rec[k] for k in OUTPUT_KEYS}
+            for k, v in rec.items():
+                if k not in out and k != "source_line":
+                    out[k] = v
+            fh.write((",\n" if i else "") + dumps(out))
+        fh.write("\n]}\n")
 
 
 def load_test_set(path: Path, max_chars: int) -> list[dict]:

@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.utils.email_notifier import TrainingEmailNotifier, load_email_config, resolve_email_config
+from src.utils.common import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 NOTIFY_FROM_SCRIPT_ENV = "THETA_NOTIFY_FROM_SCRIPT"
 ERROR_LINES = 30
 

@@ -1965,7 +1965,7 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                 m = validate()
                 if is_main:
                     tm.save(out / "theta_best")
-            state.best_val_loss, state.best_epoch = m["loss"], state.epoch
+            state.best_val_loss, state.best_epoch = m["loss"], state.epoch + 1  # the epoch it stopped in
             summary.update(best_epoch=state.best_epoch, best_val_loss=state.best_val_loss)
         if is_main:
             tmp = out / ".theta_final.tmp"

@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,24 +30,33 @@ def new_run_id(now: float | None = None) -> str:
     return time.strftime("theta_enhanced_%Y%m%d_%H%M%S", time.localtime(now))
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync, then ``os.replace``.
+@contextmanager
+def atomic_open(path: str | Path):
+    """A text file handle whose content replaces ``path`` only once the ``with`` block succeeds.
 
-    A crash at any point leaves either the old file or the new one, never half of one.
+    Written to a temporary file in the same folder, flushed and fsynced, then ``os.replace``d: a crash at any
+    point leaves either the old file or the new one, never half of one. Streams large outputs without holding
+    them in memory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:

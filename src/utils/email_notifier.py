@@ -53,10 +53,10 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.utils import gpu_info
+from src.utils.common import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUBJECT_PREFIX = "[Theta]"
 LOG_TAIL_LINES = 40
 
