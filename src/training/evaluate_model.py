@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from src.data_processing.prepare_data_for_training import question_key
 from src.model.theta_model import ThetaModel, split_prompt
-from src.training.train_enhanced import EpochSampler, TokenizedDataset, collate, evaluate
+from src.training.train_enhanced import TokenizedDataset, TrainingSampler, collate, evaluate
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int,
     ds = TokenizedDataset(records, tm.tokenizer, max_length)
     if len(ds) == 0:
         raise UserError("no test record leaves room for an answer token within --max_length; raise --max_length")
-    sampler = EpochSampler(len(ds), batch_size, seed=0, shuffle=False)
+    sampler = TrainingSampler(len(ds), batch_size, seed=0, shuffle=False)
     batches = [collate([ds[i] for i in b], tm.tokenizer.pad_token_id) for b in sampler.batches()]
     m = evaluate(tm.model, batches, tm.device, nullcontext(), ds.domain_names)
     m.update(evaluated_records=len(ds), truncated=ds.truncated, skipped=ds.skipped)

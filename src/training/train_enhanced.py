@@ -92,7 +92,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: tokenised records, dynamic padding, the epoch sampler
+# Data: tokenised records, dynamic padding
 # ---------------------------------------------------------------------------------------------------------------
 
 class TokenizedDataset(Dataset):
@@ -159,38 +159,6 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "index": torch.tensor([ex.get("index", -1) for ex in batch]),
             "quality": torch.tensor([ex.get("quality", 1.0) for ex in batch], dtype=torch.float32),
             "has_code": torch.tensor([ex.get("has_code", False) for ex in batch])}
-
-
-class EpochSampler:
-    """A seeded permutation per epoch (seed + epoch), sharded by rank, resumable at a batch position.
-
-    The order depends only on ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.rank, self.world = rank, world
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def batches(self) -> list[list[int]]:
-        """All batches of the current epoch for this rank (each rank gets the same number)."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        per_rank = self.n // self.world if self.world > 1 else self.n
-        order = order[self.rank:per_rank * self.world:self.world] if self.world > 1 else order
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
 
 
 def load_prepared_records(path: Path) -> list[dict]:
@@ -1651,8 +1619,8 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
             ex["domain"], ex["index"] = remap[ex["domain"]], i
     collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
     sampler, tracker = build_train_sampler(args, train_ds, domain_names, rank, world)
-    val_sampler = EpochSampler(len(val_ds), args.batch_size, args.seed, shuffle=False, rank=rank, world=world)
-    val_batches = [collate_fn([val_ds[i] for i in b]) for b in val_sampler.batches()]
+    val_sampler = TrainingSampler(len(val_ds), args.batch_size, args.seed, rank, world, shuffle=False)
+    val_batches = [collate_fn([val_ds[i] for i in b]) for b in val_sampler.batches(0)]
     accum = args.gradient_accumulation_steps
     steps_in_epoch = [math.ceil(sampler.num_batches(e) / accum) for e in range(args.epochs)]
     total_steps = sum(steps_in_epoch)
