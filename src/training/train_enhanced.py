@@ -2029,6 +2029,9 @@ def main(argv: list[str] | None = None) -> int:
     notifier = _create_notifier(args) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         summary = train(args, notifier)
+    except Exception as err:  # a failed run still sends its failure email (the scripts send their own too)
+        SafeNotifier(notifier)("training_failed", f"{type(err).__name__}: {err}")
+        raise
     finally:
         close = getattr(notifier, "close", None)
         if callable(close):
