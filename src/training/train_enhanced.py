@@ -1493,7 +1493,8 @@ class LossSetup:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, setup: LossSetup, device: torch.device,
-                         autocast_ctx, world: int = 1, scaler=None, no_sync=None) -> dict[str, Any]:
+                         autocast_ctx, world: int = 1, scaler=None, no_sync=None,
+                         per_record: bool = False) -> dict[str, Any]:
     """Forward and backward over the micro-batches of one optimizer step.
 
     Each micro-batch contributes ``sum(weighted token losses) / norm`` (x ``world``, as DDP averages gradients
@@ -1501,8 +1502,8 @@ def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, s
     is that of the mean over all target tokens of the step, however they are split into micro-batches. The
     contrastive term is a per-batch mean, added once per step (1/n of it per micro-batch).
 
-    Returns summed token loss, summed KL (R-Drop), summed contrastive loss, and per-record (index, mean loss)
-    pairs as tensors (no host sync here).
+    Returns summed token loss, summed KL (R-Drop), summed contrastive loss, and, with ``per_record`` (the
+    dynamic curriculum needs them), per-record (index, mean loss) pairs; all tensors, no host sync here.
     """
     step_loss = torch.zeros((), device=device)
     kl_sum = torch.zeros((), device=device)
@@ -1533,7 +1534,8 @@ def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, s
                     cl_sum += cl.detach()
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += weighted.detach().sum()
-        records.append((batch["index"], tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)))
+        if per_record:
+            records.append((batch["index"], tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)))
     return {"loss": step_loss, "kl": kl_sum, "contrastive": cl_sum, "records": records}
 
 
@@ -1788,7 +1790,8 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                         micro = [m for b in window for m in _split_batch(b, state.micro_split)]
                         result = accumulate_gradients(ddp_model, micro, n_targets, setup, device, precision.autocast,
                                                       world, precision.scaler,
-                                                      ddp_model.no_sync if world > 1 else None)
+                                                      ddp_model.no_sync if world > 1 else None,
+                                                      per_record=tracker is not None)
                         break
                     except torch.cuda.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
@@ -1845,8 +1848,10 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
                 if finite:
                     state.epoch_loss_sum += float(step_loss)
                     state.epoch_tokens += int(round(step_targets))
-                    state.epoch_kl_sum += float(result["kl"])
-                    state.epoch_contrastive_sum += float(result["contrastive"])
+                    if setup.rdrop_alpha is not None:  # host syncs only for the techniques that are on
+                        state.epoch_kl_sum += float(result["kl"])
+                    if contrastive is not None:
+                        state.epoch_contrastive_sum += float(result["contrastive"])
                     state.epoch_steps += 1
                 tokens_since_log += sum(int(b["attention_mask"].sum()) for b in window)
                 if is_main:
