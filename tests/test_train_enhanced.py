@@ -59,7 +59,7 @@ def test_loss_is_shifted_masked_cross_entropy_by_hand():
             log_probs = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)  # position t predicts token t + 1
             total -= float(log_probs[target])
             count += 1
-    assert int(mask.sum()) == count == te.count_target_tokens(labels)
+    assert int(mask.sum()) == count == te.LossSetup().normaliser([{"input_ids": labels, "labels": labels}])
     assert float(loss.sum()) / int(mask.sum()) == pytest.approx(total / count, rel=1e-6)
     assert float(loss[~mask].abs().sum()) == 0.0
 
@@ -95,8 +95,6 @@ def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(tiny_model_no_
     tm = ThetaModel.load(tiny_model_no_dropout, device="cpu")
     recs = [tiny_records[0], tiny_records[1], tiny_records[17], tiny_records[30]]  # different lengths
     ds = te.TokenizedDataset(recs, tm.tokenizer, max_length=96)
-    for i, ex in enumerate(ds.examples):
-        ex["index"] = i
     pad = tm.tokenizer.pad_token_id
     setup = te.LossSetup()
     cpu = torch.device("cpu")

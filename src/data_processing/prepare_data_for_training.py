@@ -46,7 +46,7 @@ from src.data_processing.json_stream import iter_file_items
 from src.data_processing.near_duplicates import find_near_duplicates
 from src.data_processing.text_quality import CODE_FENCE, difficulty, normalise_text, quality_score
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_open, atomic_write_json, read_json, run_entry_point,
-                              setup_logging)
+                              setup_logging, stable_hash)
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def apply_curriculum_ordering(records: list[dict]) -> list[dict]:
 
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by ``key``: adding records never moves the others across a split."""
-    return int(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12], 16) / 16 ** 12
+    return stable_hash(key) / 16 ** 12
 
 
 def split_records(records: list[dict], validation_fraction: float, seed: int) -> None:

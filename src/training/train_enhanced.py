@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from src.model.theta_model import ThetaModel, check_model_folder, split_prompt
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, new_run_id, read_json,
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, new_run_id, read_json, stable_hash,
                               run_entry_point, setup_logging)
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,16 @@ class TokenizedDataset(Dataset):
     ``labels`` are -100 on the prompt when ``loss_on == "answer"`` (the default), so the loss covers the answer
     and the end-of-text token only. Records longer than ``max_length`` are cut at the end and counted in
     ``truncated``; a record whose prompt alone leaves no answer token is skipped and counted in ``skipped``.
+    Each example carries its ``index`` in the dataset and the index of its domain in ``domain_names`` (pass
+    the same list to several datasets to share one domain index space, as training and validation do).
     """
 
-    def __init__(self, records: list[dict], tokenizer, max_length: int, loss_on: str = "answer"):
+    def __init__(self, records: list[dict], tokenizer, max_length: int, loss_on: str = "answer",
+                 domain_names: list[str] | None = None):
         self.examples: list[dict] = []
         self.truncated = self.skipped = 0
-        domains = sorted({r.get("domain", "unknown") for r in records})
-        self.domain_names = domains
-        domain_index = {d: i for i, d in enumerate(domains)}
+        self.domain_names = domain_names or sorted({r.get("domain", "unknown") for r in records})
+        domain_index = {d: i for i, d in enumerate(self.domain_names)}
         eos = tokenizer.eos_token_id
         # One batched call per side: the Rust tokenizer encodes the whole list in parallel (per-record calls
         # dominated start-up on large data sets).
@@ -126,6 +128,7 @@ class TokenizedDataset(Dataset):
                 self.skipped += 1
                 continue
             self.examples.append({"input_ids": ids, "labels": labels, "id": str(rec.get("id", "")),
+                                  "index": len(self.examples),
                                   "domain": domain_index[rec.get("domain", "unknown")],
                                   "question": rec["question"], "answer": rec["answer"],
                                   "difficulty": int(rec.get("difficulty", 1)),
@@ -193,10 +196,6 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
     return loss, mask
-
-
-def count_target_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,7 +579,7 @@ class CurriculumSampler:
 
     def __init__(self, difficulties: list[int], ids: list[str], start_fraction: float, epochs: int,
                  full_at: float = 0.5, pacing: str = "linear"):
-        self.order = sorted(range(len(difficulties)), key=lambda i: (difficulties[i], _stable_hash(ids[i])))
+        self.order = sorted(range(len(difficulties)), key=lambda i: (difficulties[i], stable_hash(ids[i])))
         self.start_fraction, self.epochs, self.full_at, self.pacing = start_fraction, epochs, full_at, pacing
 
     def fraction(self, epoch: int) -> float:
@@ -789,11 +788,6 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
                 chunk[u][j] = idx
     perm = torch.randperm(len(units), generator=generator).tolist()
     return [idx for p in perm for idx in units[p]]
-
-
-def _stable_hash(text: str) -> int:
-    import hashlib
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1613,12 +1607,8 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
         model.config.use_cache = False
     precision = resolve_precision(args.precision, device)
     domain_names = sorted({r.get("domain", "unknown") for r in records})
-    train_ds = TokenizedDataset(train_recs, tokenizer, args.max_length, args.loss_on)
-    val_ds = TokenizedDataset(val_recs, tokenizer, args.max_length, args.loss_on)
-    for ds in (train_ds, val_ds):  # one domain index space for both splits
-        remap = {i: domain_names.index(n) for i, n in enumerate(ds.domain_names)}
-        for i, ex in enumerate(ds.examples):
-            ex["domain"], ex["index"] = remap[ex["domain"]], i
+    train_ds = TokenizedDataset(train_recs, tokenizer, args.max_length, args.loss_on, domain_names)
+    val_ds = TokenizedDataset(val_recs, tokenizer, args.max_length, args.loss_on, domain_names)
     collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
     sampler, tracker = build_train_sampler(args, train_ds, domain_names, rank, world)
     val_sampler = TrainingSampler(len(val_ds), args.batch_size, args.seed, rank, world, shuffle=False)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,12 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """A mistake the user can fix (a flag, a file, a record). Entry points print the message, never a traceback."""
+
+
+def stable_hash(text: str) -> int:
+    """A 48-bit number fixed by ``text`` (SHA-256), the same in every process and on every machine (unlike
+    ``hash()``): splits and curriculum tie-breaks key on it, so adding records never moves the others."""
+    return int(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12], 16)
 
 
 def new_run_id(now: float | None = None) -> str:

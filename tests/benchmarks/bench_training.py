@@ -30,7 +30,6 @@ import functools
 import gc
 import io
 import json
-import math
 import os
 import platform
 import random
