@@ -22,6 +22,7 @@ import re
 from collections import defaultdict
 
 from src.data_processing.text_quality import CODE_FENCE, CONTENT_WORD, STOPWORDS
+from src.utils.data_contract import question_key
 
 _Q = r"(?P<x>[^?\n]{2,120}?)"
 REPHRASE = [
@@ -52,11 +53,6 @@ def _simple_question(q: str) -> bool:
 
 def _lower_first(s: str) -> str:
     return s[0].lower() + s[1:] if s[:1].isupper() and not s[1:2].isupper() else s
-
-
-def question_key(question: str) -> str:
-    """Question text reduced to lower-case letters and digits: two questions with one key are the same."""
-    return " ".join(re.findall(r"[a-z0-9]+", question.lower()))
 
 
 def rephrasings(question: str) -> list[str]:

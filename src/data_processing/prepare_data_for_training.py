@@ -41,16 +41,17 @@ from typing import Iterable, Iterator
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.data_processing.augmentation import Augmenter, question_key
+from src.data_processing.augmentation import Augmenter
 from src.data_processing.json_stream import iter_file_items
 from src.data_processing.near_duplicates import find_near_duplicates
 from src.data_processing.text_quality import CODE_FENCE, difficulty, normalise_text, quality_score
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_open, atomic_write_json, read_json, run_entry_point,
                               setup_logging, stable_hash)
+from src.utils.data_contract import PREPARED_FORMAT_VERSION, question_key  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = PREPARED_FORMAT_VERSION
 OUTPUT_NAMES = {"enhanced_training_data.json", "enhanced_data_stats.json"}
 SKIPPED_DIRS = {"knowledge", "knowledge_base"}  # the knowledge folder and the knowledge step's outputs
 DROP_EXAMPLES = 3  # first examples kept per drop reason in the stats
