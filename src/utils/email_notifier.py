@@ -8,12 +8,18 @@ are logged with their kind (dns, connection, timeout, tls, auth, rejected) and c
     python -m src.utils.email_notifier --test          # send a test email; says exactly what failed
     python -m src.utils.email_notifier --show-config   # the configuration in effect (password masked)
 
-    from src.utils.email_notifier import TrainingEmailNotifier, load_email_config
+    from src.utils.email_notifier import NullNotifier, TrainingEmailNotifier, load_email_config
     config = load_email_config()            # None when email is off (one log line says why)
-    notifier = TrainingEmailNotifier(config, run_name="theta_enhanced_20260101_230000")
-    notifier.start_training_notification(args)
-    notifier.epoch_update(1, {"train_loss": 2.1, "val_loss": 1.9, ...})
-    notifier.training_completed(summary); notifier.close()
+    notifier = TrainingEmailNotifier(config, run_name="theta_enhanced_20260101_230000") if config else NullNotifier()
+    notifier.start(args)
+    notifier.epoch(1, {"train_loss": 2.1, "val_loss": 1.9, ...})
+    notifier.completed(summary)             # or notifier.failed(error, step="train", log_file=log)
+    notifier.close()
+
+The interface is ``start``, ``epoch``, ``status``, ``completed``, ``failed``, ``close`` (plus ``update_metrics``).
+Every method returns at once and never raises: one guard (``_guarded``) catches and logs, one queue thread
+talks to the server. ``NullNotifier`` has the same methods doing nothing; neither has a catch-all, so a
+misspelt method name is an AttributeError.
 
 Configuration (environment, else ``.env`` in the project root; see ``.env.example`` and
 documentation/EMAIL_NOTIFICATIONS.md): EMAIL_ENABLED, EMAIL_SENDER, EMAIL_RECIPIENT (comma-separated),
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import functools
 import html
 import json
 import logging
@@ -415,6 +422,61 @@ class _Job:
 
 
 _STOP = object()
+
+
+def _guarded(method: Callable) -> Callable:
+    """The one guard: a notifier method that fails logs a warning (password redacted) and returns None.
+
+    Training calls the notifier directly; nothing it does may raise into the loop or wait on the network (the
+    network work happens on the queue thread, which has its own error handling in ``_handle``).
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            self.counts["failed"] += 1
+            logger.warning("email: %s failed: %s", method.__name__, self._redact(repr(err)))
+            return None
+    return wrapper
+
+
+class NullNotifier:
+    """The notifier when email is off: every method of the interface, each doing nothing.
+
+    It has no ``__getattr__``: a misspelt method name is an AttributeError here too, not a silent no-op.
+    """
+    lifecycle_emails = False
+
+    def start(self, args: Any = None) -> None:
+        """Nothing (email is off)."""
+
+    def epoch(self, epoch: int, entry: Mapping[str, Any]) -> None:
+        """Nothing (email is off)."""
+
+    def status(self) -> None:
+        """Nothing (email is off)."""
+
+    def update_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Nothing (email is off)."""
+
+    def completed(self, summary: Mapping[str, Any]) -> None:
+        """Nothing (email is off)."""
+
+    def failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
+        """Nothing (email is off)."""
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Nothing to wait for: True."""
+        return True
+
+    start_training_notification = start
+    epoch_update = epoch
+    gpu_status_update = status
+    training_completed = completed
+    training_failed = failed
+
+
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
 
 
@@ -456,8 +518,11 @@ class TrainingEmailNotifier:
         self._status_thread: threading.Thread | None = None
         atexit.register(self.close)
 
-    # --- the API the trainer and the scripts call --------------------------------------------------------------
-    def start_training_notification(self, args: Any = None) -> None:
+    # --- the API the trainer and the scripts call (CONTRACTS: start, epoch, status, completed, failed, close) --
+    # Each method snapshots its data, enqueues one job and returns; all of them go through _guarded, the one place
+    # that keeps a notifier error from reaching the training loop.
+    @_guarded
+    def start(self, args: Any = None) -> None:
         """Record the run settings, send the start email and start the periodic status thread."""
         info = vars(args) if hasattr(args, "__dict__") else dict(args or {})
         with self._lock:
@@ -468,9 +533,10 @@ class TrainingEmailNotifier:
             self._enqueue(_Job("start", self._build_start))
         self.start_status_thread()
 
-    def epoch_update(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+    @_guarded
+    def epoch(self, epoch: int, entry: Mapping[str, Any]) -> None:
         """One email per epoch: progress, ETA, losses, perplexity, accuracy, learning rate, domains, GPU, alerts."""
-        entry = json.loads(json.dumps(dict(metrics), default=str))  # a snapshot the training loop cannot mutate
+        entry = json.loads(json.dumps(dict(entry), default=str))  # a snapshot the training loop cannot mutate
         entry.setdefault("epoch", epoch)
         with self._lock:
             previous = list(self.history)
@@ -478,7 +544,8 @@ class TrainingEmailNotifier:
             extra = dict(self.metrics)
         self._enqueue(_Job("epoch", lambda: self._build_epoch(epoch, entry, previous, extra)))
 
-    def gpu_status_update(self) -> None:
+    @_guarded
+    def status(self) -> None:
         """A status email: latest figures, GPU table, CPU and RAM, alerts. The status thread calls it."""
         with self._lock:
             last = dict(self.history[-1]) if self.history else {}
@@ -486,23 +553,33 @@ class TrainingEmailNotifier:
             extra = dict(self.metrics)
         self._enqueue(_Job("status", lambda: self._build_status(last, history, extra)))
 
+    @_guarded
     def update_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Merge figures (EMA, curriculum, KL, difficult ratio, ...) shown in the next epoch and status emails."""
         with self._lock:
             self.metrics.update(json.loads(json.dumps(dict(metrics), default=str)))
 
-    def training_completed(self, summary: Mapping[str, Any]) -> None:
+    @_guarded
+    def completed(self, summary: Mapping[str, Any]) -> None:
         """The completion email, with the loss curve and the evaluation summary attached when they exist."""
         self.stop_status_thread()
         summary = json.loads(json.dumps(dict(summary), default=str))
         if self.lifecycle_emails:
             self._enqueue(_Job("completed", lambda: self._build_completed(summary), priority=True))
 
-    def training_failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
+    @_guarded
+    def failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
         """The failure email: the step, the error and the last lines of the log."""
         self.stop_status_thread()
         if self.lifecycle_emails:
             self._enqueue(_Job("failed", lambda: self._build_failed(str(error), step, log_file), priority=True))
+
+    # The names used before the one interface; kept so callers can move over, then removed.
+    start_training_notification = start
+    epoch_update = epoch
+    gpu_status_update = status
+    training_completed = completed
+    training_failed = failed
 
     def send_test_email(self) -> tuple[bool, str]:
         """Send one test email now, in this thread. ``(True, "")`` or ``(False, "<kind>: <error>. <hint>")``."""
@@ -527,7 +604,7 @@ class TrainingEmailNotifier:
 
         def loop():
             while not self._status_stop.wait(interval):
-                self.gpu_status_update()
+                self.status()
 
         self._status_thread = threading.Thread(target=loop, daemon=True, name="email-status")
         self._status_thread.start()
@@ -547,6 +624,7 @@ class TrainingEmailNotifier:
                 self._worker.start()
         self._queue.put(job)
 
+    @_guarded
     def close(self, timeout: float | None = None) -> bool:
         """Stop the status thread and wait at most ``timeout`` (default ``shutdown_wait_s``) seconds for queued
         emails. Returns True when everything queued was handled. Safe to call twice."""
