@@ -1,6 +1,6 @@
 """Small helpers every Theta script shares: user-facing errors, atomic writes, logging set-up, run ids.
 
-    from src.utils.common import UserError, atomic_write_json, setup_logging, run_entry_point
+    from src.utils.common import UserError, atomic_dir, atomic_write_json, setup_logging, run_entry_point
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +58,79 @@ def atomic_open(path: str | Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (folders only where the OS allows it: not on Windows)."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # old kernel or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def atomic_dir(path: str | Path, marker: str | None = None):
+    """A temporary folder next to ``path`` that replaces ``path`` only once the ``with`` block succeeds.
+
+    On success: every file is fsynced, the folder takes ``path``'s place, the parent folder is fsynced, then the
+    optional ``marker`` file (e.g. ``COMPLETE``) is written inside it. Where ``path`` already exists the two are
+    swapped in one atomic rename (Linux), so ``path`` is never absent, not even for a moment, and the old folder is
+    removed only afterwards; elsewhere the old folder is moved aside just before the new one is renamed in (a
+    window of one rename) and removed after. A failure inside the block removes the temporary folder and leaves
+    ``path`` as it was. Used for every folder a later step reads: model folders, checkpoints, theta_best/,
+    theta_final/. Writers of the same ``path`` must not run concurrently (under DDP only rank 0 writes).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                _fsync_path(Path(folder) / name)
+            _fsync_path(Path(folder))
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        elif path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(path.parent)
+    if marker is not None:
+        with open(path / marker, "w", encoding="utf-8") as fh:
+            fh.write("complete\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
