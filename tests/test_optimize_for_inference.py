@@ -1,5 +1,10 @@
 """optimize_for_inference.py: every block linear layer quantised, outputs close, the folder loads back, the
-perplexity gate refuses (and writes nothing), pruning hits its target, user errors exit 2."""
+perplexity gate refuses (and writes nothing), pruning hits its target, user errors exit 2; ``--quantize auto``
+keeps int8 only when its own measurements say it is faster and within the gate, and says why; fp16/bf16
+folders (the CUDA candidates) load back; src/model/ imports nothing from src/training/.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_optimize_for_inference.py -q
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import TINY_TEST_CONFIG, run_script
+from src.model import quantization as q
 from src.model.theta_model import QUANTIZED_MARKER, ThetaModel
 from src.training import optimize_for_inference as opt
 from src.utils.common import run_entry_point
@@ -27,7 +33,7 @@ def test_conv1d_to_linear_is_exact(tiny_model_dir):
     x = _ids(tm)
     with torch.no_grad():
         ref = tm.model.eval()(x).logits
-        assert opt.conv1d_to_linear(tm.model.transformer.h) == N_BLOCK_LAYERS
+        assert q.conv1d_to_linear(tm.model.transformer.h) == N_BLOCK_LAYERS
         assert not any(isinstance(m, Conv1D) for m in tm.model.modules())
         assert torch.allclose(tm.model(x).logits, ref, atol=1e-5)
 
@@ -37,10 +43,10 @@ def test_int8_quantises_every_block_linear_and_stays_close(tiny_model_dir):
     x = _ids(tm)
     with torch.no_grad():
         ref = tm.model.eval()(x).logits  # (1, T, V)
-        assert opt.quantize_blocks_int8(tm.model) == N_BLOCK_LAYERS
+        assert q.quantize_blocks_int8(tm.model) == N_BLOCK_LAYERS
         out = tm.model(x).logits
     blocks = list(tm.model.transformer.h.modules())
-    assert sum(opt._is_quantized_linear(m) for m in blocks) == N_BLOCK_LAYERS
+    assert sum(q.is_quantized_linear(m) for m in blocks) == N_BLOCK_LAYERS
     assert not any(type(m) in (nn.Linear, Conv1D) for m in blocks)  # nothing left in float
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.05, f"relative logit error {rel:.4f}"
@@ -58,7 +64,7 @@ def test_prune_reaches_target_sparsity(tiny_model_dir):
 
 def _args(model_dir, out, test_set, *extra):
     return ["--model_path", str(model_dir), "--output_path", str(out), "--test_data", str(test_set),
-            "--max_new_tokens", "4", "--repeats", "1", "--max_eval_records", "6", *extra]
+            "--max_new_tokens", "4", "--repeats", "1", "--max_eval_records", "6", "--device", "cpu", *extra]
 
 
 def test_int8_folder_round_trip_and_chat_loads_it(tmp_path, tiny_model_dir, prepared_data):
@@ -76,7 +82,7 @@ def test_int8_folder_round_trip_and_chat_loads_it(tmp_path, tiny_model_dir, prep
     assert not list(tmp_path.glob(".theta_inference.*"))  # no staging folder left
 
     loaded = ThetaModel.load(out, device="cpu")
-    assert sum(opt._is_quantized_linear(m) for m in loaded.model.modules()) == N_BLOCK_LAYERS
+    assert sum(q.is_quantized_linear(m) for m in loaded.model.modules()) == N_BLOCK_LAYERS
     original = ThetaModel.load(tiny_model_dir, device="cpu")
     x = _ids(original)
     with torch.no_grad():
@@ -98,7 +104,7 @@ def test_worse_perplexity_is_refused_unless_forced(tmp_path, tiny_model_dir, pre
     monkeypatch.setattr(opt, "measure_perplexity", fake_perplexity)
     out = tmp_path / "theta_inference"
     test_set = prepared_data.parent / "test_set.json"
-    args = _args(tiny_model_dir, out, test_set, "--max_perplexity_increase", "0.1")
+    args = _args(tiny_model_dir, out, test_set, "--max_perplexity_increase", "0.1", "--quantize", "none")
     assert run_entry_point(opt.main, args) == 2
     err = capsys.readouterr().err
     assert "error: perplexity got worse by 20.0%" in err and "--force" in err
@@ -114,6 +120,9 @@ def test_worse_perplexity_is_refused_unless_forced(tmp_path, tiny_model_dir, pre
     (["--quantize", "int8", "--dtype", "fp16"], "--quantize int8 needs --dtype fp32"),
     (["--prune_sparsity", "1.5"], "--prune_sparsity must be in [0, 1)"),
     (["--quantize", "int4"], "invalid choice: 'int4'"),
+    (["--dtype", "fp16"], "--quantize auto picks the dtype itself"),
+    (["--quantize", "int8", "--device", "cuda"], "--quantize int8 runs on the CPU only"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_flags_exit_2(tiny_model_dir, flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -125,3 +134,123 @@ def test_missing_model_is_a_clear_error(tmp_path):
     proc = run_script(["src/training/optimize_for_inference.py", "--model_path", str(tmp_path / "nope")])
     assert proc.returncode == 2 and proc.stderr.startswith("error: model folder not found")
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --quantize auto: measure, then keep int8 only when it pays
+# ---------------------------------------------------------------------------------------------------------------
+
+BASE = {"format": "fp32", "device": "cpu", "tokens_per_sec": 100.0, "perplexity": 20.0}
+
+
+@pytest.mark.parametrize("tps, ppl, kept, why", [
+    (150.0, 20.1, "int8", "faster and within the 5% perplexity gate"),   # x1.5, +0.5%
+    (103.0, 20.0, "fp32", "not faster by the x1.05 asked"),              # within noise
+    (150.0, 21.2, "fp32", "perplexity rose by more than 5%"),            # +6%
+])
+def test_choose_by_a_hand_table(tps, ppl, kept, why):
+    trial = {"format": "int8", "device": "cpu", "tokens_per_sec": tps, "perplexity": ppl}
+    chosen, reason, verdicts = opt.choose({"int8": trial}, BASE, 1.05, 0.05)
+    assert chosen == kept and why in reason
+    assert f"int8 {tps:.1f} vs fp32 100.0 tokens/s" in reason and "perplexity 20.000 -> " in reason  # both figures
+
+
+def test_choose_takes_the_fastest_passing_candidate():
+    trials = {"fp16": {"device": "cuda", "tokens_per_sec": 180.0, "perplexity": 20.0},
+              "bf16": {"device": "cuda", "tokens_per_sec": 200.0, "perplexity": 22.0}}  # faster, fails the gate
+    assert opt.choose(trials, BASE, 1.05, 0.05)[0] == "fp16"
+
+
+def test_auto_candidates_per_device():
+    assert opt.auto_candidates(torch.device("cpu")) == ["int8"]
+    assert opt.auto_candidates(torch.device("cuda"), bf16_supported=True) == ["fp16", "bf16"]
+    assert opt.auto_candidates(torch.device("cuda"), bf16_supported=False) == ["fp16"]
+
+
+def _rerun_rule(m: dict) -> str:
+    """The choice recomputed from the metrics file's own numbers (not the module's code)."""
+    base_tps = m["generation"]["before"]["tokens_per_sec"]
+    base_ppl = m["perplexity"]["before"]["perplexity"]
+    best, best_tps = "fp32", None
+    for name, c in m["candidates"].items():
+        if name == "fp32":
+            continue
+        if c["tokens_per_sec"] >= m["rule"]["min_speedup"] * base_tps and \
+                c["perplexity"] <= base_ppl * (1 + m["rule"]["max_perplexity_increase"]):
+            if best_tps is None or c["tokens_per_sec"] > best_tps:
+                best, best_tps = name, c["tokens_per_sec"]
+    return best
+
+
+@pytest.mark.parametrize("int8_speed", ["measured", "slower", "faster"])
+def test_auto_on_the_cpu(tmp_path, tiny_model_dir, prepared_data, monkeypatch, capsys, int8_speed):
+    """auto: fp32 and int8 measured, the choice follows the rule on the file's own figures, and the folder
+    loads back as what it says it is. The speed is rigged both ways so both outcomes are exercised."""
+    real = opt.measure_generation
+    if int8_speed != "measured":
+        factor = 0.5 if int8_speed == "slower" else 3.0
+
+        def rigged(tm, *a):
+            out = real(tm, *a)
+            if any(q.is_quantized_linear(m) for m in tm.model.modules()):
+                out = {**out, "tokens_per_sec": out["tokens_per_sec"] * factor}
+            return out
+
+        monkeypatch.setattr(opt, "measure_generation", rigged)
+    out = tmp_path / "theta_inference"
+    assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "test_set.json")) == 0
+    m = json.loads((out / "optimization_metrics.json").read_text())
+    assert m["quantize"] == "auto" and set(m["candidates"]) == {"fp32", "int8"}
+    assert m["chosen"] == _rerun_rule(m)
+    if int8_speed != "measured":
+        assert m["chosen"] == ("int8" if int8_speed == "faster" else "fp32")
+    kept = m["chosen"]
+    assert m["candidates"][kept]["kept"] and not m["candidates"]["int8" if kept == "fp32" else "fp32"]["kept"]
+    int8 = m["candidates"]["int8"]
+    assert f"{int8['tokens_per_sec']:.1f} vs fp32 {m['generation']['before']['tokens_per_sec']:.1f}" in m["reason"] \
+        or kept == "int8"
+    logged = "".join(capsys.readouterr())
+    assert m["reason"] in logged and m["reason"].startswith(f"kept {kept}")
+    assert (out / QUANTIZED_MARKER).is_file() == (kept == "int8")
+    assert (out / "model.safetensors").is_file() == (kept == "fp32")
+    loaded = ThetaModel.load(out, device="cpu")
+    assert any(q.is_quantized_linear(x) for x in loaded.model.modules()) == (kept == "int8")
+    assert not list(tmp_path.glob(".theta_inference.*"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_folder_loads_as_fp32_on_the_cpu(tmp_path, tiny_model_dir, dtype):
+    """The CUDA candidates' folders: half the weight bytes, and ThetaModel.load computes them in fp32 on a CPU
+    with the same greedy answer as the original rounded to that dtype."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    original = ThetaModel.load(tiny_model_dir, device="cpu")
+    layers = opt.write_format(original, name, tmp_path / name, {})
+    assert layers == 0 and next(original.model.parameters()).dtype == torch.float32  # the original untouched
+    saved = json.loads((tmp_path / name / "config.json").read_text())
+    assert saved["dtype"] == str(dtype).replace("torch.", "")
+    weights = (tmp_path / name / "model.safetensors").stat().st_size
+    assert weights < 0.6 * (tiny_model_dir / "model.safetensors").stat().st_size
+    loaded = ThetaModel.load(tmp_path / name, device="cpu")
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    x = _ids(original)
+    with torch.no_grad():
+        rounded = original.model.to(dtype).float().eval()(x).logits  # oracle: round the weights by hand
+        got = loaded.model.eval()(x).logits
+    assert torch.allclose(got, rounded, atol=1e-4)
+
+
+def test_model_layer_imports_nothing_from_training():
+    """Issue 12, item 5: src/model/ is below src/training/ (quantised loading lives in src/model/quantization.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import src.model.theta_model, src.model.quantization; "
+            "print(sorted(m for m in sys.modules if m.startswith('src.training')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(__import__("conftest").PROJECT_ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    from pathlib import Path
+
+    for path in (Path(__import__("conftest").PROJECT_ROOT) / "src" / "model").glob("*.py"):
+        assert "src.training" not in path.read_text(encoding="utf-8"), path

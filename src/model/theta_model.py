@@ -260,12 +260,13 @@ class ThetaModel:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ThetaModel":
         """Load a folder written by :meth:`save` (or any GPT-2 ``save_pretrained`` folder)."""
+        from src.model.quantization import fit_dtype_to_device, placement  # inference folders (int8, fp16, bf16)
+
         path = Path(path)
         check_model_folder(path)
-        if (path / QUANTIZED_MARKER).is_file() and resolve_device(device).type != "cpu":
-            logger.warning("%s is int8-quantised, which runs on the CPU only: loading it on the CPU", path)
-            device = "cpu"
-        return cls(str(path), device=device)
+        tm = cls(str(path), device=placement(path, resolve_device(device)))
+        fit_dtype_to_device(tm.model, tm.device)
+        return tm
 
     # --- loading -------------------------------------------------------------------------------------------
     @staticmethod
@@ -281,7 +282,7 @@ class ThetaModel:
     @staticmethod
     def _load(source: Path | str):
         if isinstance(source, Path) and (source / QUANTIZED_MARKER).is_file():
-            from src.training.optimize_for_inference import load_quantized_model  # torch.ao only when needed
+            from src.model.quantization import load_quantized_model  # torch.ao only when needed
 
             return load_quantized_model(source), GPT2TokenizerFast.from_pretrained(source)
         if isinstance(source, Path):
@@ -469,10 +470,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _answer(tm: ThetaModel, question: str, args: argparse.Namespace) -> str:
-    out = tm.generate_with_stats(question, args.max_length, args.temperature, args.top_p, args.top_k,
-                                 args.repetition_penalty, args.seed)
+def _answer(tm: ThetaModel, question: str, args: argparse.Namespace, context: str | None = None) -> dict:
+    return tm.generate_with_stats(question, args.max_length, args.temperature, args.top_p, args.top_k,
+                                  args.repetition_penalty, args.seed, context=context)
+
+
+def _shown(out: dict) -> str:
     return f"{out['text']}\n[{out['new_tokens']} tokens, {out['tokens_per_sec']:.1f} tokens/s]"
+
+
+class Conversation:
+    """The chat's memory: earlier turns go to the model as the prompt's ``Context:`` part (see split_prompt).
+
+    Each turn is written as the prompt format writes a question plus the answer given, without the end-of-text
+    token (that token would tell the model the text ends there). The prompt must leave ``reserve`` tokens of the
+    model's context length for the next answer, so the oldest turns are dropped first until it fits; a question
+    too long even alone is the generator's error, as without memory. Cost: one tokenisation per kept turn and
+    question.
+    """
+
+    def __init__(self, tm: ThetaModel, reserve: int):
+        self.tokenizer = tm.tokenizer
+        self.limit = tm.model.config.n_positions - reserve
+        self.turns: list[str] = []
+
+    def add(self, question: str, answer: str) -> None:
+        self.turns.append(f"{format_prompt(question)} {answer.strip()}")
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def context_for(self, question: str) -> str | None:
+        """The most recent turns that fit with ``question`` (None when there are none); drops the rest for good."""
+        while self.turns:
+            context = "\n".join(self.turns)
+            if len(self.tokenizer(split_prompt(question, context=context)[0])["input_ids"]) <= self.limit:
+                return context
+            self.turns.pop(0)
+        return None
+
+
+def chat(tm: ThetaModel, args: argparse.Namespace, read=input) -> int:
+    """The interactive loop: each answer sees the conversation so far (bounded, oldest first out); ``/reset``
+    forgets it."""
+    n_positions = tm.model.config.n_positions
+    memory = Conversation(tm, reserve=min(args.max_length, n_positions // 2))
+    print("Theta chat: type a question; /reset forgets the conversation; 'exit', Ctrl-D or Ctrl-C to leave.")
+    while True:
+        try:
+            question = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if question.lower() in ("exit", "quit", "/exit", "/quit"):
+            return 0
+        if question.lower() == "/reset":
+            memory.reset()
+            print("(conversation cleared)")
+            continue
+        if not question:
+            continue
+        try:
+            out = _answer(tm, question, args, context=memory.context_for(question))
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+            continue
+        except ThetaModelError as err:  # e.g. a question longer than the model reads: say so, keep chatting
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        memory.add(question, out["text"])
+        print("theta> " + _shown(out))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,22 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         tm = ThetaModel.load(args.model_path, args.device) if Path(args.model_path).exists() \
             else ThetaModel(args.model_path, args.device)
         if args.command == "generate":
-            print(_answer(tm, args.prompt, args))
+            print(_shown(_answer(tm, args.prompt, args)))
             return 0
-        print("Theta chat: type a question; 'exit', Ctrl-D or Ctrl-C to leave.")
-        while True:
-            try:
-                question = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
-            if question.lower() in ("exit", "quit"):
-                return 0
-            if question:
-                try:
-                    print("theta> " + _answer(tm, question, args))
-                except KeyboardInterrupt:
-                    print("\n(interrupted)")
+        return chat(tm, args)
     except ThetaModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,116 +1,65 @@
-"""Optimise a trained model for inference, measure what it changed, and refuse a change that hurt the model.
+"""Optimise a trained model for inference, measure what it changed, and keep a change only when it pays.
 
-Three optional steps, in this order: magnitude pruning of the block weights (``--prune_sparsity``), a weight
-dtype (``--dtype``), and int8 dynamic quantisation of every linear layer of the transformer blocks
-(``--quantize int8``). GPT-2's block layers are ``transformers`` ``Conv1D`` modules (a linear layer with the weight
-stored transposed) that torch's quantiser does not recognise, so they are converted to ``nn.Linear`` first;
-otherwise only the LM head would be quantised.
+``--quantize auto`` (the default, what the overnight scripts run) tries the weight formats that can be faster on
+the device the model will run on (``--device``, default: CUDA when present, else the CPU), measures each one
+against the fp32 original on that same device, and keeps the fastest that is at least ``--min_speedup`` times
+as fast *and* within the perplexity gate (``--max_perplexity_increase``); when none is, it keeps fp32. The
+candidates:
+- on the CPU: int8 dynamic quantisation of every linear layer of the transformer blocks (GPT-2's ``Conv1D``
+  layers are converted to ``nn.Linear`` first: torch's quantiser does not see them otherwise);
+- on CUDA: fp16 and (where the GPU supports it) bf16 weights, half the size on disk.
+The choice and why (both measurements of every candidate) go to the log and to ``optimization_metrics.json``.
 
-The result goes to ``theta_inference/`` next to the model: a normal Hugging Face folder, or for int8 the config,
-tokenizer and ``quantized_model.pt`` plus the marker ``theta_quantization.json``, which ``ThetaModel.load`` (and
-so the chat command) recognises and rebuilds. ``optimization_metrics.json`` in it holds the size on disk,
-generation latency and tokens per second before and after (same prompts, same settings) and test-set
-perplexity before and after. A perplexity that got worse by more than ``--max_perplexity_increase`` is refused
-(exit 2, nothing written) unless ``--force``.
+``--quantize int8`` or ``--quantize none`` with ``--dtype``/``--prune_sparsity`` apply exactly what is asked;
+a result whose perplexity rose by more than ``--max_perplexity_increase`` is refused (exit 2, nothing written)
+unless ``--force``. Magnitude pruning (``--prune_sparsity``) comes first and also applies under auto.
+
+The result goes to ``theta_inference/`` next to the model: a normal Hugging Face folder (fp32/fp16/bf16), or
+for int8 the config, tokenizer and ``quantized_model.pt`` plus the marker ``theta_quantization.json`` (formats in
+src/model/quantization.py). ``ThetaModel.load``, and so the chat command, loads every one of them.
+``optimization_metrics.json`` in it holds the size on disk, generation latency and tokens per second, and
+test-set perplexity, before and after (same prompts, same settings), plus every candidate measured.
 
     python src/training/optimize_for_inference.py --model_path models/<run>/theta_final
+    python -m src.training.optimize_for_inference --model_path models/<run>/theta_final --device cpu
     python -m src.training.optimize_for_inference --model_path models/<run>/theta_final --quantize int8
-    python -m src.training.optimize_for_inference --model_path models/<run>/theta_final --dtype fp16 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
 import statistics
 import sys
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from src.model.theta_model import (QUANTIZED_MARKER, QUANTIZED_WEIGHTS, ThetaModel, check_model_folder,
-                                   split_prompt)
+from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
+from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
 BENCH_PROMPTS = ["What is a firewall?", "How do I reverse a list in Python?", "What does DNS do?"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANTIZATION_FORMAT = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model surgery: Conv1D -> Linear, int8 dynamic quantisation, magnitude pruning
+# Magnitude pruning (int8 surgery: src/model/quantization.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-def conv1d_to_linear(module: nn.Module) -> int:
-    """Replace every ``Conv1D`` under ``module`` by an equal ``nn.Linear`` (in place); returns how many.
-
-    ``Conv1D`` computes ``x @ W + b`` with W of shape (in, out); ``nn.Linear`` stores (out, in), hence the
-    transpose. The outputs are identical.
-    """
-    count = 0
-    for name, child in module.named_children():
-        if isinstance(child, Conv1D):
-            n_in, n_out = child.weight.shape
-            linear = nn.Linear(n_in, n_out, device=child.weight.device, dtype=child.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(child.weight.t())
-                linear.bias.copy_(child.bias)
-            setattr(module, name, linear)
-            count += 1
-        else:
-            count += conv1d_to_linear(child)
-    return count
-
-
-@contextmanager
-def _quiet_quantization_warnings():
-    """torch 2.13 marks torch.ao.quantization deprecated (its successor, torchao, is another package); the eager
-    dynamic quantiser still works and is what the issue asks for, so its deprecation notices are not repeated
-    on every run and every load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
-        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
-        yield
-
-
-def quantize_blocks_int8(model: GPT2LMHeadModel) -> int:
-    """int8 dynamic quantisation of every linear layer of the transformer blocks (in place); returns how many.
-
-    Dynamic quantisation stores weights as int8 with one scale per tensor and quantises activations on the fly,
-    per batch: no calibration data, CPU only (fbgemm/onednn kernels). Embeddings, layer norms and the LM head
-    (tied to the token embeddings) stay fp32: quantising the head would untie it and it is the most
-    precision-sensitive layer.
-    """
-    from torch.ao.quantization import quantize_dynamic
-
-    model.eval()
-    conv1d_to_linear(model.transformer.h)
-    with _quiet_quantization_warnings():
-        model.transformer.h = quantize_dynamic(model.transformer.h, {nn.Linear}, dtype=torch.qint8)
-    return sum(1 for m in model.transformer.h.modules() if _is_quantized_linear(m))
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-    return isinstance(module, DynamicQuantizedLinear)
-
 
 def block_linear_layers(model: GPT2LMHeadModel) -> list[tuple[str, nn.Module]]:
     """The weight layers of the blocks: Conv1D or nn.Linear (attention qkv/out, MLP in/out: 4 per block)."""
@@ -133,32 +82,6 @@ def prune_blocks(model: GPT2LMHeadModel, sparsity: float) -> float:
         zeros += int((layer.weight == 0).sum())
         total += layer.weight.numel()
     return zeros / max(total, 1)
-
-
-def save_quantized(tm: ThetaModel, path: Path, meta: dict) -> Path:
-    """An int8 folder: config, generation config, tokenizer, the quantised state dict and the marker file."""
-    path.mkdir(parents=True, exist_ok=True)
-    tm.model.config.save_pretrained(path)
-    tm.model.generation_config.save_pretrained(path)
-    tm.tokenizer.save_pretrained(path)
-    with _quiet_quantization_warnings():
-        torch.save(tm.model.state_dict(), path / QUANTIZED_WEIGHTS)
-    atomic_write_json(path / QUANTIZED_MARKER, {"format": QUANTIZATION_FORMAT, **meta})
-    return path
-
-
-def load_quantized_model(path: Path) -> GPT2LMHeadModel:
-    """Rebuild a folder written by :func:`save_quantized`: the same architecture, quantised the same way, then
-    the saved int8 weights. Used by ``ThetaModel.load``."""
-    config = GPT2Config.from_pretrained(path)
-    model = GPT2LMHeadModel(config)  # random init, overwritten below
-    quantize_blocks_int8(model)
-    with _quiet_quantization_warnings():
-        state = torch.load(path / QUANTIZED_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,12 +132,85 @@ def measure_perplexity(tm: ThetaModel, records: list[dict], batch_size: int, max
             "answer_tokens": m["tokens"]}
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates and the choice
+# ---------------------------------------------------------------------------------------------------------------
+
+def auto_candidates(device: torch.device, bf16_supported: bool | None = None) -> list[str]:
+    """The formats ``--quantize auto`` tries for ``device``, besides fp32: int8 on the CPU (its kernels are CPU
+    only), fp16 and bf16 on CUDA (bf16 only where the GPU has it; Ampere and later)."""
+    if device.type == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return ["fp16", "bf16"] if bf16_supported else ["fp16"]
+    if device.type == "cpu":
+        return ["int8"]
+    return []
+
+
+def judge(name: str, trial: dict, base: dict, min_speedup: float, max_increase: float) -> tuple[bool, str]:
+    """Whether a measured candidate is worth keeping over fp32, and a sentence with both measurements."""
+    speedup = trial["tokens_per_sec"] / base["tokens_per_sec"] if base["tokens_per_sec"] else 0.0
+    change = trial["perplexity"] / base["perplexity"] - 1
+    figures = (f"{name} {trial['tokens_per_sec']:.1f} vs fp32 {base['tokens_per_sec']:.1f} tokens/s on "
+               f"{trial['device']} (x{speedup:.2f}), perplexity {base['perplexity']:.3f} -> "
+               f"{trial['perplexity']:.3f} ({100 * change:+.2f}%)")
+    if change > max_increase:
+        return False, f"{figures}: perplexity rose by more than {100 * max_increase:g}%"
+    if speedup < min_speedup:
+        return False, f"{figures}: not faster by the x{min_speedup:.2f} asked"
+    return True, f"{figures}: faster and within the {100 * max_increase:g}% perplexity gate"
+
+
+def choose(trials: dict[str, dict], base: dict, min_speedup: float, max_increase: float) -> tuple[str, str, dict]:
+    """``(chosen format, reason, {format: (kept?, why)})``: the fastest candidate that passes, else fp32."""
+    verdicts = {name: judge(name, t, base, min_speedup, max_increase) for name, t in trials.items()}
+    passing = [name for name, (ok, _) in verdicts.items() if ok]
+    if passing:
+        best = max(passing, key=lambda n: trials[n]["tokens_per_sec"])
+        return best, f"kept {best}: {verdicts[best][1]}", verdicts
+    if not trials:
+        return "fp32", "kept fp32: no faster format to try on this device", verdicts
+    return "fp32", "kept fp32: " + "; ".join(why for _, why in verdicts.values()), verdicts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The optimisation
 # ---------------------------------------------------------------------------------------------------------------
 
+def write_format(tm: ThetaModel, fmt: str, folder: Path, meta: dict) -> int:
+    """Write ``tm`` (left unchanged) to ``folder`` in format ``fmt``; returns the number of int8 layers."""
+    model = copy.deepcopy(tm.model)
+    if fmt == "int8":
+        model.to("cpu")
+        layers = quantize_blocks_int8(model)
+        model.config.use_cache = True
+        save_quantized(SimpleNamespace(model=model, tokenizer=tm.tokenizer), folder,
+                       {**meta, "method": "dynamic_int8", "layers": layers,
+                        "scope": "every nn.Linear of transformer.h (Conv1D converted)", "torch": torch.__version__})
+        return layers
+    model.to(DTYPES[fmt])
+    model.config.use_cache = True
+    ThetaModel.from_parts(model, tm.tokenizer, device=model.device).save(folder)
+    return 0
+
+
+def measure(tm: ThetaModel, records: list[dict], args: argparse.Namespace) -> dict:
+    """Test-set perplexity and generation speed of one model, as the metrics file records them."""
+    return {"perplexity": measure_perplexity(tm, records, args.batch_size, args.max_length),
+            "generation": measure_generation(tm, BENCH_PROMPTS, args.max_new_tokens, args.repeats)}
+
+
+def _summary(name: str, m: dict, device: torch.device, size: int | None) -> dict:
+    return {"format": name, "device": str(device), "tokens_per_sec": m["generation"]["tokens_per_sec"],
+            "perplexity": m["perplexity"]["perplexity"], "size_bytes": size}
+
+
 def optimize(args: argparse.Namespace) -> dict:
-    """Optimise, measure, check, then move the new folder into place; returns the metrics (also in the folder)."""
+    """Optimise, measure, choose (auto) or check (explicit), then move the new folder into place; returns the
+    metrics (also written into the folder)."""
     from src.training.evaluate_model import load_test_records
 
     model_path = Path(args.model_path)
@@ -228,75 +224,111 @@ def optimize(args: argparse.Namespace) -> dict:
     records = load_test_records(Path(args.test_data))
     if args.max_eval_records:
         records = records[:args.max_eval_records]
+    device = resolve_device(args.device)
 
-    before = ThetaModel.load(model_path, device=args.device)
-    logger.info("measuring the original: %d test records, %d prompts x %d repeats x %d tokens", len(records),
-                len(BENCH_PROMPTS), args.repeats, args.max_new_tokens)
-    ppl_before = measure_perplexity(before, records, args.batch_size, args.max_length)
-    gen_before = measure_generation(before, BENCH_PROMPTS, args.max_new_tokens, args.repeats)
-
-    # --- change the model (the loaded copy; the original folder is untouched) ------------------------------------
-    model = before.model
-    achieved_sparsity = prune_blocks(model, args.prune_sparsity) if args.prune_sparsity > 0 else 0.0
-    if args.dtype != "fp32":
-        if before.device.type == "cpu":
-            logger.warning("%s on CPU: half the size on disk, but CPUs without %s units compute it far more "
-                           "slowly than fp32", args.dtype, args.dtype)
-        model.to(DTYPES[args.dtype])
-    quantized_layers = quantize_blocks_int8(model) if args.quantize == "int8" else 0
-    model.config.use_cache = True
+    original = ThetaModel.load(model_path, device=device)
+    logger.info("measuring the original (fp32 on %s): %d test records, %d prompts x %d repeats x %d tokens", device,
+                len(records), len(BENCH_PROMPTS), args.repeats, args.max_new_tokens)
+    base = measure(original, records, args)
+    achieved_sparsity = prune_blocks(original.model, args.prune_sparsity) if args.prune_sparsity > 0 else 0.0
+    if args.quantize == "auto":
+        plan = ["fp32"] + auto_candidates(device)
+    else:
+        plan = ["int8" if args.quantize == "int8" else args.dtype]
+    if args.dtype != "fp32" and device.type == "cpu":
+        logger.warning("%s on CPU: half the size on disk, but CPUs without %s units compute it far more slowly "
+                       "than fp32 (ThetaModel.load computes such a folder in fp32 on the CPU)", args.dtype, args.dtype)
 
     staging = output.with_name(f".{output.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        meta = {"method": "dynamic_int8", "scope": "every nn.Linear of transformer.h (Conv1D converted)",
-                "layers": quantized_layers, "prune_sparsity": args.prune_sparsity, "torch": torch.__version__}
-        if quantized_layers:
-            save_quantized(before, staging, meta)
-        else:
-            before.save(staging)
-        del before, model
-        # The "after" figures come from the saved folder, loaded as chat would load it: that also proves it loads.
-        after = ThetaModel.load(staging, device=args.device)
-        ppl_after = measure_perplexity(after, records, args.batch_size, args.max_length)
-        gen_after = measure_generation(after, BENCH_PROMPTS, args.max_new_tokens, args.repeats)
-        change = ppl_after["perplexity"] / ppl_before["perplexity"] - 1
-        metrics = {
-            "model_path": str(model_path), "output_path": str(output), "quantize": args.quantize,
-            "dtype": args.dtype, "prune_sparsity": args.prune_sparsity, "achieved_sparsity": achieved_sparsity,
-            "quantized_layers": quantized_layers, "device": str(after.device), "torch_threads": torch.get_num_threads(),
-            "size_bytes": {"before": folder_size(model_path), "after": folder_size(staging)},
-            "generation": {"before": gen_before, "after": gen_after,
-                           "speedup": gen_after["tokens_per_sec"] / gen_before["tokens_per_sec"]
-                           if gen_before["tokens_per_sec"] else None,
-                           "settings": {"prompts": BENCH_PROMPTS, "max_new_tokens": args.max_new_tokens,
-                                        "decoding": "greedy, exactly max_new_tokens (end-of-text suppressed)",
-                                        "tokens_per_sec": "max_new_tokens / median latency",
-                                        "repeats": args.repeats}},
-            "perplexity": {"before": ppl_before, "after": ppl_after, "relative_change": change,
-                           "max_increase": args.max_perplexity_increase, "test_data": str(args.test_data),
-                           "records": len(records)},
-            "forced": bool(args.force), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        metrics["size_bytes"]["ratio"] = metrics["size_bytes"]["after"] / max(metrics["size_bytes"]["before"], 1)
-        if change > args.max_perplexity_increase:
-            message = (f"perplexity got worse by {change:.1%} ({ppl_before['perplexity']:.3f} -> "
-                       f"{ppl_after['perplexity']:.3f}), more than --max_perplexity_increase "
-                       f"{args.max_perplexity_increase:.1%}")
-            if not args.force:
-                raise UserError(f"{message}: nothing written to {output}. Use milder settings (less "
-                                "--prune_sparsity, --quantize none) or --force to write it anyway.")
-            logger.warning("%s; writing it anyway (--force)", message)
-        atomic_write_json(staging / "optimization_metrics.json", metrics)
-        del after
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
+        measured, layers = {}, {}
+        meta = {"prune_sparsity": args.prune_sparsity}
+        for fmt in plan:
+            if fmt == "fp32" and args.quantize == "auto" and not achieved_sparsity:
+                measured[fmt], layers[fmt] = base, 0  # the original weights: its measurement is the baseline
+                continue  # and it is written only if nothing else is kept
+            layers[fmt] = write_format(original, fmt, staging / fmt, meta)
+            # Measured as chat would load it, from the saved folder: that also proves it loads.
+            after = ThetaModel.load(staging / fmt, device=device)
+            logger.info("measuring %s on %s", fmt, after.device)
+            measured[fmt] = {**measure(after, records, args), "device": after.device}
+            del after
+        metrics = _decide(args, plan, measured, base, device, staging, model_path, output, layers,
+                          achieved_sparsity, len(records))
+        chosen = staging / metrics["chosen"]
+        if not chosen.exists():  # the unchanged original, kept
+            write_format(original, metrics["chosen"], chosen, meta)
+            metrics["size_bytes"]["after"] = folder_size(chosen)
+            metrics["size_bytes"]["ratio"] = metrics["size_bytes"]["after"] / max(metrics["size_bytes"]["before"], 1)
+        del original
+        atomic_write_json(chosen / "optimization_metrics.json", metrics)
+        _publish(chosen, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return metrics
+
+
+def _decide(args, plan, measured, base, device, staging, model_path, output, layers, achieved_sparsity,
+            n_records) -> dict:
+    """Pick the format (auto) or check the one asked for; the metrics dict of the result. Raises UserError when the
+    result fails the perplexity gate and ``--force`` is not given."""
+    base_s = _summary("fp32", base, device, None)
+    trials = {f: _summary(f, m, m.get("device", device), folder_size(staging / f) if (staging / f).exists()
+                          else folder_size(model_path)) for f, m in measured.items()}
+    if args.quantize == "auto":
+        fallback = trials.pop("fp32")
+        chosen, reason, verdicts = choose(trials, base_s, args.min_speedup, args.max_perplexity_increase)
+        trials["fp32"] = fallback
+    else:
+        chosen = plan[0]
+        reason = f"as asked (--quantize {args.quantize} --dtype {args.dtype})"
+        verdicts = {chosen: judge(chosen, trials[chosen], base_s, 0.0, args.max_perplexity_increase)}
+    after = measured[chosen]
+    change = after["perplexity"]["perplexity"] / base["perplexity"]["perplexity"] - 1
+    if change > args.max_perplexity_increase:
+        message = (f"perplexity got worse by {change:.1%} ({base['perplexity']['perplexity']:.3f} -> "
+                   f"{after['perplexity']['perplexity']:.3f}), more than --max_perplexity_increase "
+                   f"{args.max_perplexity_increase:.1%}")
+        if not args.force:
+            raise UserError(f"{message}: nothing written to {output}. Use milder settings (less "
+                            "--prune_sparsity, --quantize none) or --force to write it anyway.")
+        logger.warning("%s; writing it anyway (--force)", message)
+    for fmt, trial in trials.items():
+        trial.update(kept=fmt == chosen, why=verdicts[fmt][1] if fmt in verdicts else
+                     "the fallback: fp32 weights, kept when no other format passes")
+    logger.info("%s", reason)
+    gen_b, gen_a = base["generation"], after["generation"]
+    size = {"before": folder_size(model_path), "after": trials[chosen]["size_bytes"]}
+    size["ratio"] = size["after"] / max(size["before"], 1)
+    return {
+        "model_path": str(model_path), "output_path": str(output), "quantize": args.quantize, "chosen": chosen,
+        "reason": reason, "candidates": trials, "dtype": "fp32" if chosen == "int8" else chosen,
+        "rule": {"min_speedup": args.min_speedup, "max_perplexity_increase": args.max_perplexity_increase,
+                 "compared_with": f"the fp32 original on {device}"},
+        "prune_sparsity": args.prune_sparsity, "achieved_sparsity": achieved_sparsity,
+        "quantized_layers": layers[chosen], "device": str(after.get("device", device)),
+        "torch_threads": torch.get_num_threads(), "size_bytes": size,
+        "generation": {"before": gen_b, "after": gen_a,
+                       "speedup": gen_a["tokens_per_sec"] / gen_b["tokens_per_sec"] if gen_b["tokens_per_sec"] else None,
+                       "settings": {"prompts": BENCH_PROMPTS, "max_new_tokens": args.max_new_tokens,
+                                    "decoding": "greedy, exactly max_new_tokens (end-of-text suppressed)",
+                                    "tokens_per_sec": "max_new_tokens / median latency", "repeats": args.repeats}},
+        "perplexity": {"before": base["perplexity"], "after": after["perplexity"], "relative_change": change,
+                       "max_increase": args.max_perplexity_increase, "test_data": str(args.test_data),
+                       "records": n_records},
+        "forced": bool(args.force), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _publish(folder: Path, output: Path) -> None:
+    """Move the finished ``folder`` to ``output``; the old ``output`` is moved aside first and removed only after."""
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        os.replace(output, old)
+    os.replace(folder, output)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,32 +343,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--test_data", type=Path, default=PROJECT_ROOT / "Datasets" / "test_set.json",
                     help="test set for perplexity before/after (default Datasets/test_set.json)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--quantize", choices=["none", "int8"], default="none",
-                     help="int8: dynamic quantisation of every block linear layer (CPU inference)")
-    opt.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the saved model")
+    opt.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
+                     help="auto (default): try int8 on the CPU, fp16/bf16 on CUDA, keep one only when measured "
+                          "faster and within the perplexity gate, else fp32; int8: dynamic quantisation of every "
+                          "block linear layer (CPU inference); none: keep fp32 (or --dtype)")
+    opt.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                     help="weight dtype of the saved model with --quantize none (auto picks it itself)")
+    opt.add_argument("--min_speedup", type=float, default=1.05,
+                     help="auto keeps a format only when it is at least this many times as fast as fp32 "
+                          "(default 1.05: a margin over measurement noise)")
     opt.add_argument("--prune_sparsity", type=float, default=0.0,
                      help="fraction of block weights zeroed by magnitude, in [0, 1) (default 0: no pruning)")
     opt.add_argument("--max_perplexity_increase", type=float, default=0.05,
                      help="refuse a result whose test perplexity rose by more than this fraction (default 0.05)")
     opt.add_argument("--force", action="store_true", help="write the result even when perplexity got worse")
     ms = p.add_argument_group("measurement")
-    ms.add_argument("--device", type=str, default="cpu", help="device for the measurements (default cpu)")
+    ms.add_argument("--device", type=str, default="auto",
+                    help="where the model will run and is measured: auto (CUDA when present, else cpu), cpu, "
+                         "cuda or cuda:N (default auto)")
     ms.add_argument("--max_new_tokens", type=int, default=32, help="tokens generated per measured prompt")
     ms.add_argument("--repeats", type=int, default=3, help="measured repetitions of the prompt set")
     ms.add_argument("--batch_size", type=int, default=8, help="records per perplexity forward pass")
     ms.add_argument("--max_length", type=int, default=512, help="longest perplexity sequence in tokens")
     ms.add_argument("--max_eval_records", type=int, default=0, help="first N test records only (0 = all)")
     args = p.parse_args(argv)
-    for bad, message in [(args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
+    device = resolve_device(args.device) if args.device == "auto" or args.device.startswith(("cpu", "cuda")) \
+        else None
+    for bad, message in [(device is None, f"--device {args.device}: use auto, cpu, cuda or cuda:N"),
+                         (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
                          (args.repeats < 1, "--repeats must be at least 1"),
                          (args.batch_size < 1, "--batch_size must be at least 1"),
                          (args.max_length < 8, "--max_length must be at least 8"),
                          (args.max_eval_records < 0, "--max_eval_records must be >= 0"),
+                         (args.min_speedup <= 0, "--min_speedup must be > 0"),
                          (not 0 <= args.prune_sparsity < 1, "--prune_sparsity must be in [0, 1)"),
                          (args.max_perplexity_increase < 0, "--max_perplexity_increase must be >= 0"),
+                         (args.quantize == "auto" and args.dtype != "fp32",
+                          "--quantize auto picks the dtype itself: give --dtype only with --quantize none"),
                          (args.quantize == "int8" and args.dtype != "fp32",
                           "--quantize int8 needs --dtype fp32 (int8 kernels take fp32 activations)"),
-                         (args.quantize == "int8" and not args.device.startswith("cpu"),
+                         (args.quantize == "int8" and device is not None and device.type != "cpu",
                           "--quantize int8 runs on the CPU only: use --device cpu")]:
         if bad:
             p.error(message)
@@ -349,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     m = optimize(args)
     g, s, ppl = m["generation"], m["size_bytes"], m["perplexity"]
-    logger.info("wrote %s (quantize %s, %s, sparsity %.2f): %.1f MB -> %.1f MB | %.1f -> %.1f tokens/s (x%.2f) | "
-                "perplexity %.3f -> %.3f (%+.2f%%)", m["output_path"], m["quantize"], m["dtype"],
-                m["achieved_sparsity"], s["before"] / 1e6, s["after"] / 1e6, g["before"]["tokens_per_sec"],
-                g["after"]["tokens_per_sec"], g["speedup"] or 0.0, ppl["before"]["perplexity"],
-                ppl["after"]["perplexity"], 100 * ppl["relative_change"])
+    logger.info("wrote %s (%s, sparsity %.2f): %.1f MB -> %.1f MB | %.1f -> %.1f tokens/s (x%.2f) | "
+                "perplexity %.3f -> %.3f (%+.2f%%)", m["output_path"], m["chosen"], m["achieved_sparsity"],
+                s["before"] / 1e6, s["after"] / 1e6, g["before"]["tokens_per_sec"], g["after"]["tokens_per_sec"],
+                g["speedup"] or 0.0, ppl["before"]["perplexity"], ppl["after"]["perplexity"],
+                100 * ppl["relative_change"])
     return 0
 
 
