@@ -1,18 +1,23 @@
-"""evaluate_model.py: hand-worked metric values, perplexity by hand, leakage refusal, the full CLI run with report."""
+"""evaluate_model.py: hand-worked metric values, perplexity by hand, what was scored (evaluated, truncated,
+skipped, answer tokens) counted by hand, leakage refusal through the one question key, the full CLI run with
+report, and metrics that survive a failing report.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_evaluate_model.py -q
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import run_script
 from src.model.theta_model import ThetaModel, split_prompt
-from src.training.evaluate_model import (bleu_scores, exact_match, lcs_length, main, normalize_answer, rouge_l,
-                                         teacher_forced_metrics, text_metrics, token_f1)
+from src.training.evaluate_model import (bleu_scores, check_no_overlap, exact_match, lcs_length, main,
+                                         normalize_answer, rouge_l, teacher_forced_metrics, text_metrics, token_f1)
 from src.utils.common import run_entry_point
 
 RUN = "theta_enhanced_20260101_000000"
@@ -98,6 +103,32 @@ def test_perplexity_matches_hand_computation(tiny_model_dir):
         assert m["domains"][d]["perplexity"] == pytest.approx(math.exp(nll[d] / count[d]), rel=1e-4)
 
 
+def test_truncated_and_skipped_records_are_counted_by_hand(tiny_model_dir):
+    """13 records at a short max_length: which are cut, which leave no answer token, and how many answer tokens
+    perplexity covers, all counted here straight from the tokenizer."""
+    tm = ThetaModel.load(tiny_model_dir, device="cpu")
+    tok = tm.tokenizer
+    records = [{"question": f"What is item {i}?", "answer": "It is a thing " * (i + 1), "domain": "networking"}
+               for i in range(12)]
+    records.append({"question": "Why " * 80 + "?", "answer": "Because.", "domain": "programming"})
+    max_length = 40
+    evaluated = truncated = skipped = covered = full = 0
+    for r in records:
+        p = len(tok(split_prompt(r["question"])[0])["input_ids"])
+        a = len(tok(" " + r["answer"].strip())["input_ids"]) + 1  # + end-of-text
+        full += a
+        if p >= max_length:
+            skipped += 1
+            continue
+        evaluated += 1
+        truncated += p + a > max_length
+        covered += min(p + a, max_length) - p
+    assert skipped == 1 and 0 < truncated < evaluated  # the fixture exercises all three cases
+    m = teacher_forced_metrics(tm, records, batch_size=4, max_length=max_length)
+    assert (m["evaluated_records"], m["truncated"], m["skipped"]) == (evaluated, truncated, skipped)
+    assert m["tokens"] == covered and m["answer_tokens_full"] == full and m["max_length"] == max_length
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line: a run folder, leakage refusal, the report
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +150,7 @@ def run_dir(tmp_path, tiny_model_dir, prepared_data):
     return run
 
 
-def test_overlapping_test_set_is_refused(tmp_path, run_dir, prepared_data):
+def test_overlapping_test_set_is_refused(tmp_path, run_dir, prepared_data, capsys):
     trained = json.loads(prepared_data.read_text())["records"]
     # same questions after normalisation (case, punctuation, spacing), answers reworded
     leaked = [{"id": f"t{i}", "question": "  " + r["question"].upper().replace("?", " ?!"), "answer": "x",
@@ -127,12 +158,47 @@ def test_overlapping_test_set_is_refused(tmp_path, run_dir, prepared_data):
     test = tmp_path / "leaky_test.json"
     test.write_text(json.dumps(leaked + json.loads((prepared_data.parent / "test_set.json").read_text())))
     out = tmp_path / "stats" / "evaluation.json"
-    proc = run_script(["-m", "src.training.evaluate_model", "--model_path", str(run_dir / "theta_final"),
-                       "--test_data", str(test), "--output_file", str(out)])
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.startswith("error: ") and "overlaps the training data" in proc.stderr
-    assert "2 of" in proc.stderr and "Traceback" not in proc.stderr
+    code = run_entry_point(main, ["--model_path", str(run_dir / "theta_final"), "--test_data", str(test),
+                                  "--output_file", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "overlaps the training data" in err
+    assert "2 of" in err and "Traceback" not in err
     assert not out.exists() and not (out.parent / RUN).exists()
+
+
+def test_clean_test_set_is_not_refused_under_the_one_question_key(tmp_path):
+    """Regression (issue 14): evaluation must compare questions with the key data preparation used to keep the
+    test set apart (src.utils.data_contract.question_key): "C#" and "C++" are different questions."""
+    run = tmp_path / "models" / RUN
+    run.mkdir(parents=True)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"records": [{"id": "1", "question": "What is C++?", "answer": "A language."}]}))
+    (run / "training_config.json").write_text(json.dumps({"args": {"data_path": str(train)}}))
+    clean = [{"id": "t1", "question": "What is C#?", "answer": "Another language.", "domain": "programming"}]
+    assert check_no_overlap(clean, run / "theta_final", tmp_path / "test.json")["checked"]
+    from src.utils.common import UserError
+
+    with pytest.raises(UserError, match="1 of 1 test questions"):
+        check_no_overlap([{**clean[0], "question": "what is  C++ ?"}], run / "theta_final", tmp_path / "test.json")
+
+
+def test_metrics_survive_a_failing_report(tmp_path, run_dir, prepared_data, monkeypatch, capsys):
+    """Regression (issue 14): the report step crashed before the metrics file was written, losing the night's
+    figures. Now the metrics are written first and a report error is logged with the command to rebuild it."""
+    from src.training import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the plotting library fell over")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    out = tmp_path / "stats" / f"evaluation_{RUN}.json"
+    assert main(["--model_path", str(run_dir / "theta_final"), "--test_data", str(prepared_data.parent /
+                 "test_set.json"), "--output_file", str(out), "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    r = json.loads(out.read_text())
+    assert r["perplexity"] > 1 and "fell over" in r["report_error"] and "report" not in r
+    logged = "".join(capsys.readouterr())
+    assert "report not written" in logged and "python -m src.training.report --results" in logged
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, run_dir, capsys):
@@ -148,7 +214,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, run_dir, capsys):
     assert exc.value.code == 2 and "--batch_size must be at least 1" in capsys.readouterr().err
 
 
-def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_data):
+def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_data, capsys):
     held_out = json.loads((prepared_data.parent / "test_set.json").read_text())
     nasty = {"id": "html-1", "domain": "networking", "question": "What does <script>alert('x')</script> do?",
              "answer": "It is <b>escaped</b> & shown as text."}
@@ -158,12 +224,25 @@ def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_da
         ("programming", "When should a function return early?", "When the remaining work would be pointless."),
         ("cybersecurity", "Who should hold admin rights?", "Only the people whose job needs them.")])]
     held_out += fresh
+    # A domain name matplotlib would read as maths: it crashed the report step (issue 14).
+    held_out.append({"id": "math-1", "domain": "cost $\\frac$", "question": "What does a $5 fee buy?",
+                     "answer": "About $5 of compute."})
     test.write_text(json.dumps([nasty] + held_out))
     out = tmp_path / "stats" / f"evaluation_{RUN}.json"
-    assert main(["--model_path", str(run_dir / "theta_final"), "--test_data", str(test), "--output_file", str(out),
-                 "--max_new_tokens", "6", "--num_samples", "3", "--seed", "7", "--batch_size", "8",
-                 "--baseline_model", str(run_dir / "theta_final")]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["--model_path", str(run_dir / "theta_final"), "--test_data", str(test), "--output_file",
+                     str(out), "--max_new_tokens", "6", "--num_samples", "3", "--seed", "7", "--batch_size", "8",
+                     "--baseline_model", str(run_dir / "theta_final")]) == 0
+    finally:
+        os.umask(umask)
     r = json.loads(out.read_text())
+    assert out.stat().st_mode & 0o777 == 0o644  # the user's umask, not mkstemp's 0600
+    assert (r["evaluated_records"], r["truncated"], r["skipped"]) == (len(held_out) + 1, 0, 0)
+    assert r["answer_tokens"] == r["answer_tokens_full"] > 0 and r["generated_answers"] == len(held_out) + 1
+    logged = "".join(capsys.readouterr())
+    assert f"on {r['answer_tokens']} answer tokens of {r['answer_tokens_full']} (100%)" in logged
+    assert f"{len(held_out) + 1} of {len(held_out) + 1} records" in logged
     assert r["run"] == RUN and r["test_records"] == len(held_out) + 1
     assert r["leakage_check"]["checked"] and r["leakage_check"]["overlapping_questions"] == 0
     assert r["perplexity"] > 1 and 0 <= r["token_accuracy"] <= 1
@@ -189,3 +268,4 @@ def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_da
     assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert "&lt;b&gt;escaped&lt;/b&gt; &amp; shown" in page
     assert page.count('src="data:image/png;base64,') == 5
+    assert "cost $\\frac$" in page and (report_dir / "report.html").stat().st_mode & 0o777 == 0o644

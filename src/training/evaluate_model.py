@@ -36,10 +36,11 @@ from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from src.data_processing.prepare_data_for_training import question_key
 from src.model.theta_model import ThetaModel, split_prompt
+from src.training.report import apply_umask, coverage, fixed
 from src.training.train_enhanced import TokenizedDataset, TrainingSampler, collate, evaluate
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
+from src.utils.data_contract import question_key
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ def training_data_path(run_dir: Path | None) -> Path | None:
 def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path) -> dict:
     """Refuse (UserError) a test set that shares a question with the model's training data.
 
-    Questions are compared after ``question_key`` normalisation (the one data preparation uses to keep the
-    test set apart: lower case, runs of non-alphanumerics as one space). Shared ids alone are reported but not
+    Questions are compared through ``question_key`` (src/utils/data_contract.py), the one key data preparation
+    uses to keep the test set apart, so a test set preparation wrote is never refused for a question that only
+    looks the same under a cruder key ("C#" and "C++"). Shared ids alone are reported but not
     refused: ids from different files can coincide without the text being the same.
     Returns what was checked, for the results file.
     """
@@ -245,7 +247,13 @@ def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int,
     sampler = TrainingSampler(len(ds), batch_size, seed=0, shuffle=False)
     batches = [collate([ds[i] for i in b], tm.tokenizer.pad_token_id) for b in sampler.batches()]
     m = evaluate(tm.model, batches, tm.device, nullcontext(), ds.domain_names)
-    m.update(evaluated_records=len(ds), truncated=ds.truncated, skipped=ds.skipped)
+    # The answer tokens a full-length read would score: what the figures above cover a part of when records
+    # were truncated or skipped (the same tokenisation, without the length limit).
+    full = TokenizedDataset(records, tm.tokenizer, 10 ** 9).target_tokens()
+    # A skipped record was cut too (only a cut can leave no answer token), so "truncated" here counts the
+    # evaluated records whose answer was cut: evaluated + skipped = all records, truncated <= evaluated.
+    m.update(evaluated_records=len(ds), truncated=ds.truncated - ds.skipped, skipped=ds.skipped,
+             answer_tokens_full=full, max_length=max_length)
     return m
 
 
@@ -309,8 +317,10 @@ def evaluate_one(tm: ThetaModel, records: list[dict], args: argparse.Namespace, 
         per_domain[domain] = {**forced["domains"].get(domain, {}), **text}
     return {
         "perplexity": forced["perplexity"], "loss": forced["loss"], "token_accuracy": forced["token_accuracy"],
-        "answer_tokens": forced["tokens"], "evaluated_records": forced["evaluated_records"],
-        "truncated": forced["truncated"], **text_metrics(answers, references), "per_domain": per_domain,
+        "answer_tokens": forced["tokens"], "answer_tokens_full": forced["answer_tokens_full"],
+        "evaluated_records": forced["evaluated_records"], "truncated": forced["truncated"],
+        "skipped": forced["skipped"], "max_length": forced["max_length"], "generated_answers": len(answers),
+        **text_metrics(answers, references), "per_domain": per_domain,
         "generation_timing": timing, "answers": answers, "seconds": round(time.time() - start, 2),
     }
 
@@ -410,16 +420,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log_summary(result: dict) -> None:
-    logger.info("test set: %d records | perplexity %.2f | token accuracy %.3f | EM %.3f | F1 %.3f | BLEU-4 %.3f | "
-                "ROUGE-L %.3f", result["test_records"], result["perplexity"], result["token_accuracy"],
-                result["exact_match"], result["f1"], result["bleu_4"], result["rouge_l"])
+    """The console summary: the figures, each line with what it was computed on (see report.coverage)."""
+    forced, generated, warning = coverage(result)
+    logger.info("test set: %s records", fixed(result["test_records"], 1))
+    logger.info("  perplexity %s | token accuracy %s | loss %s   on %s", fixed(result["perplexity"], 4),
+                fixed(result["token_accuracy"], 3), fixed(result["loss"], 4), forced)
+    logger.info("  EM %s | F1 %s | BLEU-4 %s | ROUGE-L %s   on %s", fixed(result["exact_match"], 3),
+                fixed(result["f1"], 3), fixed(result["bleu_4"], 3), fixed(result["rouge_l"], 3), generated)
+    if warning:
+        logger.warning("  %s", warning)
     for domain, m in sorted(result["per_domain"].items()):
-        logger.info("    %-22s perplexity %8.2f  token accuracy %.3f  F1 %.3f  ROUGE-L %.3f", domain,
-                    m.get("perplexity", float("nan")), m.get("token_accuracy", float("nan")), m["f1"], m["rouge_l"])
+        logger.info("    %-22s perplexity %10s  token accuracy %s  F1 %s  ROUGE-L %s", domain,
+                    fixed(m.get("perplexity", float("nan")), 4), fixed(m.get("token_accuracy", float("nan")), 3),
+                    fixed(m["f1"], 3), fixed(m["rouge_l"], 3))
     if "deltas" in result:
         d = result["deltas"]
-        logger.info("vs baseline %s: perplexity %+.2f, token accuracy %+.3f, F1 %+.3f, ROUGE-L %+.3f",
-                    result["baseline"]["model"], d["perplexity"], d["token_accuracy"], d["f1"], d["rouge_l"])
+        logger.info("vs baseline %s: perplexity %s, token accuracy %s, F1 %s, ROUGE-L %s", result["baseline"]["model"],
+                    _signed(d["perplexity"], 4), _signed(d["token_accuracy"], 3), _signed(d["f1"], 3),
+                    _signed(d["rouge_l"], 3))
+
+
+def _signed(value: float, digits: int) -> str:
+    text = fixed(value, digits)
+    return text if text.startswith("-") else "+" + text
+
+
+def write_results(path: Path, result: dict) -> None:
+    """The metrics file, atomically, readable like any file the user creates (see report.apply_umask)."""
+    apply_umask(atomic_write_json(path, result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,13 +455,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     result = evaluate_model(args)
-    if not args.no_report:
-        from src.training.report import write_report
-
-        report_dir = Path(args.output_file).parent / result["run"]
-        result["report"] = str(write_report(result, run_folder(Path(args.model_path)), report_dir))
-    atomic_write_json(args.output_file, result)
+    # The metrics first: whatever happens to the report (a plot that cannot be drawn, a full disk), the
+    # figures the night produced are on disk.
+    write_results(args.output_file, result)
     log_summary(result)
+    if not args.no_report:
+        report_dir = Path(args.output_file).parent / result["run"]
+        try:
+            from src.training.report import write_report
+
+            result["report"] = str(write_report(result, run_folder(Path(args.model_path)), report_dir))
+        except Exception as err:  # the report is a view of the metrics; losing it must not lose them
+            result["report_error"] = f"{type(err).__name__}: {err}"
+            logger.error("report not written (%s); the metrics are in %s. Rebuild it with: python -m "
+                         "src.training.report --results %s --run_dir %s", result["report_error"], args.output_file,
+                         args.output_file, run_folder(Path(args.model_path)) or "models/<run>")
+        write_results(args.output_file, result)
     logger.info("metrics -> %s%s", args.output_file, f"; report -> {result['report']}" if "report" in result else "")
     return 0
 

@@ -14,6 +14,11 @@ Files in ``stats/<run>/`` (each plot only when its data exists):
 - ``baseline_deltas.png`` model minus baseline, per metric (only with ``--baseline_model``)
 - ``report.html``         every table and plot; images are embedded as base64 data URIs and every piece of dataset
                           text is HTML-escaped, so the one file can be mailed or opened anywhere
+
+Honest by construction: every figure is shown next to what it was computed on (records evaluated, skipped and
+truncated, the answer tokens perplexity covers, answers generated); numbers are in fixed notation; dataset text
+in plot labels is drawn as plain text (never parsed as matplotlib maths, so a "$" cannot break a plot); files get
+the user's umask like any other file they create.
 """
 
 from __future__ import annotations
@@ -24,19 +29,14 @@ import html
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and in CI; must come before pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from src.utils.common import UserError, atomic_write_text, read_json, run_entry_point, setup_logging  # noqa: E402
+from src.utils.common import UserError, atomic_write_text, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +85,67 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def fixed(value: float, digits: int = 4) -> str:
+    """``value`` in fixed notation with about ``digits`` significant digits and never an exponent:
+    3,350 / 86.04 / 0.4123 / 0.0000 (a BLEU of 1.981e-07 is effectively 0, and reads so). NaN and inf spelt out."""
+    if not math.isfinite(value):
+        return str(value)
+    whole = len(str(int(abs(value)))) if abs(value) >= 1 else 0
+    text = f"{value:,.{max(0, digits - whole)}f}"
+    return text.lstrip("-") if set(text) <= set("-0.,") else text  # no "-0.0000"
+
+
+def apply_umask(path: Path) -> Path:
+    """Give ``path`` the mode a plain ``open()`` would have (0644 under the usual umask 022).
+
+    The project's atomic writers create files through ``tempfile.mkstemp``, which makes them 0600 whatever the
+    umask: a report nobody else on the machine (or the web server serving stats/) can read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Plots (each returns the file it wrote, or None when it had no data)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on servers and in CI), imported on first use: the
+    metrics side of evaluation (fixed, coverage, apply_umask) needs no plotting library."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # must come before pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+# Labels hold dataset text (domain names): "cost $\\frac$" must be drawn as typed, not parsed as maths (which
+# raises on it). Applied around every plot, not globally, so other matplotlib users in the process are unaffected.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
 def _save(fig, path: Path) -> Path:
     """Write the PNG through a temporary name, so a reader (the email) never attaches half a file."""
+    plt = _pyplot()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     tmp.replace(path)
-    return path
+    return apply_umask(path)
 
 
 def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
+    plt = _pyplot()
     if not history:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
@@ -111,13 +158,14 @@ def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
     if best:
         ax.axvline(best["epoch"], color="grey", ls=":", label=f"best epoch {best['epoch']}")
     ax.set(xlabel="epoch", ylabel="loss (answer tokens)", title="Train and validation loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out_dir / LOSS_CURVE)
 
 
 def plot_learning_rate(steps: list[dict], out_dir: Path) -> Path | None:
+    plt = _pyplot()
     pts = [(r["step"], r["lr"]) for r in steps if _finite(r.get("lr"))]
     if not pts:
         return None
@@ -130,6 +178,7 @@ def plot_learning_rate(steps: list[dict], out_dir: Path) -> Path | None:
 
 
 def plot_token_accuracy(history: list[dict], test_accuracy: float | None, out_dir: Path) -> Path | None:
+    plt = _pyplot()
     pts = [(e["epoch"], e["val_token_accuracy"]) for e in history if _finite(e.get("val_token_accuracy"))]
     if not pts and not _finite(test_accuracy):
         return None
@@ -139,13 +188,14 @@ def plot_token_accuracy(history: list[dict], test_accuracy: float | None, out_di
     if _finite(test_accuracy):
         ax.axhline(test_accuracy, color="C3", ls="--", label=f"test set {test_accuracy:.3f}")
     ax.set(xlabel="epoch", ylabel="token accuracy", title="Next-token accuracy on answer tokens")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out_dir / "token_accuracy.png")
 
 
 def plot_domains(per_domain: dict, out_dir: Path) -> Path | None:
+    plt = _pyplot()
     if not per_domain:
         return None
     names = sorted(per_domain)
@@ -165,6 +215,7 @@ def plot_domains(per_domain: dict, out_dir: Path) -> Path | None:
 
 
 def plot_deltas(deltas: dict, out_dir: Path) -> Path | None:
+    plt = _pyplot()
     keys = [k for k in SCORES if _finite(deltas.get(k))]
     if not keys:
         return None
@@ -192,13 +243,52 @@ def _fmt(value, digits: int = 4) -> str:
         return _esc(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.{digits}g}" if math.isfinite(value) else _esc(value)
+    return fixed(value, digits)
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+def _plural(n, word: str) -> str:
+    return f"{_fmt(n)} {word}{'' if n == 1 else 's'}"
+
+
+def coverage(r: dict) -> tuple[str, str, str]:
+    """What the figures were computed on: ``(teacher-forced, generated, warning)``, plain text.
+
+    Teacher-forced figures (perplexity, loss, token accuracy) cover the answer tokens of the records that fit
+    ``max_length``: a truncated record counts only the answer tokens before the cut, a skipped one (its prompt
+    alone fills max_length) none. The same model reads a very different perplexity at another max_length, so
+    the warning says so whenever anything was cut.
+    """
+    total = r.get("test_records")
+    evaluated, truncated, skipped = r.get("evaluated_records"), r.get("truncated"), r.get("skipped")
+    tokens, full = r.get("answer_tokens"), r.get("answer_tokens_full")
+    forced = []
+    if tokens is not None:
+        share = f" of {_fmt(full)} ({fixed(100 * tokens / full, 3)}%)" if full else ""
+        forced.append(f"{_plural(tokens, 'answer token')}{share}")
+    forced.append(f"{_fmt(evaluated)} of {_plural(total, 'record')}" if evaluated is not None
+                  else _plural(total, "record"))
+    cut = [f"{_fmt(n)} {what}" for n, what in ((truncated, "truncated"), (skipped, "skipped")) if n is not None]
+    if cut:
+        at = f" at max_length {_fmt(r['max_length'])}" if r.get("max_length") else ""
+        forced[-1] += f" ({', '.join(cut)}{at})"
+    too_long = (r.get("generation_timing") or {}).get("prompts_too_long")
+    generated = _plural(r.get("generated_answers", total), "generated answer")
+    if too_long:
+        generated += f" ({_fmt(too_long)} prompt{'' if too_long == 1 else 's'} too long for the model: scored 0)"
+    warning = ""
+    if truncated or skipped:
+        warning = (f"Perplexity, loss and token accuracy leave out what max_length cut ({_fmt(truncated or 0)} "
+                   f"truncated, {_fmt(skipped or 0)} skipped): compare them only with evaluations at the same "
+                   "max_length.")
+    return ", ".join(forced), generated, warning
+
+
+def _table(header: list[str], rows: list[list], cls: str = "", caption: str = "") -> str:
+    """A table; ``rows`` hold ready HTML, ``header`` and ``caption`` plain text (escaped here)."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
+    return f'<table class="{cls}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _img(path: Path | None, alt: str) -> str:
@@ -212,8 +302,10 @@ def _img(path: Path | None, alt: str) -> str:
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.3em .6em;
-vertical-align:top;text-align:left}th{background:#f3f3f3}td.num{text-align:right}
-table.samples td{white-space:pre-wrap;max-width:340px}figure{margin:1em 0}img{max-width:100%;
+vertical-align:top;text-align:left;overflow-wrap:anywhere;word-break:break-word}th{background:#f3f3f3}
+td.num{text-align:right}table.samples{table-layout:fixed;width:100%}table.samples th:first-child{width:8em}
+table.samples th:nth-last-child(-n+2){width:5em}table.samples td{white-space:pre-wrap}
+caption{caption-side:top;text-align:left;color:#444;padding:.2em 0}table.metrics{min-width:46em}figure{margin:1em 0}img{max-width:100%;
 border:1px solid #eee}figcaption{color:#666;font-size:.85em}.note{color:#8a5a00}.pos{color:#1a7f37}
 .neg{color:#b42318}"""
 
@@ -232,21 +324,30 @@ def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | No
                  '<p class="note">The test set could not be checked against the training data (the run folder '
                  'does not name it).</p>')
 
-    # headline metrics, with the baseline beside them when there is one
-    keys = ["perplexity", "loss", "token_accuracy", "exact_match", "f1", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
-            "rouge_l"]
+    # headline metrics, with the baseline beside them when there is one, each table captioned with what its
+    # figures were computed on
+    forced, generated, warning = coverage(r)
     base = r.get("baseline")
     header = ["metric", "model"] + (["baseline", "delta"] if base else [])
-    rows = []
-    for k in keys:
-        row = [_esc(METRIC_LABELS[k]), f'<span class="num">{_fmt(r.get(k))}</span>']
-        if base:
-            d = r["deltas"].get(k)
-            better = d is not None and ((d < 0) if k in ("perplexity", "loss") else (d > 0))
-            row += [_fmt(base.get(k)), f'<span class="{"pos" if better else "neg"}">{_fmt(d)}</span>'
-                    if _finite(d) and d != 0 else _fmt(d)]
-        rows.append(row)
-    parts += ["<h2>Test-set metrics</h2>", _table(header, rows, "metrics")]
+
+    def metric_rows(keys: tuple[str, ...]) -> list[list[str]]:
+        rows = []
+        for k in keys:
+            row = [_esc(METRIC_LABELS[k]), f'<span class="num">{_fmt(r.get(k))}</span>']
+            if base:
+                d = r["deltas"].get(k)
+                better = d is not None and ((d < 0) if k in ("perplexity", "loss") else (d > 0))
+                row += [_fmt(base.get(k)), f'<span class="{"pos" if better else "neg"}">{_fmt(d)}</span>'
+                        if _finite(d) and d != 0 else _fmt(d)]
+            rows.append(row)
+        return rows
+
+    parts += ["<h2>Test-set metrics</h2>",
+              f'<p class="note">{_esc(warning)}</p>' if warning else "",
+              _table(header, metric_rows(("perplexity", "loss", "token_accuracy")), "metrics",
+                     caption=f"Teacher-forced, on {forced}"),
+              _table(header, metric_rows(("exact_match", "f1", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l")),
+                     "metrics", caption=f"Generated answers, on {generated}")]
     if base and base.get("note"):
         parts.append(f'<p class="note">{_esc(base["note"])}</p>')
 
@@ -278,7 +379,7 @@ def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | No
     timing = r.get("generation_timing", {})
     parts += ["<h2>Generation</h2>",
               _table(["setting", "value"], [[_esc(k), _fmt(v)] for k, v in gen.items()] +
-                     [["answers generated", _fmt(r.get("records"))],
+                     [["answers generated", _fmt(r.get("generated_answers", r.get("records")))],
                       ["new tokens", _fmt(timing.get("new_tokens"))],
                       ["tokens per second", _fmt(timing.get("tokens_per_sec"), 3)]], "settings")]
     samples = r.get("samples", [])
@@ -299,16 +400,18 @@ def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | No
 
 def write_report(result: dict, run_dir: Path | None, out_dir: Path) -> Path:
     """Write the plots and ``report.html`` into ``out_dir`` (``stats/<run>/``); returns the HTML path."""
+    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history, steps = load_history(run_dir), load_step_metrics(run_dir)
     if not history:
         logger.warning("no loss_history.json in %s: the report has no loss curve", run_dir)
-    images = {"loss": plot_loss_curve(history, out_dir), "lr": plot_learning_rate(steps, out_dir),
-              "accuracy": plot_token_accuracy(history, result.get("token_accuracy"), out_dir),
-              "domains": plot_domains(result.get("per_domain", {}), out_dir),
-              "deltas": plot_deltas(result.get("deltas", {}), out_dir) if result.get("deltas") else None}
-    path = atomic_write_text(out_dir / "report.html", render_html(result, images, run_dir))
+    with plt.rc_context(PLAIN_TEXT):
+        images = {"loss": plot_loss_curve(history, out_dir), "lr": plot_learning_rate(steps, out_dir),
+                  "accuracy": plot_token_accuracy(history, result.get("token_accuracy"), out_dir),
+                  "domains": plot_domains(result.get("per_domain", {}), out_dir),
+                  "deltas": plot_deltas(result.get("deltas", {}), out_dir) if result.get("deltas") else None}
+    path = apply_umask(atomic_write_text(out_dir / "report.html", render_html(result, images, run_dir)))
     logger.info("report: %s (%s)", path, ", ".join(p.name for p in images.values() if p))
     return path
 
