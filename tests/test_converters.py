@@ -49,7 +49,9 @@ def test_openai_messages_jsonl():
     assert recs[0]["answer"] == "Object storage keeps files as objects with metadata in flat buckets."
     assert recs[0]["context"] == "You are a concise cloud tutor."
     assert skipped["invalid_json"] == 1 and skipped["empty_message"] == 1
-    assert convert_chat(FIX / "openai_messages.jsonl", context_turns=0)[0].get("context") is None
+    # the system message is context whatever --max_history_turns says; earlier exchanges are not
+    assert convert_chat(FIX / "openai_messages.jsonl", max_history_turns=0)[0]["context"] == \
+        "You are a concise cloud tutor."
 
 
 def test_oasst_best_ranked_path_nested_and_flat():

@@ -2,7 +2,8 @@
 
 Two layouts are recognised, in one file or mixed:
 - Markdown headings: a heading (any level) that ends with "?" is a question; the text up to the next heading
-  is its answer. Other headings are section titles; with --domain_from_sections a section title names the domain.
+  of the same or a higher level is its answer, so sub-headings, tables, lists and code inside an answer stay in
+  it. Other headings are section titles; with --domain_from_sections a section title names the domain.
 - Q/A lines: a line starting ``Q:`` (or ``Question:``) opens a question, ``A:`` (or ``Answer:``) its answer,
   which runs until the next ``Q:`` or heading.
 Fenced code blocks in answers are copied byte for byte, and a ``#`` inside them is never taken for a heading.
@@ -21,8 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.data_processing.converter_common import base_parser, finish, make_record
-from src.utils.common import UserError, run_entry_point, setup_logging
+from src.data_processing.converter_common import base_parser, check_input, check_output_path, finish, make_record
+from src.utils.common import run_entry_point, setup_logging
 
 HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 Q_LINE = re.compile(r"^\s*(?:\*\*)?(?:Q|Question)\s*[:.)](?:\*\*)?\s*(.*)$", re.IGNORECASE)
@@ -35,14 +36,15 @@ def parse_faq(text: str) -> list[tuple[str, str, str | None]]:
     question: list[str] | None = None
     answer: list[str] = []
     in_answer, in_code = False, False
+    q_level = 0  # heading level of the current question (0: a Q: line)
 
     def flush():
-        nonlocal question, answer, in_answer
+        nonlocal question, answer, in_answer, q_level
         if question is not None:
             q, a = "\n".join(question).strip(), "\n".join(answer).strip("\n").rstrip()
             if q and a.strip():
                 pairs.append((q, a.strip("\n"), section))
-        question, answer, in_answer = None, [], False
+        question, answer, in_answer, q_level = None, [], False, 0
 
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
@@ -50,10 +52,14 @@ def parse_faq(text: str) -> list[tuple[str, str, str | None]]:
         if not in_code and not line.lstrip().startswith("```"):
             m = HEADING.match(line)
             if m:
+                level, title = len(m.group(1)), m.group(2).strip()
+                if question is not None and in_answer and q_level and level > q_level \
+                        and not title.endswith("?"):
+                    answer.append(line)  # a sub-heading inside the answer
+                    continue
                 flush()
-                title = m.group(2).strip()
                 if title.endswith("?"):
-                    question, in_answer = [title], True
+                    question, in_answer, q_level = [title], True, level
                 else:
                     section = title
                 continue
@@ -79,8 +85,7 @@ def parse_faq(text: str) -> list[tuple[str, str, str | None]]:
 
 def convert_faq(path: Path, domain: str | None = None, id_prefix: str | None = None,
                 domain_from_sections: bool = False, skipped: Counter | None = None) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
+    check_input(path, "a Markdown / plain-text FAQ", "convert_faq", {"text"})
     prefix = id_prefix or path.stem
     text = path.read_text(encoding="utf-8", errors="replace")
     records = []
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domain_from_sections", action="store_true",
                    help="use the enclosing non-question heading as each record's domain")
     args = p.parse_args(argv)
+    check_output_path(args.output)
     skipped = Counter()
     records = convert_faq(args.input, args.domain, args.id_prefix, args.domain_from_sections, skipped)
     return finish(records, skipped, args.output, "FAQ")

@@ -2,8 +2,12 @@
 
 Accepted: nested trees (``{"message_id", "role": "prompter"|"assistant", "text", "rank", "replies": [...]}``,
 optionally wrapped as ``{"prompt": tree}``) or flat messages with ``parent_id`` (oasst1's JSON Lines export).
-At every level the reply with the lowest ``rank`` wins (rank 0 is the best; missing ranks come last, then the
-input order), and each prompter -> assistant step of that path becomes one record with its ``turn``.
+Only messages OASST's own export flags mark usable are followed: not ``deleted``, ``review_result`` true (reviewed
+and accepted; a message without review fields, as in hand-made trees, counts as reviewed), and a tree whose
+``tree_state`` is ``ready_for_export`` when it says. At every level the usable reply with the lowest ``rank``
+wins (rank 0 is the best; missing ranks come last, then the input order), and each assistant message of that
+path becomes one record with its ``turn`` and, as context, the --max_history_turns exchanges before it (the same
+rule as data preparation). --lang keeps the trees whose root is in that language.
 
     python src/data_processing/convert_oasst.py oasst_trees.jsonl --output Datasets/oasst.json
     python -m src.data_processing.convert_oasst messages.jsonl --output Datasets/oasst.json --lang en
@@ -18,13 +22,28 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.data_processing.converter_common import base_parser, finish, make_record, read_items
+from src.data_processing.converter_common import base_parser, check_input, check_output_path, finish, make_record, \
+    read_items
+from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS, conversation_records
 from src.utils.common import run_entry_point, setup_logging
+
+READY = "ready_for_export"
+
+
+def usable_message(m: object) -> bool:
+    """Text, not deleted, and reviewed and accepted (``review_result`` true; absent review fields count as
+    reviewed), following the export's own flags."""
+    if not isinstance(m, dict) or not isinstance(m.get("text"), str) or not m["text"].strip():
+        return False
+    if m.get("deleted") is True:
+        return False
+    if "review_result" in m and m["review_result"] is not True:
+        return False
+    return True
 
 
 def _best(replies: list[dict]) -> dict | None:
-    usable = [r for r in replies if isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip()
-              and not r.get("deleted")]
+    usable = [r for r in replies if usable_message(r)]
     if not usable:
         return None
     return min(enumerate(usable), key=lambda ir: (ir[1].get("rank") is None, ir[1].get("rank") or 0, ir[0]))[1]
@@ -55,7 +74,7 @@ def trees_from_flat(messages: list[dict]) -> list[dict]:
 
 
 def convert_oasst(path: Path, domain: str | None = None, id_prefix: str | None = None, lang: str | None = None,
-                  skipped: Counter | None = None) -> list[dict]:
+                  skipped: Counter | None = None, max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS) -> list[dict]:
     skipped = skipped if skipped is not None else Counter()
     prefix = id_prefix or path.stem
     trees, flat = [], []
@@ -63,6 +82,9 @@ def convert_oasst(path: Path, domain: str | None = None, id_prefix: str | None =
         if not isinstance(item, dict):
             skipped["not_a_message"] += 1
         elif isinstance(item.get("prompt"), dict):
+            if item.get("tree_state") not in (None, READY):
+                skipped["tree_not_ready"] += 1
+                continue
             trees.append(item["prompt"])
         elif "replies" in item:
             trees.append(item)
@@ -76,19 +98,20 @@ def convert_oasst(path: Path, domain: str | None = None, id_prefix: str | None =
         if lang and root.get("lang") not in (None, lang):
             skipped["other_language"] += 1
             continue
+        if root.get("tree_state") not in (None, READY):
+            skipped["tree_not_ready"] += 1
+            continue
+        if not usable_message(root):
+            skipped["prompt_not_usable"] += 1
+            continue
         tree_id = root.get("message_id", t)
-        turn, pending = 0, None
-        for node in best_path(root):
-            role, text = node.get("role"), node.get("text")
-            if not isinstance(text, str) or not text.strip():
-                break
-            if role == "prompter":
-                pending = text
-            elif role == "assistant" and pending is not None:
-                records.append(make_record(f"{prefix}-{tree_id}-t{turn}", pending, text, domain, path.name,
-                                           turn=turn))
-                turn, pending = turn + 1, None
-        if turn == 0:
+        path_msgs = [{"role": "user" if n.get("role") == "prompter" else n.get("role"), "content": n["text"]}
+                     for n in best_path(root)]
+        made = conversation_records(path_msgs, max_history_turns).records
+        for rec in made:
+            records.append(make_record(f"{prefix}-{tree_id}-t{rec['turn']}", rec["question"], rec["answer"], domain,
+                                       path.name, turn=rec["turn"], context=rec.get("context")))
+        if not made:
             skipped["no_answered_prompt"] += 1
     return records
 
@@ -99,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                     "JSON / JSON Lines of trees or flat messages")
     p.add_argument("--lang", type=str, default=None, help="keep only trees in this language (e.g. en)")
     args = p.parse_args(argv)
+    check_input(args.input, "an OASST JSON / JSON Lines export", "convert_oasst", {"json"})
+    check_output_path(args.output)
     skipped = Counter()
-    return finish(convert_oasst(args.input, args.domain, args.id_prefix, args.lang, skipped), skipped, args.output,
-                  "OASST")
+    records = convert_oasst(args.input, args.domain, args.id_prefix, args.lang, skipped, args.max_history_turns)
+    return finish(records, skipped, args.output, "OASST")
 
 
 if __name__ == "__main__":

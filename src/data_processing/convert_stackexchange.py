@@ -24,7 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.data_processing.converter_common import base_parser, finish, make_record, read_items
+from src.data_processing.converter_common import base_parser, check_input, check_output_path, finish, make_record, \
+    read_items
 from src.utils.common import UserError, run_entry_point, setup_logging
 
 BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "table",
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_answers < 1:
         p.error("--max_answers must be at least 1")
+    check_input(args.input, "a StackExchange Posts.xml or questions JSON file", "convert_stackexchange",
+                {"xml", "json"})
+    check_output_path(args.output)
     skipped = Counter()
     records = convert_stackexchange(args.input, args.domain, args.id_prefix, args.min_score, args.max_answers,
                                     skipped)

@@ -1,7 +1,10 @@
 """Near-duplicate detection: MinHash signatures over word 3-gram shingles, LSH banding, exact Jaccard check.
 
 What: two records are near-duplicates when the Jaccard similarity of their sets of word 3-grams (lower-cased
-``\\w+`` words of question + answer) is at least the threshold. MinHash (Broder 1997) estimates it from K
+``\\w+`` words of question + answer; each character of a script without spaces is a word) is at least the
+threshold. Given the question/answer ``pairs``, the check is stricter: the questions' word sets and the answers'
+word 3-grams must both reach the threshold, so a long shared preamble (or one shared answer) alone does not make
+two different tasks duplicates. MinHash (Broder 1997) estimates it from K
 per-record minima; LSH banding (Indyk & Motwani 1998) turns "similar signatures" into "same bucket in one of
 b bands", so candidates are found without comparing all pairs. Every candidate pair is then checked with the
 exact Jaccard similarity, so a reported pair is never a hashing accident.
@@ -19,11 +22,13 @@ from __future__ import annotations
 import re
 import zlib
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-WORD = re.compile(r"\w+")
+from src.data_processing.text_quality import NO_SPACE
+
+WORD = re.compile(f"[{NO_SPACE}]|[^\\W{NO_SPACE}]+")
 SHINGLE_WORDS = 3
 DEFAULT_NUM_PERM = 32
 MAX_ALL_PAIRS_BUCKET = 50  # bigger LSH buckets are checked as a star around their best member plus a chain
@@ -94,8 +99,16 @@ def shingle_set(text: str) -> set[tuple[str, ...]]:
     return set(zip(words, words[1:], words[2:]))
 
 
+def word_set(text: str) -> set[str]:
+    return set(WORD.findall(text.lower()))
+
+
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _pair_sets(pair: tuple[str, str]) -> tuple[set, set]:
+    return word_set(pair[0]), shingle_set(pair[1])
 
 
 def choose_bands(num_perm: int, threshold: float, recall: float = 0.95) -> tuple[int, int]:
@@ -136,9 +149,12 @@ def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> set[tuple[int, in
 
 def find_near_duplicates(texts: Sequence[str], quality: Sequence[float], threshold: float, protected: int = 0,
                          num_perm: int = DEFAULT_NUM_PERM, seed: int = 1,
-                         signatures: np.ndarray | None = None) -> list[tuple[int, int, float]]:
+                         signatures: np.ndarray | None = None,
+                         pairs: Callable[[int], tuple[str, str]] | None = None) -> list[tuple[int, int, float]]:
     """Which texts to drop as near-duplicates: ``(dropped, kept_instead, jaccard)`` triples.
 
+    With ``pairs`` (index -> (question, answer)) the similarity of a candidate is min(Jaccard of the question
+    word sets, Jaccard of the answer 3-gram sets), else the Jaccard of the texts' 3-gram sets.
     The first ``protected`` texts (the test set) are never dropped and not compared with each other. The others
     are visited best first (quality descending, then input order): one is dropped when it is near a text already
     kept, so of each group the better copy stays.
@@ -152,9 +168,14 @@ def find_near_duplicates(texts: Sequence[str], quality: Sequence[float], thresho
     for i, j in candidate_pairs(sig, bands, rows):
         if j < protected:
             continue
-        si = sets.get(i) or sets.setdefault(i, shingle_set(texts[i]))
-        sj = sets.get(j) or sets.setdefault(j, shingle_set(texts[j]))
-        sim = jaccard(si, sj)
+        if pairs is not None:
+            si = sets.get(i) or sets.setdefault(i, _pair_sets(pairs(i)))
+            sj = sets.get(j) or sets.setdefault(j, _pair_sets(pairs(j)))
+            sim = min(jaccard(si[0], sj[0]), jaccard(si[1], sj[1]))
+        else:
+            si = sets.get(i) or sets.setdefault(i, shingle_set(texts[i]))
+            sj = sets.get(j) or sets.setdefault(j, shingle_set(texts[j]))
+            sim = jaccard(si, sj)
         if sim >= threshold:
             neighbours[i].append((j, sim))
             neighbours[j].append((i, sim))

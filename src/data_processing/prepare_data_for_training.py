@@ -1,26 +1,31 @@
-"""Prepare Datasets/ for training: load, validate, normalise, dedup, score, rate, balance, augment, order, split.
+"""Prepare Datasets/ for training: load, validate, normalise, dedup, hold out, score, split, augment, balance, order.
 
 Every input record ends up either in the output or in the stats as dropped, with its reason and its place
-(file, record index, line).
+(file, record index, line). Balancing speaks through per-record ``sample_weight`` values: no real record is
+deleted or copied to reach a domain mix unless --materialise_balance asks for it.
 
-    python src/data_processing/prepare_data_for_training.py
+    python src/data_processing/prepare_data_for_training.py --profile quick
     python -m src.data_processing.prepare_data_for_training --datasets_dir Datasets --seed 42
-    python -m src.data_processing.prepare_data_for_training --max_domain_fraction 1 --min_domain_count 0 \\
-        --synthetic_ratio 0 --near_dup_threshold 1      # every optional stage off
+    python -m src.data_processing.prepare_data_for_training --hf_dataset ./my_saved_dataset:train \\
+        --domain_map domain_map.json --max_domain_fraction 1 --min_domain_count 0 --synthetic_ratio 0
 
 Stages, in order (documentation/DATA_PROCESSING.md has the details and the formulas):
- 1. load every *.json / *.jsonl under --datasets_dir, streamed (not our outputs, the test set, knowledge/);
- 2. validate and normalise (NFC, whitespace; code blocks byte for byte), domain aliases, inferred domains;
- 3. quality score; exact dedup keeping the better copy; test-set overlap and near-duplicates removed;
-    near-duplicates (MinHash/LSH over word 3-grams) keeping the better copy; --min_quality filter;
- 4. split train/validation by a hash of the id, per domain (adding a file moves no existing record);
- 5. synthetic examples from training records (--synthetic_ratio), then domain balancing (cap and floor);
- 6. difficulty, curriculum order (easy to hard per domain, domains interleaved), atomic outputs.
+ 1. load every readable file under --datasets_dir (JSON, JSON Lines, gzipped, CSV, TSV, Parquet) and
+    --hf_dataset, each item read in its shape (documentation/DATASETS.md); other files listed as skipped;
+ 2. validate and normalise (NFC, whitespace; code blocks byte for byte), placeholders and orphan media tokens,
+    domains (record field > --domain_map or file name > classifier), quality and difficulty, exact dedup
+    (on big inputs the per-record work runs on --workers processes);
+ 3. the held-out test set is fixed first (read, or created by a stable hash of the question key), then every
+    record that repeats or nearly repeats one of its questions is removed; near-duplicates (question and answer
+    both close) keep the better copy; --min_quality filter;
+ 4. split train/validation by a hash of the id, per domain, topped up to --validation_fraction;
+ 5. synthetic examples (at most --synthetic_ratio of the output), then domain balancing as sample weights;
+ 6. curriculum order (easy to hard per domain, domains interleaved), atomic outputs.
 
-Outputs (written atomically):
-- ``Datasets/enhanced_training_data.json``: ``{"format_version": 1, "records": [...]}``, one record per line.
+Outputs (written atomically, with the user's umask):
+- ``Datasets/enhanced_training_data.json``: ``{"format_version": N, "records": [...]}``, one record per line.
 - ``Datasets/enhanced_data_stats.json``: counts per file, domain and drop reason (first examples of each), dedup
-  and balancing figures, score histograms, stage timings.
+  and balancing figures (mix before and after), score histograms, stage timings.
 - ``Datasets/test_set.json``: only when it does not exist yet and --create_test_set is on (the default).
 """
 
@@ -31,10 +36,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,232 +48,43 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.data_processing.augmentation import Augmenter
-from src.data_processing.json_stream import iter_file_items
+from src.data_processing.balancing import balance_domains, effective_cap, water_fill  # noqa: F401 (re-exported)
+from src.data_processing.converter_common import check_output_path, write_json_output, apply_umask
+from src.data_processing.domains import (DOMAIN_ALIASES, GENERAL, DomainClassifier, DomainResolver,  # noqa: F401
+                                         load_domain_map, normalise_domain)
+from src.data_processing.loading import (INPUT_PROBLEMS, OUTPUT_NAMES, SKIPPED_DIRS, DropLog,  # noqa: F401
+                                         dataset_files, iter_all_datasets, iter_file_records, load_all_datasets)
 from src.data_processing.near_duplicates import find_near_duplicates
-from src.data_processing.text_quality import CODE_FENCE, difficulty, normalise_text, quality_score
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_open, atomic_write_json, read_json, run_entry_point,
-                              setup_logging, stable_hash)
-from src.utils.data_contract import PREPARED_FORMAT_VERSION, question_key  # noqa: F401 (re-exported)
+from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS
+from src.data_processing.text_quality import content_flags, difficulty, normalise_text, quality_score
+from src.utils.common import PROJECT_ROOT, UserError, atomic_open, read_json, run_entry_point, setup_logging, \
+    stable_hash
+from src.utils.data_contract import PREPARED_FORMAT_VERSION, has_code, question_key  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = PREPARED_FORMAT_VERSION
-OUTPUT_NAMES = {"enhanced_training_data.json", "enhanced_data_stats.json"}
-SKIPPED_DIRS = {"knowledge", "knowledge_base"}  # the knowledge folder and the knowledge step's outputs
-DROP_EXAMPLES = 3  # first examples kept per drop reason in the stats
-# Problems with the input itself; --strict makes each of them fatal (dedup, balancing and --min_quality are not).
-INPUT_PROBLEMS = {"invalid_json", "invalid_utf8", "empty_file", "unreadable_file", "unsupported_shape",
-                  "missing_question", "missing_answer", "wrong_type_question", "wrong_type_answer",
-                  "empty_question", "empty_answer", "control_characters", "too_long"}
-
-DOMAIN_ALIASES = {
-    "security": "cybersecurity", "cyber_security": "cybersecurity", "infosec": "cybersecurity",
-    "information_security": "cybersecurity", "netsec": "cybersecurity",
-    "coding": "programming", "software": "programming", "code": "programming", "software_engineering": "programming",
-    "development": "programming", "dev": "programming",
-    "network": "networking", "networks": "networking", "network_engineering": "networking",
-    "datascience": "data_science", "ml": "data_science", "machine_learning": "data_science",
-    "ai": "data_science", "analytics": "data_science", "statistics": "data_science",
-    "cloud": "cloud_computing", "cloudcomputing": "cloud_computing", "devops": "cloud_computing",
-    "general": "general_conversation", "chat": "general_conversation", "conversation": "general_conversation",
-    "smalltalk": "general_conversation", "small_talk": "general_conversation",
-}
-# Keyword classifier for records without a domain: the domain whose keywords occur most often wins.
-DOMAIN_KEYWORDS = {
-    "cybersecurity": "attack malware phishing encryption firewall vulnerability exploit password authentication "
-                     "tls certificate threat xss injection mfa ransomware breach",
-    "programming": "function python code variable class loop compile javascript git api bug debug list string "
-                   "method object recursion",
-    "networking": "tcp udp ip dns dhcp router subnet packet ethernet port protocol vlan latency bgp switch",
-    "data_science": "model data regression classification dataset feature statistics pandas training accuracy "
-                    "mean variance cluster",
-    "cloud_computing": "cloud aws azure gcp kubernetes container serverless instance region scaling storage "
-                       "terraform docker",
-}
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 SURROGATES = re.compile(r"[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or broken \\u escapes
 TOKEN_PIECE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+")  # GPT-2 pre-tokenizer
-OUTPUT_KEYS = ("id", "question", "answer", "domain", "quality_score", "difficulty", "has_code", "source", "split")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------------
-
-class DropLog:
-    """Counts of dropped records per reason, with the first few examples of each, and per-file counts."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self.examples: dict[str, list] = defaultdict(list)
-        self.per_file: dict[str, Counter] = defaultdict(Counter)
-        self.strict = False
-
-    def drop(self, reason: str, source: str, index: int | None, detail: str = "", line: int | None = None) -> None:
-        if self.strict and reason in INPUT_PROBLEMS:
-            where = f"{source}" + (f", record {index}" if index is not None else "") + \
-                    (f", line {line}" if line is not None and "line " not in detail else "")
-            raise UserError(f"--strict: {reason} in {where}: {detail}")
-        self.counts[reason] += 1
-        self.per_file[source][reason] += 1
-        if len(self.examples[reason]) < DROP_EXAMPLES:
-            ex = {"source": source, "index": index, "detail": detail[:200]}
-            if line is not None:
-                ex["line"] = line
-            self.examples[reason].append(ex)
-
-    def as_dict(self) -> dict:
-        return {reason: {"count": n, "examples": self.examples[reason]} for reason, n in self.counts.most_common()}
-
-
-def _message_text(content: object) -> object:
-    """OpenAI-style content may be a list of parts; their text parts are joined."""
-    if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        return "\n".join(texts) if texts else content
-    return content
-
-
-def _records_from_item(item: object) -> Iterator[dict]:
-    """Map one input item (any shape DESIGN.md accepts) to zero or more ``{question, answer, ...}`` dicts."""
-    if not isinstance(item, dict):
-        return
-    if "question" in item or "answer" in item:
-        yield item
-    elif "instruction" in item and "output" in item:
-        question = item["instruction"]
-        if isinstance(question, str) and isinstance(item.get("input"), str) and item["input"].strip():
-            question = f"{question}\n\n{item['input']}"
-        yield {**item, "question": question, "answer": item["output"]}
-    elif "prompt" in item and "chosen" in item:
-        yield {**item, "question": item["prompt"], "answer": item["chosen"]}
-    elif isinstance(item.get("conversations") or item.get("messages"), list):
-        turns = item.get("conversations") or item.get("messages")
-        pending, turn = None, 0
-        for msg in turns:
-            if not isinstance(msg, dict):
-                continue
-            role = str(msg.get("role", msg.get("from", ""))).lower()
-            content = _message_text(msg.get("content", msg.get("value")))
-            if role in ("user", "human", "prompter"):
-                pending = content
-            elif role in ("assistant", "gpt", "bot", "model") and pending is not None:
-                rec = {"question": pending, "answer": content, "domain": item.get("domain"), "turn": turn}
-                if item.get("id") not in (None, ""):
-                    rec["id"] = f"{item['id']}-t{turn}"
-                yield rec
-                pending, turn = None, turn + 1
-
-
-def dataset_files(datasets_dir: Path, exclude: Iterable[Path] = ()) -> list[Path]:
-    """Input files under ``datasets_dir``, sorted: ``*.json``/``*.jsonl``, not our outputs, not ``exclude``,
-    nothing under ``knowledge/``, ``knowledge_base/`` or a hidden folder."""
-    excluded = {Path(p).resolve() for p in exclude}
-    files = []
-    for path in Path(datasets_dir).rglob("*"):
-        rel = path.relative_to(datasets_dir)
-        if path.suffix not in (".json", ".jsonl") or not path.is_file() or path.name in OUTPUT_NAMES:
-            continue
-        if rel.parts[0] in SKIPPED_DIRS or any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.resolve() in excluded:
-            continue
-        files.append(path)
-    return sorted(files)
-
-
-def iter_file_records(path: Path, rel: str, drops: DropLog, file_stats: dict | None = None) -> Iterator[dict]:
-    """Records of one file, each with ``source``, ``source_index`` and ``source_line``; problems go to ``drops``."""
-    stats = file_stats if file_stats is not None else {}
-    stats.setdefault("items", 0)
-    stats.setdefault("records", 0)
-    for item in iter_file_items(path):
-        if item.error is not None:
-            drops.drop(item.reason, rel, item.index, item.error, item.line)
-            if item.fatal:
-                stats["error"] = item.error
-            continue
-        stats["items"] += 1
-        produced = False
-        for rec in _records_from_item(item.value):
-            produced = True
-            stats["records"] += 1
-            rec = dict(rec)
-            rec["source"], rec["source_index"], rec["source_line"] = rel, item.index, item.line
-            yield rec
-        if not produced:
-            value = item.value
-            detail = f"keys: {sorted(value)[:8]}" if isinstance(value, dict) else f"item is {type(value).__name__}"
-            drops.drop("unsupported_shape", rel, item.index, detail, item.line)
-
-
-def iter_all_datasets(datasets_dir: Path, exclude: Iterable[Path] = (), drops: DropLog | None = None,
-                      per_file: dict | None = None, progress: bool = False) -> Iterator[dict]:
-    """Stream every record of every input file (see ``dataset_files``), with a progress bar on a terminal."""
-    drops = drops if drops is not None else DropLog()
-    per_file = per_file if per_file is not None else {}
-    files = dataset_files(Path(datasets_dir), exclude)
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), unit="file", desc="loading", dynamic_ncols=True)
-    n = 0
-    try:
-        for path in files:
-            rel = path.relative_to(datasets_dir).as_posix()
-            per_file[rel] = {}
-            if bar is not None:
-                bar.set_description(f"loading {rel[-30:]}")
-            for rec in iter_file_records(path, rel, drops, per_file[rel]):
-                n += 1
-                if bar is not None and n % 5000 == 0:
-                    bar.set_postfix(records=n, refresh=False)
-                yield rec
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(records=n)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def load_all_datasets(datasets_dir: Path, exclude: Iterable[Path] = (), drops: DropLog | None = None,
-                      per_file: dict | None = None) -> list[dict]:
-    """Every record of every input file as a list (``iter_all_datasets`` streams the same)."""
-    return list(iter_all_datasets(datasets_dir, exclude, drops, per_file))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation and normalisation
-# ---------------------------------------------------------------------------------------------------------------
-
-def normalise_domain(domain: object) -> str | None:
-    """Lower case, spaces and dashes to ``_``, aliases resolved; None when there is no usable name."""
-    if not isinstance(domain, str) or not domain.strip():
-        return None
-    key = re.sub(r"[\s\-/]+", "_", domain.strip().lower())
-    return sys.intern(DOMAIN_ALIASES.get(key, key))  # one string object per domain, not one per record
-
-
-class DomainClassifier:
-    """Infers a missing domain: cosine against the knowledge step's per-domain term vectors when they exist
-    (``knowledge_base/domain_vectors.json``), else the keyword counts of ``DOMAIN_KEYWORDS``."""
-
-    def __init__(self, vectors: dict[str, dict[str, float]] | None = None) -> None:
-        self.vectors = vectors or {}
-
-    def __call__(self, question: str, answer: str) -> str:
-        words = Counter(re.findall(r"[a-z][a-z0-9_]+", f"{question} {answer}".lower()))
-        if self.vectors:
-            scores = {d: sum(w * words[t] for t, w in vec.items() if t in words) for d, vec in self.vectors.items()}
-        else:
-            scores = {d: sum(words[k] for k in kws.split()) for d, kws in DOMAIN_KEYWORDS.items()}
-        best = max(sorted(scores), key=lambda d: scores[d])
-        return best if scores[best] > 0 else "general_conversation"
+OUTPUT_KEYS = ("id", "question", "answer", "domain", "quality_score", "difficulty", "has_code", "source", "split",
+               "sample_weight")
+KEPT_INPUT_FIELDS = ("context", "turn", "category", "preference")
+POOL_MIN_BYTES = 64 << 20  # inputs under this are processed in this process: a pool's start-up would cost more
+POOL_CHUNK = 4000  # records per task sent to a worker
+# The data-preparation half of each overnight profile (the scripts pass --profile and nothing else). Both follow
+# the rules of documentation/DATA_PROCESSING.md: balance by weights (nothing real dropped or copied), synthetic
+# examples at most 10% of the output, a floor bounded by --max_repeats.
+PROFILES = {
+    "quick": {"max_domain_fraction": 0.3, "min_domain_count": 100, "synthetic_ratio": 0.1,
+              "near_dup_threshold": 0.8, "max_repeats": 3.0, "materialise_balance": False},
+    "rtx3060": {"max_domain_fraction": 0.2, "min_domain_count": 300, "synthetic_ratio": 0.1,
+                "near_dup_threshold": 0.8, "max_repeats": 3.0, "materialise_balance": False},
+}
 
 
 def infer_domain(question: str, answer: str) -> str:
+    """The classifier's domain for a record without one (see ``domains.DomainClassifier``)."""
     return DomainClassifier()(question, answer)
 
 
@@ -276,9 +93,40 @@ def approx_tokens(text: str) -> int:
     return len(TOKEN_PIECE.findall(text))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and the per-record stage
+# ---------------------------------------------------------------------------------------------------------------
+
+def _default_id(rec: dict) -> str:
+    rid = rec.get("id")
+    if rid not in (None, "") and not isinstance(rid, (dict, list)):
+        return str(rid)
+    base = f"{rec.get('source', '?')}#{rec.get('source_index')}"
+    return f"{base}-t{rec['turn']}" if isinstance(rec.get("turn"), int) else base
+
+
+class _FunctionClassifier(DomainClassifier):
+    """A plain ``(question, answer) -> domain`` function used as the classifier (no confidence)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def classify(self, question: str, answer: str) -> tuple[str, float | None]:
+        return self.fn(question, answer), None
+
+
+def _as_classifier(classify) -> DomainClassifier | None:
+    if classify is None or isinstance(classify, DomainClassifier):
+        return classify
+    return _FunctionClassifier(classify)
+
+
 def validate_record(rec: dict, drops: DropLog, max_chars: int, max_tokens: int = 0,
-                    classify=infer_domain) -> dict | None:
-    """The normalised record, or None after logging the reason it is dropped."""
+                    classify=None, resolver: DomainResolver | None = None,
+                    keep_flagged: bool = False) -> dict | None:
+    """The normalised record, or None after logging the reason it is dropped. ``resolver`` decides the domain
+    (record field > --domain_map / file name > classifier); ``classify`` alone replaces the classifier."""
     source, index, line = rec.get("source", "?"), rec.get("source_index"), rec.get("source_line")
     for field in ("question", "answer"):
         value = rec.get(field)
@@ -306,21 +154,139 @@ def validate_record(rec: dict, drops: DropLog, max_chars: int, max_tokens: int =
     if max_tokens and max(approx_tokens(question), approx_tokens(answer)) > max_tokens:
         drops.drop("too_long", source, index, f"over --max_answer_tokens {max_tokens}", line)
         return None
-    domain = normalise_domain(rec.get("domain"))
-    rid = rec.get("id")
-    out = {"id": str(rid) if rid not in (None, "") and not isinstance(rid, (dict, list)) else f"{source}#{index}",
-           "question": question, "answer": answer, "domain": domain or classify(question, answer),
-           "source": source, "source_index": index, "has_code": CODE_FENCE in answer or CODE_FENCE in question}
-    if domain is None:
+    flags = content_flags(question, answer)
+    if flags and not keep_flagged:
+        reason = "placeholder_text" if flags[0] == "placeholder" else "missing_media"
+        detail = "unfilled template slot ({{...}} or [SPECIFIC ...])" if reason == "placeholder_text" else \
+            "an <image>-style token whose media is not in the record"
+        drops.drop(reason, source, index, detail, line)
+        return None
+    if resolver is None:
+        resolver = DomainResolver(classifier=_as_classifier(classify))
+    domain, how, conf = resolver.resolve(rec.get("domain"), source, question, answer)
+    out = {"id": _default_id(rec), "question": question, "answer": answer, "domain": domain,
+           "source": source, "source_index": index, "has_code": has_code(answer) or has_code(question)}
+    if how != "record":
+        out["domain_source"] = how
+    if how == "classifier":
         out["domain_inferred"] = True
-    for key in ("context", "turn"):
+        if conf is not None:
+            out["domain_confidence"] = conf
+    if flags:
+        out["flags"] = flags
+    for key in KEPT_INPUT_FIELDS:
         if rec.get(key) not in (None, ""):
-            out[key] = rec[key]
+            out[key] = normalise_text(rec[key]) if key == "context" and isinstance(rec[key], str) else rec[key]
     if rec.get("synthetic") is True:
         out["synthetic"] = True
         if rec.get("origin") is not None:
             out["origin"] = str(rec["origin"])
     return out
+
+
+class _EventLog:
+    """A DropLog stand-in inside a worker: records the drop events, in order, for the parent to replay."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def drop(self, reason, source, index, detail="", line=None) -> None:
+        self.events.append((reason, source, index, detail, line))
+
+
+class RecordStage:
+    """The per-record work: validate, normalise, flags, domain, quality, difficulty. Picklable settings, so the
+    same object runs in this process or in a worker of the pool."""
+
+    def __init__(self, max_chars: int, max_tokens: int, vectors: dict, domain_map: dict, keep_flagged: bool):
+        self.max_chars, self.max_tokens, self.keep_flagged = max_chars, max_tokens, keep_flagged
+        self.vectors, self.domain_map = vectors, domain_map
+        self._resolver = None
+
+    @property
+    def resolver(self) -> DomainResolver:
+        if self._resolver is None:
+            self._resolver = DomainResolver(self.domain_map, DomainClassifier(self.vectors))
+        return self._resolver
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_resolver"] = None
+        return state
+
+    def one(self, rec: dict, drops) -> dict | None:
+        clean = validate_record(rec, drops, self.max_chars, self.max_tokens, resolver=self.resolver,
+                                keep_flagged=self.keep_flagged)
+        if clean is None:
+            return None
+        clean["source_line"] = rec.get("source_line")
+        clean["quality_score"] = quality_score(clean["question"], clean["answer"])
+        clean["difficulty"] = difficulty(clean["question"], clean["answer"], clean["has_code"])
+        return clean
+
+    def chunk(self, recs: list[dict]) -> tuple[list, list]:
+        """``(results, events)``: one result per record (a dict or None) and the drop events in order."""
+        log = _EventLog()
+        out = []
+        for rec in recs:
+            start = len(log.events)
+            out.append(self.one(rec, log))
+            if out[-1] is None and len(log.events) == start:
+                log.events.append(("invalid_record", rec.get("source"), rec.get("source_index"), "", None))
+        return out, log.events
+
+
+_WORKER_STAGE: RecordStage | None = None
+
+
+def _init_worker(stage: RecordStage) -> None:
+    global _WORKER_STAGE
+    _WORKER_STAGE = stage
+
+
+def _run_chunk(recs: list[dict]) -> tuple[list, list]:
+    return _WORKER_STAGE.chunk(recs)
+
+
+def _chunks(it: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk = []
+    for rec in it:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def process_records(raw: Iterable[dict], stage: RecordStage, drops: DropLog, workers: int) -> Iterator[dict]:
+    """Clean records in input order; with ``workers`` > 1 the per-record work runs in a process pool (chunks of
+    ``POOL_CHUNK``, at most 2 per worker in flight, so memory stays bounded), results and drop events replayed in
+    order, so the output is the same as with one process."""
+    if workers <= 1:
+        for rec in raw:
+            clean = stage.one(rec, drops)
+            if clean is not None:
+                yield clean
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:
+        pending: deque = deque()
+
+        def drain(limit: int) -> Iterator[dict]:
+            while len(pending) > limit:
+                results, events = pending.popleft().result()
+                for event in events:
+                    drops.drop(*event)
+                yield from (r for r in results if r is not None)
+
+        for chunk in _chunks(raw, POOL_CHUNK):
+            pending.append(pool.submit(_run_chunk, chunk))
+            yield from drain(2 * workers)
+        yield from drain(0)
 
 
 def dedup_key(rec: dict) -> bytes:
@@ -346,6 +312,10 @@ class _PairTexts:
     def __iter__(self):
         return (f"{r['question']} {r['answer']}" for r in self.records)
 
+    def pair(self, i: int) -> tuple[str, str]:
+        r = self.records[i]
+        return r["question"], r["answer"]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scores, ordering, split
@@ -358,10 +328,11 @@ def compute_quality_scores(records: list[dict]) -> list[dict]:
     return records
 
 
-def compute_difficulty(records: list[dict]) -> list[dict]:
+def compute_difficulty(records: list[dict], only_missing: bool = False) -> list[dict]:
     """Set ``difficulty`` (1-5) on every record (formula: ``text_quality.difficulty``)."""
     for rec in records:
-        rec["difficulty"] = difficulty(rec["question"], rec["answer"], rec["has_code"])
+        if not only_missing or "difficulty" not in rec:
+            rec["difficulty"] = difficulty(rec["question"], rec["answer"], rec["has_code"])
     return records
 
 
@@ -386,10 +357,12 @@ def stable_fraction(key: str) -> float:
     return stable_hash(key) / 16 ** 12
 
 
-def split_records(records: list[dict], validation_fraction: float, seed: int) -> None:
-    """Validation iff ``stable_fraction(f"{seed}:{id}") < validation_fraction``, applied per domain, so a
-    record's split depends on its own id only: adding a file never moves an existing record. A domain of 10+
-    records whose draw gives no validation record lends its lowest-hash record (stratification floor)."""
+def split_records(records: list[dict], validation_fraction: float, seed: int, synthetic_ratio: float = 0.0) -> None:
+    """Validation iff ``stable_fraction(f"{seed}:{id}") < validation_fraction``, per domain, so a record's split
+    depends on its own id. A domain whose draw falls short is topped up with its lowest-hash training records to
+    ``floor(f * n * (1 + r) / (1 + f * r))`` (r = ``synthetic_ratio``): validation then stays at least the
+    fraction of the domain's output, synthetic training examples included, less one record. Only records just
+    above the threshold move when files are added."""
     by_domain: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         frac = stable_fraction(f"{seed}:{rec['id']}")
@@ -397,24 +370,22 @@ def split_records(records: list[dict], validation_fraction: float, seed: int) ->
         by_domain[rec["domain"]].append(rec)
     if validation_fraction <= 0:
         return
+    f, r = validation_fraction, synthetic_ratio
     for recs in by_domain.values():
-        if len(recs) >= 10 and not any(r["split"] == "validation" for r in recs):
-            min(recs, key=lambda r: stable_fraction(f"{seed}:{r['id']}"))["split"] = "validation"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Synthetic examples and domain balancing
-# ---------------------------------------------------------------------------------------------------------------
-
-def _rank_for_keeping(rec: dict) -> tuple:
-    """Records a cap keeps first: real before synthetic, higher quality, then id (deterministic)."""
-    return (bool(rec.get("synthetic")), -rec.get("quality_score", 0.0), rec["id"])
+        quota = math.floor(f * len(recs) * (1 + r) / (1 + f * r) + 1e-9)
+        have = sum(1 for x in recs if x["split"] == "validation")
+        if have < quota:
+            train = sorted((x for x in recs if x["split"] == "train"),
+                           key=lambda x: (stable_fraction(f"{seed}:{x['id']}"), x["id"]))
+            for x in train[:quota - have]:
+                x["split"] = "validation"
 
 
 def generate_synthetic_examples(records: list[dict], ratio: float, seed: int,
                                 augmenter: Augmenter | None = None) -> list[dict]:
     """New synthetic records from the real training records: per domain at most ``floor(ratio * real train
-    records)`` (fewer when the methods run out). See ``augmentation`` for the methods; deterministic for a seed."""
+    records)``, so they are at most ``ratio`` of the output (fewer when the methods run out). See
+    ``augmentation`` for the methods; deterministic for a seed."""
     if ratio <= 0:
         return []
     train = [r for r in records if r.get("split", "train") == "train" and not r.get("synthetic")]
@@ -423,101 +394,14 @@ def generate_synthetic_examples(records: list[dict], ratio: float, seed: int,
     return augmenter.generate({d: int(math.floor(ratio * n)) for d, n in counts.items()})
 
 
-def _repeats(pool: list[dict], n: int, counter: Counter) -> list[dict]:
-    """``n`` marked copies of ``pool`` records, best first, cycling."""
-    pool = sorted(pool, key=_rank_for_keeping)
-    out = []
-    for k in range(n):
-        origin = pool[k % len(pool)]
-        counter[origin["id"]] += 1
-        copy = {**origin, "id": f"{origin['id']}~rep{counter[origin['id']]}", "synthetic": True,
-                "origin": origin["id"], "augmentation": "repeat"}
-        copy.pop("origins", None)
-        out.append(copy)
-    return out
-
-
 def domain_caps(counts: dict[str, int], max_fraction: float) -> dict[str, int]:
-    """Largest counts with every domain <= max_fraction of the new total (iterated to a fixed point). When
-    fewer than 1 / max_fraction domains exist the cap cannot hold; 1 / (number of domains) is used instead."""
+    """The materialised cap, computed once from the real totals: ``floor(cap * total)`` per domain, the cap raised
+    to 1 / (number of domains) when the asked one cannot hold (see ``balancing.effective_cap``)."""
     if max_fraction >= 1 or not counts:
         return dict(counts)
-    frac = max(max_fraction, 1 / len(counts))
-    caps = dict(counts)
-    for _ in range(100):
-        total = sum(caps.values())
-        limit = max(1, math.floor(frac * total + 1e-9))
-        new = {d: min(c, limit) for d, c in caps.items()}
-        if new == caps:
-            break
-        caps = new
-    return caps
-
-
-def balance_domains(records: list[dict], max_fraction: float = 0.2, min_count: int = 300,
-                    target: dict[str, float] | None = None, seed: int = 42, allow_synthetic: bool = True,
-                    drops: DropLog | None = None, augmenter: Augmenter | None = None) -> tuple[list[dict], dict]:
-    """Cap big domains and raise small ones; returns the records and a report of before/after counts.
-
-    1. Cap: with ``target`` (domain -> weight), the listed domains are cut to weight / sum(weights) of their
-       combined size; otherwise every domain to ``max_fraction`` of the total (``domain_caps``). A capped domain
-       keeps real records before synthetic ones, then the best quality; the rest are dropped (``domain_cap``).
-    2. Floor: a domain under ``min_count`` (or under its target) gets synthetic examples from its training
-       records (when ``allow_synthetic``), then marked repetitions of them, up to that count. Additions go to the
-       train split only, so the validation split stays real.
-    """
-    drops = drops if drops is not None else DropLog()
-    before = Counter(r["domain"] for r in records)
-    wanted = dict(before)
-    if target:
-        listed = {d: w for d, w in target.items() if w > 0}
-        total_listed = sum(before.get(d, 0) for d in listed)
-        weight_sum = sum(listed.values())
-        for d, w in listed.items():
-            wanted[d] = round(w / weight_sum * total_listed)
-    caps = domain_caps(before, max_fraction) if not target else {d: min(c, wanted[d]) for d, c in before.items()}
-    by_domain: dict[str, list[dict]] = defaultdict(list)
-    for rec in records:
-        by_domain[rec["domain"]].append(rec)
-    kept: list[dict] = []
-    capped = Counter()
-    for domain, recs in sorted(by_domain.items()):
-        if len(recs) > caps[domain]:
-            recs = sorted(recs, key=_rank_for_keeping)
-            for rec in recs[caps[domain]:]:
-                drops.drop("domain_cap", rec["source"], rec.get("source_index"), rec["id"])
-            capped[domain] = len(recs) - caps[domain]
-            recs = recs[:caps[domain]]
-        kept.extend(recs)
-    # Floor: fill up to max(min_count, target) with synthetic examples, then repetitions.
-    counts = Counter(r["domain"] for r in kept)
-    goals = {d: max(min_count, wanted.get(d, 0) if target and d in target else 0) for d in counts}
-    need = {d: goals[d] - counts[d] for d in counts if goals[d] > counts[d]}
-    added_syn, added_rep = Counter(), Counter()
-    if need:
-        train = [r for r in kept if r.get("split", "train") == "train" and not r.get("synthetic")]
-        if allow_synthetic:
-            augmenter = augmenter or Augmenter(train, seed, {question_key(r["question"]) for r in kept})
-            for rec in augmenter.generate(need):
-                kept.append(rec)
-                added_syn[rec["domain"]] += 1
-        train_by_domain: dict[str, list[dict]] = defaultdict(list)
-        for rec in train:
-            train_by_domain[rec["domain"]].append(rec)
-        rep_counter: Counter = Counter()
-        for domain, n in sorted(need.items()):
-            missing = n - added_syn[domain]
-            pool = train_by_domain.get(domain)
-            if missing > 0 and pool:
-                copies = _repeats(pool, missing, rep_counter)
-                kept.extend(copies)
-                added_rep[domain] = len(copies)
-    after = Counter(r["domain"] for r in kept)
-    report = {"before": dict(sorted(before.items())), "after": dict(sorted(after.items())),
-              "capped": dict(sorted(capped.items())), "synthetic_added": dict(sorted(added_syn.items())),
-              "repeated_added": dict(sorted(added_rep.items())),
-              "settings": {"max_domain_fraction": max_fraction, "min_domain_count": min_count, "target": target}}
-    return kept, report
+    frac, _ = effective_cap(max_fraction, len(counts))
+    limit = max(1, math.floor(frac * sum(counts.values()) + 1e-9))
+    return {d: min(c, limit) for d, c in counts.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,26 +416,29 @@ def histogram(values: Iterable[float], bins: int = 10, low: float = 0.0, high: f
 
 
 def write_prepared(path: Path, records: list[dict]) -> None:
-    """``{"format_version": 1, "records": [...]}`` with one record per line, streamed through
-    :func:`atomic_open` (no half-written file, no second copy of the data in memory)."""
+    """``{"format_version": N, "records": [...]}`` with one record per line, streamed through
+    :func:`atomic_open` (no half-written file, no second copy of the data in memory), mode from the umask."""
     with atomic_open(path) as fh:
         fh.write(f'{{"format_version": {FORMAT_VERSION}, "records": [\n')
         dumps = json.JSONEncoder(ensure_ascii=False).encode
         for i, rec in enumerate(records):
             out = {k: rec[k] for k in OUTPUT_KEYS}
             for k, v in rec.items():
-                if k not in out and k != "source_line":
+                if k not in out and k not in ("source_line", "source_index"):
                     out[k] = v
+            out["source_index"] = rec.get("source_index")
             fh.write((",\n" if i else "") + dumps(out))
         fh.write("\n]}\n")
+    apply_umask(path)
 
 
 def load_test_set(path: Path, max_chars: int) -> list[dict]:
     """Validated records of the held-out test set (problems there are logged, never fatal)."""
     test_drops = DropLog()
     out = []
+    resolver = DomainResolver()
     for rec in iter_file_records(path, path.name, test_drops):
-        clean = validate_record(rec, test_drops, max_chars)
+        clean = validate_record(rec, test_drops, max_chars, resolver=resolver, keep_flagged=True)
         if clean is not None:
             out.append(clean)
     if test_drops.counts:
@@ -584,31 +471,31 @@ class _Timer:
         self._t = now
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Run every stage; write the prepared file and the stats; return the stats."""
-    timer = _Timer()
-    datasets_dir = Path(args.datasets_dir)
-    if not datasets_dir.is_dir():
-        raise UserError(f"--datasets_dir {datasets_dir} is not a folder")
-    test_path = Path(args.test_set) if args.test_set else None
-    kb_dir = Path(args.knowledge_base) if args.knowledge_base else None
-    contexts, vectors = load_knowledge(kb_dir)
-    classify = DomainClassifier(vectors)
-    drops, per_file = DropLog(), {}
-    drops.strict = args.strict
+def _input_bytes(datasets_dir: Path, exclude: list[Path]) -> int:
+    return sum(p.stat().st_size for p in dataset_files(datasets_dir, exclude))
 
-    # --- 1-3. load, validate, score, exact dedup (one streaming pass) ------------------------------------------
+
+def _load_dedup(args, datasets_dir: Path, test_path: Path | None, stage: RecordStage, drops: DropLog,
+                per_file: dict, skipped: list) -> tuple[list[dict], int]:
+    """Stages 1-2 in one streaming pass: records validated, scored and exactly deduplicated (the better copy
+    stays, in the first one's place); returns them and the number of records read."""
+    exclude = [test_path] if test_path else []
+    workers = args.workers if args.workers > 0 else min(2, os.cpu_count() or 1)
+    if args.workers == 0 and _input_bytes(datasets_dir, exclude) < POOL_MIN_BYTES:
+        workers = 1
+    loaded = [0]
+
+    def raw() -> Iterator[dict]:
+        for rec in iter_all_datasets(datasets_dir, exclude, drops, per_file, progress=True, skipped=skipped,
+                                     max_history_turns=args.max_history_turns, tool_calls=args.tool_calls,
+                                     hf_dataset=args.hf_dataset):
+            loaded[0] += 1
+            yield rec
+
     records: list[dict] = []
-    seen: dict[str, int] = {}  # dedup key -> position in records
+    seen: dict[bytes, int] = {}  # dedup key -> position in records
     seen_ids: set[str] = set()
-    loaded = 0
-    for rec in iter_all_datasets(datasets_dir, [test_path] if test_path else [], drops, per_file, progress=True):
-        loaded += 1
-        clean = validate_record(rec, drops, args.max_answer_chars, args.max_answer_tokens, classify)
-        if clean is None:
-            continue
-        clean["source_line"] = rec["source_line"]
-        clean["quality_score"] = quality_score(clean["question"], clean["answer"])
+    for clean in process_records(raw(), stage, drops, workers):
         key = dedup_key(clean)
         pos = seen.get(key)
         if pos is not None:
@@ -625,17 +512,28 @@ def prepare(args: argparse.Namespace) -> dict:
         seen_ids.add(clean["id"])
         seen[key] = len(records)
         records.append(clean)
-    del seen
     for rec in records:
         rec.pop("source_line", None)
-        if rec["id"] in contexts and "context" not in rec:
-            rec["context"] = contexts[rec["id"]]
-    timer.lap("load_validate_dedup")
+    return records, loaded[0]
 
-    # --- test set: keep it apart, remove its duplicates from training ------------------------------------------
+
+def hold_out_test_set(args, records: list[dict], test_path: Path | None,
+                      drops: DropLog) -> tuple[list[dict], list[dict], list[dict] | None]:
+    """Stage 3a: ``(records, test_records, created)``. The test set is read, or created from the records by a
+    stable hash of the question key (all copies of a question go to the same side); then every record whose
+    question key or dedup key matches a test record is removed, on this run, whichever way the set came."""
+    created = None
     test_records: list[dict] = []
     if test_path is not None and test_path.exists():
         test_records = load_test_set(test_path, args.max_answer_chars)
+    elif test_path is not None and args.create_test_set:
+        chosen = [r for r in records
+                  if stable_fraction(f"test:{args.seed}:{question_key(r['question'])}") < args.test_fraction]
+        chosen_ids = {r["id"] for r in chosen}
+        records = [r for r in records if r["id"] not in chosen_ids]
+        test_records = chosen
+        created = [{k: r[k] for k in ("id", "question", "answer", "domain", "source")} for r in chosen]
+    if test_records:
         test_keys = {dedup_key(r) for r in test_records}
         test_questions = {question_key(r["question"]) for r in test_records}
         kept = []
@@ -645,42 +543,80 @@ def prepare(args: argparse.Namespace) -> dict:
             else:
                 kept.append(rec)
         records = kept
-    elif test_path is not None and args.create_test_set:
-        # No held-out set yet: take a stable hash-chosen slice once, and keep it apart from now on.
-        test_records = [r for r in records if stable_fraction(f"test:{r['id']}") < args.test_fraction]
-        chosen = {r["id"] for r in test_records}
-        records = [r for r in records if r["id"] not in chosen]
-        atomic_write_json(test_path, [{k: r[k] for k in ("id", "question", "answer", "domain", "source")}
-                                      for r in test_records])
-        logger.info("created held-out test set %s with %d records", test_path, len(test_records))
+    return records, test_records, created
+
+
+def remove_near_duplicates(args, records: list[dict], test_records: list[dict], drops: DropLog) -> tuple:
+    """Stage 3b: near-duplicates of test questions, then among the records (the better copy stays). Two
+    records are near-duplicates only when their questions and their answers are both close."""
+    near_pairs: list[dict] = []
+    if args.near_dup_threshold >= 1 or not records:
+        return records, near_pairs
+    texts = _PairTexts(test_records, records)
+    quality = [1.0] * len(test_records) + [r["quality_score"] for r in records]
+    found = find_near_duplicates(texts, quality, args.near_dup_threshold, protected=len(test_records),
+                                 seed=args.seed, pairs=texts.pair)
+    offset = len(test_records)
+    remove = set()
+    for i, j, sim in found:
+        rec = records[i - offset]
+        if j < offset:
+            drops.drop("test_set_near_duplicate", rec["source"], rec["source_index"],
+                       f"{rec['id']} ~ test {test_records[j]['id']} (similarity {sim})")
+            other = f"test:{test_records[j]['id']}"
+        else:
+            drops.drop("near_duplicate", rec["source"], rec["source_index"],
+                       f"{rec['id']} ~ {records[j - offset]['id']} (similarity {sim})")
+            other = records[j - offset]["id"]
+        remove.add(i - offset)
+        if len(near_pairs) < 200:
+            near_pairs.append({"dropped": rec["id"], "kept": other, "similarity": sim})
+    return [r for k, r in enumerate(records) if k not in remove], near_pairs
+
+
+def _check_paths(args) -> None:
+    """Every output path is usable before anything is written (a folder given as --output is an error now,
+    not after the test set was written)."""
+    check_output_path(Path(args.output), "--output")
+    if args.stats_output:
+        check_output_path(Path(args.stats_output), "--stats_output")
+    if args.test_set and Path(args.test_set).is_dir():
+        raise UserError(f"--test_set {args.test_set} is a folder; give the test set's file name, e.g. "
+                        f"{Path(args.test_set) / 'test_set.json'}")
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Run every stage; write the prepared file, the stats and a created test set; return the stats."""
+    timer = _Timer()
+    datasets_dir = Path(args.datasets_dir)
+    if not datasets_dir.is_dir():
+        raise UserError(f"--datasets_dir {datasets_dir} is not a folder" if datasets_dir.exists() else
+                        f"--datasets_dir {datasets_dir} does not exist")
+    _check_paths(args)
+    test_path = Path(args.test_set) if args.test_set else None
+    kb_dir = Path(args.knowledge_base) if args.knowledge_base else None
+    contexts, vectors = load_knowledge(kb_dir)
+    domain_map = {}
+    if args.domain_map:
+        try:
+            domain_map = load_domain_map(args.domain_map)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--domain_map {args.domain_map}: {err}") from err
+    stage = RecordStage(args.max_answer_chars, args.max_answer_tokens, vectors, domain_map, args.keep_flagged)
+    drops, per_file, skipped = DropLog(), {}, []
+    drops.strict = args.strict
+
+    records, loaded = _load_dedup(args, datasets_dir, test_path, stage, drops, per_file, skipped)
+    for rec in records:
+        if rec["id"] in contexts and "context" not in rec:
+            rec["context"] = contexts[rec["id"]]
+    valid_distinct = len(records)
+    timer.lap("load_validate_dedup")
+
+    records, test_records, created = hold_out_test_set(args, records, test_path, drops)
     timer.lap("test_set")
-
-    # --- near duplicates (test-set ones first) -----------------------------------------------------------------
-    near_pairs = []
-    if args.near_dup_threshold < 1 and records:
-        texts = _PairTexts(test_records, records)
-        quality = [1.0] * len(test_records) + [r["quality_score"] for r in records]
-        found = find_near_duplicates(texts, quality, args.near_dup_threshold, protected=len(test_records),
-                                     seed=args.seed)
-        del texts
-        offset = len(test_records)
-        remove = set()
-        for i, j, sim in found:
-            rec = records[i - offset]
-            if j < offset:
-                drops.drop("test_set_near_duplicate", rec["source"], rec["source_index"],
-                           f"{rec['id']} ~ test {test_records[j]['id']} (Jaccard {sim})")
-                other = f"test:{test_records[j]['id']}"
-            else:
-                drops.drop("near_duplicate", rec["source"], rec["source_index"],
-                           f"{rec['id']} ~ {records[j - offset]['id']} (Jaccard {sim})")
-                other = records[j - offset]["id"]
-            remove.add(i - offset)
-            if len(near_pairs) < 200:
-                near_pairs.append({"dropped": rec["id"], "kept": other, "jaccard": sim})
-        records = [r for k, r in enumerate(records) if k not in remove]
+    records, near_pairs = remove_near_duplicates(args, records, test_records, drops)
     timer.lap("near_duplicates")
-
     if args.min_quality > 0:
         kept = []
         for rec in records:
@@ -695,83 +631,120 @@ def prepare(args: argparse.Namespace) -> dict:
     real_count = len(records)
     timer.lap("min_quality")
 
-    # --- 4-5. split, synthetic examples, balancing ----------------------------------------------------------------
-    split_records(records, args.validation_fraction, args.seed)
-    train = [r for r in records if r["split"] == "train" and not r.get("synthetic")]
-    augmenter = Augmenter(train, args.seed, {question_key(r["question"]) for r in records}) \
-        if args.synthetic_ratio > 0 else None
+    split_records(records, args.validation_fraction, args.seed, args.synthetic_ratio)
+    augmenter = None
+    if args.synthetic_ratio > 0:
+        train = [r for r in records if r["split"] == "train" and not r.get("synthetic")]
+        augmenter = Augmenter(train, args.seed, {question_key(r["question"]) for r in records + test_records})
     synthetic = generate_synthetic_examples(records, args.synthetic_ratio, args.seed, augmenter)
     compute_quality_scores(synthetic)
     records.extend(synthetic)
     target = read_json(args.target_distribution, "--target_distribution") if args.target_distribution else None
+    if target:
+        target = {normalise_domain(d) or d: w for d, w in target.items()}
     records, balance = balance_domains(records, args.max_domain_fraction, args.min_domain_count, target, args.seed,
-                                       allow_synthetic=args.synthetic_ratio > 0, drops=drops, augmenter=augmenter)
+                                       allow_synthetic=args.synthetic_ratio > 0, drops=drops, augmenter=augmenter,
+                                       materialise=args.materialise_balance, max_repeats=args.max_repeats,
+                                       synthetic_ratio=args.synthetic_ratio)
     for rec in records:
         if "quality_score" not in rec:
             rec["quality_score"] = quality_score(rec["question"], rec["answer"])
     timer.lap("split_augment_balance")
 
-    # --- 6. difficulty, curriculum order, outputs ------------------------------------------------------------------
-    compute_difficulty(records)
+    compute_difficulty(records, only_missing=True)
     records = apply_curriculum_ordering(records)
     timer.lap("difficulty_curriculum")
     output = Path(args.output)
     write_prepared(output, records)
+    if created is not None:
+        write_json_output(test_path, created)
+        logger.info("created held-out test set %s with %d records", test_path, len(created))
     timer.lap("write")
+    stats = build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
+                        valid_distinct, real_count, timer)
+    write_json_output(Path(args.stats_output) if args.stats_output else output.with_name("enhanced_data_stats.json"),
+                      stats)
+    return stats
 
+
+def build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
+                valid_distinct, real_count, timer) -> dict:
+    """The stats file's content (documentation/DATA_PROCESSING.md, "Stats")."""
     final_by_file = Counter(r["source"] for r in records if not r.get("synthetic"))
     for rel, info in per_file.items():
         info["kept"] = final_by_file.get(rel, 0)
         info["dropped"] = dict(drops.per_file.get(rel, {}))
     split_counts = Counter((r["domain"], r["split"]) for r in records)
     domains = sorted({r["domain"] for r in records})
-    stats = {
+    real_out = sum(1 for r in records if not r.get("synthetic"))
+    added = sum(1 for r in records if r.get("synthetic"))
+    return {
         "format_version": FORMAT_VERSION,
-        "input_records": loaded + sum(drops.counts[r] for r in ("invalid_json", "unsupported_shape")),
+        "input_records": loaded + sum(drops.counts[r] for r in ("invalid_json", "unsupported_shape",
+                                                                "pretraining_text", "undesirable_example",
+                                                                "tool_call_conversation", "no_answered_turn")),
         "loaded_records": loaded,
+        "valid_distinct_records": valid_distinct,
         "output_records": len(records),
         "real_records": real_count,
-        "synthetic_records": sum(bool(r.get("synthetic")) for r in records),
+        "real_kept_share": round((real_out + len(test_records)) / valid_distinct, 4) if valid_distinct else 0.0,
+        "synthetic_records": added,
+        "synthetic_share": round(added / len(records), 4) if records else 0.0,
         "train_records": sum(r["split"] == "train" for r in records),
         "validation_records": sum(r["split"] == "validation" for r in records),
         "test_records": len(test_records),
+        "skipped_files": skipped,
         "per_file": dict(sorted(per_file.items())),
         "per_domain": {d: {"train": split_counts[(d, "train")], "validation": split_counts[(d, "validation")],
-                           "synthetic": sum(1 for r in records if r["domain"] == d and r.get("synthetic"))}
+                           "synthetic": sum(1 for r in records if r["domain"] == d and r.get("synthetic")),
+                           "sample_weight": balance.get("weights", {}).get(d, 1.0)}
                        for d in domains},
+        "domain_sources": dict(sorted(Counter(r.get("domain_source", "record") for r in records
+                                              if not r.get("synthetic")).items())),
         "domain_inferred": sum(bool(r.get("domain_inferred")) for r in records),
         "dropped": drops.as_dict(),
         "dropped_total": sum(drops.counts.values()),
+        "set_aside": dict(sorted(drops.notes.items())),
         "dedup": {"exact": drops.counts["exact_duplicate"], "near": drops.counts["near_duplicate"],
                   "test_set_exact": drops.counts["test_set_duplicate"],
                   "test_set_near": drops.counts["test_set_near_duplicate"],
                   "near_threshold": args.near_dup_threshold, "near_pairs": near_pairs},
         "balancing": balance,
-        "synthetic_by_method": dict(Counter(r.get("augmentation", "?") for r in records if r.get("synthetic"))),
+        "synthetic_by_method": dict(sorted(Counter(r.get("augmentation", "?") for r in records
+                                                   if r.get("synthetic")).items())),
+        "flagged": dict(sorted(Counter(f for r in records for f in r.get("flags", ())).items())),
         "quality_histogram": histogram(r["quality_score"] for r in records),
         "difficulty_counts": {str(k): v for k, v in sorted(Counter(r["difficulty"] for r in records).items())},
         "with_code": sum(r["has_code"] for r in records),
         "timings_s": timer.times,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    atomic_write_json(Path(args.stats_output) if args.stats_output else output.with_name("enhanced_data_stats.json"),
-                      stats)
-    return stats
 
 
 def summary_table(stats: dict) -> str:
-    """The console summary: one row per domain, then the drop reasons."""
+    """The console summary: per domain the real count, the mix before and after and how it is reached, the
+    splits; then balancing notes, skipped files and the drop reasons."""
     balance = stats["balancing"]
-    rows = [("domain", "before", "capped", "synthetic", "train", "validation")]
+    rows = [("domain", "real", "share", "-> share", "weight", "synthetic", "train", "validation")]
     for d, info in stats["per_domain"].items():
-        rows.append((d, str(balance["before"].get(d, 0)), str(balance["capped"].get(d, 0)), str(info["synthetic"]),
-                     str(info["train"]), str(info["validation"])))
-    rows.append(("total", str(sum(balance["before"].values())), str(sum(balance["capped"].values())),
+        rows.append((d, str(balance.get("train_before", {}).get(d, 0)),
+                     f"{balance.get('share_before', {}).get(d, 0):.3f}",
+                     f"{balance.get('share_after', {}).get(d, 0):.3f}", f"{info['sample_weight']:.3f}",
+                     str(info["synthetic"]), str(info["train"]), str(info["validation"])))
+    rows.append(("total", str(sum(balance.get("train_before", {}).values())), "1", "1", "",
                  str(stats["synthetic_records"]), str(stats["train_records"]), str(stats["validation_records"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    how = ("by sample weights (no record removed or copied)" if balance.get("method") == "weights" else
+           f"materialised: capped {balance.get('capped')}, synthetic {balance.get('synthetic_added')}, "
+           f"repeats {balance.get('repeated_added')}")
+    lines.append(f"balance {how}; real records kept {stats['real_kept_share']:.1%} (test set included), "
+                 f"synthetic {stats['synthetic_share']:.1%} of the output")
+    lines.extend(f"  note: {n}" for n in balance.get("notes", []))
+    for s in stats.get("skipped_files", []):
+        lines.append(f"  skipped {s['file']}: read it with {s['converter']}")
     if stats["dropped"]:
         lines.append("")
         lines.append("dropped (reason: count, first example)")
@@ -779,13 +752,22 @@ def summary_table(stats: dict) -> str:
             ex = info["examples"][0] if info["examples"] else {}
             where = f"{ex.get('source')}" + (f" #{ex['index']}" if ex.get("index") is not None else "")
             lines.append(f"  {reason}: {info['count']}  ({where} {ex.get('detail', '')})"[:160])
+    if stats.get("set_aside"):
+        lines.append("set aside (not trained on, not records): " +
+                     ", ".join(f"{k} {v}" for k, v in stats["set_aside"].items()))
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Prepare Datasets/ for training (see documentation/DATA_PROCESSING.md).")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="data-preparation settings of an overnight profile (quick, rtx3060); flags given "
+                        "explicitly win over the profile's")
     io = p.add_argument_group("files")
     io.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets", help="input folder")
+    io.add_argument("--hf_dataset", type=str, default=None,
+                    help="also read a Hugging Face dataset, NAME[:SPLIT] (default split train): a folder written "
+                         "by Dataset.save_to_disk, a local dataset folder, or a hub name (needs the network)")
     io.add_argument("--output", type=Path, default=None,
                     help="prepared file (default: <datasets_dir>/enhanced_training_data.json)")
     io.add_argument("--stats_output", type=Path, default=None, help="stats file (default: next to --output)")
@@ -794,10 +776,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--create_test_set", action=argparse.BooleanOptionalAction, default=True,
                     help="create the test set from the data when it does not exist (default on; with "
                          "--no-create_test_set a missing test set means no held-out set)")
-    io.add_argument("--test_fraction", type=float, default=0.1, help="share of records for a created test set")
+    io.add_argument("--test_fraction", type=float, default=0.1, help="share of questions for a created test set")
     io.add_argument("--knowledge_base", type=Path, default=None,
                     help="outputs of knowledge_base_enhancer_main.py (contexts, domain vectors), used when present "
                          "(default: <datasets_dir>/knowledge_base)")
+    io.add_argument("--workers", type=int, default=0,
+                    help="processes for the per-record stage (0 = up to 2, on inputs over 64 MB only; 1 = this "
+                         "process)")
+    rd = p.add_argument_group("reading")
+    rd.add_argument("--max_history_turns", type=int, default=DEFAULT_MAX_HISTORY_TURNS,
+                    help="earlier exchanges of a conversation kept as each turn's context (0 = none; the "
+                         "converters use the same default)")
+    rd.add_argument("--tool_calls", choices=("keep", "drop"), default="keep",
+                    help="conversations with tool calls: keep (tool turns become context) or drop them whole")
+    rd.add_argument("--domain_map", type=Path, default=None,
+                    help='JSON file {"file-name pattern": "domain", ...} for records without a domain field')
     va = p.add_argument_group("validation and dedup")
     va.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                     help="make any unreadable file or invalid record fatal")
@@ -805,20 +798,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="drop records whose question or answer is longer (characters)")
     va.add_argument("--max_answer_tokens", type=int, default=0,
                     help="drop records whose question or answer has more GPT-2 pre-tokens (0 = off)")
+    va.add_argument("--keep_flagged", action=argparse.BooleanOptionalAction, default=False,
+                    help="keep records with unfilled placeholders or orphan <image> tokens (marked in 'flags') "
+                         "instead of dropping them")
     va.add_argument("--near_dup_threshold", type=float, default=0.8,
-                    help="Jaccard similarity of word 3-grams at which two records are near-duplicates (1 = off)")
+                    help="similarity at which two records are near-duplicates: question word sets AND answer word "
+                         "3-grams both at least this Jaccard (1 = off)")
     va.add_argument("--min_quality", type=float, default=0.0, help="drop records scoring below this (0 = off)")
     st = p.add_argument_group("split, balance and augmentation")
     st.add_argument("--seed", type=int, default=42, help="seed of the split, the MinHash and the augmentation")
     st.add_argument("--validation_fraction", type=float, default=0.1, help="validation share per domain")
     st.add_argument("--max_domain_fraction", type=float, default=0.2,
-                    help="cap every domain at this share of the total (1 = off)")
+                    help="no domain above this share of the training draws (1 = off; raised to 1/#domains when "
+                         "lower is impossible)")
     st.add_argument("--min_domain_count", type=int, default=300,
-                    help="raise smaller domains to this many records, synthetic then repeated (0 = off)")
+                    help="raise smaller domains towards this many draws per epoch, bounded by --max_repeats (0 = off)")
     st.add_argument("--target_distribution", type=Path, default=None,
-                    help='JSON file {"domain": weight, ...}: listed domains are cut or filled to these shares')
+                    help='JSON file {"domain": weight, ...}: listed domains share their combined size so')
+    st.add_argument("--max_repeats", type=float, default=3.0,
+                    help="largest sample weight of a record; with --materialise_balance, most copies of one record")
+    st.add_argument("--materialise_balance", action=argparse.BooleanOptionalAction, default=False,
+                    help="write the balance into the file (drop surplus, add synthetic examples and marked "
+                         "repeats) instead of sample weights")
     st.add_argument("--synthetic_ratio", type=float, default=0.1,
-                    help="synthetic examples per real training record and domain, at most (0 = off)")
+                    help="most synthetic plus repeated records, as a share of the output (0 = off)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _build_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.profile:
+        p.set_defaults(**PROFILES[pre.profile])
     args = p.parse_args(argv)
     if not 0 <= args.validation_fraction < 1:
         p.error("--validation_fraction must be in [0, 1)")
@@ -836,8 +847,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max_domain_fraction must be in (0, 1] (1 = off)")
     if args.min_domain_count < 0:
         p.error("--min_domain_count must be 0 (off) or more")
-    if not 0 <= args.synthetic_ratio <= 10:
-        p.error("--synthetic_ratio must be in [0, 10] (0 = off)")
+    if not 0 <= args.synthetic_ratio < 1:
+        p.error("--synthetic_ratio must be in [0, 1): it is the largest synthetic share of the output (0 = off)")
+    if args.max_repeats < 1:
+        p.error("--max_repeats must be at least 1")
+    if args.max_history_turns < 0:
+        p.error("--max_history_turns must be 0 or more")
+    if args.workers < 0:
+        p.error("--workers must be 0 (auto) or more")
     if args.target_distribution is not None:
         target = read_json(args.target_distribution, "--target_distribution")
         if not isinstance(target, dict) or not target or not all(
@@ -855,6 +872,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    if args.profile:
+        logger.info("profile %s: %s", args.profile,
+                    ", ".join(f"--{k} {getattr(args, k)}" for k in PROFILES[args.profile]))
     stats = prepare(args)
     logger.info("prepared %d records (%d train, %d validation, %d synthetic; %d held out for test) -> %s",
                 stats["output_records"], stats["train_records"], stats["validation_records"],

@@ -22,7 +22,21 @@ STOPWORDS = frozenset(
     "what does this that with from have which when where your about there their would could should into they "
     "them then than these those been were will some more most also just like make many much very such explain "
     "describe tell give show please difference between work works used using".split())
-TERMINAL = (".", "!", "?", ":", ")", "]", '"', "'", CODE_FENCE)
+TERMINAL = (".", "!", "?", ":", ")", "]", '"', "'", CODE_FENCE, "\u3002", "\uff01", "\uff1f", "\uff1a", "\uff09",
+            "\u300d", "\u300f", "\u2026", "\u0964")  # CJK full stop, full-width ! ? : ), corner quotes, ellipsis, danda
+# Scripts written without spaces between words (CJK, kana, Thai, Lao, Myanmar, Khmer): their length is counted
+# in characters, CHARS_PER_WORD characters making one word, so a Chinese answer is as "long" as its English twin.
+NO_SPACE = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+UNIT = re.compile(f"[{NO_SPACE}]|[^\\s{NO_SPACE}]+")
+NO_SPACE_CHAR = re.compile(f"[{NO_SPACE}]")
+CHARS_PER_WORD = 1.6
+UNICODE_CONTENT_WORD = re.compile(r"[^\W\d_]{4,}")
+CJK_RUN = re.compile(f"[{NO_SPACE}]{{2,}}")
+# Characters of Chinese question words and particles: a bigram holding one says nothing about the topic.
+CJK_STOP = set("什么是的了吗呢请如何为怎样哪些一个和与在有这那我你他她它们把被就都也还又能会要可以中")
+# Content problems that make a record untrainable: unfilled template slots and media tokens whose media is gone.
+PLACEHOLDER = re.compile(r"\{\{[^{}\n]{1,80}\}\}|\[(?:SPECIFIC|INSERT|YOUR|ENTER|ADD|PLACEHOLDER)\b[^\]\n]{0,80}\]")
+MEDIA_TOKEN = re.compile(r"<(?:image|img|video|audio|speech)>", re.IGNORECASE)
 SHOUTING = re.compile(r"[!?]{3,}")
 _BOILERPLATE = (r"\bas an ai\b", r"\blanguage model\b", r"\bi(?:'m| am) (?:sorry|unable)\b",
                 r"\bi cannot (?:help|answer)\b", r"\blorem ipsum\b", r"\bclick here\b", r"\bsubscribe\b",
@@ -78,7 +92,47 @@ def code_blocks(text: str) -> list[str]:
 # Quality
 # ---------------------------------------------------------------------------------------------------------------
 
-def _length_part(n_words: int) -> float:
+def text_units(text: str) -> list[str]:
+    """Word-like units: whitespace-separated words, and each character of a script without spaces on its own."""
+    if text.isascii():
+        return text.split()
+    return UNIT.findall(text)
+
+
+def length_in_words(text: str, units: list[str] | None = None) -> float:
+    """Length in words, a character of a script without spaces counting 1 / CHARS_PER_WORD of a word."""
+    if text.isascii():
+        return len(units) if units is not None else len(text.split())
+    units = units if units is not None else text_units(text)
+    cjk = len(NO_SPACE_CHAR.findall(text))
+    return len(units) - cjk + cjk / CHARS_PER_WORD
+
+
+def content_terms(text: str) -> set[str]:
+    """Topic-bearing terms: 4+ letter words that are not stopwords (every script with spaces), and character
+    bigrams of scripts without spaces that hold no question word or particle."""
+    lowered = text.lower()
+    if text.isascii():
+        return {w for w in CONTENT_WORD.findall(lowered) if w not in STOPWORDS}
+    terms = {w for w in UNICODE_CONTENT_WORD.findall(lowered) if w not in STOPWORDS and not NO_SPACE_CHAR.search(w)}
+    for run in CJK_RUN.findall(text):
+        terms.update(run[i:i + 2] for i in range(len(run) - 1) if not (set(run[i:i + 2]) & CJK_STOP))
+    return terms
+
+
+def content_flags(*texts: str) -> list[str]:
+    """``placeholder`` (an unfilled ``{{slot}}`` or ``[SPECIFIC ...]`` template) and ``missing_media`` (an
+    ``<image>``-style token whose media is not part of a text record), in that order, each at most once."""
+    flags = []
+    joined = "\n".join(t for t in texts if t)
+    if ("{{" in joined or "[" in joined) and PLACEHOLDER.search(joined):
+        flags.append("placeholder")
+    if "<" in joined and MEDIA_TOKEN.search(joined):
+        flags.append("missing_media")
+    return flags
+
+
+def _length_part(n_words: float) -> float:
     if n_words < 3:
         return 0.0
     if n_words < 20:
@@ -115,11 +169,11 @@ def _mostly_capitals(text: str) -> bool:
 
 def quality_components(question: str, answer: str) -> dict[str, float]:
     """The six parts of the quality score, each in [0, 1] (see ``quality_score``)."""
-    words = answer.split()
-    n = len(words)
-    q_words = {w for w in CONTENT_WORD.findall(question.lower()) if w not in STOPWORDS}
+    words = text_units(answer)
+    n = length_in_words(answer, words)
+    q_words = content_terms(question)
     if q_words:
-        a_words = set(CONTENT_WORD.findall(answer.lower()))
+        a_words = content_terms(answer)
         relevance = min(1.0, 2 * len(q_words & a_words) / len(q_words))
     else:
         relevance = 0.5
@@ -128,7 +182,7 @@ def quality_components(question: str, answer: str) -> dict[str, float]:
         formatting -= 0.5
     if (("!" in answer or "?" in answer) and SHOUTING.search(answer)) or _mostly_capitals(answer):
         formatting -= 0.5
-    if n >= 3:
+    if len(words) >= 3:
         trigrams = list(zip(words, words[1:], words[2:]))
         repetition = len(set(trigrams)) / len(trigrams)
     else:
@@ -144,14 +198,17 @@ def quality_components(question: str, answer: str) -> dict[str, float]:
 def quality_score(question: str, answer: str) -> float:
     """Quality in [0, 1], rounded to 4 places: the weighted sum of six parts.
 
-    - length (0.25): answer words n (split on whitespace): 0 under 3, (n - 3) / 17 up to 19, 1 from 20 to 300,
+    - length (0.25): answer words n (split on whitespace; in scripts without spaces 1.6 characters make a
+      word): 0 under 3, (n - 3) / 17 up to 19, 1 from 20 to 300,
       then down by 0.5 per 300 words to a floor of 0.5;
-    - relevance (0.20): the question's content words (4+ letters, not stopwords) that the answer repeats:
+    - relevance (0.20): the question's content terms (4+ letter words, not stopwords; character bigrams in
+      scripts without spaces) that the answer repeats:
       min(1, 2 * shared / question words); 0.5 when the question has none;
     - formatting (0.10): 1, minus 0.5 when the answer does not end with . ! ? : ) ] quote or a fence, minus 0.5
       for shouting (a run of 3+ ! or ?, or 80%+ capital letters over 20+ letters);
     - code (0.15): 1 without fences, 0 for an odd number of fences, 0.5 when a fenced block is empty, else 1;
-    - repetition (0.15): distinct word trigrams / all word trigrams of the answer (1 under 3 words);
+    - repetition (0.15): distinct trigrams / all trigrams of the answer's words (characters in scripts without
+      spaces; 1 under 3);
     - boilerplate (0.15): 1 minus 0.5 per boilerplate pattern found ("as an AI", "lorem ipsum", "TODO"...), >= 0.
     """
     parts = quality_components(question, answer)
@@ -163,18 +220,18 @@ def quality_score(question: str, answer: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 def difficulty_points(question: str, answer: str, has_code: bool) -> dict[str, bool]:
-    words = answer.split()
+    n = length_in_words(answer)
     return {
-        "long_answer": len(words) >= 80,
-        "technical_terms": bool(words) and len(TECH_TERM.findall(answer)) / len(words) >= 0.08,
+        "long_answer": n >= 80,
+        "technical_terms": n > 0 and len(TECH_TERM.findall(answer)) / n >= 0.08,
         "code": has_code,
         "multi_step": len(STEP_MARKER.findall(answer)) >= 2,
-        "long_question": len(question.split()) >= 25,
+        "long_question": length_in_words(question) >= 25,
     }
 
 
 def difficulty(question: str, answer: str, has_code: bool) -> int:
-    """1-5: 1 plus one point each for a long answer (80+ words), dense technical terms (acronyms, ``call()``,
+    """1-5 (words counted as in ``length_in_words``): 1 plus one point each for a long answer (80+ words), dense technical terms (acronyms, ``call()``,
     snake_case or dotted names making 8%+ of the answer's words), code, multi-step reasoning (2+ numbered lines
     or lines opening with first/then/next/finally/step N) and a long question (25+ words); capped at 5."""
     return min(5, 1 + sum(difficulty_points(question, answer, has_code).values()))
