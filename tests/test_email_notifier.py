@@ -202,6 +202,11 @@ def test_classify_error_kinds():
     assert en.classify_error(smtplib.SMTPRecipientsRefused({})) == "rejected"
 
 
+def test_numbers_are_in_fixed_notation():
+    assert en._f(1.981e-07) == "0.0000" and en._f(-1e-9) == "0.0000" and en._f(3349.7, 2) == "3349.70"
+    assert en._f(3e-05, 6) == "0.000030" and en._f(float("nan")) == "NaN" and en._f(None) == "n/a"
+
+
 def test_alert_thresholds():
     alerts = en.metric_alerts(EPOCH_2, [EPOCH_1], total_epochs=10, initial_lr=3e-5, extra={"kl": 0.7,
                                                                                          "difficult_ratio": 0.8})

@@ -49,6 +49,7 @@ from transformers.utils import logging as hf_logging
 
 from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
+from src.training.report import apply_umask
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,9 @@ def optimize(args: argparse.Namespace) -> dict:
             metrics["size_bytes"]["ratio"] = metrics["size_bytes"]["after"] / max(metrics["size_bytes"]["before"], 1)
         del original
         atomic_write_json(chosen / "optimization_metrics.json", metrics)
+        for path in chosen.rglob("*"):  # the atomic JSON writes are mkstemp's 0600: give them the user's umask
+            if path.is_file():
+                apply_umask(path)
         _publish(chosen, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

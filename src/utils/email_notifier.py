@@ -313,7 +313,8 @@ def _f(value: Any, digits: int = 4, unit: str = "") -> str:
         return "inf"
     if isinstance(value, int):
         return f"{value}{unit}"
-    return f"{value:.{digits}g}{unit}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}{unit}"
+    text = f"{value:.{digits}f}"  # fixed notation: never 1.981e-07 for what is effectively 0
+    return f"{text.lstrip('-') if set(text) <= set('-0.') else text}{unit}"
 
 
 def _duration(seconds: float | None) -> str:
