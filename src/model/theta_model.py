@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from src.utils.common import PROJECT_ROOT, UserError
+from src.utils.common import PROJECT_ROOT, UserError, atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -344,32 +344,25 @@ class ThetaModel:
     def save(self, path: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
         """Write a Hugging Face folder (safetensors, tokenizer, generation config) atomically.
 
-        The folder is written next to its destination under a temporary name and renamed into place, so a
-        crash leaves the previous version intact.
+        Through ``atomic_dir``: written next to its destination under a temporary name, fsynced, then swapped into
+        place, so a crash leaves the previous version intact and the folder is never absent.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         model = getattr(self.model, "module", self.model)  # unwrap DDP
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
         from transformers.utils import logging as hf_logging
 
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every epoch's log
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        self.tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(path) as tmp:
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every epoch's log
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
+            self.tokenizer.save_pretrained(tmp)
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
     # --- generation ----------------------------------------------------------------------------------------
