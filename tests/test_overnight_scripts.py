@@ -1,6 +1,8 @@
-"""The overnight scripts: .sh and .bat run the same steps with the same flags; the .sh pipeline really runs (in a
-copy of the project whose path has a space), emails its progress to a local SMTP server, leaks no password,
-stops and reports a failing step, and resumes the same run after being killed.
+"""The overnight scripts: the .sh chains its steps in order with the helper's flags (its Python steps replaced by
+tests/overnight_stub/python_stub.py, which records them), resumes only what it should, stops at a failing step
+and before any step when the pre-flight fails; the real .sh pipeline runs in a copy of the project whose path has
+a space, emails its progress to a local SMTP server, leaks no password and resumes after being killed.
+The .bat runs for real under Wine in tests/test_bat_wine.py.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_overnight_scripts.py -q            # all
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_overnight_scripts.py -q -m "not slow"
@@ -14,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,109 +27,26 @@ from test_email_notifier import PASSWORD, SmtpServer, email_env, parts, subj, tl
 ROOT = Path(__file__).resolve().parents[1]
 SH = ROOT / "train_overnight_enhanced.sh"
 BAT = ROOT / "train_overnight_enhanced.bat"
+STUB = ROOT / "tests" / "overnight_stub" / "python_stub.py"
+# Files under test come from the working tree; the rest of src/ from the last commit (see copy_project).
+OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/training/preflight.py",
+             "src/training/email_integration.py", "src/utils/email_notifier.py", "src/utils/gpu_info.py"]
+LEGACY_QUICK_PREPARE = ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.3",
+                        "--min_domain_count", "100", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"]
+STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_enhancer_main",
+                "src.data_processing.prepare_data_for_training", "src.training.train_enhanced",
+                "src.training.evaluate_model", "src.training.optimize_for_inference"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The two scripts agree
-# ---------------------------------------------------------------------------------------------------------------
+def copy_project(d: Path, datasets: Path) -> Path:
+    """src/, Datasets/ (the given records plus the repository's knowledge/ folder), the requirements and the
+    scripts in ``d``; .venv is a symlink (the bootstrap sees its stamp and installs nothing).
 
-def logical_lines(text: str, continuation: str) -> list[str]:
-    """Lines with continuations joined and comments dropped."""
-    out, buf = [], ""
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if line.endswith(continuation):
-            buf += line[:-1] + " "
-            continue
-        line = buf + line
-        buf = ""
-        if not line.strip().lower().startswith(("#", "rem ", "::")):
-            out.append(line)
-    return out
-
-
-def python_calls(text: str, continuation: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Every ``-m <module> [subcommand]`` the script runs, in order, with the ``--flags`` that follow it.
-
-    Where one line runs a module through another (the .bat's tee), the last module counts.
+    src/ is the committed tree, so that half-saved edits elsewhere in a shared checkout do not break these tests;
+    the files under test come from the working tree. Without git: the working tree.
     """
-    calls = []
-    for line in logical_lines(text, continuation):
-        found = [m for m in re.finditer(r"-m ([\w.]+)(?: (start|failed|completed|tee)\b)?", line)
-                 if m.group(2) != "tee"]  # the .bat's tee runs the real command
-        if not found:
-            continue
-        m = found[-1]
-        name = m.group(1) + (f" {m.group(2)}" if m.group(2) else "")
-        calls.append((name, tuple(re.findall(r"(?<![\w-])--[a-z][a-z_-]*", line[m.end():]))))
-    return calls
-
-
-def flag_definitions(text: str, name: str) -> list[str]:
-    return sorted(set(f for line in text.splitlines() if name in line and ("=(" in line or "set \"" in line)
-                      for f in re.findall(r"--[a-z_]+", line)))
-
-
-def test_sh_and_bat_run_the_same_steps_with_the_same_flags():
-    sh = python_calls(SH.read_text(encoding="utf-8"), "\\")
-    bat = python_calls(BAT.read_text(encoding="utf-8"), "^")
-    # The failure command sits in a function before the steps in bash and after them in cmd: compare it apart.
-    sh_fail = [c for c in sh if c[0].endswith(" failed")]
-    bat_fail = [c for c in bat if c[0].endswith(" failed")]
-    assert sh_fail == bat_fail and len(sh_fail) == 1
-    sh_steps = [c for c in sh if not c[0].endswith(" failed")]
-    bat_steps = [c for c in bat if not c[0].endswith(" failed")]
-    assert sh_steps == bat_steps
-    modules = [c[0] for c in sh_steps]
-    assert modules.index("src.training.email_integration start") < modules.index(
-        "src.data_processing.prepare_data_for_training") < modules.index("src.training.train_enhanced") < \
-        modules.index("src.training.evaluate_model") < modules.index("src.training.optimize_for_inference") < \
-        modules.index("src.training.email_integration completed")
-    train = dict(sh_steps)["src.training.train_enhanced"]
-    assert train == ("--profile", "--data_path", "--output_dir", "--resume")
-    for variable in ("PREPARE_PROFILE_FLAGS", "RESUMING_FLAG"):
-        assert flag_definitions(SH.read_text(), variable) == flag_definitions(BAT.read_text(), variable) != []
-    for text in (SH.read_text(), BAT.read_text()):
-        assert "THETA_NOTIFY_FROM_SCRIPT=1" in text and "--tensorboard" in text and "--gpus" in text
-
-
-def test_bat_is_portable():
-    raw = BAT.read_bytes()
-    assert b"\r\n" in raw and raw.count(b"\n") == raw.count(b"\r\n"), "cmd.exe wants CRLF line ends"
-    text = raw.decode("ascii")
-    assert not re.search(r"(?i)\b[a-z]:\\", text), "no drive letters"
-    assert 'cd /d "%~dp0"' in text  # works from any current directory, spaces included
-    assert "bootstrap_env.py --requirements requirements.txt" in text
-    # Paths holding the project folder are always quoted.
-    for line in logical_lines(text, "^"):
-        for var in ("%PY%", "%LOG%", "%RUN_DIR%", "%STEP_OUT%"):
-            for m in re.finditer(re.escape(var), line):
-                before = line[:m.start()]
-                assert before.count('"') % 2 == 1 or line.lstrip().lower().startswith("set "), line
-
-
-def test_sh_syntax_and_help():
-    assert subprocess.run(["bash", "-n", str(SH)]).returncode == 0
-    out = subprocess.run([str(SH), "--help"], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and "--profile quick" in out.stdout
-    bad = subprocess.run([str(SH), "--profile", "huge"], capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 2 and "quick or rtx3060" in bad.stderr
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Real runs of the .sh in a copy of the project
-# ---------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def project(tmp_path, tiny_datasets_dir) -> Path:
-    """src/, Datasets/ (the tiny records plus the repository's knowledge/ folder; prepare creates the test set),
-    the requirements and the scripts in a folder with a space; .venv is a symlink (the bootstrap sees its stamp
-    and installs nothing)."""
-    d = tmp_path / "my theta"
-    d.mkdir()
+    d.mkdir(parents=True)
     paths = ["src", "Datasets", "requirements.txt", "requirements-dev.txt"]
-    # The committed tree, so that half-saved edits elsewhere in a shared checkout do not break this test; the
-    # files under test come from the working tree. Without git: the working tree.
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", *paths],
                              capture_output=True)
     if archive.returncode == 0:
@@ -139,22 +59,199 @@ def project(tmp_path, tiny_datasets_dir) -> Path:
     for f in (d / "Datasets").iterdir():
         if f.suffix in (".json", ".jsonl"):
             f.unlink()
-    for f in tiny_datasets_dir.iterdir():
+    for f in datasets.iterdir():
         shutil.copy2(f, d / "Datasets" / f.name)
-    for rel in (SH.name, BAT.name, "src/utils/email_notifier.py", "src/utils/gpu_info.py",
-                "src/training/email_integration.py"):
+    for rel in OWN_FILES:
         shutil.copy2(ROOT / rel, d / rel)
     (d / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
     return d
 
 
+def clean_env(**more) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EMAIL_", "THETA_", "STUB_"))}
+    base.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **more)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The .sh with its Python steps stubbed: control flow, flags, resume rules (seconds)
+# ---------------------------------------------------------------------------------------------------------------
+
+class StubbedRun:
+    """Runs the project's .sh with THETA_PYTHON=python_stub.py; the helper and email glue run for real."""
+
+    def __init__(self, project: Path):
+        self.project = project
+        self.log = project.parent / "stub_calls.jsonl"
+
+    def __call__(self, *args: str, exit_codes: dict | None = None, real: tuple = ()) -> tuple[int, str, list]:
+        self.log.write_text("")
+        env = clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(self.log), STUB_REAL_PYTHON=sys.executable,
+                        STUB_REAL=",".join(["src.utils.overnight", "src.training.email_integration", *real]),
+                        STUB_EXIT=json.dumps(exit_codes or {}))
+        proc = subprocess.run([str(self.project / SH.name), *args], cwd=self.project.parent, env=env,
+                              capture_output=True, text=True, timeout=120)
+        calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return proc.returncode, proc.stdout + proc.stderr, calls
+
+    def runs(self) -> list[str]:
+        return sorted(p.name for p in (self.project / "models").glob("theta_enhanced_*"))
+
+
+def step_calls(calls: list[list[str]]) -> list[list[str]]:
+    """The calls of the steps and of the helper's subcommands, as ``[module, args...]``."""
+    return [c[1:] for c in calls if c[:1] == ["-m"]]
+
+
+@pytest.fixture
+def stubbed(tmp_path, tiny_datasets_dir) -> StubbedRun:
+    return StubbedRun(copy_project(tmp_path / "my theta", tiny_datasets_dir))
+
+
+def test_steps_run_in_order_with_the_helpers_flags(stubbed):
+    code, out, calls = stubbed("--profile", "quick", "--", "--epochs", "2", "--note", "a b & c")
+    assert code == 0, out
+    (run,) = stubbed.runs()
+    modules = [c[0] + (f" {c[1]}" if c[0] == "src.utils.overnight" else "") for c in step_calls(calls)]
+    assert modules == ["src.utils.overnight plan", "src.training.preflight", "src.utils.overnight banner",
+                       "src.training.email_integration", "src.data_processing.knowledge_base_enhancer_main",
+                       "src.data_processing.prepare_data_for_training", "src.utils.overnight prepared",
+                       "src.training.preflight", "src.training.train_enhanced", "src.training.evaluate_model",
+                       "src.training.optimize_for_inference", "src.utils.overnight completed"]
+    by_module = {c[0]: c[1:] for c in step_calls(calls)}
+    train = by_module["src.training.train_enhanced"]
+    # The trainer flags after -- arrive unchanged, one argument each, after the script's own.
+    assert train == ["--profile", "quick", "--data_path", "Datasets/enhanced_training_data.json", "--output_dir",
+                     f"models/{run}", "--resume", "auto", "--epochs", "2", "--note", "a b & c"]
+    plan = json.loads((stubbed.project / "models" / run / "overnight.json").read_text())["plan"]
+    assert plan["prepare_flags"] in (["--profile", "quick"], LEGACY_QUICK_PREPARE)
+    assert by_module["src.data_processing.prepare_data_for_training"] == [
+        "--datasets_dir", "Datasets", "--output", "Datasets/enhanced_training_data.json", "--test_set",
+        "Datasets/test_set.json", *plan["prepare_flags"]]
+    assert plan["optimise_flags"] in ([], ["--quantize", "auto"])
+    assert by_module["src.training.optimize_for_inference"] == [
+        "--model_path", f"models/{run}/theta_final", "--output_path", f"models/{run}/theta_inference",
+        *plan["optimise_flags"]]
+    first_preflight = [c for c in step_calls(calls) if c[0] == "src.training.preflight"][0]
+    assert first_preflight[-4:] == ["--epochs", "2", "--note", "a b & c"] and "--no_data" in first_preflight
+    for header in ["[pre-flight]", "[1/5] knowledge base", "[2/5] prepare data", "[3/5] train", "[4/5] evaluate",
+                   "[5/5] optimise for inference", f"Done: {run}"]:
+        assert header in out
+    assert out.index("[1/5]") < out.index("[2/5]") < out.index("[3/5]") < out.index("[4/5]") < out.index("[5/5]")
+    assert (stubbed.project / "models" / run / "DONE").is_file()
+    log = (stubbed.project / "logs" / f"training_enhanced_{run}.log").read_text()
+    assert f"Theta overnight run {run}" in log and "[5/5] optimise for inference" in log
+
+
+def test_resume_follows_the_fingerprint(stubbed):
+    """Changing a dataset file between two invocations starts a new run; the same command resumes."""
+    code, out, _ = stubbed("--profile", "quick", exit_codes={"src.training.train_enhanced": 3})
+    assert code == 3 and "FAILED at step 'train' (exit 3)" in out
+    (first,) = stubbed.runs()
+    code, out, calls = stubbed("--profile", "quick", exit_codes={"src.training.train_enhanced": 3})
+    assert stubbed.runs() == [first] and f"Theta overnight run {first} (resuming)" in out
+    assert "prepare data: skipped: resuming, the run keeps the data it started with" in out
+    assert "src.data_processing.prepare_data_for_training" not in [c[0] for c in step_calls(calls)]
+    # The data changes: a new run, and the banner says why and how to continue the old one.
+    part = stubbed.project / "Datasets" / "part_a.json"
+    part.write_text(part.read_text().replace("filters network traffic", "filters traffic"))
+    code, out, _ = stubbed("--profile", "quick", exit_codes={"src.training.train_enhanced": 3})
+    second = [r for r in stubbed.runs() if r != first]
+    assert len(second) == 1 and f"Theta overnight run {second[0]}\n" in out
+    assert (f"Datasets/ changed (part_a.json changed) since run {first} was started: starting a new run; "
+            f"`--resume {first}` continues the old one") in out
+    # Other trainer flags: a new run too.
+    code, out, _ = stubbed("--profile", "quick", "--", "--epochs", "9", exit_codes={"src.training.train_enhanced": 3})
+    assert len(stubbed.runs()) == 3 and "the trainer flags changed (none, now --epochs 9)" in out
+    # --resume picks the old one (and warns what changed); --fresh always starts anew.
+    code, out, _ = stubbed("--profile", "quick", "--resume", first, exit_codes={"src.training.train_enhanced": 3})
+    assert f"Theta overnight run {first} (resuming)" in out and f"resuming {first} as asked although" in out
+    code, out, _ = stubbed("--fresh", "--profile", "quick", exit_codes={"src.training.train_enhanced": 3})
+    assert len(stubbed.runs()) == 4 and "new run (--fresh)" in out
+
+
+def test_a_run_that_ended_with_a_user_error_is_not_resumed(stubbed):
+    code, out, _ = stubbed("--profile", "quick", exit_codes={"src.training.train_enhanced": 2})
+    assert code == 2 and "user error (exit 2)" in out
+    (first,) = stubbed.runs()
+    code, out, _ = stubbed("--profile", "quick")
+    assert code == 0 and len(stubbed.runs()) == 2
+    assert f"run {first} ended with a user error at step 'train' (exit 2): not resumed" in out
+
+
+def test_failing_step_stops_the_chain(stubbed):
+    code, out, calls = stubbed("--profile", "quick", exit_codes={"src.training.evaluate_model": 1})
+    assert code == 1 and "FAILED at step 'evaluate' (exit 1)" in out and "log:   logs/training_enhanced_" in out
+    assert "src.training.optimize_for_inference" not in [c[0] for c in step_calls(calls)]
+    (run,) = stubbed.runs()
+    assert not (stubbed.project / "models" / run / "DONE").exists()
+    state = json.loads((stubbed.project / "models" / run / "overnight.json").read_text())
+    assert state["events"][-1] == {**state["events"][-1], "event": "failed", "step": "evaluate", "exit_code": 1}
+
+
+def test_prepare_failure_stops_before_training_even_with_an_old_prepared_file(stubbed):
+    """Regression (stale data): a failed preparation used to train on the previous prepared file."""
+    (stubbed.project / "Datasets" / "enhanced_training_data.json").write_text('{"records": []}')
+    code, out, calls = stubbed("--profile", "quick",
+                               exit_codes={"src.data_processing.prepare_data_for_training": 2})
+    assert code == 2 and "FAILED at step 'prepare data'" in out
+    assert "src.training.train_enhanced" not in [c[0] for c in step_calls(calls)]
+
+
+def test_bad_arguments_and_help(stubbed):
+    code, out, calls = stubbed("--profile", "huge")
+    assert code == 2 and "invalid choice: 'huge'" in out and stubbed.runs() == []
+    code, out, _ = stubbed("--gpus", "0")
+    assert code == 2 and "--gpus must be a whole number of at least 1" in out
+    code, out, _ = stubbed("--resume", "theta_enhanced_20200101_000000")
+    assert code == 2 and "no such run folder" in out
+    code, out, _ = stubbed("--help")
+    assert code == 0 and "--profile {quick,rtx3060}" in out and "TRAINING_PIPELINE.md" in out
+    assert stubbed.runs() == []
+
+
+def test_preflight_alone_runs_no_step(stubbed):
+    code, out, calls = stubbed("--preflight", "--profile", "quick", "--", "--epochs", "2")
+    assert code == 0 and stubbed.runs() == []
+    (call,) = [c for c in step_calls(calls) if c[0] != "src.utils.overnight"]
+    assert call[0] == "src.training.preflight" and "--email_test" in call and call[-2:] == ["--epochs", "2"]
+
+
+def test_sh_syntax():
+    assert subprocess.run(["bash", "-n", str(SH)]).returncode == 0
+
+
+def test_bat_is_portable():
+    raw = BAT.read_bytes()
+    assert b"\r\n" in raw and raw.count(b"\n") == raw.count(b"\r\n"), "cmd.exe wants CRLF line ends"
+    text = raw.decode("ascii")
+    assert not re.search(r"(?i)\b[a-z]:\\", text), "no drive letters"
+    assert 'cd /d "%~dp0"' in text  # works from any current directory, spaces included
+    assert "bootstrap_env.py --requirements requirements.txt" in text
+    # Paths holding the project folder are always quoted.
+    for line in text.splitlines():
+        if line.lower().startswith("rem "):
+            continue
+        for var in ("%PY%", "%LOG%", "%RUN_DIR%", "%STEP_OUT%", "%PLAN%"):
+            for m in re.finditer(re.escape(var), line):
+                before = line[:m.start()]
+                assert before.count('"') % 2 == 1 or line.lstrip().lower().startswith("set "), line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real runs of the .sh in a copy of the project
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path, tiny_datasets_dir) -> Path:
+    return copy_project(tmp_path / "my theta", tiny_datasets_dir)
+
+
 def run_sh(project: Path, trainer_flags: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("EMAIL_", "THETA_NOTIFY"))}
-    base.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     # Started from another directory on purpose: the script must find its own folder.
     return subprocess.Popen([str(project / SH.name), "--profile", "quick", "--", *trainer_flags], cwd=project.parent,
-                            env=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **popen)
+                            env=clean_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
 
 
 def tiny_flags(model_dir: Path, epochs: int = 2) -> list[str]:
@@ -172,6 +269,7 @@ def test_quick_pipeline_emails_and_leaks_no_password(project, tiny_model_dir, tl
         run = run_dir.name
         assert (run_dir / "DONE").is_file() and (run_dir / "theta_inference").is_dir()
         assert f"Theta overnight run {run}" in out and "profile     quick" in out and "email: from" in out
+        assert "pre-flight ok in" in out and "training about" in out
         msgs = server.wait_for(4)
     finally:
         server.stop()
@@ -201,40 +299,23 @@ def test_quick_pipeline_emails_and_leaks_no_password(project, tiny_model_dir, tl
     assert PASSWORD not in out
 
 
-def test_failing_step_stops_the_chain_and_sends_the_failure_email(project, tls_cert):
+def test_missing_model_stops_at_preflight_and_sends_the_failure_email(project, tls_cert):
     server = SmtpServer(*tls_cert)
     try:
         proc = run_sh(project, ["--model_name", str(project / "no such model")],
                       env=email_env(server.port, tls_cert[0]))
         out, _ = proc.communicate(timeout=300)
-        msgs = server.wait_for(2)
+        msgs = server.wait_for(1)
     finally:
         server.stop()
-    assert proc.returncode != 0
-    assert "FAILED at step 'train'" in out and "log:   logs/training_enhanced_theta_enhanced_" in out
-    assert "error:" in out and "[4/5] evaluate" not in out
+    assert proc.returncode == 2, out[-3000:]
+    assert "FAILED at step 'pre-flight'" in out and "log:   logs/training_enhanced_theta_enhanced_" in out
+    assert "FATAL model" in out and "fix:" in out and "[1/5]" not in out
+    assert list((project / "models").glob("theta_enhanced_*")) == []  # nothing had run: no run folder left
     failed = [m for m in msgs if subj(m).startswith("[Theta] FAILED")]
-    assert len(failed) == 1 and " at train: " in subj(failed[0])
+    assert len(failed) == 1 and " at pre-flight: " in subj(failed[0])
     body = parts(failed[0])["text/plain"]
-    assert "step 'train' failed with exit code" in body and "Last 40 lines of the log" in body
-    (run_dir,) = (project / "models").glob("theta_enhanced_*")
-    assert not (run_dir / "DONE").exists()
-
-
-def test_prepare_failure_falls_back_to_the_previous_file_only_when_one_exists(project, prepared_data):
-    datasets = project / "Datasets"
-    for f in datasets.iterdir():  # nothing left to prepare: data preparation fails
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
-    env = {"PATH": os.environ["PATH"]}
-    proc = run_sh(project, ["--model_name", str(project / "no such model")], env=env)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "FAILED at step 'prepare data'" in out, out[-2000:]
-    shutil.rmtree(project / "models")
-    shutil.copy2(prepared_data, datasets / "enhanced_training_data.json")
-    proc = run_sh(project, ["--model_name", str(project / "no such model")], env=env)
-    out, _ = proc.communicate(timeout=300)
-    assert "WARNING: data preparation FAILED; training on the PREVIOUS" in out
-    assert proc.returncode != 0 and "FAILED at step 'train'" in out
+    assert "step 'pre-flight' failed with exit code 2" in body and "model folder not found" in body
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.email_notifier import TrainingEmailNotifier, load_email_config, resolve_email_config
+from src.utils.email_notifier import NullNotifier, TrainingEmailNotifier, load_email_config, resolve_email_config
 from src.utils.common import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -46,26 +46,27 @@ def notify_from_script() -> bool:
     return os.environ.get(NOTIFY_FROM_SCRIPT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def create_notifier(run_dir: Path, args: Any = None) -> TrainingEmailNotifier | None:
-    """The trainer's notifier for ``run_dir``, or None when email is off (decided in milliseconds, no threads).
+def create_notifier(run_dir: Path, args: Any = None) -> TrainingEmailNotifier | NullNotifier:
+    """The trainer's notifier for ``run_dir``; a NullNotifier when email is off (decided in milliseconds, no
+    threads), so the trainer calls the same methods either way.
 
     Only rank 0 of a distributed run gets one. Under ``THETA_NOTIFY_FROM_SCRIPT=1`` it sends epoch and status
     emails only (see the module docstring). ``args`` is accepted for symmetry with the trainer; the settings
-    reach the notifier through ``start_training_notification(args)``.
+    reach the notifier through ``start(args)``.
     """
     try:
         if int(os.environ.get("RANK", "0") or 0) != 0:
-            return None
+            return NullNotifier()
         # Under an overnight script the banner already said why email is off; alone, the trainer logs it once.
         config = resolve_email_config()[0] if notify_from_script() else load_email_config()
         if config is None:
-            return None
+            return NullNotifier()
         run_dir = Path(run_dir)
         return TrainingEmailNotifier(config, run_name=run_dir.name, run_dir=run_dir, log_file=run_dir / "train.log",
                                      lifecycle_emails=not notify_from_script())
     except Exception as err:  # email must never stop training
         logger.warning("email notifications off: %s", err)
-        return None
+        return NullNotifier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,8 +106,15 @@ def cmd_start(args: argparse.Namespace) -> None:
         return
     details = {"log": args.log, "gpus": args.gpus, "resuming": "yes" if args.resuming else "no",
                "trainer flags": args.trainer_flags or "(none)"}
-    notifier.start_training_notification({"profile": args.profile, "output_dir": args.run_dir or f"models/{args.run_id}",
-                                          "details": details})
+    # The pre-flight's warnings and estimate (src/training/preflight.py writes them into the run folder).
+    preflight = _read_json(Path(args.run_dir or PROJECT_ROOT / "models" / args.run_id) / "preflight.json")
+    if isinstance(preflight, dict):
+        if preflight.get("estimate"):
+            details["pre-flight estimate"] = f"training about {preflight['estimate']}"
+        for i, warning in enumerate(preflight.get("warnings") or [], 1):
+            details[f"pre-flight warning {i}"] = warning
+    notifier.start({"profile": args.profile, "output_dir": args.run_dir or f"models/{args.run_id}",
+                    "details": details})
     _finish(notifier, "start")
 
 
@@ -139,7 +147,7 @@ def cmd_failed(args: argparse.Namespace) -> None:
     if args.error:
         lines.append(args.error)
     lines += output
-    notifier.training_failed("\n".join(lines), step=args.step, log_file=Path(args.log) if args.log else None)
+    notifier.failed("\n".join(lines), step=args.step, log_file=Path(args.log) if args.log else None)
     _finish(notifier, "failure")
 
 
@@ -152,7 +160,7 @@ def cmd_completed(args: argparse.Namespace) -> None:
     summary.setdefault("status", "completed")
     summary.setdefault("final_model", str(notifier.run_dir / "theta_final"))
     summary["inference_model"] = str(notifier.run_dir / "theta_inference")
-    notifier.training_completed(summary)
+    notifier.completed(summary)
     _finish(notifier, "completion")
 
 

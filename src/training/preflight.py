@@ -1,0 +1,554 @@
+"""Pre-flight: check in seconds, before the night, what would kill the run during it. No training.
+
+    python -m src.training.preflight --profile quick                       # everything, on this machine
+    python -m src.training.preflight --profile rtx3060 -- --batch_size 4    # trainer flags after --
+    python -m src.training.preflight --profile rtx3060 --simulate_gpu_memory_gb 12   # would it fit a 12 GB card?
+    ./train_overnight_enhanced.sh --preflight                              # the same from the script, + test email
+
+Checks, in order (each prints one line: ok, warn, skip or FATAL with the fix):
+  flags     the trainer flags parse (train_enhanced.parse_args), --max_length fits the model's context;
+  model     the model loads (a hub model from the cache or a download; offline: how to get it);
+  tokens    the end-of-text token is a trained target (it ends every answer's labels) and pad != end-of-text;
+  disk      free space where the run folder goes against what the run writes: checkpoints kept (+1 being
+            written; each holds the fp32 weights, the AdamW moments and the EMA copy) and three model folders;
+  memory    CUDA only: one forward+backward+AdamW step of the profile's micro-batch at its longest sequence; when
+            it does not fit, the largest micro-batch that does and the flags to use (same effective batch);
+  data      records of the prepared file with no target token left after truncation (the trainer skips them),
+            and the share of answers cut by --max_length;
+  duration  a few timed steps of the profile's micro-batch give the whole run's training time;
+  email     the configuration (and with --email_test a test message, as ``--preflight`` alone sends).
+Fatal problems exit 2 (a user error: the overnight scripts stop before any step and never resume that run);
+warnings go into the banner and the start email through ``<run_dir>/preflight.json``.
+
+The timed steps are our own minimal loop (forward, backward, torch.optim.AdamW), independent of the trainer's
+internals: plain steps, so techniques that add work beyond R-Drop's doubled batch are not in the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a file: make `src` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+PREFLIGHT_FILE = "preflight.json"
+TRUNCATION_WARN_SHARE = 0.10   # more answers cut than this: a warning naming --max_length
+DISK_MARGIN = 1.2              # want 20% more free space than the estimate
+TIMED_STEPS = 3
+TIMING_BUDGET_S = 20.0         # stop timing early on slow set-ups (gpt2-medium on a CPU)
+GB = 1024 ** 3
+MB = 1024 ** 2
+
+
+@dataclass
+class Check:
+    """One line of the report: ``level`` is ok, warn, skip or fatal; ``fix`` says what to do about a problem."""
+    name: str
+    level: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        tag = {"ok": "ok   ", "warn": "warn ", "skip": "skip ", "fatal": "FATAL"}[self.level]
+        return f"  {tag} {self.name:<9} {self.message}" + (f"\n        fix: {self.fix}" if self.fix else "")
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0
+    estimate: str = ""
+
+    def add(self, check: Check) -> Check:
+        self.checks.append(check)
+        print(check.line(), flush=True)
+        return check
+
+    @property
+    def fatal(self) -> list[str]:
+        return [f"{c.name}: {c.message}" + (f" Fix: {c.fix}" if c.fix else "") for c in self.checks
+                if c.level == "fatal"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{c.name}: {c.message}" + (f" ({c.fix})" if c.fix else "") for c in self.checks if c.level == "warn"]
+
+    def to_json(self) -> dict:
+        return {"seconds": round(self.seconds, 2), "fatal": self.fatal, "warnings": self.warnings,
+                "estimate": self.estimate, "checks": [asdict(c) for c in self.checks]}
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / MB:.0f} MB"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk
+# ---------------------------------------------------------------------------------------------------------------
+
+def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool) -> dict[str, int]:
+    """What a run writes, by part (fp32 everywhere, the trainer's format).
+
+    A checkpoint holds the weights (4 B/parameter), AdamW's two moments (8 B) and the EMA shadow (4 B when on);
+    ``keep_checkpoints`` are kept and one more exists while the next is written (old ones go after the new one
+    is complete). theta_best/, theta_final/ and theta_inference/ are a model each (4 B/parameter at most).
+    """
+    per_checkpoint = n_params * (4 + 8 + (4 if use_ema else 0))
+    return {"checkpoints": (keep_checkpoints + 1) * per_checkpoint, "models": 3 * 4 * n_params,
+            "per_checkpoint": per_checkpoint}
+
+
+def check_disk(run_dir: Path, n_params: int, targs: argparse.Namespace) -> Check:
+    need = expected_run_bytes(n_params, targs.keep_last_n_checkpoints, targs.use_ema)
+    total = need["checkpoints"] + need["models"]
+    where = Path(run_dir)
+    while not where.exists() and where != where.parent:  # the folder may not exist yet: ask its filesystem
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    detail = (f"{human_bytes(free)} free in {where}; the run writes about {human_bytes(total)} "
+              f"({targs.keep_last_n_checkpoints}+1 checkpoints x {human_bytes(need['per_checkpoint'])}, "
+              f"3 model folders x {human_bytes(4 * n_params)})")
+    if free < total:
+        fix = "free some space there, or keep fewer checkpoints (--keep_last_n_checkpoints 1" + \
+              (", --no_ema" if targs.use_ema else "") + "), or pass --output_dir on a larger disk"
+        return Check("disk", "fatal", detail, fix)
+    if free < total * DISK_MARGIN:
+        return Check("disk", "warn", detail + ": little room to spare", "free some space before the night")
+    return Check("disk", "ok", detail)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory probe (CUDA) and its simulated stand-in
+# ---------------------------------------------------------------------------------------------------------------
+
+class ProbeOutOfMemory(Exception):
+    """The probed micro-batch did not fit."""
+
+
+class CudaProbe:
+    """One real forward+backward+AdamW step on the GPU; returns the peak allocated bytes, or raises
+    ProbeOutOfMemory. Cost: a few seconds; the optimizer is thrown away afterwards."""
+
+    def __init__(self, model, device, autocast_dtype):
+        self.model, self.device, self.dtype = model, device, autocast_dtype
+        import torch
+        self.capacity = torch.cuda.get_device_properties(device).total_memory
+
+    def __call__(self, batch: int, seq: int) -> int:
+        import torch
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            timed_step(self.model, batch, seq, self.device, self.dtype, steps=1)
+            return torch.cuda.max_memory_allocated(self.device)
+        except torch.cuda.OutOfMemoryError as err:
+            raise ProbeOutOfMemory(str(err).splitlines()[0]) from None
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+
+class SimulatedProbe:
+    """A memory model instead of a GPU, for a CPU machine (``--simulate_gpu_memory_gb``) and for tests.
+
+    Peak = 16 B per parameter (fp32 weights, gradients, AdamW moments) + per token of the batch: the activations
+    kept for backward (about 34 x n_embd bytes per layer at 16-bit, after Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models") plus fp32 logits and their gradient (8 x vocab).
+    Sharp edge: a rough model, good to tell "fits easily" from "far too big"; the real probe decides on CUDA.
+    """
+
+    def __init__(self, capacity_bytes: float, n_params: int, n_layer: int, n_embd: int, vocab: int,
+                 checkpointing: bool = False):
+        self.capacity = int(capacity_bytes)
+        self.base = 16 * n_params
+        layers = 1 if checkpointing else n_layer
+        self.per_token = 34 * n_embd * layers + 8 * vocab
+
+    def __call__(self, batch: int, seq: int) -> int:
+        peak = self.base + batch * seq * self.per_token
+        if peak > self.capacity:
+            raise ProbeOutOfMemory(f"simulated: needs {human_bytes(peak)} of {human_bytes(self.capacity)}")
+        return peak
+
+
+def largest_fitting_batch(probe: Callable[[int, int], int], seq: int, upper: int) -> int:
+    """The largest micro-batch below ``upper`` that fits (0 when even one record does not): halve until one
+    fits, then bisect between it and the smallest that failed."""
+    bad, good = upper, 0
+    b = upper // 2
+    while b >= 1:
+        try:
+            probe(b, seq)
+            good = b
+            break
+        except ProbeOutOfMemory:
+            bad, b = b, b // 2
+    if good == 0:
+        return 0
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        try:
+            probe(mid, seq)
+            good = mid
+        except ProbeOutOfMemory:
+            bad = mid
+    return good
+
+
+def check_memory(probe, targs: argparse.Namespace, seq: int, device_name: str) -> Check:
+    """Probe the profile's micro-batch at the longest sequence; name the flags when it does not fit."""
+    # R-Drop's default forwards the doubled batch: that is what has to fit.
+    factor = 2 if targs.use_rdrop and getattr(targs, "rdrop_doubled_batch", True) else 1
+    batch = targs.batch_size
+    try:
+        peak = probe(batch * factor, seq)
+        return Check("memory", "ok", f"micro-batch {batch}{' (x2 for R-Drop)' if factor == 2 else ''} at {seq} "
+                                     f"tokens fits on {device_name}: peak {human_bytes(peak)} of "
+                                     f"{human_bytes(probe.capacity)}")
+    except ProbeOutOfMemory as err:
+        problem = f"micro-batch {batch} at {seq} tokens does not fit on {device_name} ({err})"
+    fit = largest_fitting_batch(probe, seq, batch * factor) // factor
+    effective = batch * targs.gradient_accumulation_steps
+    if fit >= 1:
+        # Prefer a micro-batch that divides the effective batch (the same optimisation, only slower).
+        use = next((b for b in range(fit, 0, -1) if effective % b == 0 and b * 2 > fit), fit)
+        accum = math.ceil(effective / use)
+        fix = (f"--batch_size {use} --gradient_accumulation_steps {accum} (the largest micro-batch that fits is "
+               f"{fit}; effective batch {use * accum}, was {effective})")
+    else:
+        fix = (f"even one record of {seq} tokens does not fit: add --gradient_checkpointing, or lower "
+               f"--max_length (e.g. {max(8, seq // 2)}), or use a smaller --model_name")
+    return Check("memory", "fatal", problem, fix)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timed steps
+# ---------------------------------------------------------------------------------------------------------------
+
+def timed_step(model, batch: int, seq: int, device, autocast_dtype=None, steps: int = TIMED_STEPS,
+               budget_s: float = TIMING_BUDGET_S) -> list[float]:
+    """Seconds of each of ``steps`` forward+backward+AdamW steps on random tokens (the first one, warm-up, not
+    returned when more than one ran). Our own loop: only the model's forward is shared with training."""
+    import torch
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
+    model.train()
+    times, start_all = [], time.perf_counter()
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else \
+            contextlib.nullcontext()
+        with ctx:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start_all > budget_s:
+            break
+    del opt
+    return times[1:] if len(times) > 1 else times
+
+
+def estimate_duration(step_s: float, targs: argparse.Namespace, n_train: int, n_val: int, world: int) -> float:
+    """Training time of the whole run: micro-steps per epoch x epochs (capped by --max_steps) plus validation
+    (a forward is about a third of a training step)."""
+    micro_per_epoch = math.ceil(n_train / max(1, targs.batch_size * world))
+    optimizer_steps = math.ceil(micro_per_epoch / targs.gradient_accumulation_steps) * targs.epochs
+    if targs.max_steps:
+        optimizer_steps = min(optimizer_steps, targs.max_steps)
+    train_s = optimizer_steps * targs.gradient_accumulation_steps * step_s
+    val_s = math.ceil(n_val / max(1, targs.batch_size * world)) * targs.epochs * step_s / 3
+    return train_s + val_s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens and data
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
+    """End-of-text must be a trained target (it ends each answer's labels) and pad must differ from it."""
+    from src.training.train_enhanced import IGNORE_INDEX, TokenizedDataset
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    probe = [{"id": "preflight", "question": "What is a test?", "answer": "A check.", "domain": "general"}]
+    ds = TokenizedDataset(probe, tokenizer, max(targs.max_length, 64), targs.loss_on)
+    targets = [x for x in ds[0]["labels"][1:] if x != IGNORE_INDEX] if len(ds) else []
+    if eos is None or not targets or targets[-1] != eos:
+        return Check("tokens", "fatal", f"the end-of-text token (id {eos}) is not a trained target: the model "
+                                        "would never learn to stop", "rebuild the model folder's tokenizer "
+                                        "(python -m src.model.theta_model build-tiny) or use another --model_name")
+    if pad is None or pad == eos:
+        return Check("tokens", "fatal", f"the pad token (id {pad}) is the end-of-text token: padding would train "
+                                        "or mask the stop signal", "load the model through ThetaModel, which adds "
+                                        "a separate pad token")
+    return Check("tokens", "ok", f"end-of-text {tokenizer.eos_token!r} (id {eos}) is a trained target; pad "
+                                 f"{tokenizer.pad_token!r} (id {pad}) differs from it")
+
+
+def check_data(records: list[dict], tokenizer, targs: argparse.Namespace) -> tuple[list[Check], dict]:
+    """Records left without a target token after truncation, and the share of answers cut by --max_length."""
+    from src.training.train_enhanced import TokenizedDataset
+    ds = TokenizedDataset(records, tokenizer, targs.max_length, targs.loss_on)
+    n = len(records)
+    lengths = sorted(len(ex["input_ids"]) for ex in ds.examples)
+    info = {"records": n, "no_target": ds.skipped, "truncated": ds.truncated,
+            "n_train": sum(1 for r in records if r.get("split", "train") == "train"),
+            "n_val": sum(1 for r in records if r.get("split", "train") != "train"),
+            "longest": lengths[-1] if lengths else 0,
+            "mean_length": sum(lengths) / len(lengths) if lengths else 0}
+    checks = []
+    share = ds.truncated / n if n else 0.0
+    text = (f"{n} records: {ds.skipped} with no target token after truncation at {targs.max_length} tokens, "
+            f"{ds.truncated} answers truncated ({100 * share:.1f}%)")
+    if n == 0 or len(ds) == 0:
+        checks.append(Check("data", "fatal", text + ": nothing to train on",
+                            f"raise --max_length (now {targs.max_length}) or shorten the questions/contexts"))
+    elif ds.skipped:
+        checks.append(Check("data", "warn", text + f": the trainer skips those {ds.skipped}",
+                            f"raise --max_length (now {targs.max_length}) or shorten their prompts"))
+    elif share > TRUNCATION_WARN_SHARE:
+        checks.append(Check("data", "warn", text, f"answers lose their ends: raise --max_length "
+                                                  f"(now {targs.max_length}) if the model allows"))
+    else:
+        checks.append(Check("data", "ok", text))
+    return checks, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole pre-flight
+# ---------------------------------------------------------------------------------------------------------------
+
+def trainer_args(opts: argparse.Namespace) -> tuple[argparse.Namespace | None, str]:
+    """The trainer's resolved flags, as the overnight scripts will pass them, or None and argparse's message."""
+    from src.training.train_enhanced import parse_args
+    argv = ["--profile", opts.profile, "--data_path", str(opts.data_path)]
+    if opts.run_dir:
+        argv += ["--output_dir", str(opts.run_dir)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return parse_args(argv + list(opts.trainer_flags)), ""
+        except SystemExit:
+            lines = err.getvalue().strip().splitlines()
+            return None, (lines[-1].split("error: ", 1)[-1] if lines else "the trainer flags do not parse")
+
+
+def _autocast_dtype(precision: str, device):
+    import torch
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _email_check(send_test: bool) -> Check:
+    from src.utils.email_notifier import TrainingEmailNotifier, resolve_email_config
+    config, level, message = resolve_email_config()
+    if config is None:
+        return Check("email", "warn" if level == "warning" else "ok", message,
+                     "see documentation/EMAIL_NOTIFICATIONS.md" if level == "warning" else "")
+    if not send_test:
+        return Check("email", "ok", f"{config.describe()} (test message: --preflight)")
+    ok, problem = TrainingEmailNotifier(config, run_name="preflight").send_test_email()
+    if ok:
+        return Check("email", "ok", f"test message sent to {', '.join(config.recipients)}")
+    return Check("email", "warn", f"the test message failed ({problem})", "the run goes on without email until "
+                                  "this is fixed: documentation/EMAIL_NOTIFICATIONS.md")
+
+
+def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | None = None) -> Report:
+    """Every check of the module docstring; ``probe_factory(model, device, targs)`` replaces the memory probe
+    (tests simulate a GPU with it)."""
+    t0 = time.perf_counter()
+    report = Report()
+    only_data = opts.only == "data"
+    targs, problem = trainer_args(opts)
+    if targs is None:
+        report.add(Check("flags", "fatal", f"the trainer flags do not parse: {problem}",
+                         "correct the flag after -- (python -m src.training.train_enhanced --help lists them)"))
+        report.seconds = time.perf_counter() - t0
+        return report
+    if not only_data:
+        extra = " ".join(opts.trainer_flags)
+        report.add(Check("flags", "ok", f"--profile {opts.profile}{' ' + extra if extra else ''}: model "
+                                        f"{targs.model_name}, micro-batch {targs.batch_size} x accumulation "
+                                        f"{targs.gradient_accumulation_steps}, {targs.epochs} epochs, "
+                                        f"max_length {targs.max_length}"))
+    import torch
+    import transformers
+
+    from src.model.theta_model import ThetaModel
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the overnight log
+    device = torch.device("cuda" if targs.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if targs.device == "auto" else targs.device))
+    try:
+        load_start = time.perf_counter()
+        tm = ThetaModel(targs.model_name, device=device, datasets_dir=targs.datasets_dir)
+    except UserError as err:
+        report.add(Check("model", "fatal", f"{targs.model_name} cannot be loaded: {err}",
+                         "point --model_name at a model folder or a hub name that is cached, or use theta-tiny"))
+        report.seconds = time.perf_counter() - t0
+        return report
+    except Exception as err:  # a corrupt folder, an unreadable file: the run would die the same way
+        report.add(Check("model", "fatal", f"{targs.model_name} cannot be loaded: {type(err).__name__}: {err}",
+                         "re-download or rebuild the model folder"))
+        report.seconds = time.perf_counter() - t0
+        return report
+    model, tokenizer = tm.model, tm.tokenizer
+    n_params = sum(p.numel() for p in model.parameters())
+    if not only_data:
+        report.add(Check("model", "ok", f"{targs.model_name} loads: {n_params / 1e6:.1f}M parameters, vocabulary "
+                                        f"{len(tokenizer)}, context {model.config.n_positions} on {device} "
+                                        f"({time.perf_counter() - load_start:.1f} s)"))
+    if targs.max_length > model.config.n_positions:
+        report.add(Check("flags", "fatal", f"--max_length {targs.max_length} exceeds the model's context of "
+                                           f"{model.config.n_positions} tokens",
+                         f"--max_length {model.config.n_positions}"))
+    if not only_data:
+        report.add(check_tokens(tokenizer, targs))
+        report.add(check_disk(Path(opts.run_dir or targs.output_dir), n_params, targs))
+
+    info = None
+    if opts.no_data:
+        report.add(Check("data", "skip", "checked after the prepare step (the run prepares its data first)"))
+    else:
+        from src.training.train_enhanced import load_prepared_records
+        try:
+            records = load_prepared_records(Path(targs.data_path))
+        except UserError as err:
+            report.add(Check("data", "fatal", str(err), "python -m src.data_processing.prepare_data_for_training"))
+            records = None
+        if records is not None:
+            checks, info = check_data(records, tokenizer, targs)
+            for c in checks:
+                report.add(c)
+
+    if targs.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    longest = min(targs.max_length, info["longest"]) if info and info["longest"] else targs.max_length
+    dtype = _autocast_dtype(targs.precision, device)
+    if not only_data:
+        probe, where = None, ""
+        if probe_factory is not None:
+            probe, where = probe_factory(model, device, targs), "the simulated GPU"
+        elif opts.simulate_gpu_memory_gb:
+            probe = SimulatedProbe(opts.simulate_gpu_memory_gb * GB, n_params, model.config.n_layer,
+                                   model.config.n_embd, model.config.vocab_size, targs.gradient_checkpointing)
+            where = f"a simulated {opts.simulate_gpu_memory_gb:g} GB GPU"
+        elif device.type == "cuda":
+            probe, where = CudaProbe(model, device, dtype), torch.cuda.get_device_name(device)
+        if probe is None:
+            report.add(Check("memory", "skip", "no CUDA GPU: the memory probe runs on CUDA only "
+                                               "(--simulate_gpu_memory_gb N estimates one)"))
+        else:
+            report.add(check_memory(probe, targs, longest, where))
+
+    if info is not None and not report.fatal:
+        seq = max(8, round(info["mean_length"]))
+        factor = 2 if targs.use_rdrop and getattr(targs, "rdrop_doubled_batch", True) else 1
+        times = timed_step(model, targs.batch_size * factor, seq, device, dtype)
+        step_s = sorted(times)[len(times) // 2]
+        total = estimate_duration(step_s, targs, info["n_train"], info["n_val"], opts.gpus)
+        report.estimate = human_duration(total)
+        report.add(Check("duration", "ok", f"training about {report.estimate} ({len(times)} timed steps of "
+                                           f"{step_s:.3f} s at micro-batch {targs.batch_size} x {seq} tokens; "
+                                           f"{info['n_train']} training records, {targs.epochs} epochs; "
+                                           "generation samples and evaluation not counted)"))
+    if not only_data:
+        report.add(_email_check(opts.email_test))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def write_report(run_dir: Path, report: Report, merge: bool) -> None:
+    """``<run_dir>/preflight.json``; ``merge`` keeps the earlier checks (the data check after preparation)."""
+    path = Path(run_dir) / PREFLIGHT_FILE
+    data = report.to_json()
+    if merge and path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            names = {c.name for c in report.checks}
+            checks = [Check(**c) for c in old.get("checks", []) if c["name"] not in names] + report.checks
+            data = Report(checks, old.get("seconds", 0) + report.seconds,
+                          report.estimate or old.get("estimate", "")).to_json()
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    atomic_write_json(path, data)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m src.training.preflight",
+                                description="Check in seconds what would stop a training run (no training). "
+                                            "Trainer flags go after --.")
+    p.add_argument("--profile", choices=["quick", "rtx3060"], default="quick", help="the trainer profile")
+    p.add_argument("--gpus", type=int, default=1, help="processes the run will use (for the duration)")
+    p.add_argument("--run_dir", type=Path, default=None,
+                   help="the run folder: the disk check looks there, and preflight.json is written into it")
+    p.add_argument("--data_path", type=Path, default=PROJECT_ROOT / "Datasets" / "enhanced_training_data.json",
+                   help="the prepared data file")
+    p.add_argument("--no_data", action="store_true", help="skip the data check (the data is prepared later)")
+    p.add_argument("--only", choices=["all", "data"], default="all",
+                   help="data: the data check and the duration only (after the prepare step)")
+    p.add_argument("--email_test", action="store_true", help="send a test email when email is configured")
+    p.add_argument("--simulate_gpu_memory_gb", type=float, default=0.0,
+                   help="estimate the memory check for a GPU of this size (a formula, not a measurement)")
+    p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then flags for train_enhanced.py")
+    args = p.parse_args(argv)
+    args.trainer_flags = args.trainer_flags[1:] if args.trainer_flags[:1] == ["--"] else args.trainer_flags
+    if args.gpus < 1:
+        p.error("--gpus must be at least 1")
+    if args.simulate_gpu_memory_gb < 0:
+        p.error("--simulate_gpu_memory_gb must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None, probe_factory: Callable[..., Any] | None = None) -> int:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    print(f"pre-flight: profile {opts.profile}" + (" (data check)" if opts.only == "data" else ""), flush=True)
+    report = run_preflight(opts, probe_factory)
+    if opts.run_dir and Path(opts.run_dir).is_dir():
+        write_report(opts.run_dir, report, merge=opts.only == "data")
+    warnings = len(report.warnings)
+    if report.fatal:
+        print(f"pre-flight FAILED in {report.seconds:.1f} s: {len(report.fatal)} problem"
+              f"{'s' * (len(report.fatal) != 1)} would stop the run; fix {'them' if len(report.fatal) > 1 else 'it'}"
+              " (see 'fix:' above) and run the same command again", flush=True)
+        return EXIT_USER_ERROR
+    print(f"pre-flight ok in {report.seconds:.1f} s" + (f", {warnings} warning{'s' * (warnings != 1)}"
+                                                          if warnings else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,696 @@
+"""The overnight scripts' decisions, written once: both train_overnight_enhanced.sh and .bat call these subcommands.
+
+Each script still chains the steps itself (one visible line per step); everything the two share beyond that
+lives here: the arguments, the profile and its flags, which run to resume and why (a fingerprint of what a run
+started from), the run id, log rotation, the banner, and what happens on failure and on completion.
+
+    python -m src.utils.overnight plan --format sh -- --profile quick -- --epochs 2   # shell variables to eval
+    python -m src.utils.overnight plan --format cmd --out plan.cmd -- %*              # a batch file to call
+    python -m src.utils.overnight banner --run_dir models/theta_enhanced_20260101_230000 --python .venv/bin/python
+    python -m src.utils.overnight prepared --run_dir models/<run>     # after data preparation: record its output
+    python -m src.utils.overnight failed --run_dir models/<run> --step train --exit_code 1 --log logs/<run>.log
+    python -m src.utils.overnight completed --run_dir models/<run> --log logs/<run>.log
+
+Resume rules (README.md, "Resuming"): a re-run resumes the newest unfinished run (no ``DONE``) only when its
+fingerprint matches today's: the content hash of every input file under ``Datasets/`` (not the prepared outputs),
+the data-preparation flags, the profile and the trainer flags. Otherwise a new run starts and the banner says
+which of them changed. ``--fresh`` always starts a new run; ``--resume RUN_ID`` picks one. A run whose last step
+ended with a user error (exit 2) is never resumed automatically: the fix is in the flags or the files.
+
+State lives in ``models/<run>/overnight.json`` (written atomically): the fingerprint, the SHA-256 of the prepared
+file the run trains on, and one event per start, failure and completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make `src` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, UserError, atomic_write_json, new_run_id
+
+logger = logging.getLogger(__name__)
+
+PROFILES = ("quick", "rtx3060")
+STATE_FILE = "overnight.json"
+PREFLIGHT_FILE = "preflight.json"
+KEEP_LOGS = 5  # the overnight logs kept, this run's own included
+TENSORBOARD_PORT = 6006
+PREPARED_REL = "Datasets/enhanced_training_data.json"
+# What data preparation writes, and the knowledge step's output folder: not inputs of the fingerprint.
+PREPARE_OUTPUTS = {"enhanced_training_data.json", "enhanced_data_stats.json"}
+DERIVED_DIRS = {"knowledge_base", "__pycache__"}
+DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet"}  # what preparation reads (knowledge/: every file)
+KB_MODULE_REL = "src/data_processing/knowledge_base_enhancer_main.py"
+FINGERPRINT_VERSION = 1
+
+# Data preparation per profile, for a prepare_data_for_training.py without its own --profile (documentation/
+# DATA_PROCESSING.md): quick keeps the data small (about 600 records from the sample data), the overnight
+# profile balances every domain up to 300 records. Once prepare has --profile, the scripts pass only that.
+LEGACY_PREPARE_FLAGS = {
+    "quick": ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.3",
+              "--min_domain_count", "100", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"],
+    "rtx3060": ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.2",
+                "--min_domain_count", "300", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scripts' arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=script, add_help=False,
+        description="Theta overnight run: pre-flight, [knowledge base], prepare the data, train, evaluate and "
+                    "optimise, in one unattended command. Flags after -- go to train_enhanced.py.",
+        epilog="Re-running the same command resumes the unfinished run when Datasets/, the profile and the flags "
+               "are unchanged (README.md, 'Resuming'). Email: documentation/EMAIL_NOTIFICATIONS.md.")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="quick (theta-tiny, minutes) or rtx3060 (gpt2-medium, a night); default: rtx3060 where a "
+                        "CUDA GPU answers, quick otherwise")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs on this machine (torchrun --standalone); for several machines run train_enhanced.py "
+                        "under multi-node torchrun yourself, see documentation/TRAINING_PIPELINE.md")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="serve models/ with tensorboard on 127.0.0.1 while the run lasts")
+    p.add_argument("--fresh", action="store_true", help="always start a new run (never resume)")
+    p.add_argument("--resume", metavar="RUN_ID", default=None,
+                   help="resume this unfinished run (theta_enhanced_<YYYYMMDD_HHMMSS>) whatever changed")
+    p.add_argument("--preflight", action="store_true",
+                   help="run the pre-flight checks alone (with a test email when email is on) and exit")
+    return p
+
+
+def parse_script_args(argv: list[str], script: str = "train_overnight_enhanced.sh"
+                      ) -> tuple[argparse.Namespace, list[str]]:
+    """The script's own flags, and the trainer flags after ``--``. Bad flags are a UserError naming them."""
+    argv = list(argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        own, trainer = argv[:cut], argv[cut + 1:]
+    else:
+        own, trainer = argv, []
+    parser = build_script_parser(script)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            args, unknown = parser.parse_known_args(own)
+        except SystemExit:
+            message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments"
+            raise UserError(message.split("error: ", 1)[-1]) from None
+    if unknown:
+        raise UserError(f"unknown option '{unknown[0]}' (flags for the trainer go after --)")
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be a whole number of at least 1, not {args.gpus}")
+    if args.fresh and args.resume:
+        raise UserError("--fresh and --resume exclude each other")
+    if args.resume is not None and not RUN_ID_PATTERN.match(args.resume):
+        raise UserError(f"--resume {args.resume}: a run id looks like theta_enhanced_20260101_230000 "
+                        "(a folder name under models/)")
+    return args, trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile and per-step flags
+# ---------------------------------------------------------------------------------------------------------------
+
+def detect_profile(requested: str | None) -> tuple[str, str]:
+    """The profile and why: as asked, else rtx3060 where ``nvidia-smi -L`` answers, quick otherwise."""
+    if requested:
+        return requested, "chosen with --profile"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            if subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0:
+                return "rtx3060", "a CUDA GPU was found (nvidia-smi)"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "quick", "no CUDA GPU was found"
+
+
+def _parser_of(parse_args) -> argparse.ArgumentParser | None:
+    """The ArgumentParser a module's ``parse_args`` builds, caught before it parses (no side effects)."""
+    caught: list[argparse.ArgumentParser] = []
+
+    class _Caught(Exception):
+        pass
+
+    original = argparse.ArgumentParser.parse_args
+
+    def catch(self, *a, **k):
+        caught.append(self)
+        raise _Caught
+
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        parse_args([])
+    except _Caught:
+        pass
+    except Exception:  # an older parse_args that does more first: treat as "cannot tell"
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return caught[0] if caught else None
+
+
+def prepare_flags(profile: str) -> list[str]:
+    """Data-preparation flags for ``profile``: ``--profile <profile>`` once prepare_data_for_training has it."""
+    try:
+        from src.data_processing.prepare_data_for_training import parse_args
+        parser = _parser_of(parse_args)
+    except Exception:  # a broken prepare module fails in its own step, with its own message
+        parser = None
+    if parser is not None and "--profile" in parser._option_string_actions:
+        return ["--profile", profile]
+    return list(LEGACY_PREPARE_FLAGS[profile])
+
+
+def optimise_flags(root: Path = PROJECT_ROOT) -> list[str]:
+    """``--quantize auto`` once optimize_for_inference offers it (read from its source: importing it means torch)."""
+    try:
+        text = (root / "src" / "training" / "optimize_for_inference.py").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    m = re.search(r'"--quantize"[^)]*?choices=\[([^\]]*)\]', text, re.S)
+    return ["--quantize", "auto"] if m and '"auto"' in m.group(1) else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint and resume choice
+# ---------------------------------------------------------------------------------------------------------------
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def datasets_fingerprint(datasets_dir: Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every input file under ``datasets_dir``: data files anywhere, every file
+    under ``knowledge/``.
+
+    Left out: preparation's own outputs, the knowledge step's output folder, hidden files and the rest (a
+    README). The test set is in:
+    preparation reads it (overlap removal), and a created one is recorded after the prepare step.
+    """
+    out: dict[str, str] = {}
+    datasets_dir = Path(datasets_dir)
+    if not datasets_dir.is_dir():
+        return out
+    for path in sorted(datasets_dir.rglob("*")):
+        rel = path.relative_to(datasets_dir)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if rel.parts[0] in DERIVED_DIRS or (len(rel.parts) == 1 and rel.name in PREPARE_OUTPUTS):
+            continue
+        if rel.parts[0] != "knowledge" and path.suffix.lower() not in DATA_SUFFIXES:
+            continue
+        out[rel.as_posix()] = sha256_file(path)
+    return out
+
+
+def make_fingerprint(root: Path, profile: str, prep_flags: list[str], trainer_flags: list[str]) -> dict:
+    return {"version": FINGERPRINT_VERSION, "profile": profile, "prepare_flags": list(prep_flags),
+            "trainer_flags": list(trainer_flags), "datasets": datasets_fingerprint(root / "Datasets")}
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in words (empty when they match)."""
+    changes = []
+    old_files, new_files = old.get("datasets", {}), new.get("datasets", {})
+    changed = sorted(n for n in old_files.keys() & new_files.keys() if old_files[n] != new_files[n])
+    added, removed = sorted(new_files.keys() - old_files.keys()), sorted(old_files.keys() - new_files.keys())
+    if changed or added or removed:
+        parts = [f"{_listed(v)} {w}" for v, w in ((changed, "changed"), (added, "added"), (removed, "removed")) if v]
+        changes.append(f"Datasets/ changed ({'; '.join(parts)})")
+    if old.get("profile") != new.get("profile"):
+        changes.append(f"the profile changed ({old.get('profile')}, now {new.get('profile')})")
+    if old.get("prepare_flags") != new.get("prepare_flags"):
+        changes.append("the data-preparation flags changed")
+    if old.get("trainer_flags") != new.get("trainer_flags"):
+        before = " ".join(old.get("trainer_flags") or []) or "none"
+        now = " ".join(new.get("trainer_flags") or []) or "none"
+        changes.append(f"the trainer flags changed ({before}, now {now})")
+    return changes
+
+
+def read_state(run_dir: Path) -> dict:
+    try:
+        state = json.loads((Path(run_dir) / STATE_FILE).read_text(encoding="utf-8"))
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    atomic_write_json(Path(run_dir) / STATE_FILE, state)
+
+
+def add_event(run_dir: Path, event: str, **details: Any) -> dict:
+    state = read_state(run_dir)
+    state.setdefault("events", []).append({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
+    write_state(run_dir, state)
+    return state
+
+
+def last_failure(state: dict) -> dict | None:
+    """The run's last event when it is a failure (a later start or completion clears it)."""
+    events = state.get("events") or []
+    return events[-1] if events and events[-1].get("event") == "failed" else None
+
+
+@dataclass
+class RunChoice:
+    """Which run this invocation works on, and why (one line for the banner)."""
+    run_id: str
+    resuming: bool
+    why: str
+    notes: list[str] = field(default_factory=list)  # warnings for the banner
+
+
+def unfinished_runs(models_dir: Path) -> list[str]:
+    """Run ids without a DONE marker, newest first (ids sort by time)."""
+    if not Path(models_dir).is_dir():
+        return []
+    return sorted((d.name for d in Path(models_dir).iterdir()
+                   if d.is_dir() and RUN_ID_PATTERN.match(d.name) and not (d / "DONE").exists()), reverse=True)
+
+
+def choose_run(models_dir: Path, fingerprint: dict, fresh: bool = False, resume_id: str | None = None,
+               now: float | None = None) -> RunChoice:
+    """Resume or start anew, following the rules of the module docstring."""
+    models_dir = Path(models_dir)
+    if resume_id:
+        run_dir = models_dir / resume_id
+        if not run_dir.is_dir():
+            left = unfinished_runs(models_dir)
+            raise UserError(f"--resume {resume_id}: no such run folder {run_dir}. Unfinished runs: "
+                            f"{', '.join(left) if left else 'none'}")
+        if (run_dir / "DONE").exists():
+            raise UserError(f"--resume {resume_id}: that run is finished ({run_dir / 'DONE'} exists); "
+                            "run without --resume to start a new one")
+        old = read_state(run_dir).get("fingerprint")
+        notes = []
+        if old:
+            changes = fingerprint_changes(old, fingerprint)
+            if changes:
+                notes.append(f"resuming {resume_id} as asked although {'; '.join(changes)} since it was started")
+        return RunChoice(resume_id, True, f"resuming {resume_id} (--resume)", notes)
+    if fresh:
+        return RunChoice(_new_id(models_dir, now), False, "new run (--fresh)")
+    notes = []
+    for run_id in unfinished_runs(models_dir):
+        state = read_state(models_dir / run_id)
+        failure = last_failure(state)
+        if failure is not None and failure.get("exit_code") == EXIT_USER_ERROR:
+            notes.append(f"run {run_id} ended with a user error at step '{failure.get('step')}' (exit 2): "
+                         f"not resumed (`--resume {run_id}` retries it)")
+            continue
+        old = state.get("fingerprint")
+        new_id = None
+        if not old:
+            why = (f"run {run_id} has no fingerprint (started by an older script): starting a new run; "
+                   f"`--resume {run_id}` continues the old one")
+        else:
+            changes = fingerprint_changes(old, fingerprint)
+            if not changes:
+                return RunChoice(run_id, True, f"resuming {run_id}: Datasets/, the profile and the flags are the "
+                                               "same as when it was started", notes)
+            why = (f"{'; '.join(changes)} since run {run_id} was started: starting a new run; "
+                   f"`--resume {run_id}` continues the old one")
+        new_id = _new_id(models_dir, now)
+        return RunChoice(new_id, False, why, notes)
+    return RunChoice(_new_id(models_dir, now), False, "new run (no unfinished run to resume)", notes)
+
+
+def _new_id(models_dir: Path, now: float | None) -> str:
+    """A fresh run id; a second run in the same second takes the next free second."""
+    now = time.time() if now is None else now
+    run_id = new_run_id(now)
+    while (Path(models_dir) / run_id).exists():
+        now += 1
+        run_id = new_run_id(now)
+    return run_id
+
+
+def rotate_logs(logs_dir: Path, keep_name: str, keep: int = KEEP_LOGS) -> list[Path]:
+    """Delete all but the newest ``keep`` overnight logs, counting and never deleting ``keep_name``."""
+    logs = sorted(p for p in Path(logs_dir).glob("training_enhanced_*.log") if p.name != keep_name)
+    doomed = logs[:max(0, len(logs) - (keep - 1))]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+        (p.parent / f".step_output_{p.name[len('training_enhanced_'):-len('.log')]}.txt").unlink(missing_ok=True)
+    return doomed
+
+
+def free_port(start: int = TENSORBOARD_PORT, tries: int = 50) -> int:
+    """The first port from ``start`` that 127.0.0.1 can bind (tensorboard's)."""
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    return start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan: every decision of one invocation, as variables for the script
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_overnight_enhanced.sh",
+              now: float | None = None) -> dict[str, Any]:
+    """Parse the script's arguments and decide: profile, run (new or resumed, and why), steps to run or skip.
+
+    Creates the run folder, logs/ and stats/, records the fingerprint of a new run and a start event, and rotates
+    the logs. ``--preflight`` decides the profile and flags only (no run folder).
+    """
+    root = Path(root)
+    args, trainer = parse_script_args(argv, script)
+    if args.help:
+        return {"ACTION": "help"}
+    profile, profile_why = detect_profile(args.profile)
+    prep = prepare_flags(profile)
+    plan: dict[str, Any] = {
+        "ACTION": "preflight" if args.preflight else "run", "PROFILE": profile, "PROFILE_WHY": profile_why,
+        "GPUS": str(args.gpus), "TENSORBOARD": "1" if args.tensorboard else "0",
+        "TB_PORT": str(free_port()) if args.tensorboard else "", "PREPARE_FLAGS": prep,
+        "OPTIMISE_FLAGS": optimise_flags(root), "TRAIN_EXTRA": list(trainer),
+        "TRAIN_FLAGS_TEXT": " ".join(trainer),
+        # The pre-flight checks the prepared data when the run trains on the file that exists now; otherwise
+        # the scripts check it after the prepare step (--only data).
+        "PREFLIGHT_FLAGS": [], "RUN_ID": "", "RUN_DIR": "", "LOG": "", "STEP_OUT": "", "RESUMING": "0",
+        "RESUMING_FLAG": [], "PREPARE": "1", "PREPARE_WHY": "", "KB": "0", "KB_WHY": "",
+    }
+    prepared = root / PREPARED_REL
+    if args.preflight:
+        plan["PREFLIGHT_FLAGS"] = ["--email_test"] + ([] if prepared.is_file() else ["--no_data"])
+        return plan
+    fingerprint = make_fingerprint(root, profile, prep, trainer)
+    choice = choose_run(root / "models", fingerprint, args.fresh, args.resume, now)
+    run_dir = root / "models" / choice.run_id
+    for d in (run_dir, root / "logs", root / "stats"):
+        d.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir) if choice.resuming else {}
+    if not state:
+        state = {"run_id": choice.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "fingerprint": fingerprint, "prepared_sha256": None, "events": []}
+    prepare, prepare_why = _prepare_decision(choice, state, prepared)
+    kb_on = (root / KB_MODULE_REL).is_file() and (root / "Datasets" / "knowledge").is_dir()
+    if not prepare:
+        kb_why = "skipped: resuming"
+    elif kb_on:
+        kb_why = "on (Datasets/knowledge/ found)"
+    elif (root / KB_MODULE_REL).is_file():
+        kb_why = "skipped (no Datasets/knowledge/ folder)"
+    else:
+        kb_why = "skipped (knowledge_base_enhancer_main.py not installed)"
+    log_name = f"training_enhanced_{choice.run_id}.log"
+    plan.update(RUN_ID=choice.run_id, RUN_DIR=f"models/{choice.run_id}", LOG=f"logs/{log_name}",
+                STEP_OUT=f"logs/.step_output_{choice.run_id}.txt", RESUMING="1" if choice.resuming else "0",
+                RESUMING_FLAG=["--resuming"] if choice.resuming else [], PREPARE="1" if prepare else "0",
+                PREPARE_WHY=prepare_why, KB="1" if (prepare and kb_on) else "0", KB_WHY=kb_why,
+                PREFLIGHT_FLAGS=["--no_data"] if prepare else [])
+    state["plan"] = {"profile": profile, "profile_why": profile_why, "resume_why": choice.why,
+                     "notes": choice.notes, "gpus": args.gpus, "resuming": choice.resuming,
+                     "tensorboard_port": int(plan["TB_PORT"]) if args.tensorboard else None,
+                     "prepare_why": prepare_why, "kb_why": kb_why, "prepare_flags": prep, "trainer_flags": trainer,
+                     "optimise_flags": plan["OPTIMISE_FLAGS"], "log": plan["LOG"]}
+    state.setdefault("events", []).append({"event": "resume" if choice.resuming else "start",
+                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    (run_dir / PREFLIGHT_FILE).unlink(missing_ok=True)  # this invocation's pre-flight writes a new one
+    write_state(run_dir, state)
+    rotate_logs(root / "logs", log_name)
+    return plan
+
+
+def _prepare_decision(choice: RunChoice, state: dict, prepared: Path) -> tuple[bool, str]:
+    """Prepare again, or keep the prepared file the resumed run started with (when it is still that file)."""
+    if not choice.resuming:
+        return True, f"Datasets/ to {PREPARED_REL}"
+    recorded = state.get("prepared_sha256")
+    if not recorded:
+        return True, f"Datasets/ to {PREPARED_REL} (run {choice.run_id} had not finished preparing)"
+    if prepared.is_file() and sha256_file(prepared) == recorded:
+        return False, "skipped: resuming, the run keeps the data it started with"
+    return True, (f"Datasets/ to {PREPARED_REL} again: the file is no longer the one run {choice.run_id} "
+                  "started with (another run wrote it)")
+
+
+def cmd_quote(arg: str) -> str:
+    """One argument for a cmd command line, in double quotes (the C runtime's rules for backslashes)."""
+    if '"' in arg or "\n" in arg or "\r" in arg:
+        raise UserError(f"the argument {arg!r} holds a double quote or a line break, which cannot pass through "
+                        "cmd.exe: drop it, or run python -m src.training.train_enhanced yourself")
+    trailing = len(arg) - len(arg.rstrip("\\"))
+    return f'"{arg}{chr(92) * trailing}"'
+
+
+def cmd_set_line(name: str, value: str) -> str:
+    """``set "NAME=value"`` for a batch file, safe for any value without line breaks.
+
+    ``%`` is doubled (a batch file expands it); ``^ & | < > ( )`` get a caret wherever the quotes around and
+    inside the value leave them unquoted, so cmd reads them as text, never as a command separator.
+    """
+    if "\n" in value or "\r" in value:
+        raise UserError(f"{name}: a line break cannot pass through cmd.exe")
+    out, quoted = ['set "'], True
+    for ch in f"{name}={value}":
+        if ch == '"':
+            quoted = not quoted
+        elif ch in "^&|<>()" and not quoted:
+            ch = "^" + ch
+        out.append("%%" if ch == "%" else ch)
+    out.append('"')
+    return "".join(out)
+
+
+def format_plan(plan: dict[str, Any], fmt: str) -> str:
+    """The plan as bash assignments (lists become arrays) or as a batch file of ``set`` lines (lists become
+    quoted argument strings; paths use backslashes)."""
+    lines = []
+    for name, value in plan.items():
+        if fmt == "sh":
+            if isinstance(value, list):
+                lines.append(f"{name}=({' '.join(shlex.quote(v) for v in value)})")
+            else:
+                lines.append(f"{name}={shlex.quote(value)}")
+        else:
+            if isinstance(value, list):
+                value = " ".join(cmd_quote(v) for v in value)
+            elif name in ("RUN_DIR", "LOG", "STEP_OUT"):
+                value = value.replace("/", "\\")
+            lines.append(cmd_set_line(name, value))
+    if fmt == "cmd":
+        return "@echo off\r\n" + "\r\n".join(lines) + "\r\nexit /b 0\r\n"
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# banner, prepared, failed, completed
+# ---------------------------------------------------------------------------------------------------------------
+
+RULE = "=" * 78
+
+
+def read_preflight(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / PREFLIGHT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def banner_lines(run_dir: Path, python: str = "", device: str | None = None, email: str | None = None) -> list[str]:
+    """The run banner: what this invocation will do and why, pre-flight warnings included."""
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    plan = state.get("plan") or {}
+    if device is None:
+        from src.utils import gpu_info
+        device = gpu_info.summary_line(gpu_info.get_best_gpu_info(import_torch=False))
+    if email is None:
+        from src.utils.email_notifier import resolve_email_config
+        config, _, message = resolve_email_config()
+        email = f"email: {config.describe()}" if config else message
+    gpus = int(plan.get("gpus", 1))
+    port = plan.get("tensorboard_port")
+    trainer = " ".join(["--profile", plan.get("profile", "?"), "--resume auto", *plan.get("trainer_flags", [])])
+    prepare = plan.get("prepare_why", "")
+    if not prepare.startswith("skipped"):
+        prepare += " " + " ".join(plan.get("prepare_flags", []))
+    lines = [RULE,
+             f" Theta overnight run {run_dir.name}{' (resuming)' if plan.get('resuming') else ''}",
+             f" started     {time.strftime('%Y-%m-%d %H:%M:%S')}",
+             f" profile     {plan.get('profile')} ({plan.get('profile_why')})",
+             f" run         {plan.get('resume_why', '')}",
+             f" device      {device}",
+             f" gpus        {gpus}" + (" (torchrun on this machine; more machines: documentation/TRAINING_PIPELINE.md)"
+                                      if gpus > 1 else ""),
+             f" python      {python}",
+             f" run folder  {run_dir.parent.name}/{run_dir.name}",
+             f" log         {plan.get('log', '')}",
+             f" data        {prepare.strip()}",
+             f" knowledge   {plan.get('kb_why', '')}",
+             f" trainer     {trainer}",
+             f" optimise    {' '.join(plan.get('optimise_flags') or []) or '(defaults of optimize_for_inference.py)'}",
+             f" tensorboard {f'http://127.0.0.1:{port}/' if port else 'off'}"]
+    preflight = read_preflight(run_dir)
+    if preflight is not None:
+        warnings = preflight.get("warnings", [])
+        lines.append(f" pre-flight  {'ok' if not preflight.get('fatal') else 'FAILED'} in "
+                     f"{preflight.get('seconds', 0):.1f} s, {len(warnings)} warning{'s' * (len(warnings) != 1)}"
+                     + (f"; whole run about {preflight['estimate']}" if preflight.get("estimate") else ""))
+    else:
+        warnings = []
+    for note in [*plan.get("notes", []), *warnings]:
+        lines.append(f" WARNING     {note}")
+    lines += [f" {email}", RULE]
+    return lines
+
+
+def cmd_prepared(run_dir: Path, root: Path = PROJECT_ROOT) -> None:
+    """After a successful prepare step: record the prepared file's hash and the inputs as they are now (a test set
+    that preparation created belongs to the run's inputs from here on)."""
+    state = read_state(run_dir)
+    prepared = Path(root) / PREPARED_REL
+    if prepared.is_file():
+        state["prepared_sha256"] = sha256_file(prepared)
+    fingerprint = state.get("fingerprint") or {}
+    fingerprint["datasets"] = datasets_fingerprint(Path(root) / "Datasets")
+    state["fingerprint"] = fingerprint
+    write_state(run_dir, state)
+
+
+def cmd_failed(args: argparse.Namespace) -> int:
+    """Record the failure, print it (step, log, last lines, the fix) and send the failure email."""
+    run_dir = Path(args.run_dir)
+    if run_dir.is_dir():
+        state = add_event(run_dir, "failed", step=args.step, exit_code=args.exit_code)
+    else:
+        state = {}
+    from src.training import email_integration
+    argv = ["failed", "--run_id", run_dir.name, "--run_dir", str(run_dir), "--step", args.step,
+            "--exit_code", str(args.exit_code), "--show"]
+    if args.log:
+        argv += ["--log", args.log]
+    if args.step_output:
+        argv += ["--error_file", args.step_output]
+    email_integration.main(argv)
+    if args.exit_code == EXIT_USER_ERROR:
+        print("  this was a user error (exit 2): fix what the message names and run the same command again; "
+              "this run will not be resumed")
+    events = state.get("events") or []
+    if args.step == "pre-flight" and [e["event"] for e in events] == ["start", "failed"]:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was done: leave no empty run folder behind
+        print(f"  {run_dir} removed (nothing had run yet)")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_completed(args: argparse.Namespace) -> int:
+    """Mark the run done (DONE), send the completion email and print where everything is."""
+    run_dir = Path(args.run_dir)
+    (run_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
+    add_event(run_dir, "done")
+    if args.step_output:
+        Path(args.step_output).unlink(missing_ok=True)
+    from src.training import email_integration
+    email_integration.main(["completed", "--run_id", run_dir.name, "--run_dir", str(run_dir)]
+                           + (["--log", args.log] if args.log else []))
+    run, sep = run_dir.name, os.sep
+    folder = f"models{sep}{run}"
+    python = args.python or "python"
+    for line in ["", RULE, f" Done: {run}  ({time.strftime('%Y-%m-%d %H:%M:%S')})",
+                 f" model       {folder}{sep}theta_final", f" inference   {folder}{sep}theta_inference",
+                 f" evaluation  stats{sep}evaluation_{run}.json", f" report      stats{sep}{run}{sep}",
+                 f" log         {args.log or ''}",
+                 f" try it      {python} -m src.model.theta_model chat --model_path {folder}{sep}theta_final", RULE]:
+        print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m src.utils.overnight",
+                                description="The overnight scripts' shared decisions (see the module docstring).")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("plan", help="parse the script's arguments and decide the run; print variables")
+    s.add_argument("--format", choices=["sh", "cmd"], default="sh", help="bash assignments or a batch file")
+    s.add_argument("--out", type=Path, default=None, help="write there instead of stdout")
+    s.add_argument("--script", default="train_overnight_enhanced.sh", help="the script's name, for the help")
+    s.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's own arguments")
+    u = sub.add_parser("usage", help="the scripts' help")
+    u.add_argument("--script", default="train_overnight_enhanced.sh", help="the script's name")
+    b = sub.add_parser("banner", help="print the run banner")
+    b.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    b.add_argument("--python", default="", help="the Python the steps use (shown)")
+    r = sub.add_parser("prepared", help="after the prepare step: record the prepared file and the inputs")
+    r.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    f = sub.add_parser("failed", help="record and report a failed step, send the failure email")
+    f.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    f.add_argument("--step", required=True, help="the step that failed")
+    f.add_argument("--exit_code", type=int, required=True, help="its exit code")
+    f.add_argument("--log", default=None, help="the overnight log")
+    f.add_argument("--step_output", default=None, help="the failed step's output (its last lines are shown)")
+    c = sub.add_parser("completed", help="mark the run done, send the completion email, print the summary")
+    c.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    c.add_argument("--log", default=None, help="the overnight log")
+    c.add_argument("--step_output", default=None, help="the step output file to remove")
+    c.add_argument("--python", default="", help="the venv's Python (for the 'try it' line)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "plan":
+            script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+            text = format_plan(make_plan(script_args, script=args.script), args.format)
+            if args.out:
+                args.out.write_bytes(text.encode("utf-8"))
+            else:
+                sys.stdout.write(text)
+        elif args.command == "usage":
+            build_script_parser(args.script).print_help()
+        elif args.command == "banner":
+            print("\n".join(banner_lines(args.run_dir, args.python)))
+        elif args.command == "prepared":
+            cmd_prepared(args.run_dir)
+        elif args.command == "failed":
+            return cmd_failed(args)
+        elif args.command == "completed":
+            return cmd_completed(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
