@@ -50,8 +50,8 @@ LEXICON: dict[str, dict[int, str]] = {
            "sql_injection mfa 2fa two_factor ciphertext cve pentest penetration_testing siem antivirus trojan botnet "
            "ddos brute_force zero_day keylogger spyware least_privilege password_manager infosec threat_model "
            "owasp cybersecurity intrusion_detection security_patch encrypted encryption decrypt tls_certificate "
-           "social_engineering man_in_the_middle privilege_escalation",
-        2: "authentication authorization encrypt hashed hashing tls ssl certificate passwords password breach "
+           "social_engineering man_in_the_middle privilege_escalation cross_site_scripting",
+        2: "malicious authentication authorization encrypt hashed hashing tls ssl certificate passwords password breach "
            "hacker hackers attacker attackers credentials vpn patching",
         1: "attack attacks threat threats security secure hack key keys token tokens access",
     },
@@ -60,6 +60,7 @@ LEXICON: dict[str, dict[int, str]] = {
            "regex regular_expression list_comprehension npm pip unit_test syntax iterator decorator async await "
            "null_pointer segfault source_code programmer programming python_function python_script dict tuple "
            "boolean integer variable variables exception_handling try_except for_loop while_loop linked_list "
+           "regular_expressions "
            "hash_map big_o data_structure code_review merge_conflict",
         2: "python java rust function functions compile debug exception exceptions api json loop loops array arrays "
            "string strings bug bugs code coding lambda method methods class classes library framework repository",
@@ -69,14 +70,14 @@ LEXICON: dict[str, dict[int, str]] = {
         3: "tcp udp dns dhcp subnet subnets subnetting ethernet vlan vlans bgp ospf ip_address ipv4 ipv6 icmp "
            "traceroute osi mtu arp cidr mac_address network_layer routing_table default_gateway packet_loss nat "
            "three_way_handshake wifi wi_fi",
-        2: "router routers routing packet packets latency bandwidth gateway lan wan ping http https protocol "
+        2: "ip router routers routing packet packets latency bandwidth gateway lan wan ping http https protocol "
            "protocols switch switches throughput",
         1: "network networks port ports traffic connection hub address",
     },
     "data_science": {
         3: "regression machine_learning deep_learning neural_network neural_networks feature_engineering overfitting "
            "underfitting cross_validation gradient_descent random_forest decision_tree clustering k_means kmeans pca "
-           "principal_component numpy scikit sklearn dataframe dataframes data_frame tensorflow pytorch "
+           "principal_component decision_trees numpy scikit sklearn dataframe dataframes data_frame tensorflow pytorch "
            "confusion_matrix f1_score standard_deviation p_value hyperparameter hyperparameters data_science "
            "data_scientist data_analysis jupyter matplotlib training_data validation_set loss_function "
            "mean_squared_error import_pandas pandas_dataframe read_csv",
@@ -101,7 +102,19 @@ GENERAL_CUES = set(
     "troops castle medieval ancient animal animals zoo bamboo bear bears wildlife species forest garden flower "
     "flowers plant plants birthday wedding family friend friends movie film song music sport football soccer "
     "weather rain painting art museum dog dog's cat pet pets car cars fashion clothes exercise sleep coffee tea "
-    "heart doctor health diet".split())
+    "heart doctor health diet snake snakes island light lights breaker ship ships shipping cargo school teacher "
+    "teachers eat eats rodents".split())
+# Terms of scripts without spaces, found as substrings (only in non-ASCII text): term -> (domain, strength).
+CJK_TERMS = {
+    "网络钓鱼": ("cybersecurity", 3), "恶意软件": ("cybersecurity", 3), "勒索软件": ("cybersecurity", 3),
+    "防火墙": ("cybersecurity", 3), "漏洞": ("cybersecurity", 2), "加密": ("cybersecurity", 2),
+    "编程": ("programming", 3), "代码": ("programming", 2), "函数": ("programming", 3), "变量": ("programming", 3),
+    "递归": ("programming", 3), "编译": ("programming", 3), "路由器": ("networking", 3), "子网": ("networking", 3),
+    "网络协议": ("networking", 3), "域名": ("networking", 3), "机器学习": ("data_science", 3),
+    "过拟合": ("data_science", 3), "深度学习": ("data_science", 3), "神经网络": ("data_science", 3),
+    "数据集": ("data_science", 3), "云计算": ("cloud_computing", 3), "容器": ("cloud_computing", 2),
+    "虚拟机": ("cloud_computing", 3), "集群": ("cloud_computing", 2),
+}
 # Words an everyday cue next to them turns back into plain English.
 AMBIGUOUS = {"attack", "attacks", "model", "models", "pandas", "training", "python", "java", "key", "cloud",
              "threat", "bug", "bugs", "network", "port", "switch", "virus", "container", "containers", "class"}
@@ -143,7 +156,8 @@ class DomainClassifier:
     Signals: lexicon terms (3/2/1 points, phrases count double), the question counted twice, a fenced code block
     (+3 programming), everyday cue words (-2 per cue to every technical domain, and they cancel ambiguous terms),
     and, when the knowledge step wrote them, per-domain term vectors (cosine, scaled to points).
-    Decision: the best domain needs >= ``min_points``, one term of strength >= 2, and ``margin`` x the runner-up.
+    Decision: the best domain needs >= ``min_points``, a specific term (strength 3, or strength 2 with 1.5 x
+    ``min_points``), and ``margin`` x the runner-up.
     Cost: one regex pass and a few dict look-ups per word (~10 us for a 60-word record).
     """
 
@@ -179,6 +193,13 @@ class DomainClassifier:
                             if tuple(words[k:k + len(phrase)]) == phrase:
                                 points[domain] += 2 * weight * factor
                                 strongest[domain] = max(strongest[domain], weight)
+        text = f"{question}\n{answer}"
+        if not text.isascii():
+            for term_text, factor in ((question, 2.0), (answer, 1.0)):
+                for term, (domain, weight) in CJK_TERMS.items():
+                    if term in term_text:
+                        points[domain] += weight * factor
+                        strongest[domain] = max(strongest[domain], weight)
         if "```" in answer or "```" in question:
             points["programming"] += 3
             strongest["programming"] = max(strongest["programming"], 2)
@@ -202,7 +223,8 @@ class DomainClassifier:
         ranked = sorted(points.items(), key=lambda kv: (-kv[1], kv[0]))
         best, best_pts = ranked[0] if ranked else (GENERAL, 0.0)
         second_pts = max(ranked[1][1], 0.0) if len(ranked) > 1 else 0.0
-        if best_pts >= self.min_points and strongest.get(best, 0) >= 2 and best_pts >= self.margin * second_pts:
+        specific = strongest.get(best, 0) >= 3 or (strongest.get(best, 0) >= 2 and best_pts >= 1.5 * self.min_points)
+        if best_pts >= self.min_points and specific and best_pts >= self.margin * second_pts:
             lead = (best_pts - second_pts) / best_pts
             return best, round(min(1.0, lead * min(1.0, best_pts / (2 * self.min_points))), 3)
         return GENERAL, round(1.0 - max(0.0, min(1.0, best_pts / self.min_points)) * 0.5, 3)

@@ -173,8 +173,9 @@ def conversation_records(messages: list, max_history_turns: int, tool_calls: str
     if question is not None and len(exchange) == 1:
         result.notes["unanswered_last_turn"] += 1
     if used_tools and tool_calls == "drop":
-        return ShapeResult(reason="tool_call_conversation",
-                           detail="uses tool calls and --tool_calls is drop", notes=result.notes)
+        result.records.clear()
+        result.reason, result.detail = "tool_call_conversation", "uses tool calls and --tool_calls is drop"
+        return result
     if not result.records and result.reason is None:
         result.reason, result.detail = "no_answered_turn", "no assistant reply follows a user message"
     return result
@@ -251,10 +252,9 @@ def shape_item(item: object, max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS,
         return ShapeResult(reason="unsupported_shape", detail=f"list of {len(item)} items that are not messages")
     if not isinstance(item, dict):
         return ShapeResult(reason="unsupported_shape", detail=f"item is {type(item).__name__}")
-    if item.get("label") is False or item.get("label") in ("false", "False", 0) and "completion" in item:
-        result.notes["undesirable_example"] += 1
-        return ShapeResult(reason="undesirable_example", detail="KTO label false: never a target",
-                           notes=result.notes)
+    label = item.get("label")
+    if label is False or (isinstance(label, str) and label.strip().lower() == "false"):
+        return ShapeResult(reason="undesirable_example", detail="KTO label false: never a target")
     system = item.get("system") if isinstance(item.get("system"), str) else None
     if "question" in item or "answer" in item:
         rec = dict(item)
