@@ -261,7 +261,7 @@ class DomainResolver:
     """Applies the precedence above to one record; remembers the per-file decision (one look-up per file)."""
 
     def __init__(self, domain_map: dict[str, str] | None = None, classifier: DomainClassifier | None = None) -> None:
-        self.domain_map = domain_map or {}
+        self.domain_map = {k: normalise_domain(v) or v for k, v in (domain_map or {}).items()}
         self.classifier = classifier or DomainClassifier()
         self._by_file: dict[str, tuple[str | None, str]] = {}
 
