@@ -1,0 +1,205 @@
+"""src/training/preflight.py: impossible set-ups stop with the fix named (no disk, a missing model, a batch that
+does not fit a simulated GPU), the data counts match a count made by hand, the arithmetic of the disk and duration
+estimates, the token checks, and the test email.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_preflight.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import namedtuple
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from src.training import preflight as pf
+from test_email_notifier import SmtpServer, email_env, tls_cert  # noqa: F401 (fixture)
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def run(capsys, *argv, probe_factory=None) -> tuple[int, str]:
+    code = pf.main(list(argv), probe_factory=probe_factory)
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_records) -> Path:
+    """A prepared file written here (the records as preparation would write them, every fifth for validation):
+    these tests check the pre-flight, not preparation."""
+    from src.utils.data_contract import PREPARED_FORMAT_VERSION
+
+    records = [{**r, "split": "validation" if i % 5 == 0 else "train", "quality_score": 0.8, "difficulty": 2}
+               for i, r in enumerate(tiny_records)]
+    path = tmp_path / "enhanced_training_data.json"
+    path.write_text(json.dumps({"format_version": PREPARED_FORMAT_VERSION, "records": records}))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path, tiny_model_dir, prepared) -> list[str]:
+    run_dir = tmp_path / "models" / "theta_enhanced_20300101_000000"
+    run_dir.mkdir(parents=True)
+    return ["--profile", "quick", "--run_dir", str(run_dir), "--data_path", str(prepared),
+            "--", "--model_name", str(tiny_model_dir), "--max_length", "128"]
+
+
+def test_a_good_setup_passes_and_records_its_report(capsys, base, monkeypatch):
+    for k in [k for k in __import__("os").environ if k.startswith("EMAIL_")]:
+        monkeypatch.delenv(k)
+    code, out = run(capsys, *base)
+    assert code == 0, out
+    for name in ("flags", "model", "tokens", "disk", "data", "memory", "duration", "email"):
+        assert f" {name} " in out
+    report = json.loads((Path(base[3]) / "preflight.json").read_text())
+    assert report["fatal"] == [] and report["estimate"]
+    assert [c["level"] for c in report["checks"] if c["name"] == "memory"] == ["skip"]  # no CUDA here
+
+
+def test_no_disk_stops_with_the_fix(capsys, base, monkeypatch):
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: Usage(10 * pf.GB, 10 * pf.GB - 5 * pf.MB, 5 * pf.MB))
+    code, out = run(capsys, *base)
+    assert code == 2 and "FATAL disk" in out and "5 MB free" in out
+    assert "fix: free some space there, or keep fewer checkpoints (--keep_last_n_checkpoints 1, --no_ema)" in out
+    assert "pre-flight FAILED" in out
+
+
+def test_missing_model_stops_with_the_fix(capsys, base):
+    argv = base[:-4] + ["--model_name", str(Path(base[3]) / "no such model")]
+    code, out = run(capsys, *argv)
+    assert code == 2 and "FATAL model" in out and "model folder not found" in out and "fix:" in out
+    # A hub name that is not cached, offline: the message says how to get it or what to use instead.
+    code, out = run(capsys, *base[:-4], "--model_name", "theta-no-such-org/no-model")
+    assert code == 2 and "cannot load the hub model" in out and "--model_name theta-tiny" in out
+
+
+def test_a_batch_that_does_not_fit_the_simulated_gpu_stops_with_the_flags(capsys, base):
+    made = {}
+
+    def factory(model, device, targs):
+        # Capacity between what micro-batch 3 and 4 need at the probed length (R-Drop doubles the batch).
+        n = sum(p.numel() for p in model.parameters())
+        probe = pf.SimulatedProbe(0, n, model.config.n_layer, model.config.n_embd, model.config.vocab_size)
+        probe.capacity = probe.base + 7 * 128 * probe.per_token  # 7 sequences of 128 fit, 8 do not
+        made["probe"] = probe
+        return probe
+
+    # --no_data: the probe runs at --max_length (with data: the longest record, when shorter).
+    nodata = base[:6] + ["--no_data"] + base[6:]
+    code, out = run(capsys, *nodata, "--batch_size", "8", probe_factory=factory)
+    assert code == 2 and "FATAL memory" in out and "micro-batch 8 at 128 tokens does not fit" in out
+    # R-Drop (on in the quick profile) doubles the batch: 2 x 3 = 6 sequences fit, 2 x 4 = 8 do not. Of the
+    # micro-batches up to 3, 2 divides the effective batch 8: four steps of 2.
+    assert "fix: --batch_size 2 --gradient_accumulation_steps 4 (the largest micro-batch that fits is 3; " \
+           "effective batch 8, was 8)" in out
+    # The same set-up on a large enough simulated card passes the memory check.
+    code, out = run(capsys, *nodata, "--batch_size", "2", probe_factory=factory)
+    assert " ok    memory    micro-batch 2 (x2 for R-Drop) at 128 tokens fits" in out
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 5, 6, 17, 64, 100])
+def test_largest_fitting_batch_matches_a_linear_search(capacity):
+    def probe(batch, seq):
+        if batch * seq > capacity * 10:
+            raise pf.ProbeOutOfMemory("no")
+        return batch * seq
+
+    expected = max([b for b in range(1, 64) if b * 10 <= capacity * 10] or [0])
+    assert pf.largest_fitting_batch(probe, 10, 64) == min(expected, 63)
+
+
+def test_simulated_probe_formula():
+    probe = pf.SimulatedProbe(10 * pf.GB, n_params=1000, n_layer=2, n_embd=8, vocab=50)
+    assert probe(3, 4) == 16 * 1000 + 3 * 4 * (34 * 8 * 2 + 8 * 50)
+    with pytest.raises(pf.ProbeOutOfMemory):
+        pf.SimulatedProbe(16_000, 1000, 2, 8, 50)(1, 1)
+
+
+def test_expected_run_bytes_by_hand():
+    assert pf.expected_run_bytes(1000, keep_checkpoints=2, use_ema=True) == {
+        "checkpoints": 3 * 1000 * 16, "models": 3 * 4 * 1000, "per_checkpoint": 16000}
+    assert pf.expected_run_bytes(1000, 1, False)["checkpoints"] == 2 * 12000
+
+
+def test_duration_estimate_by_hand():
+    targs = SimpleNamespace(batch_size=8, gradient_accumulation_steps=2, epochs=3, max_steps=0)
+    # 100 records: 13 micro-batches -> 7 optimizer steps x 2 micro-steps x 3 epochs x 0.5 s = 21 s; validation
+    # 10 records: 2 batches x 3 epochs x 0.5 s / 3 = 1 s.
+    assert pf.estimate_duration(0.5, targs, 100, 10, world=1) == pytest.approx(22.0)
+    targs.max_steps = 5
+    assert pf.estimate_duration(0.5, targs, 100, 10, world=1) == pytest.approx(5 * 2 * 0.5 + 1.0)
+
+
+def test_data_counts_match_a_count_by_hand(capsys, base, tmp_path, tiny_model_dir):
+    from src.model.theta_model import ThetaModel, split_prompt
+
+    records = [{"id": "ok", "question": "What is DNS?", "answer": "It maps names.", "domain": "networking"},
+               {"id": "long-answer", "question": "What is TCP?", "answer": "reliable stream " * 40,
+                "domain": "networking"},
+               {"id": "long-question", "question": "why " * 60 + "?", "answer": "Because.", "domain": "networking"},
+               {"id": "val", "question": "What is UDP?", "answer": "Datagrams.", "domain": "networking",
+                "split": "validation"}]
+    data = tmp_path / "prepared.json"
+    data.write_text(json.dumps({"format_version": json.loads(Path(base[5]).read_text())["format_version"],
+                                "records": records}))  # the same version as the fixture's file
+    tok = ThetaModel.load(tiny_model_dir).tokenizer
+    L = 32
+    # By hand: a record is cut when prompt + answer + end-of-text exceed L tokens; it has no target left when its
+    # prompt alone fills the L positions (the first answer token would be at position >= L).
+    truncated = no_target = 0
+    for r in records:
+        p = len(tok(split_prompt(r["question"], None, r.get("context"))[0])["input_ids"])
+        a = len(tok(" " + r["answer"].strip())["input_ids"]) + 1
+        truncated += p + a > L
+        no_target += p >= L
+    assert (truncated, no_target) == (2, 1)
+    argv = base[:4] + ["--data_path", str(data), "--only", "data", "--", "--model_name", str(tiny_model_dir),
+                       "--max_length", str(L)]
+    code, out = run(capsys, *argv)
+    assert code == 0, out
+    assert (f"warn  data      4 records: {no_target} with no target token after truncation at {L} tokens, "
+            f"{truncated} answers truncated ({100 * truncated / 4:.1f}%): the trainer skips those {no_target}") in out
+    report = json.loads((Path(base[3]) / "preflight.json").read_text())
+    assert any("the trainer skips those 1" in w for w in report["warnings"])
+
+
+def test_token_checks_catch_a_pad_that_is_end_of_text(tiny_model_dir):
+    from src.model.theta_model import ThetaModel
+
+    tok = ThetaModel.load(tiny_model_dir).tokenizer
+    targs = SimpleNamespace(max_length=64, loss_on="answer")
+    assert pf.check_tokens(tok, targs).level == "ok"
+    tok.pad_token = tok.eos_token
+    check = pf.check_tokens(tok, targs)
+    assert check.level == "fatal" and "the pad token" in check.message and check.fix
+
+    class NoEos:
+        eos_token_id, pad_token_id, eos_token, pad_token = None, 1, None, "<pad>"
+
+        def __call__(self, texts):
+            return {"input_ids": [[5, 6] for _ in texts]}
+
+    check = pf.check_tokens(NoEos(), targs)
+    assert check.level == "fatal" and "is not a trained target" in check.message
+
+
+def test_bad_trainer_flags_are_fatal_and_named(capsys, base):
+    code, out = run(capsys, *base, "--batch_size", "0")
+    assert code == 2 and "FATAL flags" in out and "--batch_size must be at least 1" in out
+
+
+def test_email_test_message(capsys, base, tls_cert, monkeypatch):
+    server = SmtpServer(*tls_cert)
+    try:
+        for k, v in email_env(server.port, tls_cert[0]).items():
+            monkeypatch.setenv(k, v)
+        code, out = run(capsys, *base[:6], "--no_data", "--email_test", *base[6:])
+        msgs = server.wait_for(1)
+    finally:
+        server.stop()
+    assert code == 0 and "ok    email     test message sent to" in out
+    assert "test email" in msgs[0]["Subject"]
