@@ -50,7 +50,7 @@ from transformers.utils import logging as hf_logging
 from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
 from src.training.report import apply_umask
-from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, run_entry_point, setup_logging
+from src.utils.common import PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +264,6 @@ def optimize(args: argparse.Namespace) -> dict:
             metrics["size_bytes"]["ratio"] = metrics["size_bytes"]["after"] / max(metrics["size_bytes"]["before"], 1)
         del original
         atomic_write_json(chosen / "optimization_metrics.json", metrics)
-        for path in chosen.rglob("*"):  # the atomic JSON writes are mkstemp's 0600: give them the user's umask
-            if path.is_file():
-                apply_umask(path)
         _publish(chosen, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -326,13 +323,13 @@ def _decide(args, plan, measured, base, device, staging, model_path, output, lay
 
 
 def _publish(folder: Path, output: Path) -> None:
-    """Move the finished ``folder`` to ``output``; the old ``output`` is moved aside first and removed only after."""
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if output.exists():
-        os.replace(output, old)
-    os.replace(folder, output)
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the finished ``folder``'s files in place of ``output`` through ``atomic_dir`` (fsynced; ``output`` is
+    never absent: the old one is swapped out in one rename and removed after), with the user's umask modes."""
+    with atomic_dir(output) as tmp:
+        for entry in folder.iterdir():
+            os.replace(entry, tmp / entry.name)  # same file system: a rename, no copy
+        for path in [tmp, *tmp.rglob("*")]:  # mkstemp/mkdtemp made some of them 0600/0700
+            apply_umask(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,14 +96,16 @@ def fixed(value: float, digits: int = 4) -> str:
 
 
 def apply_umask(path: Path) -> Path:
-    """Give ``path`` the mode a plain ``open()`` would have (0644 under the usual umask 022).
+    """Give ``path`` the mode a plain ``open()`` or ``mkdir()`` would have (0644 / 0755 under the usual umask 022).
 
-    The project's atomic writers create files through ``tempfile.mkstemp``, which makes them 0600 whatever the
-    umask: a report nobody else on the machine (or the web server serving stats/) can read.
+    The project's atomic writers create files and folders through ``tempfile.mkstemp``/``mkdtemp``, which make
+    them 0600/0700 whatever the umask: a report nobody else on the machine (or the web server serving stats/) can
+    read. Sharp edge: reads the umask by setting it, which is not thread-safe against another thread doing the
+    same; only entry points call this.
     """
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
     return Path(path)
 
 
