@@ -7,6 +7,8 @@ preparation.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from src.data_processing.convert_chat import convert_chat
 from src.data_processing.convert_faq import convert_faq
 from src.data_processing.convert_oasst import convert_oasst
 from src.data_processing.convert_stackexchange import convert_stackexchange, html_to_text
+from src.utils.common import UserError
 
 FIX = Path(__file__).parent / "fixtures" / "data_processing"
 
@@ -113,3 +116,62 @@ def test_cli_both_launch_forms_and_output_prepares(tmp_path, script, fixture):
 
     assert prepare_main(["--datasets_dir", str(out.parent), "--no-create_test_set", "--min_domain_count", "0",
                          "--synthetic_ratio", "0", "--max_domain_fraction", "1"]) == 0
+
+
+def test_faq_keeps_sub_headings_tables_and_code_inside_an_answer():
+    recs = convert_faq(FIX / "faq_subheadings.md", domain_from_sections=True)
+    assert [(r["question"], r["domain"]) for r in recs] == [
+        ("How should I back up my photos?", "Backups"), ("How often should I test a restore?", "Backups"),
+        ("How long should a password be?", "Passwords")]
+    answer = recs[0]["answer"]
+    assert answer.startswith("Keep three copies") and "### On a laptop" in answer
+    assert "| 3 | cloud folder |" in answer
+    assert answer.endswith("```bash\n# a comment, not a heading\nrsync -a ~/Pictures /media/backup/\n```")
+
+
+def test_oasst_keeps_only_usable_messages_and_ready_trees():
+    skipped = Counter()
+    recs = convert_oasst(FIX / "oasst_flags.jsonl", lang="en", skipped=skipped)
+    # rank 0 is deleted, rank 1 failed review, rank 2 is unreviewed: the rank 3 reply is the best usable one
+    assert [(r["question"], r["answer"]) for r in recs] == [
+        ("How do I clean a cast iron pan?", "Rinse it with hot water, scrub gently, dry it on the stove and rub in a "
+                                            "thin layer of oil.")]
+    assert skipped["tree_not_ready"] == 1 and skipped["other_language"] == 1
+    assert [r["question"] for r in convert_oasst(FIX / "oasst_flags.jsonl", lang="es")] == [
+        "¿Cómo limpio una sartén de hierro?"]
+
+
+@pytest.mark.parametrize("module,fixture,message", [
+    ("convert_faq", "alpaca.json", "looks like JSON (Alpaca records), not a Markdown / plain-text FAQ; "
+                                   "convert_alpaca reads it"),
+    ("convert_alpaca", "faq.md", "looks like Markdown or plain text, not an Alpaca JSON / JSON Lines file; "
+                                 "convert_faq reads it"),
+    ("convert_chat", "Posts.xml", "looks like XML, not a ShareGPT / OpenAI messages chat file; "
+                                  "convert_stackexchange"),
+    ("convert_oasst", "sharegpt.json", "looks like JSON (ShareGPT chats), not an OASST JSON / JSON Lines export; "
+                                       "convert_chat reads it"),
+    ("convert_stackexchange", "faq.md", "looks like Markdown or plain text"),
+])
+def test_wrong_format_names_the_format_and_the_converter(tmp_path, module, fixture, message):
+    import importlib
+
+    main = importlib.import_module(f"src.data_processing.{module}").main
+    with pytest.raises(UserError) as err:
+        main([str(FIX / fixture), "--output", str(tmp_path / "out.json")])
+    assert message in str(err.value)
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        main([str(FIX / fixture), "--output", str(tmp_path)])
+    with pytest.raises(UserError, match="input file not found"):
+        main([str(tmp_path / "missing.json"), "--output", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_converter_output_gets_the_umask_mode(tmp_path):
+    from src.data_processing.convert_alpaca import main
+
+    old = os.umask(0o022)
+    try:
+        assert main([str(FIX / "alpaca.json"), "--output", str(tmp_path / "a.json")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = base_parser("Convert Alpaca instruction/input/output data to Theta records.",
                        "Alpaca JSON list or JSON Lines file").parse_args(argv)
-    check_input(args.input, "an Alpaca JSON / JSON Lines file", "convert_alpaca", {"json"})
     check_output_path(args.output)
+    check_input(args.input, "an Alpaca JSON / JSON Lines file", "convert_alpaca", {"json"})
     skipped = Counter()
     records = convert_alpaca(args.input, args.domain, args.id_prefix, skipped, args.max_history_turns)
     return finish(records, skipped, args.output, "Alpaca")

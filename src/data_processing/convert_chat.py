@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_history_turns < 0:
         p.error("--max_history_turns must be 0 or more")
-    check_input(args.input, "a ShareGPT / OpenAI messages chat file", "convert_chat", {"json"})
     check_output_path(args.output)
+    check_input(args.input, "a ShareGPT / OpenAI messages chat file", "convert_chat", {"json"})
     skipped = Counter()
     records = convert_chat(args.input, args.domain, args.id_prefix, args.max_history_turns, skipped, args.tool_calls)
     return finish(records, skipped, args.output, "chat")

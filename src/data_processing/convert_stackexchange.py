@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_answers < 1:
         p.error("--max_answers must be at least 1")
+    check_output_path(args.output)
     check_input(args.input, "a StackExchange Posts.xml or questions JSON file", "convert_stackexchange",
                 {"xml", "json"})
-    check_output_path(args.output)
     skipped = Counter()
     records = convert_stackexchange(args.input, args.domain, args.id_prefix, args.min_score, args.max_answers,
                                     skipped)
