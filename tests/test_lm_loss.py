@@ -161,3 +161,73 @@ def test_autocast_bf16_on_cpu_stays_close_to_fp32():
     gh, gw = _grads(out.loss, hidden, weight)
     assert out.loss.dtype == torch.float32 and gw.dtype == torch.float32 and gh.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref, rtol=2e-2, atol=0.5)
+
+
+def _tiny_lm(dropout=0.0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(cfg)
+
+
+def _batch():
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("rdrop", [None, "doubled", "two_pass"])
+def test_step_losses_match_the_full_logits_step_loss(rdrop):
+    """Against the loop's full-logits step loss (train_enhanced's token_losses / LabelSmoothingLoss /
+    compute_rdrop_loss): the weighted sums, the KL, per-record means and every gradient; dropout on, the same
+    seed before each so both draw the same masks."""
+    from src.training import train_enhanced as te
+
+    lm = _tiny_lm(dropout=0.1).train()
+    batch, w = _batch(), torch.tensor([1.0, 0.5, 0.75])
+    eps, alpha = 0.05, 0.3
+    params = list(lm.parameters())
+    torch.manual_seed(11)
+    if rdrop is None:
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tok, mask = te.LabelSmoothingLoss(eps)(logits, batch["labels"])
+        ref_kl = None
+    else:
+        out = te.compute_rdrop_loss(lm, batch["input_ids"], batch["attention_mask"], batch["labels"], alpha,
+                                    te.LabelSmoothingLoss(eps), rdrop == "doubled")
+        tok, mask, ref_kl = out["token_loss"], out["mask"], (out["token_kl"] * w[:, None]).sum()
+    ref = (tok * w[:, None]).sum()
+    ref_g = torch.autograd.grad(ref, params)
+    ref_rec = (tok.detach().sum(1) / mask.sum(1)).detach()
+
+    torch.manual_seed(11)
+    from src.training.lm_loss import step_losses
+
+    got = step_losses(lm, batch, w, smoothing=eps, rdrop_alpha=None if rdrop is None else alpha,
+                      rdrop_doubled=rdrop == "doubled", per_record=True)
+    torch.testing.assert_close(got["loss_sum"], ref, **TOL)
+    if ref_kl is not None:
+        torch.testing.assert_close(got["kl_sum"], ref_kl.detach(), **TOL)
+    torch.testing.assert_close(got["per_record"], ref_rec, **TOL)
+    for a, b in zip(torch.autograd.grad(got["loss_sum"], params), ref_g):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_eval_losses_match_full_logits():
+    from src.training.lm_loss import eval_losses
+
+    lm = _tiny_lm().eval()
+    batch = _batch()
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref, mask = full_logits_token_losses(logits, batch["labels"])
+    loss, correct, tgt = eval_losses(lm, batch)
+    torch.testing.assert_close(loss, ref[mask], **TOL)
+    assert torch.equal(correct, (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask])
+    assert torch.equal(tgt.record, mask.nonzero(as_tuple=True)[0])

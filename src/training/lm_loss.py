@@ -322,3 +322,65 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     if head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: the target-position loss needs a bias-free linear LM head")
     return head.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One micro-batch's training losses, as the loop needs them
+# ---------------------------------------------------------------------------------------------------------------
+
+def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothing: float = 0.0,
+                rdrop_alpha: float | None = None, rdrop_doubled: bool = True, want_hidden: bool = False,
+                per_record: bool = False, body=None) -> dict:
+    """A micro-batch's weighted loss sums at the target positions: what the loop's step loss needs.
+
+    ``batch`` holds ``input_ids`` and ``labels`` (B, T), optionally ``attention_mask`` (2-D padding or a
+    packed 4-D mask), ``position_ids`` and ``targets`` (a ``TargetIndex`` built on the host; built here from the
+    labels otherwise, which waits for a CUDA device). ``weights`` (B,) or (records,) weights each record's
+    tokens. ``body`` is the callable giving the last hidden states (default ``lm.base_model``; a compiled copy
+    for ``--compile``). Returns ``loss_sum`` (differentiable: sum of weight x token loss, the token loss being
+    the (smoothed) cross-entropy plus alpha x KL under R-Drop), ``kl_sum`` (weighted, detached; None without
+    R-Drop), ``per_record`` ((records,) mean token loss, detached, when asked), ``hidden`` (the first pass's
+    last hidden states, when asked) and ``targets``.
+    """
+    targets = batch.get("targets")
+    if targets is None:
+        targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
+    body = body or lm.base_model
+    inputs = {"input_ids": batch["input_ids"]}
+    for key in ("attention_mask", "position_ids"):
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    weight = output_weight(lm)
+    coef = weights.to(torch.float32)[targets.record]
+    kl_sum = None
+    if rdrop_alpha is None:
+        hidden = body(**inputs).last_hidden_state  # (B, T, C)
+        out = head_loss(hidden, weight, targets, coef=coef, smoothing=smoothing)
+    else:
+        B = inputs["input_ids"].shape[0]
+        if rdrop_doubled:  # one forward over the doubled batch: two dropout masks, one kernel launch each
+            both = body(**{k: torch.cat([v, v]) for k, v in inputs.items()}).last_hidden_state
+            hidden, second = both[:B], both[B:]
+        else:
+            hidden = body(**inputs).last_hidden_state
+            second = body(**inputs).last_hidden_state
+        out = rdrop_head_loss(hidden, second, weight, targets, rdrop_alpha, coef=coef, smoothing=smoothing)
+        kl_sum = (out.kl * coef).sum()
+    result = {"loss_sum": out.loss, "kl_sum": kl_sum, "per_record": None, "targets": targets,
+              "hidden": hidden if want_hidden else None}
+    if per_record:
+        result["per_record"] = targets.per_record(out.token_loss) / targets.counts().clamp(min=1)
+    return result
+
+
+@torch.no_grad()
+def eval_losses(lm: torch.nn.Module, batch: dict, body=None) -> tuple[torch.Tensor, torch.Tensor, TargetIndex]:
+    """Teacher-forced validation at the targets: per-target cross-entropy (N,), argmax hits (N,) and the index
+    (its ``record`` gives each target's row, e.g. for per-domain sums)."""
+    targets = batch.get("targets")
+    if targets is None:
+        targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    hidden = (body or lm.base_model)(**inputs).last_hidden_state
+    out = head_loss(hidden, output_weight(lm), targets)
+    return out.token_loss, out.correct, targets
