@@ -212,3 +212,26 @@ def test_banner_says_what_and_why(root, monkeypatch):
     assert " WARNING     data: 2 answers truncated" in lines
     assert f" tensorboard http://127.0.0.1:{plan['TB_PORT']}/" in lines
     assert any(line.startswith(" gpus        2 (torchrun") and "TRAINING_PIPELINE.md" in line for line in lines)
+
+
+def test_a_failed_preflight_does_not_end_a_run(root, capsys, monkeypatch):
+    """Regression: a resumed run stopped by the pre-flight (say, a full disk) must stay resumable; a new run
+    stopped there leaves no folder behind."""
+    import argparse
+
+    for k in [k for k in __import__("os").environ if k.startswith("EMAIL_")]:
+        monkeypatch.delenv(k)
+    models = root / "models"
+    fp = ov.make_fingerprint(root, "quick", ["--profile", "quick"], [])
+    old = make_run(models, "theta_enhanced_20200101_000000", fp,
+                   events=[{"event": "start"}, {"event": "failed", "step": "train", "exit_code": 3},
+                           {"event": "resume"}])
+    args = argparse.Namespace(run_dir=old, step="pre-flight", exit_code=2, log=None, step_output=None)
+    ov.cmd_failed(args)
+    assert old.is_dir() and ov.choose_run(models, fp, now=NOW).run_id == old.name
+    new = make_run(models, "theta_enhanced_20200102_000000", {**fp, "profile": "rtx3060"},
+                   events=[{"event": "start"}])
+    ov.cmd_failed(argparse.Namespace(run_dir=new, step="pre-flight", exit_code=2, log=None, step_output=None))
+    assert not new.exists()
+    out = capsys.readouterr().out
+    assert "FAILED at step 'pre-flight' (exit 2)" in out and "removed (nothing had run yet)" in out

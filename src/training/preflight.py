@@ -265,7 +265,8 @@ def timed_step(model, batch: int, seq: int, device, autocast_dtype=None, steps: 
         ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else \
             contextlib.nullcontext()
         with ctx:
-            loss = model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

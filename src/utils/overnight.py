@@ -590,10 +590,10 @@ def cmd_prepared(run_dir: Path, root: Path = PROJECT_ROOT) -> None:
 def cmd_failed(args: argparse.Namespace) -> int:
     """Record the failure, print it (step, log, last lines, the fix) and send the failure email."""
     run_dir = Path(args.run_dir)
-    if run_dir.is_dir():
-        state = add_event(run_dir, "failed", step=args.step, exit_code=args.exit_code)
-    else:
-        state = {}
+    # A failed pre-flight changed nothing in the run: it does not count as how the run ended (a resumed run
+    # stopped for a full disk is resumed again once there is room).
+    event = "preflight_failed" if args.step == "pre-flight" else "failed"
+    state = add_event(run_dir, event, step=args.step, exit_code=args.exit_code) if run_dir.is_dir() else {}
     from src.training import email_integration
     argv = ["failed", "--run_id", run_dir.name, "--run_dir", str(run_dir), "--step", args.step,
             "--exit_code", str(args.exit_code), "--show"]
@@ -602,11 +602,13 @@ def cmd_failed(args: argparse.Namespace) -> int:
     if args.step_output:
         argv += ["--error_file", args.step_output]
     email_integration.main(argv)
-    if args.exit_code == EXIT_USER_ERROR:
+    if args.exit_code == EXIT_USER_ERROR and event == "failed":
         print("  this was a user error (exit 2): fix what the message names and run the same command again; "
               "this run will not be resumed")
+    elif args.exit_code == EXIT_USER_ERROR:
+        print("  fix what the pre-flight names and run the same command again")
     events = state.get("events") or []
-    if args.step == "pre-flight" and [e["event"] for e in events] == ["start", "failed"]:
+    if [e["event"] for e in events] == ["start", "preflight_failed"]:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing was done: leave no empty run folder behind
         print(f"  {run_dir} removed (nothing had run yet)")
     sys.stdout.flush()
