@@ -44,6 +44,8 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -54,7 +56,7 @@ from src.data_processing.domains import (DOMAIN_ALIASES, GENERAL, DomainClassifi
                                          load_domain_map, normalise_domain)
 from src.data_processing.loading import (INPUT_PROBLEMS, OUTPUT_NAMES, SKIPPED_DIRS, DropLog,  # noqa: F401
                                          dataset_files, iter_all_datasets, iter_file_records, load_all_datasets)
-from src.data_processing.near_duplicates import find_near_duplicates
+from src.data_processing.near_duplicates import MinHasher, find_near_duplicates
 from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS
 from src.data_processing.text_quality import content_flags, difficulty, normalise_text, quality_score
 from src.utils.common import PROJECT_ROOT, UserError, atomic_open, read_json, run_entry_point, setup_logging, \
@@ -198,10 +200,13 @@ class RecordStage:
     """The per-record work: validate, normalise, flags, domain, quality, difficulty. Picklable settings, so the
     same object runs in this process or in a worker of the pool."""
 
-    def __init__(self, max_chars: int, max_tokens: int, vectors: dict, domain_map: dict, keep_flagged: bool):
+    def __init__(self, max_chars: int, max_tokens: int, vectors: dict, domain_map: dict, keep_flagged: bool,
+                 minhash_seed: int | None = None):
         self.max_chars, self.max_tokens, self.keep_flagged = max_chars, max_tokens, keep_flagged
         self.vectors, self.domain_map = vectors, domain_map
+        self.minhash_seed = minhash_seed  # None: no near-duplicate stage, no signatures
         self._resolver = None
+        self._hasher = None
 
     @property
     def resolver(self) -> DomainResolver:
@@ -211,7 +216,7 @@ class RecordStage:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_resolver"] = None
+        state["_resolver"] = state["_hasher"] = None
         return state
 
     def one(self, rec: dict, drops) -> dict | None:
@@ -225,7 +230,9 @@ class RecordStage:
         return clean
 
     def chunk(self, recs: list[dict]) -> tuple[list, list]:
-        """``(results, events)``: one result per record (a dict or None) and the drop events in order."""
+        """``(results, events)``: one result per record (a dict or None) and the drop events in order. With a
+        MinHash seed each clean record also carries its signature (``_sig``, bytes), so the near-duplicate
+        stage does not hash the texts again in one process."""
         log = _EventLog()
         out = []
         for rec in recs:
@@ -233,6 +240,12 @@ class RecordStage:
             out.append(self.one(rec, log))
             if out[-1] is None and len(log.events) == start:
                 log.events.append(("invalid_record", rec.get("source"), rec.get("source_index"), "", None))
+        if self.minhash_seed is not None:
+            if self._hasher is None:
+                self._hasher = MinHasher(seed=self.minhash_seed)
+            clean = [r for r in out if r is not None]
+            for rec, row in zip(clean, self._hasher.signatures(f"{r['question']} {r['answer']}" for r in clean)):
+                rec["_sig"] = row.tobytes()
         return out, log.events
 
 
@@ -264,10 +277,11 @@ def process_records(raw: Iterable[dict], stage: RecordStage, drops: DropLog, wor
     ``POOL_CHUNK``, at most 2 per worker in flight, so memory stays bounded), results and drop events replayed in
     order, so the output is the same as with one process."""
     if workers <= 1:
-        for rec in raw:
-            clean = stage.one(rec, drops)
-            if clean is not None:
-                yield clean
+        for chunk in _chunks(raw, POOL_CHUNK):
+            results, events = stage.chunk(chunk)
+            for event in events:
+                drops.drop(*event)
+            yield from (r for r in results if r is not None)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -551,11 +565,22 @@ def remove_near_duplicates(args, records: list[dict], test_records: list[dict], 
     records are near-duplicates only when their questions and their answers are both close."""
     near_pairs: list[dict] = []
     if args.near_dup_threshold >= 1 or not records:
+        for rec in records:
+            rec.pop("_sig", None)
         return records, near_pairs
     texts = _PairTexts(test_records, records)
     quality = [1.0] * len(test_records) + [r["quality_score"] for r in records]
+    signatures = None
+    if all("_sig" in r for r in records):  # computed by the per-record stage (possibly in the pool)
+        hasher = MinHasher(seed=args.seed)
+        parts = [hasher.signatures(f"{r['question']} {r['answer']}" for r in test_records)]
+        parts.append(np.frombuffer(b"".join(r.pop("_sig") for r in records), dtype=np.uint32)
+                     .reshape(len(records), hasher.num_perm))
+        signatures = np.concatenate(parts)
+    for rec in records:
+        rec.pop("_sig", None)
     found = find_near_duplicates(texts, quality, args.near_dup_threshold, protected=len(test_records),
-                                 seed=args.seed, pairs=texts.pair)
+                                 seed=args.seed, pairs=texts.pair, signatures=signatures)
     offset = len(test_records)
     remove = set()
     for i, j, sim in found:
@@ -602,7 +627,8 @@ def prepare(args: argparse.Namespace) -> dict:
             domain_map = load_domain_map(args.domain_map)
         except (OSError, ValueError) as err:
             raise UserError(f"--domain_map {args.domain_map}: {err}") from err
-    stage = RecordStage(args.max_answer_chars, args.max_answer_tokens, vectors, domain_map, args.keep_flagged)
+    stage = RecordStage(args.max_answer_chars, args.max_answer_tokens, vectors, domain_map, args.keep_flagged,
+                        minhash_seed=args.seed if args.near_dup_threshold < 1 else None)
     drops, per_file, skipped = DropLog(), {}, []
     drops.strict = args.strict
 
