@@ -328,6 +328,10 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
 # One micro-batch's training losses, as the loop needs them
 # ---------------------------------------------------------------------------------------------------------------
 
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+              "max_length_k")  # what the model's forward gets from a (packed) batch
+
+
 def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothing: float = 0.0,
                 rdrop_alpha: float | None = None, rdrop_doubled: bool = True, want_hidden: bool = False,
                 per_record: bool = False, body=None) -> dict:
@@ -346,10 +350,11 @@ def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothi
     if targets is None:
         targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
     body = body or lm.base_model
-    inputs = {"input_ids": batch["input_ids"]}
-    for key in ("attention_mask", "position_ids"):
-        if batch.get(key) is not None:
-            inputs[key] = batch[key]
+    inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    if "cu_seq_lens_q" in inputs:  # FlashAttention's one flat row cannot be doubled along the batch
+        rdrop_doubled = False
+    if "position_ids" in inputs or "cu_seq_lens_q" in inputs:
+        inputs["use_cache"] = False  # transformers reads packed boundaries only without a cache
     weight = output_weight(lm)
     coef = weights.to(torch.float32)[targets.record]
     kl_sum = None
@@ -359,7 +364,8 @@ def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothi
     else:
         B = inputs["input_ids"].shape[0]
         if rdrop_doubled:  # one forward over the doubled batch: two dropout masks, one kernel launch each
-            both = body(**{k: torch.cat([v, v]) for k, v in inputs.items()}).last_hidden_state
+            both = body(**{k: torch.cat([v, v]) if torch.is_tensor(v) else v
+                           for k, v in inputs.items()}).last_hidden_state
             hidden, second = both[:B], both[B:]
         else:
             hidden = body(**inputs).last_hidden_state
@@ -380,7 +386,7 @@ def eval_losses(lm: torch.nn.Module, batch: dict, body=None) -> tuple[torch.Tens
     targets = batch.get("targets")
     if targets is None:
         targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
     hidden = (body or lm.base_model)(**inputs).last_hidden_state
     out = head_loss(hidden, output_weight(lm), targets)
     return out.token_loss, out.correct, targets

@@ -177,3 +177,31 @@ def flash_attention_available(device: torch.device | str) -> bool:
     except ImportError:
         return False
     return True
+
+
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def pack_batch(batch: dict, max_length: int, pad_id: int, attn_implementation: str = "sdpa") -> dict:
+    """A collated, right-padded batch (``input_ids``, ``attention_mask``, ``labels`` and per-record fields) as
+    packed rows, ready for ``src.training.lm_loss.step_losses``: record k of the result is row k of ``batch``,
+    so per-record fields (domain, index, quality, loss weights) keep their meaning unchanged.
+
+    Returns the per-record fields untouched plus ``input_ids``, ``position_ids``, ``labels``, ``record_ids``,
+    the attention inputs of ``PackedBatch.model_inputs`` (a 4-D mask, or the flat row and FlashAttention's
+    lengths) and ``targets`` (the host-side ``TargetIndex``). Host work only: call it before moving to the device.
+    """
+    from src.training.lm_loss import TargetIndex
+
+    lens = batch["attention_mask"].sum(1).tolist()
+    examples = [{"input_ids": batch["input_ids"][i, :n].tolist(), "labels": batch["labels"][i, :n].tolist()}
+                for i, n in enumerate(lens)]
+    packed = pack_examples(examples, max_length, pad_id)
+    if attn_implementation == "flash_attention_2":
+        packed = packed.flat()
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    out.update(packed.model_inputs(attn_implementation))
+    out.pop("use_cache", None)
+    out.update(labels=packed.labels, record_ids=packed.record_ids,
+               targets=TargetIndex.from_labels(packed.labels, packed.record_ids, n_records=len(lens)))
+    return out
