@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import src.training.train_enhanced as te
-from test_train_enhanced import _StopAfter
 
 
 def _toy_model(n_layer=2, dropout=0.1, seed=0):
@@ -221,24 +220,34 @@ def test_code_contrastive_loss_learns_to_match_pairs():
     # each record's answer states share a record-specific direction with its question states
     hidden[:, 4:] += hidden[:, :4].mean(1, keepdim=True) * 2
     loss_fn = te.CodeContrastiveLoss(C, projection_size=8, temperature=0.1, scope="all")
+    has_code, index = torch.ones(B, dtype=torch.bool), torch.arange(B)
+    q, a = loss_fn.pooled(hidden, labels, attn)
+    bank = {"q": q, "a": a, "index": index}  # the others' vectors as negatives; each record's own is masked out
     opt = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
-    has_code = torch.ones(B, dtype=torch.bool)
-    first = float(loss_fn(hidden, labels, attn, has_code))
+    first = float(loss_fn(hidden, labels, attn, has_code, index, bank)["loss_sum"])
     for _ in range(30):
-        loss = loss_fn(hidden, labels, attn, has_code)
+        loss = loss_fn(hidden, labels, attn, has_code, index, bank)["loss_sum"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert float(loss) < first
     with torch.no_grad():
-        q, a = loss_fn.pooled(hidden, labels, attn)
         sim = loss_fn.similarity(q, a)
     matched = sim.diag().mean()
     shuffled = sim[torch.arange(B), torch.roll(torch.arange(B), 1)].mean()
     assert matched > shuffled
-    # scope "code": fewer than two records with code gives exactly 0
+    # by hand for record 0: -log softmax over [own pair, the 5 others' answers] and the same from the answer side
+    with torch.no_grad():
+        zq, za = loss_fn.project(q), loss_fn.project(a)
+        row = torch.cat([(zq[0] @ za[0:1].T), zq[0] @ za[1:].T]) / 0.1
+        col = torch.cat([(za[0] @ zq[0:1].T), za[0] @ zq[1:].T]) / 0.1
+        by_hand = 0.5 * (-(row.log_softmax(0)[0]) - col.log_softmax(0)[0])
+        one = loss_fn(hidden[:1], labels[:1], attn[:1], has_code[:1], index[:1], bank)["loss_sum"]
+    assert float(one) == pytest.approx(float(by_hand), rel=1e-4, abs=1e-6)
+    # scope "code": only records with code take part; an empty bank (the first step) gives exactly 0
     only_one = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool)
-    assert float(te.CodeContrastiveLoss(C, scope="code")(hidden, labels, attn, only_one)) == 0.0
+    out = te.CodeContrastiveLoss(C, scope="code")(hidden, labels, attn, only_one, index, None)
+    assert float(out["loss_sum"]) == 0.0 and out["q"].shape == (1, C)
 
 
 # --- samplers -----------------------------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ def _args(model_dir, data, out, *extra):
                           "--num_samples", "0", "--seed", "3", "--no_progress_bar", *ALL_ON, *extra])
 
 
-def test_all_techniques_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+def test_all_techniques_resume_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data):
     full = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "full"))
     assert full["exit_code"] == 0 and full["ema_weights"]
     log = (tmp_path / "full" / "train.log").read_text()
@@ -346,17 +355,14 @@ def test_all_techniques_resume_equals_uninterrupted(tmp_path, tiny_model_dir, pr
     assert history[-1]["ema"]["active"] and history[0]["curriculum_fraction"] < 1.0
     assert history[-1]["train_kl"] > 0 and "domain_eval" in history[-1]
     run = tmp_path / "resumed"
-    _StopAfter.n = 5  # mid-epoch 2: after the EMA has started and the tracker has weights
-    with monkeypatch.context() as m:
-        m.setattr(te, "StopFlag", _StopAfter)
-        first = te.train(_args(tiny_model_dir, prepared_data, run))
+    stop = str(history[0]["step"] + 3)  # mid-epoch 2: after the EMA has started and the tracker has weights
+    first = te.train(_args(tiny_model_dir, prepared_data, run, "--stop_after_step", stop))
     assert first["exit_code"] == te.EXIT_INTERRUPTED
-    second = te.train(_args(tiny_model_dir, prepared_data, run))
+    second = te.train(_args(tiny_model_dir, prepared_data, run, "--stop_after_step", stop))
     assert second["global_step"] == full["global_step"]
     a = load_file(str(tmp_path / "full" / "theta_final" / "model.safetensors"))
     b = load_file(str(run / "theta_final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    _StopAfter.n = 3
 
 
 def test_length_grouping_keeps_records_and_mix_and_cuts_padding():

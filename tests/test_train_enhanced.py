@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import PROJECT_ROOT, TINY_TEST_CONFIG, run_script
 from src.model.theta_model import build_tiny_model
 import src.training.train_enhanced as te
+from src.utils.email_notifier import EmailConfig, TrainingEmailNotifier
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
@@ -138,34 +139,14 @@ def test_accumulation_matches_one_big_batch_in_training(tmp_path, tiny_model_no_
 
 # --- resume, signals, faults -----------------------------------------------------------------------------------
 
-class _StopAfter(te.StopFlag):
-    """Asks the loop to stop at its n-th check, as a SIGTERM would."""
-    n = 3
-
-    def __init__(self):
-        self.checks = 0
-        super().__init__()
-
-    @property
-    def requested(self):
-        self.checks = getattr(self, "checks", 0) + 1
-        return self.checks >= self.n
-
-    @requested.setter
-    def requested(self, value):
-        pass
-
-
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, prepared_data):
     full = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "full"))
-    assert full["exit_code"] == 0
+    assert full["exit_code"] == 0 and full["global_step"] == full["planned_steps"]
     run = tmp_path / "resumed"
-    with monkeypatch.context() as m:
-        m.setattr(te, "StopFlag", _StopAfter)
-        first = te.train(_args(tiny_model_dir, prepared_data, run))
+    first = te.train(_args(tiny_model_dir, prepared_data, run, "--stop_after_step", "3"))  # as a SIGTERM would
     assert first["exit_code"] == te.EXIT_INTERRUPTED and first["global_step"] == 3
-    assert not (run / "theta_final").exists()
-    second = te.train(_args(tiny_model_dir, prepared_data, run))
+    assert first["status"] == "interrupted" and not (run / "theta_final").exists()
+    second = te.train(_args(tiny_model_dir, prepared_data, run, "--stop_after_step", "3"))  # the same command
     assert second["exit_code"] == 0 and second["global_step"] == full["global_step"]
     a, b = _weights(tmp_path / "full"), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, dropout included
@@ -185,11 +166,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_d
     assert [json.loads(x)["step"] for x in lines] == list(range(1, full["global_step"] + 1))
 
 
-def test_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+def test_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, tiny_model_dir, prepared_data):
     run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        m.setattr(te, "StopFlag", _StopAfter)
-        te.train(_args(tiny_model_dir, prepared_data, run, "--save_every_steps", "1", "--keep_last_n_checkpoints", "5"))
+    te.train(_args(tiny_model_dir, prepared_data, run, "--save_every_steps", "1", "--keep_last_n_checkpoints", "5",
+                   "--stop_after_step", "3"))
     ckpts = sorted(te.list_checkpoints(run / "checkpoints"), key=lambda p: int(p.name.split("_")[1]))
     assert [p.name for p in ckpts] == ["step_1", "step_2", "step_3"]
     (ckpts[-1] / te.COMPLETE_MARKER).unlink()              # an interrupted save
@@ -220,31 +200,41 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_model_dir, prepared_
     assert json.loads((run / "training_config.json").read_text())["status"] == "interrupted"
 
 
-def test_non_finite_step_is_skipped_and_counted(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
-    real = te.token_losses
-    calls = {"n": 0}
+def _run_at_epoch_start(args):
+    """The recipe's set-up pieces, up to the first step of the first epoch."""
+    run = te.start_run(args)
+    te.load_data(run)
+    te.setup_run(run)
+    te.begin_epoch(run)
+    return run
 
-    def nan_on_second_training_call(logits, labels):
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_model_dir, prepared_data):
+    run = _run_at_epoch_start(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_nonfinite_steps", "2"))
+    real = run.loss.loss_fn
+
+    def nan_loss(logits, labels):
         loss, mask = real(logits, labels)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 2:
-                loss = loss * float("nan")
-        return loss, mask
+        return loss * float("nan"), mask
 
-    monkeypatch.setattr(te, "token_losses", nan_on_second_training_call)
-    summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_steps", "4"))
-    assert summary["exit_code"] == 0 and summary["nonfinite_steps"] == 1
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["skipped"] for x in lines] == [False, True, False, False]
-    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "run").values())
-
-
-def test_too_many_non_finite_steps_stop_the_run(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
-    real = te.token_losses
-    monkeypatch.setattr(te, "token_losses", lambda lg, lb: (real(lg, lb)[0] * float("nan"), real(lg, lb)[1]))
-    summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_nonfinite_steps", "2"))
-    assert summary["exit_code"] == te.EXIT_NONFINITE and summary["global_step"] == 2
+    weights = lambda: {n: p.detach().clone() for n, p in run.model.named_parameters()}  # noqa: E731
+    before = weights()
+    run.loss.loss_fn = nan_loss
+    result = te.optimizer_step(run, te.next_window(run))
+    assert not result.finite and run.state.nonfinite_total == 1 and run.state.global_step == 1
+    assert all(torch.equal(before[n], p) for n, p in weights().items())  # skipped: no update at all
+    run.loss.loss_fn = real
+    assert te.optimizer_step(run, te.next_window(run)).finite and run.state.nonfinite_in_row == 0
+    assert any(not torch.equal(before[n], p) for n, p in weights().items())
+    run.loss.loss_fn = nan_loss
+    te.optimizer_step(run, te.next_window(run))
+    with pytest.raises(te.StopTraining) as stop:  # the second in a row: --max_nonfinite_steps 2
+        te.optimizer_step(run, te.next_window(run))
+    assert stop.value.exit_code == te.EXIT_NONFINITE and run.state.nonfinite_total == 3
+    te.close_outputs(run)
+    run.exit_code, run.status = stop.value.exit_code, stop.value.status
+    summary = te.finish(run)
+    assert summary["exit_code"] == te.EXIT_NONFINITE and summary["nonfinite_steps"] == 3
     assert not (tmp_path / "run" / "theta_final").exists()
 
 
@@ -267,29 +257,33 @@ def test_cuda_oom_halves_the_micro_batch_with_the_same_result(tmp_path, tiny_mod
     assert "micro-batch now 2 x 2 accumulation" in (tmp_path / "oom" / "train.log").read_text()
 
 
-class _Recorder:
-    def __init__(self, hang: bool = False):
-        self.calls, self.hang = [], hang
+class _FailingNotifier(TrainingEmailNotifier):
+    """The real notifier whose every job fails inside it (as a broken mail set-up would)."""
 
-    def __getattr__(self, name):
-        def record(*args):
-            self.calls.append(name)
-            if self.hang:
-                time.sleep(30)
-            raise RuntimeError("mail server on fire")
-        return record
+    def _enqueue(self, job):
+        raise RuntimeError("mail server on fire")
 
 
-def test_a_failing_or_hanging_notifier_never_stops_training(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
-    monkeypatch.setattr(te.SafeNotifier, "__init__", lambda self, n=None, timeout=0.2:
-                        (setattr(self, "notifier", n), setattr(self, "timeout", timeout), setattr(self, "failures", 0))
-                        and None)
-    for hang in (False, True):
-        rec = _Recorder(hang)
-        summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / f"run{hang}", "--epochs", "1"), rec)
-        assert summary["exit_code"] == 0
-        assert rec.calls[0] == "start_training_notification" and "epoch_update" in rec.calls
-        assert rec.calls[-1] == "training_completed"
+class _HangingNotifier(TrainingEmailNotifier):
+    """The real notifier whose SMTP server never answers."""
+
+    def _deliver(self, msg):
+        time.sleep(30)
+
+
+def test_a_failing_or_hanging_notifier_never_stops_training(tmp_path, tiny_model_dir, prepared_data):
+    config = EmailConfig(sender="a@example.org", recipients=["b@example.org"], password="pw", status_interval_min=0)
+    for kind in (_FailingNotifier, _HangingNotifier):
+        notifier = kind(config, run_name="t", run_dir=tmp_path / kind.__name__, shutdown_wait_s=0.2)
+        summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / kind.__name__, "--epochs", "1",
+                                 "--batch_size", "8", "--domain_eval_frequency", "0"), notifier)
+        notifier.close(timeout=0.2)
+        assert summary["exit_code"] == 0 and (tmp_path / kind.__name__ / "theta_final").is_dir()
+        if kind is _FailingNotifier:
+            assert notifier.counts["failed"] >= 3  # start, epoch and completed were each called and each failed
+        else:
+            assert notifier.history and notifier.history[0]["epoch"] == 1  # the epoch entry reached it...
+            assert notifier._queue.unfinished_tasks > 0  # ...and training did not wait for the silent server
 
 
 # --- command line ----------------------------------------------------------------------------------------------

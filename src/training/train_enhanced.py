@@ -1,17 +1,23 @@
 """Fine-tune GPT-2 (or the offline theta-tiny) into a domain question-answering assistant.
 
-One training loop you can read top to bottom: shifted next-token cross-entropy on answer tokens, normalised by
-the target tokens of the whole accumulated batch; AdamW without decay on biases and norms; warmup then a
-linear, cosine or restarting-cosine schedule; validation every epoch; early stopping; atomic resumable
-checkpoints; tensorboard, ``metrics.jsonl``, ``loss_history.json`` and ``train.log`` in the run folder.
+``train(args)`` is a recipe of a few calls: set up the run (data, model, techniques, final weights, the one
+wrapped module, sampler, optimizer), one optimizer step at a time, the end of each epoch, the finish. The loss is
+shifted next-token cross-entropy on answer tokens, normalised by the target tokens of the whole accumulated
+(global) batch; AdamW without decay on biases and norms; warmup then a linear, cosine or restarting-cosine
+schedule; validation every epoch; early stopping; atomic resumable checkpoints that hold the epoch's batch plan;
+tensorboard, ``metrics.jsonl``, ``loss_history.json`` and ``train.log`` in the run folder. Each training
+technique is one ``Technique`` class (flags, checks, state, hooks, summary): see documentation/ARCHITECTURE.md.
 
     python src/training/train_enhanced.py --profile quick
-    python -m src.training.train_enhanced --model_name gpt2 --data_path Datasets/enhanced_training_data.json \
+    python -m src.training.train_enhanced --model_name gpt2 --data_path Datasets/enhanced_training_data.json \\
         --output_dir models/theta_enhanced_20260101_230000 --epochs 5 --batch_size 4
     torchrun --nproc_per_node 2 -m src.training.train_enhanced --profile quick     # DDP (gloo on CPU)
+    torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 1 \\
+        -m src.training.train_enhanced --profile quick --output_dir /shared/models/run1   # node_rank 1 on the other
 
-Exit codes: 0 done, 2 a user error (the message names the flag or file), 3 interrupted by SIGINT/SIGTERM after
-saving a checkpoint (run the same command again to resume), 4 too many non-finite steps in a row.
+Exit codes: 0 done, 2 a user error (the message names the flag or file), 3 interrupted by SIGINT/SIGTERM or
+``--stop_after_step`` after saving a checkpoint (run the same command again to resume), 4 too many non-finite
+steps in a row.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +36,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,24 +47,20 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from src.model.theta_model import ThetaModel, check_model_folder, split_prompt
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, new_run_id, read_json, stable_hash,
-                              run_entry_point, setup_logging)
+from src.model.theta_model import ThetaModel, check_model_folder
+from src.training.lm_data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate,  # noqa: F401
+                                  domain_summary, evaluate, load_prepared_records, safe_exp, token_losses)
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id, run_entry_point,
+                              setup_logging, stable_hash)
+from src.utils.email_notifier import NullNotifier
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
-DATA_FORMAT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: technique states in one "techniques" entry, the epoch's batch plan in run_state
 COMPLETE_MARKER = "COMPLETE"
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
-IGNORE_INDEX = -100
-
-# Techniques by name: the --use_X switch of each (for --ablation_mode and the run summary).
-TECHNIQUES = ["ema", "label_smoothing", "quality_weighting", "rdrop", "llrd", "gradient_noise", "cpu_offload",
-              "code_contrastive", "curriculum", "dynamic_curriculum", "domain_stratified"]
 
 # Profiles (DESIGN.md). Explicit flags override these values.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -92,115 +95,19 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: tokenised records, dynamic padding
-# ---------------------------------------------------------------------------------------------------------------
-
-class TokenizedDataset(Dataset):
-    """Prepared records tokenised once: ``input_ids`` (prompt + answer + EOS) and ``labels``.
-
-    ``labels`` are -100 on the prompt when ``loss_on == "answer"`` (the default), so the loss covers the answer
-    and the end-of-text token only. Records longer than ``max_length`` are cut at the end and counted in
-    ``truncated``; a record whose prompt alone leaves no answer token is skipped and counted in ``skipped``.
-    Each example carries its ``index`` in the dataset and the index of its domain in ``domain_names`` (pass
-    the same list to several datasets to share one domain index space, as training and validation do).
-    """
-
-    def __init__(self, records: list[dict], tokenizer, max_length: int, loss_on: str = "answer",
-                 domain_names: list[str] | None = None):
-        self.examples: list[dict] = []
-        self.truncated = self.skipped = 0
-        self.domain_names = domain_names or sorted({r.get("domain", "unknown") for r in records})
-        domain_index = {d: i for i, d in enumerate(self.domain_names)}
-        eos = tokenizer.eos_token_id
-        # One batched call per side: the Rust tokenizer encodes the whole list in parallel (per-record calls
-        # dominated start-up on large data sets).
-        prompts = tokenizer([split_prompt(r["question"], None, r.get("context"))[0] for r in records])["input_ids"] \
-            if records else []
-        answers = tokenizer([" " + r["answer"].strip() for r in records])["input_ids"] if records else []
-        for rec, p_ids, a_ids in zip(records, prompts, answers):
-            a_ids = a_ids + [eos]
-            ids = p_ids + a_ids
-            labels = ([IGNORE_INDEX] * len(p_ids) if loss_on == "answer" else list(p_ids)) + a_ids
-            if len(ids) > max_length:
-                self.truncated += 1
-                ids, labels = ids[:max_length], labels[:max_length]
-            if all(x == IGNORE_INDEX for x in labels[1:]):
-                self.skipped += 1
-                continue
-            self.examples.append({"input_ids": ids, "labels": labels, "id": str(rec.get("id", "")),
-                                  "index": len(self.examples),
-                                  "domain": domain_index[rec.get("domain", "unknown")],
-                                  "question": rec["question"], "answer": rec["answer"],
-                                  "difficulty": int(rec.get("difficulty", 1)),
-                                  "quality": float(rec.get("quality_score", 1.0)),
-                                  "has_code": bool(rec.get("has_code", "```" in rec["answer"]))})
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
-
-    def target_tokens(self) -> int:
-        return sum(sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX) for ex in self.examples)
-
-
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest record of the batch (not to max_length); labels -100 on padding."""
-    T = max(len(ex["input_ids"]) for ex in batch)
-    B = len(batch)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        input_ids[i, :n] = torch.tensor(ex["input_ids"])
-        labels[i, :n] = torch.tensor(ex["labels"])
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "domain": torch.tensor([ex["domain"] for ex in batch]),
-            "index": torch.tensor([ex.get("index", -1) for ex in batch]),
-            "quality": torch.tensor([ex.get("quality", 1.0) for ex in batch], dtype=torch.float32),
-            "has_code": torch.tensor([ex.get("has_code", False) for ex in batch])}
-
-
-def load_prepared_records(path: Path) -> list[dict]:
-    """Records of the prepared file; the format version is checked so stale files fail with a hint."""
-    data = read_json(path, "prepared data file (--data_path)")
-    hint = "Re-run data preparation: python -m src.data_processing.prepare_data_for_training"
-    if not isinstance(data, dict) or "records" not in data:
-        raise UserError(f"--data_path {path} is not a prepared file (no 'records'). {hint}")
-    if data.get("format_version") != DATA_FORMAT_VERSION:
-        raise UserError(f"--data_path {path} has format_version {data.get('format_version')}, this trainer reads "
-                        f"{DATA_FORMAT_VERSION}. {hint}")
-    records = data["records"]
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) \
-                or not isinstance(rec.get("answer"), str):
-            raise UserError(f"--data_path {path}: record {i} has no question/answer strings. {hint}")
-    return records
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss and metrics
-# ---------------------------------------------------------------------------------------------------------------
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token cross-entropy and the target mask, both (B, T-1).
-
-    Position t predicts token t+1: logits[:, :-1] against labels[:, 1:]. Masked positions carry 0 loss.
-    """
-    logits = logits[:, :-1, :].float()  # (B, T-1, V); fp32 for a stable log-softmax under autocast
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
-    return loss, mask
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Optimization techniques: EMA, label smoothing, CPU offload, code-contrastive loss, R-Drop, LLRD, gradient noise
 # ---------------------------------------------------------------------------------------------------------------
+
+def wait_for_device_to_host(sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    """Wait for non-blocking copies from CUDA tensors ``sources`` into host tensors ``targets`` to land.
+
+    ``tensor.to("cpu", non_blocking=True)`` returns at once with a pinned buffer the GPU fills later; reading it on
+    the host before a synchronisation reads whatever is there. One synchronisation per device covers all copies.
+    """
+    devices = {s.device for s, t in zip(sources, targets) if s.device.type == "cuda" and t.device.type == "cpu"}
+    for device in devices:
+        torch.cuda.synchronize(device)
+
 
 class ExponentialMovingAverage:
     """An fp32 exponential moving average of the model's parameters, used for validation and the saved model.
@@ -254,11 +161,16 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        """After a real optimizer step: shadow <- decay * shadow + (1 - decay) * weights (one foreach lerp)."""
+        """After a real optimizer step: shadow <- decay * shadow + (1 - decay) * weights (one foreach lerp).
+
+        With the shadow on the host and the weights on a GPU, the copies are started non-blocking (all at once,
+        into pinned memory) and then waited for: the host must not read a buffer the GPU is still filling.
+        """
         if self.shadow is None:
             return
-        weights = [p.detach().to(s.device, dtype=torch.float32, non_blocking=True)
-                   for p, s in zip(self._params(model), self.shadow)]
+        params = self._params(model)
+        weights = [p.detach().to(s.device, dtype=torch.float32, non_blocking=True) for p, s in zip(params, self.shadow)]
+        wait_for_device_to_host(params, self.shadow)
         torch._foreach_lerp_(self.shadow, weights, 1.0 - self.current_decay())
         self.updates += 1
 
@@ -422,23 +334,36 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
 
 
 class CodeContrastiveLoss(torch.nn.Module):
-    """InfoNCE that pulls a question's pooled hidden state towards its own answer's, away from the batch's others.
+    """InfoNCE that pulls a question's pooled hidden state towards its own answer's, away from recent others.
 
     What: mean-pool the last hidden states over each record's question tokens and over its answer tokens,
-    project both with a small head (Linear-GELU-Linear), L2-normalise, and take the symmetric cross-entropy of
-    the B x B cosine-similarity matrix divided by ``temperature`` (the diagonal is the positive pair). By
-    default only records with code take part (``scope="code"``); fewer than two eligible records give 0.
-    Paper: van den Oord et al. 2018 (InfoNCE); Neelakantan et al. 2022 (contrastive text/code embeddings).
-    Cost: a B x B matrix and a tiny head per step: negligible next to the LM forward.
-    Sharp edge: the head is trained and saved in checkpoints but is not part of ``theta_final``; with small
-    batches there are few negatives, so keep the weight small (0.02 in the rtx3060 profile).
+    project both with a small head (Linear-GELU-Linear) and L2-normalise. Each eligible record's term is the
+    symmetric cross-entropy of its question against [its answer, the bank's answers] and of its answer against
+    [its question, the bank's questions], over ``temperature``. The bank holds the pooled (detached) vectors of
+    the last ``bank_size`` records of earlier optimizer steps (all ranks' under DDP), projected with the current
+    head; vectors of the record itself are masked out. By default only records with code take part
+    (``scope="code"``).
+    Why a bank and not in-batch negatives: a record's term then depends only on the record and the bank, never
+    on which micro-batch it shares, so the objective is the same at ``--batch_size 1`` or 8, with any
+    accumulation, and after a CUDA out-of-memory halving (in-batch negatives made it exactly 0 at batch 1).
+    Paper: van den Oord et al. 2018 (InfoNCE); He et al. 2020 (MoCo, a queue of negatives); Neelakantan et al.
+    2022 (contrastive text/code embeddings).
+    Cost: a (B, bank) similarity and a tiny head per micro-batch: negligible next to the LM forward.
+    Sharp edges: the term is 0 on the first step (empty bank); bank vectors come from slightly older weights (as in
+    MoCo); it needs prompt tokens to pool (``--loss_on all`` is refused with it); the head is trained and
+    checkpointed but is not part of ``theta_final``.
     """
 
-    def __init__(self, hidden_size: int, projection_size: int = 128, temperature: float = 0.1, scope: str = "code"):
+    def __init__(self, hidden_size: int, projection_size: int = 128, temperature: float = 0.1, scope: str = "code",
+                 bank_size: int = 64):
         super().__init__()
         self.head = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.GELU(),
                                         torch.nn.Linear(hidden_size, projection_size))
-        self.temperature, self.scope = temperature, scope
+        self.temperature, self.scope, self.bank_size = temperature, scope, bank_size
+
+    def eligible(self, has_code: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the records that take part."""
+        return has_code.bool() if self.scope == "code" else torch.ones_like(has_code, dtype=torch.bool)
 
     def pooled(self, hidden: torch.Tensor, input_labels: torch.Tensor, attention_mask: torch.Tensor):
         """(question, answer) mean-pooled states, each (B, C): prompt tokens have label -100, answer tokens not."""
@@ -448,20 +373,35 @@ class CodeContrastiveLoss(torch.nn.Module):
         a = (hidden * answer.unsqueeze(-1)).sum(1) / answer.sum(1, keepdim=True).clamp(min=1)
         return q, a
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(x.float()), dim=-1)
+
     def similarity(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        zq = F.normalize(self.head(q.float()), dim=-1)
-        za = F.normalize(self.head(a.float()), dim=-1)
-        return zq @ za.T / self.temperature  # (B, B)
+        return self.project(q) @ self.project(a).T / self.temperature  # (B, B)
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                has_code: torch.Tensor) -> torch.Tensor:
-        keep = has_code.bool() if self.scope == "code" else torch.ones_like(has_code, dtype=torch.bool)
-        if int(keep.sum()) < 2:
-            return hidden.new_zeros(())
-        q, a = self.pooled(hidden[keep], labels[keep], attention_mask[keep])
-        logits = self.similarity(q, a)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+                has_code: torch.Tensor, index: torch.Tensor, bank: dict | None = None) -> dict:
+        """Summed loss over the eligible records (divide by their count over the whole step) and their
+        detached pooled vectors for the bank: ``{"loss_sum", "q", "a", "index"}``."""
+        keep = self.eligible(has_code)
+        q, a = self.pooled(hidden[keep], labels[keep], attention_mask[keep])  # (E, C) each
+        zq, za = self.project(q), self.project(a)
+        # every head parameter takes part in the graph, eligible records or not: DDP reduces them every step
+        loss_sum = 0.0 * sum(p.sum() for p in self.head.parameters())
+        if zq.shape[0]:
+            pos = (zq * za).sum(-1, keepdim=True) / self.temperature  # (E, 1)
+            if bank is not None and bank["q"].shape[0]:
+                bq, ba = self.project(bank["q"]), self.project(bank["a"])  # (N, P)
+                same = index[keep].unsqueeze(1) == bank["index"].unsqueeze(0)  # (E, N): the record's own old vectors
+                neg_a = (zq @ ba.T / self.temperature).masked_fill(same, float("-inf"))
+                neg_q = (za @ bq.T / self.temperature).masked_fill(same, float("-inf"))
+            else:
+                neg_a = neg_q = pos.new_zeros(pos.shape[0], 0)
+            # target 0 (the positive) of [pos, negatives]: -log softmax = logsumexp - pos
+            loss_q = torch.logsumexp(torch.cat([pos, neg_a], 1), 1) - pos[:, 0]
+            loss_a = torch.logsumexp(torch.cat([pos, neg_q], 1), 1) - pos[:, 0]
+            loss_sum = loss_sum + 0.5 * (loss_q + loss_a).sum()
+        return {"loss_sum": loss_sum, "q": q.detach(), "a": a.detach(), "index": index[keep].detach()}
 
 
 def compute_rdrop_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -477,7 +417,8 @@ def compute_rdrop_loss(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     Sharp edge: with dropout off (eval mode, or p = 0) both passes agree and the KL term is exactly 0.
 
     Returns ``{"total", "ce", "kl"}`` as means over this batch's target tokens, and per-token tensors
-    ``token_loss`` (B, T-1) (what the loop sums and normalises), ``mask``, ``per_record`` (B,) summed total
+    ``token_loss`` (B, T-1) (what the loop sums and normalises), ``token_kl`` (B, T-1), ``mask``,
+    ``per_record`` (B,) summed total
     losses, plus ``logits`` (first pass) and ``hidden`` (last hidden states of the first pass, when asked).
     """
     loss_fn = loss_fn or token_losses
@@ -502,7 +443,7 @@ def compute_rdrop_loss(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     token_loss = ce + alpha * kl
     n = mask.sum().clamp(min=1)
     return {"total": token_loss.sum() / n, "ce": ce.sum() / n, "kl": kl.sum() / n, "token_loss": token_loss,
-            "mask": mask, "per_record": token_loss.sum(1), "logits": logits1, "hidden": hidden}
+            "token_kl": kl, "mask": mask, "per_record": token_loss.sum(1), "logits": logits1, "hidden": hidden}
 
 
 def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight_decay: float) -> list[dict]:
@@ -643,18 +584,34 @@ class DynamicCurriculumTracker:
 
 
 class DynamicWeightedSampler:
-    """Draws an epoch's records with probability proportional to the tracker's weights (with replacement).
+    """Draws an epoch's records in proportion to their weights (with replacement): the default sampler's weights.
 
+    What: a record's weight is its ``sample_weight`` from data preparation (balancing speaks through it; missing
+    = 1) times the dynamic-curriculum tracker's weight when that is on; the epoch draws ``len(pool)`` records
+    from the pool with probability proportional to the weight, so record i is drawn ``len(pool) * w_i / sum(w)``
+    times on average.
     Cost: one multinomial draw per epoch. Sharp edge: with replacement some records repeat within an epoch and
-    some are not seen; uniform weights fall back to a plain permutation (no repeats).
+    some are not seen; equal weights fall back to a plain permutation (every record once, as without weights).
     """
 
-    def __init__(self, tracker: DynamicCurriculumTracker):
+    def __init__(self, tracker: DynamicCurriculumTracker | None = None, base_weights: list[float] | None = None):
         self.tracker = tracker
+        self.base = np.asarray(base_weights, dtype=float) if base_weights is not None else None
+
+    def weights(self, pool: list[int], epoch: int) -> np.ndarray:
+        w = np.ones(len(pool))
+        if self.base is not None:
+            w = w * self.base[pool]
+        if self.tracker is not None:
+            w = w * self.tracker.weights(epoch)[pool]
+        return w
 
     def draw(self, pool: list[int], epoch: int, generator: torch.Generator) -> list[int]:
-        w = self.tracker.weights(epoch)[pool]
-        if np.allclose(w, 1.0):
+        w = self.weights(pool, epoch)
+        if not w.sum() > 0:
+            raise UserError(f"epoch {epoch + 1}: every record it may draw has sample_weight 0; give some records "
+                            "a positive weight (data preparation) or widen --curriculum_start_fraction")
+        if np.allclose(w, w[0]):
             return [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
         picks = torch.multinomial(torch.tensor(w, dtype=torch.float64), len(pool), replacement=True,
                                   generator=generator)
@@ -669,6 +626,8 @@ class DomainStratifiedSampler:
     records come from its own queue in the order given (curriculum pool, tracker weights), refilled when empty.
     The mix defaults to uniform over domains. It works with gradient accumulation: every micro-batch follows it.
     Paper: stratified sampling for multi-domain training, e.g. Arivazhagan et al. 2019 (temperature sampling).
+    The mix is spread over the domains the epoch's records hold: a domain missing from a curriculum's pool gives
+    its share to the others, so every batch stays full and the epoch runs the steps the schedule planned.
     Cost: negligible. Sharp edge: small domains repeat within an epoch when the mix asks more of them than exist.
     """
 
@@ -679,18 +638,29 @@ class DomainStratifiedSampler:
         total = sum(mix.get(d, 0.0) for d in present)
         self.mix = {d: mix.get(d, 0.0) / total for d in present if mix.get(d, 0.0) > 0}
 
+    def mix_over(self, order: list[int]) -> dict[int, float]:
+        """The mix renormalised over the domains that ``order`` holds (a curriculum pool may lack a domain)."""
+        present = {self.domains[i] for i in order}
+        total = sum(w for d, w in self.mix.items() if d in present)
+        return {d: w / total for d, w in self.mix.items() if d in present} if total > 0 else {}
+
     def arrange(self, order: list[int], batch_size: int) -> list[int]:
-        queues: dict[int, list[int]] = {d: [] for d in self.mix}
+        """``order`` rearranged into ``max(1, len(order) // batch_size)`` full batches that follow the mix."""
+        mix = self.mix_over(order)
+        if not mix:
+            raise UserError("--domain_stratified_mix gives no weight to any domain this epoch may draw from "
+                            "(the curriculum pool): give a weight to one of its domains")
+        queues: dict[int, list[int]] = {d: [] for d in mix}
         for i in order:
             if self.domains[i] in queues:
                 queues[self.domains[i]].append(i)
         sources = {d: list(q) for d, q in queues.items()}
         n_batches = max(1, len(order) // batch_size)
-        credit = {d: 0.0 for d in self.mix}
+        credit = {d: 0.0 for d in mix}
         out: list[int] = []
         for _ in range(n_batches):
             for d in credit:
-                credit[d] += self.mix[d] * batch_size
+                credit[d] += mix[d] * batch_size
             slots = {d: int(math.floor(credit[d])) for d in credit}
             short = batch_size - sum(slots.values())
             for d in sorted(credit, key=lambda d: (-(credit[d] - slots[d]), d))[:short]:
@@ -700,16 +670,16 @@ class DomainStratifiedSampler:
                 for _ in range(k):
                     if not queues[d]:
                         queues[d] = list(sources[d])  # a small domain repeats rather than leaving a slot empty
-                    if queues[d]:
-                        out.append(queues[d].pop(0))
+                    out.append(queues[d].pop(0))  # every domain of the mix has records: no slot is skipped
         return out
 
 
 class TrainingSampler:
     """The epoch's batches for this rank, composed from the techniques that are on, resumable at a batch.
 
-    Order of composition: the curriculum picks the pool, the tracker weighs it (weighted draw, else a seeded
-    permutation), stratification shapes each global batch. The global order depends only on
+    Order of composition: the curriculum picks the pool, ``weighted`` draws from it in proportion to each record's
+    ``sample_weight`` x tracker weight (equal weights: a seeded permutation), stratification shapes each global
+    batch, length grouping sorts within steps. The global order depends only on
     ``(seed, epoch, tracker state)``; each rank takes every ``world``-th record of each global batch, so DDP
     sees the same global batches as one process with ``batch_size x world``.
     """
@@ -743,7 +713,11 @@ class TrainingSampler:
         return order
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
-        order = self.global_order(self.epoch if epoch is None else epoch)
+        """This rank's batches of an epoch (drawn now: the trainer draws once per epoch and keeps the plan)."""
+        return self.shard(self.global_order(self.epoch if epoch is None else epoch))
+
+    def shard(self, order: list[int]) -> list[list[int]]:
+        """This rank's batches of a global order: every ``world``-th record, cut into ``batch_size`` batches."""
         if self.world > 1:
             usable = len(order) // self.world * self.world
             order = order[self.rank:usable:self.world]
@@ -806,13 +780,7 @@ class DomainMetrics:
         self.sums.index_add_(0, domain.cpu(), rows)
 
     def summary(self) -> dict[str, dict]:
-        out = {}
-        for d, name in enumerate(self.names):
-            loss, tokens, correct = self.sums[d].tolist()
-            if tokens > 0:
-                out[name] = {"loss": loss / tokens, "perplexity": safe_exp(loss / tokens),
-                             "token_accuracy": correct / tokens, "tokens": int(tokens)}
-        return out
+        return domain_summary(self.sums, self.names)
 
 
 class ValidationMetrics:
@@ -855,34 +823,6 @@ class ValidationMetrics:
             mean["score"] = float(np.mean([mean["distinct_2"], mean["keyword_recall"], mean["coherence"]]))
             out[domain] = mean
         return out
-
-
-@torch.no_grad()
-def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_ctx, domain_names: list[str],
-             world: int = 1) -> dict:
-    """Validation loss (token-weighted), perplexity, token accuracy and per-domain loss/perplexity/accuracy."""
-    was_training = model.training
-    model.eval()
-    domains = DomainMetrics(domain_names)
-    for batch in loader_batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast_ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, mask = token_losses(logits, batch["labels"])
-        correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
-        domains.add(batch["domain"], loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype))
-    if world > 1:
-        torch.distributed.all_reduce(domains.sums)
-    model.train(was_training)
-    total_loss, tokens, correct = domains.sums.sum(0).tolist()
-    val_loss = total_loss / max(tokens, 1)
-    return {"loss": val_loss, "perplexity": safe_exp(val_loss), "token_accuracy": correct / max(tokens, 1),
-            "tokens": int(tokens), "domains": domains.summary()}
-
-
-def safe_exp(x: float) -> float:
-    """Perplexity without overflow: exp capped at exp(50)."""
-    return math.exp(min(x, 50.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -991,36 +931,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name != "nt":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_checkpoint(ckpt_dir: Path, state: dict, keep_last: int) -> Path:
-    """``checkpoints/step_<N>/state.pt`` written in a temporary folder, fsynced, renamed, then marked complete.
+    """``checkpoints/step_<N>/state.pt`` through ``atomic_dir``: temp folder, fsync, rename, then the marker.
 
     A folder without the marker is an interrupted save: resume skips it. The newest ``keep_last`` are kept.
     """
     final = ckpt_dir / f"step_{state['global_step']}"
-    tmp = ckpt_dir / f".tmp_step_{state['global_step']}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / "state.pt", "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(final / COMPLETE_MARKER, "w") as fh:
-        fh.write(f"{state['global_step']}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(ckpt_dir)
+    with atomic_dir(final, marker=COMPLETE_MARKER) as tmp:
+        torch.save(state, tmp / "state.pt")
     complete = sorted(list_checkpoints(ckpt_dir), key=lambda p: int(p.name.split("_")[1]))
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -1055,79 +973,634 @@ def load_checkpoint_file(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run state, notifier calls, signals
+# The technique protocol: each technique in one class (flags, checks, set-up, state, hooks, summary, history)
+# ---------------------------------------------------------------------------------------------------------------
+
+class Technique:
+    """One training technique as the recipe sees it; the base class does nothing at every hook.
+
+    A technique owns: its flags (``add_flags``; the ``--use_<name>`` / ``--no_<name>`` switch is added for it),
+    its start-up checks (``check``: messages naming the flags, refused before anything loads), how it plugs into
+    the run (``configure``: the loss set-up, the sampler's parts, extra trainable modules), its run-summary line
+    (``summary``), its resumable state (``state_dict`` / ``load_state_dict``: checkpoints are one loop over the
+    techniques that are on), its hooks in the step and the epoch, the fields it adds to ``metrics.jsonl``
+    (``step_fields``) and to the epoch's history (``epoch_fields``), and the weights validation sees
+    (``eval_weights``). Adding a technique is one subclass plus its entry in ``TECHNIQUE_TYPES``
+    (documentation/TRAINING_TECHNIQUES.md, "Adding a technique").
+    """
+
+    name = ""  # the switch is --use_<name>; also an --ablation_mode value
+    switch_help = ""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    @staticmethod
+    def add_flags(group) -> None:
+        """Its own flags besides the switch."""
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> list[str]:
+        """Start-up problems with its flags, each naming the flags involved. Asked of every technique, on or off:
+        value checks always apply, combinations with other flags only when the technique is on."""
+        return []
+
+    def configure(self, run: "Run") -> None:
+        """Plug into the run before weights are loaded and the model is wrapped."""
+
+    def summary(self, run: "Run") -> str:
+        return self.name
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint must hold to resume it exactly (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict, run: "Run") -> None:
+        pass
+
+    def on_epoch_start(self, run: "Run") -> None:
+        pass
+
+    def before_clip(self, run: "Run") -> None:
+        """After backward (and unscaling), before gradient clipping."""
+
+    def after_update(self, run: "Run") -> None:
+        """After a real optimizer step (not after a skipped non-finite one)."""
+
+    def after_step(self, run: "Run", result: "StepResult") -> None:
+        """After every step, finite or not (``result.finite`` says)."""
+
+    def step_fields(self, run: "Run", result: "StepResult") -> dict:
+        return {}
+
+    def epoch_fields(self, run: "Run") -> dict:
+        return {}
+
+    def eval_weights(self, run: "Run"):
+        """A context in which validation and saving see the weights this technique wants them to see."""
+        return nullcontext()
+
+
+class EMATechnique(Technique):
+    name = "ema"
+    switch_help = "exponential moving average of the weights for validation and the saved model"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
+        t.add_argument("--ema_warmup_epochs", type=int, default=0,
+                       help="epochs before the EMA starts, from the weights of that moment")
+        t.add_argument("--ema_device", choices=["cpu", "device"], default="cpu",
+                       help="where the fp32 shadow lives: host memory or the training device")
+        add_switch(t, "ema_decay_warmup", False, "ramp the decay as min(decay, (1+n)/(10+n)) over the first updates")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [(not 0 < args.ema_decay < 1, "--ema_decay must be in (0, 1)"),
+                                 (args.ema_warmup_epochs < 0, "--ema_warmup_epochs must be >= 0")] if bad]
+
+    def configure(self, run) -> None:
+        a = self.args
+        self.ema = ExponentialMovingAverage(run.model, a.ema_decay, a.ema_warmup_epochs, a.ema_device,
+                                            a.ema_decay_warmup)
+
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"EMA: decay {a.ema_decay}, starts after {a.ema_warmup_epochs} epoch(s) from the weights of then, "
+                f"shadow on {a.ema_device}{', decay warmup' if a.ema_decay_warmup else ''}; validation and "
+                "theta_best/ use the EMA weights")
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state, run) -> None:
+        self.ema.load_state_dict(state, run.model)
+
+    def on_epoch_start(self, run) -> None:
+        if self.ema.maybe_start(run.model, run.state.epoch) and run.is_main:
+            logger.info("EMA starts now (epoch %d) from the current weights", run.state.epoch + 1)
+
+    def after_update(self, run) -> None:
+        self.ema.update(run.model)
+
+    def epoch_fields(self, run) -> dict:
+        return {"ema": {"active": self.ema.active, "decay": self.ema.current_decay(), "updates": self.ema.updates}}
+
+    def eval_weights(self, run):
+        return self.ema.applied(run.model)
+
+
+class LabelSmoothingTechnique(Technique):
+    name = "label_smoothing"
+    switch_help = "label smoothing on the training loss"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--label_smoothing_epsilon", type=float, default=0.1,
+                       help="smoothing mass spread over the vocabulary")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 <= args.label_smoothing_epsilon < 1 else ["--label_smoothing_epsilon must be in [0, 1)"]
+
+    def configure(self, run) -> None:
+        run.loss.loss_fn = LabelSmoothingLoss(self.args.label_smoothing_epsilon)
+
+    def summary(self, run) -> str:
+        return f"label smoothing: epsilon {self.args.label_smoothing_epsilon} (validation loss is unsmoothed)"
+
+
+class QualityWeightingTechnique(Technique):
+    name = "quality_weighting"
+    switch_help = "weigh each record's loss by its quality_score"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--quality_weighting_floor", type=float, default=0.5,
+                       help="weight = floor + (1 - floor) x quality_score")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 <= args.quality_weighting_floor <= 1 else ["--quality_weighting_floor must be in [0, 1]"]
+
+    def configure(self, run) -> None:
+        run.loss.quality_floor = self.args.quality_weighting_floor
+
+    def summary(self, run) -> str:
+        floor = self.args.quality_weighting_floor
+        return (f"quality weighting: record weight {floor} + {1 - floor:g} x quality_score; the loss and every "
+                "logged figure are normalised by the weighted target-token count")
+
+
+class RDropTechnique(Technique):
+    name = "rdrop"
+    switch_help = "R-Drop: two dropout passes with a symmetric KL term"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--rdrop_alpha", type=float, default=0.1, help="weight of the R-Drop KL term")
+        add_switch(t, "rdrop_doubled_batch", True,
+                   "one forward over the doubled batch (else two forwards: less memory)", off="rdrop_two_pass")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if args.rdrop_alpha >= 0 else ["--rdrop_alpha must be >= 0"]
+
+    def configure(self, run) -> None:
+        run.loss.rdrop_alpha, run.loss.rdrop_doubled = self.args.rdrop_alpha, self.args.rdrop_doubled_batch
+
+    def summary(self, run) -> str:
+        return (f"R-Drop: alpha {self.args.rdrop_alpha}, "
+                + ("one forward over the doubled batch" if self.args.rdrop_doubled_batch else "two forwards"))
+
+    def step_fields(self, run, result) -> dict:
+        return {"kl": float(result.kl_sum) / max(result.targets, 1e-12)}
+
+    def epoch_fields(self, run) -> dict:
+        sums = run.state.epoch_sums
+        return {"train_kl": sums["kl"] / sums["tokens"]} if sums.get("tokens") else {}
+
+
+class LLRDTechnique(Technique):
+    name = "llrd"
+    switch_help = "layer-wise learning-rate decay"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--llrd_factor", type=float, default=0.85, help="each block's rate over the block above it")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 < args.llrd_factor <= 1 else ["--llrd_factor must be in (0, 1]"]
+
+    def summary(self, run) -> str:  # the groups themselves: build_param_groups
+        groups = run.optimizer.param_groups
+        scales = sorted({round(g["lr_scale"], 6) for g in groups}, reverse=True)
+        return (f"LLRD: factor {self.args.llrd_factor}, {len(groups)} groups, rate scales {scales[0]:g} (top block, "
+                f"tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
+
+
+class GradientNoiseTechnique(Technique):
+    name = "gradient_noise"
+    switch_help = "annealed Gaussian gradient noise"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--gradient_noise_eta", type=float, default=1e-8,
+                       help="noise variance eta / (1 + t)^0.55 per element (its norm grows with sqrt(parameters))")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if args.gradient_noise_eta >= 0 else ["--gradient_noise_eta must be >= 0"]
+
+    def configure(self, run) -> None:
+        # the same seed on every rank: the gradients are already all-reduced, so the noise keeps replicas equal
+        self.generator = torch.Generator(device=run.device).manual_seed(self.args.seed + 1)
+
+    def summary(self, run) -> str:
+        return (f"gradient noise: variance {self.args.gradient_noise_eta} / (1 + t)^0.55, after unscaling, "
+                "before clipping")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state, run) -> None:
+        self.generator.set_state(state["generator"])
+
+    def before_clip(self, run) -> None:
+        add_gradient_noise(run.module.parameters(), run.state.global_step, self.args.gradient_noise_eta,
+                           self.generator)
+
+
+class CPUOffloadTechnique(Technique):
+    name = "cpu_offload"
+    switch_help = "keep and update part of the AdamW state on the CPU"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--cpu_offload_fraction", type=float, default=0.5,
+                       help="share of parameters offloaded (by count)")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (not 0 <= args.cpu_offload_fraction <= 1, "--cpu_offload_fraction must be in [0, 1]"),
+            (args.use_cpu_offload and args.precision == "fp16",
+             "--use_cpu_offload cannot run with --precision fp16 (the GradScaler needs a plain optimizer): use "
+             "--precision bf16 or fp32, or --no_cpu_offload")] if bad]
+
+    def summary(self, run) -> str:  # the optimizer itself: build_optimizer, once the weights are final
+        return (f"CPU offload: {100 * run.optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
+                f"update on the CPU (asked {100 * self.args.cpu_offload_fraction:.0f}%); built after the weights "
+                "were loaded, so its fp32 masters hold the weights training starts from")
+
+
+class CodeContrastiveTechnique(Technique):
+    name = "code_contrastive"
+    switch_help = "InfoNCE between question and answer representations"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--code_contrastive_weight", type=float, default=0.02, help="weight of the contrastive loss")
+        t.add_argument("--code_contrastive_temperature", type=float, default=0.1, help="InfoNCE temperature")
+        t.add_argument("--code_contrastive_scope", choices=["code", "all"], default="code",
+                       help="records with code only, or all records")
+        t.add_argument("--code_contrastive_dim", type=int, default=128,
+                       help="projection size of the contrastive head")
+        t.add_argument("--code_contrastive_bank", type=int, default=64,
+                       help="negatives: pooled vectors of this many recent records of earlier steps")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (args.code_contrastive_weight < 0, "--code_contrastive_weight must be >= 0"),
+            (args.code_contrastive_temperature <= 0, "--code_contrastive_temperature must be > 0"),
+            (args.code_contrastive_dim < 1, "--code_contrastive_dim must be at least 1"),
+            (args.code_contrastive_bank < 1, "--code_contrastive_bank must be at least 1"),
+            (args.use_code_contrastive and args.loss_on == "all",
+             "--use_code_contrastive cannot run with --loss_on all: it pools the question over the prompt tokens, "
+             "which --loss_on all makes targets (every question vector would be zero); use --loss_on answer or "
+             "--no_code_contrastive")] if bad]
+
+    def configure(self, run) -> None:
+        a = self.args
+        self.loss = CodeContrastiveLoss(run.model.config.n_embd, a.code_contrastive_dim,
+                                        a.code_contrastive_temperature, a.code_contrastive_scope,
+                                        a.code_contrastive_bank).to(run.device)
+        run.extra_modules["contrastive"] = self.loss  # inside the one TrainModule, so inside DDP
+        run.loss.contrastive_weight = a.code_contrastive_weight
+        width = run.model.config.n_embd
+        self.bank = {"q": torch.zeros(0, width, device=run.device), "a": torch.zeros(0, width, device=run.device),
+                     "index": torch.zeros(0, dtype=torch.long, device=run.device)}
+
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"code-contrastive loss: weight {a.code_contrastive_weight}, temperature "
+                f"{a.code_contrastive_temperature}, records: {a.code_contrastive_scope}; negatives from a bank of "
+                f"the last {a.code_contrastive_bank} records of earlier steps (the same at any micro-batch split)")
+
+    def state_dict(self) -> dict:
+        return {"head": self.loss.state_dict(), "bank": {k: v.cpu() for k, v in self.bank.items()}}
+
+    def load_state_dict(self, state, run) -> None:
+        self.loss.load_state_dict(state["head"])
+        self.bank = {k: v.to(run.device) for k, v in state["bank"].items()}
+
+    def after_step(self, run, result) -> None:
+        """Every rank pushes the whole step's vectors (all ranks') into its bank: the banks stay equal."""
+        if not result.finite or not result.bank_items:
+            return
+        q, a, idx = (torch.cat([item[k] for item in result.bank_items]) for k in ("q", "a", "index"))
+        rows = gather_rows(torch.cat([q.float(), a.float(), idx.unsqueeze(1).float()], 1), run.world)
+        width = q.shape[1]
+        new = {"q": rows[:, :width], "a": rows[:, width:2 * width], "index": rows[:, -1].round().long()}
+        keep = self.args.code_contrastive_bank
+        self.bank = {k: torch.cat([self.bank[k], new[k]])[-keep:] for k in self.bank}
+
+    def step_fields(self, run, result) -> dict:
+        return {"contrastive": float(result.contrastive_sum) / max(result.contrastive_count, 1.0)}
+
+    def epoch_fields(self, run) -> dict:
+        sums = run.state.epoch_sums
+        return {"contrastive_loss": sums["contrastive"] / max(sums["contrastive_count"], 1.0)}
+
+
+class CurriculumTechnique(Technique):
+    name = "curriculum"
+    switch_help = "easy-to-hard curriculum by difficulty"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--curriculum_start_fraction", type=float, default=0.7, help="share of records in epoch 1")
+        t.add_argument("--curriculum_pacing", choices=["linear", "root", "step"], default="linear",
+                       help="how the share grows")
+        t.add_argument("--curriculum_full_at", type=float, default=0.5,
+                       help="share of the epochs after which all records are used")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (not 0 < args.curriculum_start_fraction <= 1, "--curriculum_start_fraction must be in (0, 1]"),
+            (not 0 < args.curriculum_full_at <= 1, "--curriculum_full_at must be in (0, 1]")] if bad]
+
+    def configure(self, run) -> None:
+        ex, a = run.train_ds.examples, self.args
+        self.curriculum = CurriculumSampler([e["difficulty"] for e in ex], [e["id"] for e in ex],
+                                            a.curriculum_start_fraction, a.epochs, a.curriculum_full_at,
+                                            a.curriculum_pacing)
+        run.sampler_parts["curriculum"] = self.curriculum
+
+    def summary(self, run) -> str:
+        fractions = ", ".join(f"{self.curriculum.fraction(e):.2f}" for e in range(min(self.args.epochs, 6)))
+        return (f"curriculum: {self.args.curriculum_pacing} pacing, share of records per epoch {fractions}"
+                f"{'...' if self.args.epochs > 6 else ''}; {run.total_steps} steps in all")
+
+    def epoch_fields(self, run) -> dict:
+        return {"curriculum_fraction": self.curriculum.fraction(run.state.epoch)}
+
+
+class DynamicCurriculumTechnique(Technique):
+    name = "dynamic_curriculum"
+    switch_help = "sample records by their running training loss"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--dynamic_curriculum_warmup", type=int, default=3, help="epochs of uniform sampling first")
+        t.add_argument("--dynamic_curriculum_momentum", type=float, default=0.9, help="running-average momentum")
+        t.add_argument("--dynamic_curriculum_min_weight", type=float, default=0.5, help="lowest sampling weight")
+        t.add_argument("--dynamic_curriculum_max_weight", type=float, default=2.0, help="highest sampling weight")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (args.dynamic_curriculum_warmup < 0, "--dynamic_curriculum_warmup must be >= 0"),
+            (not 0 <= args.dynamic_curriculum_momentum < 1, "--dynamic_curriculum_momentum must be in [0, 1)"),
+            (not 0 < args.dynamic_curriculum_min_weight <= 1 <= args.dynamic_curriculum_max_weight,
+             "--dynamic_curriculum_min_weight must be in (0, 1] and --dynamic_curriculum_max_weight >= 1")] if bad]
+
+    def configure(self, run) -> None:
+        a = self.args
+        self.tracker = DynamicCurriculumTracker(len(run.train_ds), a.dynamic_curriculum_warmup,
+                                                a.dynamic_curriculum_momentum, a.dynamic_curriculum_min_weight,
+                                                a.dynamic_curriculum_max_weight)
+        run.sampler_parts["tracker"] = self.tracker
+        run.loss.per_record = True
+
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"dynamic curriculum: uniform for {a.dynamic_curriculum_warmup} epoch(s), then weights "
+                f"{a.dynamic_curriculum_min_weight}-{a.dynamic_curriculum_max_weight} x from the running loss over "
+                "its median (every rank's records, so all ranks draw the same epoch)")
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state, run) -> None:
+        self.tracker.load_state_dict(state)
+
+    def after_step(self, run, result) -> None:
+        """The step's per-record losses of every rank, in the global batch order (a host sync per step)."""
+        if not result.finite or not result.records:
+            return
+        idx = torch.cat([i for i, _ in result.records]).double()
+        losses = torch.cat([v for _, v in result.records]).double()
+        rows = gather_rows(torch.stack([idx, losses], 1), run.world, interleave=True)
+        self.tracker.update(rows[:, 0].round().long().tolist(), rows[:, 1].tolist())
+
+    def epoch_fields(self, run) -> dict:
+        return {"difficult_ratio": self.tracker.difficult_ratio()}
+
+
+class DomainStratifiedTechnique(Technique):
+    name = "domain_stratified"
+    switch_help = "every batch follows a target domain mix"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--domain_stratified_mix", type=str, default=None,
+                       help='target mix as JSON, e.g. \'{"programming": 2, "networking": 1}\' (default uniform)')
+
+    @staticmethod
+    def check(args) -> list[str]:
+        if not args.domain_stratified_mix:
+            return []
+        try:
+            mix = json.loads(args.domain_stratified_mix)
+            ok = isinstance(mix, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) \
+                and sum(mix.values()) > 0
+        except json.JSONDecodeError:
+            ok = False
+        return [] if ok else ["--domain_stratified_mix must be a JSON object of domain: non-negative weight"]
+
+    def configure(self, run) -> None:
+        names, mix = run.domain_names, None
+        if self.args.domain_stratified_mix:
+            named = json.loads(self.args.domain_stratified_mix)
+            unknown = sorted(set(named) - set(names))
+            if unknown:
+                raise UserError(f"--domain_stratified_mix names domains the data does not have: {unknown}; "
+                                f"known: {names}")
+            mix = {names.index(d): float(w) for d, w in named.items()}
+        self.stratified = DomainStratifiedSampler([e["domain"] for e in run.train_ds.examples], mix)
+        run.sampler_parts["stratified"] = self.stratified
+
+    def summary(self, run) -> str:
+        return ("domain stratification: every batch follows the mix "
+                + (self.args.domain_stratified_mix or "uniform over domains")
+                + ", spread over the domains each epoch's pool holds")
+
+
+# Every technique, in the order of the run summary. Adding one: a Technique subclass and an entry here.
+TECHNIQUE_TYPES: list[type[Technique]] = [
+    EMATechnique, LabelSmoothingTechnique, QualityWeightingTechnique, RDropTechnique, LLRDTechnique,
+    GradientNoiseTechnique, CPUOffloadTechnique, CodeContrastiveTechnique, CurriculumTechnique,
+    DynamicCurriculumTechnique, DomainStratifiedTechnique]
+# Techniques by name: the --use_X switch of each (for --ablation_mode and the run summary).
+TECHNIQUES = [t.name for t in TECHNIQUE_TYPES]
+
+
+def gather_rows(x: torch.Tensor, world: int, interleave: bool = False) -> torch.Tensor:
+    """Every rank's rows of ``x`` (N, C), on every rank; ``x`` itself when world is 1.
+
+    ``interleave`` (equal N on every rank) puts row j of rank r at ``j * world + r``: rank r holds every
+    ``world``-th record of each global batch (TrainingSampler.shard), so this restores the global order one
+    process would have seen. Otherwise the rows follow in rank order (sizes may differ).
+    """
+    if world == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    if interleave:
+        return torch.stack(parts, 1).reshape(-1, *x.shape[1:])  # (N, world, C) -> (N * world, C)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss of a step: LossSetup, compute_step_loss, TrainModule (everything trainable, for DDP), accumulation
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class RunState:
-    """Everything the loop carries between steps that a checkpoint must restore."""
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    best_val_loss: float = float("inf")
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    nonfinite_total: int = 0
-    nonfinite_in_row: int = 0
-    epoch_loss_sum: float = 0.0  # summed token losses of the current epoch so far (for its mean train loss)
-    epoch_tokens: int = 0
-    epoch_kl_sum: float = 0.0  # R-Drop KL and contrastive loss of the current epoch so far (for the history)
-    epoch_contrastive_sum: float = 0.0
-    epoch_steps: int = 0
-    micro_split: int = 1  # each sampler batch runs as this many micro-batches (raised by CUDA OOM)
-    history: list[dict] = field(default_factory=list)
+class LossSetup:
+    """How a micro-batch's loss is made: the token loss, R-Drop, quality weights, the contrastive weight."""
+    loss_fn: Any = None  # (logits, labels) -> (per-token loss, mask); None: token_losses
+    rdrop_alpha: float | None = None  # None: R-Drop off
+    rdrop_doubled: bool = True
+    quality_floor: float | None = None  # None: quality weighting off
+    contrastive_weight: float = 0.0
+    per_record: bool = False  # also return each record's mean loss (the dynamic curriculum needs them)
+
+    def __post_init__(self):
+        self.loss_fn = self.loss_fn or token_losses
+
+    def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) loss weight per record: floor + (1 - floor) x quality_score, or 1."""
+        if self.quality_floor is None:
+            return torch.ones(batch["input_ids"].shape[0])
+        return self.quality_floor + (1 - self.quality_floor) * batch["quality"].clamp(0, 1)
+
+    def normaliser(self, window: list[dict[str, torch.Tensor]]) -> float:
+        """Weighted count of the target tokens of a whole accumulated batch (on the host: no device sync).
+
+        The loss and every logged figure that comes from it (loss, R-Drop KL) divide by this same count.
+        """
+        return float(sum(((b["labels"][:, 1:] != IGNORE_INDEX).sum(1) * self.record_weights(b)).sum()
+                         for b in window))
 
 
-class SafeNotifier:
-    """Calls a notifier's methods so that one that raises or hangs never stops or slows training.
+def compute_step_loss(lm, batch: dict[str, torch.Tensor], weights: torch.Tensor, setup: LossSetup,
+                      contrastive: CodeContrastiveLoss | None = None, bank: dict | None = None) -> dict:
+    """The training loss of one micro-batch, as sums: the one place the loss is computed.
 
-    Each call runs in a daemon thread and is waited on for at most ``timeout`` seconds.
+    Returns ``loss_sum`` = sum over target tokens of record weight x token loss (cross-entropy, smoothed when
+    label smoothing is on, plus alpha x KL under R-Drop), ``kl_sum`` (the same weighting: None without R-Drop),
+    ``per_record`` ((B,) mean token loss, when ``setup.per_record``) and ``contrastive`` (the contrastive
+    term's sums and the vectors for its bank, when it is on). The caller divides by the step's normalisers.
+    """
+    want_hidden = contrastive is not None
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    kl_sum = None
+    if setup.rdrop_alpha is not None:
+        out = compute_rdrop_loss(lm, ids, attn, labels, setup.rdrop_alpha, setup.loss_fn, setup.rdrop_doubled,
+                                 want_hidden)
+        tok_loss, mask, hidden = out["token_loss"], out["mask"], out["hidden"]
+        kl_sum = (out["token_kl"] * weights[:, None]).sum()  # (B, T-1) weighted like the loss
+    else:
+        out = lm(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
+        tok_loss, mask = setup.loss_fn(out.logits, labels)  # (B, T-1) each
+        hidden = out.hidden_states[-1] if want_hidden else None
+    result = {"loss_sum": (tok_loss * weights[:, None]).sum(), "kl_sum": kl_sum, "per_record": None,
+              "contrastive": None}
+    if setup.per_record:
+        result["per_record"] = tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)
+    if contrastive is not None:
+        result["contrastive"] = contrastive(hidden, labels, attn, batch["has_code"], batch["index"], bank)
+    return result
+
+
+class TrainModule(torch.nn.Module):
+    """Every module with trainable parameters, the LM and the contrastive head, as one module.
+
+    DDP wraps this one module, so every trainable parameter's gradient is all-reduced before clipping and each
+    rank clips by the same factor (a head outside the wrapper kept per-rank gradients and let replicas drift).
+    Its forward is ``compute_step_loss``.
     """
 
-    def __init__(self, notifier: Any = None, timeout: float = 2.0):
-        self.notifier, self.timeout, self.failures = notifier, timeout, 0
+    def __init__(self, lm: torch.nn.Module, setup: LossSetup, contrastive: CodeContrastiveLoss | None = None):
+        super().__init__()
+        self.lm, self.contrastive = lm, contrastive
+        self.setup = setup
 
-    def __call__(self, method: str, *args) -> None:
-        fn = getattr(self.notifier, method, None) if self.notifier is not None else None
-        if fn is None:
-            return
-
-        def target():
-            try:
-                fn(*args)
-            except Exception as err:
-                self.failures += 1
-                logger.warning("notifier %s failed: %s", method, err)
-
-        thread = threading.Thread(target=target, daemon=True, name=f"notify-{method}")
-        thread.start()
-        thread.join(self.timeout)
+    def forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor, bank: dict | None = None) -> dict:
+        return compute_step_loss(self.lm, batch, weights, self.setup, self.contrastive, bank)
 
 
-class StopFlag:
-    """SIGINT/SIGTERM set the flag; the loop finishes its step, checkpoints and exits. A second Ctrl-C exits now."""
+@dataclass
+class StepResult:
+    """What one optimizer step produced; tensors stay on the device until logging reads them."""
+    loss_sum: torch.Tensor  # this rank's weighted token-loss sum
+    targets: float  # this rank's share of the step's weighted target tokens (global count / world)
+    kl_sum: torch.Tensor
+    contrastive_sum: torch.Tensor
+    contrastive_count: float  # records taking part in the contrastive term, over all ranks
+    records: list = field(default_factory=list)  # (index, mean loss) tensors per micro-batch
+    bank_items: list = field(default_factory=list)  # detached contrastive vectors per micro-batch
+    tokens: int = 0  # attended tokens of this rank's micro-batches (for tokens/s)
+    grad_norm: torch.Tensor | None = None
+    finite: bool = True
 
-    def __init__(self):
-        self.requested = False
-        self._old = {}
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
+def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, setup: LossSetup, device: torch.device,
+                         autocast_ctx, world: int = 1, scaler=None, no_sync=None, contrastive_count: float = 0.0,
+                         bank: dict | None = None) -> dict[str, Any]:
+    """Forward and backward over the micro-batches of one optimizer step.
 
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
+    ``model`` is the TrainModule (DDP-wrapped under torchrun); a bare LM is wrapped here. Each micro-batch
+    contributes ``loss_sum / norm`` (x ``world``, as DDP averages gradients over ranks), where ``norm`` counts the
+    (weighted) target tokens of the whole step on every rank, and ``weight x contrastive sum / contrastive_count``
+    with the records taking part over the whole step: the gradient is that of the step's mean, however the step is
+    split into micro-batches (accumulation, DDP, out-of-memory halving).
+    Returns the summed loss, KL and contrastive tensors, per-record losses and bank vectors; no host sync here.
+    """
+    if not isinstance(model, (TrainModule, torch.nn.parallel.DistributedDataParallel)):
+        model = TrainModule(model, setup)
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "kl", "contrastive")}
+    records, bank_items = [], []
+    for k, batch in enumerate(micro_batches):
+        weights = setup.record_weights(batch).to(device)
+        batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+        sync = nullcontext() if no_sync is None or k == len(micro_batches) - 1 else no_sync()
+        with sync:
+            with autocast_ctx:
+                out = model(batch, weights, bank)
+                loss = out["loss_sum"] * world / norm
+                if out["contrastive"] is not None:
+                    cl = out["contrastive"]
+                    loss = loss + setup.contrastive_weight * cl["loss_sum"] * world / max(contrastive_count, 1.0)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        sums["loss"] += out["loss_sum"].detach()
+        if out["kl_sum"] is not None:
+            sums["kl"] += out["kl_sum"].detach()
+        if out["contrastive"] is not None:
+            sums["contrastive"] += out["contrastive"]["loss_sum"].detach()
+            bank_items.append({k: out["contrastive"][k] for k in ("q", "a", "index")})
+        if out["per_record"] is not None:
+            records.append((batch["index"], out["per_record"]))
+    return {"loss": sums["loss"], "kl": sums["kl"], "contrastive": sums["contrastive"], "records": records,
+            "bank_items": bank_items}
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("received %s: finishing this step, saving a checkpoint, then exiting "
-                       "(Ctrl-C again to exit at once)", signal.Signals(signum).name)
+
+def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a padded batch into ``parts`` smaller ones along the batch dimension (for CUDA OOM recovery)."""
+    if parts <= 1:
+        return [batch]
+    chunks = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
+    return [{k: chunks[k][i] for k in batch} for i in range(parts) if chunks["input_ids"][i].shape[0] > 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1164,6 +1637,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="seed for init, order and dropout")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument("--stop_after_step", type=int, default=0,
+                   help="after optimizer step N, checkpoint and exit with code 3 as SIGTERM would; the same command "
+                        "again resumes (0 = off)")
+    add_switch(g, "dry_run", False, "print the first records as the model sees them, each token beside whether it "
+               "is a target, and exit without training")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=3, help="training epochs")
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
@@ -1193,53 +1671,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min_delta", type=float, default=0.0, help="smallest validation-loss drop that counts")
     e.add_argument("--num_samples", type=int, default=2, help="generated validation samples per epoch")
     t = p.add_argument_group("training techniques (documentation/TRAINING_TECHNIQUES.md)")
-    add_switch(t, "use_ema", False, "exponential moving average of the weights for validation and the saved model",
-               off="no_ema")
-    t.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
-    t.add_argument("--ema_warmup_epochs", type=int, default=0,
-                   help="epochs before the EMA starts, from the weights of that moment")
-    t.add_argument("--ema_device", choices=["cpu", "device"], default="cpu",
-                   help="where the fp32 shadow lives: host memory or the training device")
-    add_switch(t, "ema_decay_warmup", False, "ramp the decay as min(decay, (1+n)/(10+n)) over the first updates")
-    add_switch(t, "use_label_smoothing", False, "label smoothing on the training loss", off="no_label_smoothing")
-    t.add_argument("--label_smoothing_epsilon", type=float, default=0.1, help="smoothing mass spread over the vocabulary")
-    add_switch(t, "use_quality_weighting", False, "weigh each record's loss by its quality_score",
-               off="no_quality_weighting")
-    t.add_argument("--quality_weighting_floor", type=float, default=0.5,
-                   help="weight = floor + (1 - floor) x quality_score")
-    add_switch(t, "use_rdrop", False, "R-Drop: two dropout passes with a symmetric KL term", off="no_rdrop")
-    t.add_argument("--rdrop_alpha", type=float, default=0.1, help="weight of the R-Drop KL term")
-    add_switch(t, "rdrop_doubled_batch", True, "one forward over the doubled batch (else two forwards: less memory)",
-               off="rdrop_two_pass")
-    add_switch(t, "use_llrd", False, "layer-wise learning-rate decay", off="no_llrd")
-    t.add_argument("--llrd_factor", type=float, default=0.85, help="each block's rate over the block above it")
-    add_switch(t, "use_gradient_noise", False, "annealed Gaussian gradient noise", off="no_gradient_noise")
-    t.add_argument("--gradient_noise_eta", type=float, default=1e-8,
-                   help="noise variance eta / (1 + t)^0.55 per element (its norm grows with sqrt(parameters))")
-    add_switch(t, "use_cpu_offload", False, "keep and update part of the AdamW state on the CPU", off="no_cpu_offload")
-    t.add_argument("--cpu_offload_fraction", type=float, default=0.5, help="share of parameters offloaded (by count)")
-    add_switch(t, "use_code_contrastive", False, "InfoNCE between question and answer representations",
-               off="no_code_contrastive")
-    t.add_argument("--code_contrastive_weight", type=float, default=0.02, help="weight of the contrastive loss")
-    t.add_argument("--code_contrastive_temperature", type=float, default=0.1, help="InfoNCE temperature")
-    t.add_argument("--code_contrastive_scope", choices=["code", "all"], default="code",
-                   help="records with code only, or all records")
-    t.add_argument("--code_contrastive_dim", type=int, default=128, help="projection size of the contrastive head")
-    add_switch(t, "use_curriculum", False, "easy-to-hard curriculum by difficulty", off="no_curriculum")
-    t.add_argument("--curriculum_start_fraction", type=float, default=0.7, help="share of records in epoch 1")
-    t.add_argument("--curriculum_pacing", choices=["linear", "root", "step"], default="linear",
-                   help="how the share grows")
-    t.add_argument("--curriculum_full_at", type=float, default=0.5, help="share of the epochs after which all records are used")
-    add_switch(t, "use_dynamic_curriculum", False, "sample records by their running training loss",
-               off="no_dynamic_curriculum")
-    t.add_argument("--dynamic_curriculum_warmup", type=int, default=3, help="epochs of uniform sampling first")
-    t.add_argument("--dynamic_curriculum_momentum", type=float, default=0.9, help="running-average momentum")
-    t.add_argument("--dynamic_curriculum_min_weight", type=float, default=0.5, help="lowest sampling weight")
-    t.add_argument("--dynamic_curriculum_max_weight", type=float, default=2.0, help="highest sampling weight")
-    add_switch(t, "use_domain_stratified", False, "every batch follows a target domain mix",
-               off="no_domain_stratified")
-    t.add_argument("--domain_stratified_mix", type=str, default=None,
-                   help='target mix as JSON, e.g. \'{"programming": 2, "networking": 1}\' (default uniform)')
+    for cls in TECHNIQUE_TYPES:  # each technique's switch, then its own flags
+        add_switch(t, f"use_{cls.name}", False, cls.switch_help, off=f"no_{cls.name}")
+        cls.add_flags(t)
     t.add_argument("--domain_eval_frequency", type=int, default=1,
                    help="generation-based domain check every N epochs (0 = off)")
     t.add_argument("--domain_eval_per_domain", type=int, default=2, help="questions per domain in that check")
@@ -1288,51 +1722,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.log_every_steps < 1, "--log_every_steps must be at least 1"),
         (args.group_by_length_chunk < 1, "--group_by_length_chunk must be at least 1"),
         (args.min_micro_batch < 1, "--min_micro_batch must be at least 1"),
+        (args.stop_after_step < 0, "--stop_after_step must be >= 0"),
     ]
     for bad, message in checks:
         if bad:
             parser.error(message)
-    checks = [
-        (not 0 < args.ema_decay < 1, "--ema_decay must be in (0, 1)"),
-        (args.ema_warmup_epochs < 0, "--ema_warmup_epochs must be >= 0"),
-        (not 0 <= args.label_smoothing_epsilon < 1, "--label_smoothing_epsilon must be in [0, 1)"),
-        (not 0 <= args.quality_weighting_floor <= 1, "--quality_weighting_floor must be in [0, 1]"),
-        (args.rdrop_alpha < 0, "--rdrop_alpha must be >= 0"),
-        (not 0 < args.llrd_factor <= 1, "--llrd_factor must be in (0, 1]"),
-        (args.gradient_noise_eta < 0, "--gradient_noise_eta must be >= 0"),
-        (not 0 <= args.cpu_offload_fraction <= 1, "--cpu_offload_fraction must be in [0, 1]"),
-        (args.code_contrastive_weight < 0, "--code_contrastive_weight must be >= 0"),
-        (args.code_contrastive_temperature <= 0, "--code_contrastive_temperature must be > 0"),
-        (args.code_contrastive_dim < 1, "--code_contrastive_dim must be at least 1"),
-        (not 0 < args.curriculum_start_fraction <= 1, "--curriculum_start_fraction must be in (0, 1]"),
-        (not 0 < args.curriculum_full_at <= 1, "--curriculum_full_at must be in (0, 1]"),
-        (args.dynamic_curriculum_warmup < 0, "--dynamic_curriculum_warmup must be >= 0"),
-        (not 0 <= args.dynamic_curriculum_momentum < 1, "--dynamic_curriculum_momentum must be in [0, 1)"),
-        (not 0 < args.dynamic_curriculum_min_weight <= 1 <= args.dynamic_curriculum_max_weight,
-         "--dynamic_curriculum_min_weight must be in (0, 1] and --dynamic_curriculum_max_weight >= 1"),
+    for name in (TECHNIQUES if args.ablation_mode == "all" else [args.ablation_mode]):
+        if name in TECHNIQUES:
+            setattr(args, f"use_{name}", False)
+    problems = [m for bad, m in [
         (args.domain_eval_frequency < 0, "--domain_eval_frequency must be >= 0"),
         (args.domain_eval_per_domain < 1, "--domain_eval_per_domain must be at least 1"),
         (args.ablation_mode not in ["none", "all", *TECHNIQUES],
          f"--ablation_mode must be none, all or one of: {', '.join(TECHNIQUES)}"),
-        (args.use_cpu_offload and args.precision == "fp16",
-         "--use_cpu_offload cannot run with --precision fp16 (the GradScaler needs a plain optimizer): use "
-         "--precision bf16 or fp32, or --no_cpu_offload"),
         (args.warm_start is not None and not Path(args.warm_start).is_dir(),
-         f"--warm_start {args.warm_start}: not a model folder"),
-    ]
-    for bad, message in checks:
-        if bad:
-            parser.error(message)
-    if args.domain_stratified_mix:
-        try:
-            mix = json.loads(args.domain_stratified_mix)
-            assert isinstance(mix, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values())
-            assert sum(mix.values()) > 0
-        except (json.JSONDecodeError, AssertionError):
-            parser.error("--domain_stratified_mix must be a JSON object of domain: non-negative weight")
-    for name in (TECHNIQUES if args.ablation_mode == "all" else [args.ablation_mode]):
-        if name in TECHNIQUES:
-            setattr(args, f"use_{name}", False)
+         f"--warm_start {args.warm_start}: not a model folder")] if bad]
+    problems += [m for cls in TECHNIQUE_TYPES for m in cls.check(args)]  # each technique checks its own flags
+    if problems:
+        parser.error("; ".join(problems))
     if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
         parser.error(f"--resume {args.resume}: not auto, never, or an existing checkpoint folder")
     if args.output_dir is None:
@@ -1341,7 +1748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# train(args)
+# Run helpers: colour, args as JSON, environment, distributed set-up
 # ---------------------------------------------------------------------------------------------------------------
 
 def _color(text: str, color: str, enabled: bool) -> str:
@@ -1389,648 +1796,774 @@ def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device
     return 0, 1, device
 
 
-def _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, precision, steps_per_epoch,
-                         total_steps) -> list[str]:
-    model, tokenizer = tm.model, tm.tokenizer
-    n_params = sum(p.numel() for p in model.parameters())
-    lines = [
-        f"model {args.model_name}: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
-        f"context {model.config.n_positions}",
-        f"device {device}, precision {precision.name}, world size {world}"
-        + (", gradient checkpointing" if args.gradient_checkpointing else ""),
-        f"examples: {len(train_ds)} train, {len(val_ds)} validation ({train_ds.truncated + val_ds.truncated} "
-        f"truncated to {args.max_length} tokens, {train_ds.skipped + val_ds.skipped} skipped); "
-        f"{train_ds.target_tokens()} target tokens per epoch",
-        f"batch {args.batch_size} x accumulation {args.gradient_accumulation_steps} x {world} process(es) = "
-        f"effective batch {effective}; {steps_per_epoch} steps per epoch, {total_steps} steps in all",
-        f"optimizer AdamW lr {args.learning_rate:.2e} (weight decay {args.weight_decay:g}, not on biases/norms), "
-        f"{args.scheduler_type} schedule, warmup {100 * args.warmup_proportion:.0f}%, clip {args.max_grad_norm:g}; "
-        f"loss on {args.loss_on}",
-    ]
-    for ex in train_ds.examples[:2]:
-        shown = "".join(tokenizer.decode([tid]) if lab == IGNORE_INDEX else f"[{tokenizer.decode([tid])}]"
-                        for tid, lab in zip(ex["input_ids"], ex["labels"]))
-        lines.append("sample (loss on [bracketed] tokens): " + shown[:400].replace("\n", "\\n"))
-    return lines
+# ---------------------------------------------------------------------------------------------------------------
+# Run state, signals
+# ---------------------------------------------------------------------------------------------------------------
 
-
-def _technique_lines(args, optimizer, sampler: "TrainingSampler", ema, total_steps: int) -> list[str]:
-    """One run-summary line per technique that is on."""
-    lines = []
-    if args.use_ema:
-        lines.append(f"EMA: decay {args.ema_decay}, starts after {args.ema_warmup_epochs} epoch(s) from the weights of "
-                     f"then, shadow on {args.ema_device}{', decay warmup' if args.ema_decay_warmup else ''}; "
-                     "validation and theta_best/ use the EMA weights")
-    if args.use_label_smoothing:
-        lines.append(f"label smoothing: epsilon {args.label_smoothing_epsilon} (validation loss is unsmoothed)")
-    if args.use_quality_weighting:
-        lines.append(f"quality weighting: record weight {args.quality_weighting_floor} + "
-                     f"{1 - args.quality_weighting_floor:g} x quality_score")
-    if args.use_rdrop:
-        lines.append(f"R-Drop: alpha {args.rdrop_alpha}, "
-                     + ("one forward over the doubled batch" if args.rdrop_doubled_batch else "two forwards"))
-    if args.use_llrd:
-        scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups}, reverse=True)
-        lines.append(f"LLRD: factor {args.llrd_factor}, {len(optimizer.param_groups)} groups, rate scales "
-                     f"{scales[0]:g} (top block, tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
-    if args.use_gradient_noise:
-        lines.append(f"gradient noise: variance {args.gradient_noise_eta} / (1 + t)^0.55, after unscaling, "
-                     "before clipping")
-    if args.use_cpu_offload:
-        lines.append(f"CPU offload: {100 * optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
-                     f"update on the CPU (asked {100 * args.cpu_offload_fraction:.0f}%)")
-    if args.use_code_contrastive:
-        lines.append(f"code-contrastive loss: weight {args.code_contrastive_weight}, temperature "
-                     f"{args.code_contrastive_temperature}, records: {args.code_contrastive_scope}")
-    if args.use_curriculum:
-        fractions = ", ".join(f"{sampler.curriculum.fraction(e):.2f}" for e in range(min(args.epochs, 6)))
-        lines.append(f"curriculum: {args.curriculum_pacing} pacing, share of records per epoch {fractions}"
-                     f"{'...' if args.epochs > 6 else ''}; {total_steps} steps in all")
-    if args.use_dynamic_curriculum:
-        lines.append(f"dynamic curriculum: uniform for {args.dynamic_curriculum_warmup} epoch(s), then weights "
-                     f"{args.dynamic_curriculum_min_weight}-{args.dynamic_curriculum_max_weight} x from the running "
-                     "loss over its median")
-    if args.use_domain_stratified:
-        lines.append("domain stratification: every batch follows the mix "
-                     + (args.domain_stratified_mix or "uniform over domains"))
-    return lines or ["techniques: none (plain loop)"]
-
-
-def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Cut a padded batch into ``parts`` smaller ones along the batch dimension (for CUDA OOM recovery)."""
-    if parts <= 1:
-        return [batch]
-    chunks = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
-    return [{k: chunks[k][i] for k in batch} for i in range(parts) if chunks["input_ids"][i].shape[0] > 0]
+def _new_epoch_sums() -> dict[str, float]:
+    return {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "contrastive": 0.0, "contrastive_count": 0.0, "steps": 0}
 
 
 @dataclass
-class LossSetup:
-    """How a micro-batch's loss is made: the token loss, R-Drop, quality weights, the contrastive term."""
-    loss_fn: Any = token_losses
-    rdrop_alpha: float | None = None  # None: R-Drop off
-    rdrop_doubled: bool = True
-    quality_floor: float | None = None  # None: quality weighting off
-    contrastive: CodeContrastiveLoss | None = None
-    contrastive_weight: float = 0.0
-
-    def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) loss weight per record: floor + (1 - floor) x quality_score, or 1."""
-        if self.quality_floor is None:
-            return torch.ones(batch["input_ids"].shape[0])
-        return self.quality_floor + (1 - self.quality_floor) * batch["quality"].clamp(0, 1)
-
-    def normaliser(self, window: list[dict[str, torch.Tensor]]) -> float:
-        """Weighted count of the target tokens of a whole accumulated batch (on the host: no device sync)."""
-        return float(sum(((b["labels"][:, 1:] != IGNORE_INDEX).sum(1) * self.record_weights(b)).sum()
-                         for b in window))
+class RunState:
+    """Everything the loop carries between steps that a checkpoint must restore (techniques hold their own)."""
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    epoch_order: list[int] | None = None  # the epoch's global batch plan, drawn once at its start
+    best_val_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=_new_epoch_sums)  # this epoch so far, for its history
+    micro_split: int = 1  # each sampler batch runs as this many micro-batches (raised by CUDA OOM)
+    history: list[dict] = field(default_factory=list)
 
 
-def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, setup: LossSetup, device: torch.device,
-                         autocast_ctx, world: int = 1, scaler=None, no_sync=None,
-                         per_record: bool = False) -> dict[str, Any]:
-    """Forward and backward over the micro-batches of one optimizer step.
+class StopFlag:
+    """SIGINT/SIGTERM set the flag; the loop finishes its step, checkpoints and exits. A second Ctrl-C exits now."""
 
-    Each micro-batch contributes ``sum(weighted token losses) / norm`` (x ``world``, as DDP averages gradients
-    over ranks), where ``norm`` counts the (weighted) target tokens of the whole step on every rank: the gradient
-    is that of the mean over all target tokens of the step, however they are split into micro-batches. The
-    contrastive term is a per-batch mean, added once per step (1/n of it per micro-batch).
+    def __init__(self):
+        self.requested = False
+        self._old = {}
 
-    Returns summed token loss, summed KL (R-Drop), summed contrastive loss, and, with ``per_record`` (the
-    dynamic curriculum needs them), per-record (index, mean loss) pairs; all tensors, no host sync here.
-    """
-    step_loss = torch.zeros((), device=device)
-    kl_sum = torch.zeros((), device=device)
-    cl_sum = torch.zeros((), device=device)
-    records = []
-    want_hidden = setup.contrastive is not None
-    for k, batch in enumerate(micro_batches):
-        weights = setup.record_weights(batch).to(device)
-        batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-        sync = nullcontext() if no_sync is None or k == len(micro_batches) - 1 else no_sync()
-        with sync:
-            with autocast_ctx:
-                if setup.rdrop_alpha is not None:
-                    out = compute_rdrop_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                             setup.rdrop_alpha, setup.loss_fn, setup.rdrop_doubled, want_hidden)
-                    tok_loss, mask, hidden = out["token_loss"], out["mask"], out["hidden"]
-                    kl_sum += (out["kl"] * mask.sum()).detach()
-                else:
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                output_hidden_states=want_hidden)
-                    tok_loss, mask = setup.loss_fn(out.logits, batch["labels"])
-                    hidden = out.hidden_states[-1] if want_hidden else None
-                weighted = tok_loss * weights[:, None]  # (B, T-1)
-                loss = weighted.sum() * world / norm
-                if want_hidden:
-                    cl = setup.contrastive(hidden, batch["labels"], batch["attention_mask"], batch["has_code"])
-                    loss = loss + setup.contrastive_weight * cl / len(micro_batches)
-                    cl_sum += cl.detach()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += weighted.detach().sum()
-        if per_record:
-            records.append((batch["index"], tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)))
-    return {"loss": step_loss, "kl": kl_sum, "contrastive": cl_sum, "records": records}
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("received %s: finishing this step, saving a checkpoint, then exiting "
+                       "(Ctrl-C again to exit at once)", signal.Signals(signum).name)
 
 
-def build_train_sampler(args, train_ds: TokenizedDataset, domain_names: list[str], rank: int, world: int):
-    """The composed TrainingSampler and the dynamic-curriculum tracker (or None)."""
-    ex = train_ds.examples
-    curriculum = CurriculumSampler([e["difficulty"] for e in ex], [e["id"] for e in ex],
-                                   args.curriculum_start_fraction, args.epochs, args.curriculum_full_at,
-                                   args.curriculum_pacing) if args.use_curriculum else None
-    tracker = DynamicCurriculumTracker(len(ex), args.dynamic_curriculum_warmup, args.dynamic_curriculum_momentum,
-                                       args.dynamic_curriculum_min_weight, args.dynamic_curriculum_max_weight) \
-        if args.use_dynamic_curriculum else None
-    stratified = None
-    if args.use_domain_stratified:
-        mix = None
-        if args.domain_stratified_mix:
-            named = json.loads(args.domain_stratified_mix)
-            unknown = sorted(set(named) - set(domain_names))
-            if unknown:
-                raise UserError(f"--domain_stratified_mix names domains the data does not have: {unknown}; "
-                                f"known: {domain_names}")
-            mix = {domain_names.index(d): float(w) for d, w in named.items()}
-        stratified = DomainStratifiedSampler([e["domain"] for e in ex], mix)
-    sampler = TrainingSampler(len(ex), args.batch_size, args.seed, rank, world, curriculum,
-                              DynamicWeightedSampler(tracker) if tracker else None, stratified,
-                              lengths=[len(e["input_ids"]) for e in ex] if args.group_by_length else None,
-                              accumulation=args.gradient_accumulation_steps, group_chunk=args.group_by_length_chunk)
-    return sampler, tracker
+class StopTraining(Exception):
+    """Ends the loop early with an exit code and a status (interrupted, too many non-finite steps)."""
 
+    def __init__(self, exit_code: int, status: str, message: str = ""):
+        super().__init__(message or status)
+        self.exit_code, self.status = exit_code, status
+
+
+@dataclass
+class Run:
+    """One training run: what ``setup_run`` builds and the recipe's steps read and update."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    notifier: Any
+    tm: Any = None  # ThetaModel
+    precision: Any = None
+    train_recs: list = field(default_factory=list)
+    val_recs: list = field(default_factory=list)
+    domain_names: list = field(default_factory=list)
+    train_ds: Any = None
+    val_ds: Any = None
+    val_batches: list = field(default_factory=list)
+    collate_fn: Any = None
+    techniques: list = field(default_factory=list)
+    loss: LossSetup = field(default_factory=LossSetup)
+    sampler_parts: dict = field(default_factory=dict)  # curriculum, tracker, stratified (set by techniques)
+    extra_modules: dict = field(default_factory=dict)  # trainable modules besides the LM (set by techniques)
+    sampler: Any = None
+    module: Any = None  # TrainModule
+    ddp: Any = None  # the TrainModule, DDP-wrapped under torchrun
+    optimizer: Any = None
+    scheduler: Any = None
+    state: RunState = field(default_factory=RunState)
+    checkpoint: tuple | None = None  # (path, state) being resumed
+    steps_in_epoch: list = field(default_factory=list)
+    total_steps: int = 0
+    env: dict = field(default_factory=dict)
+    writer: Any = None
+    metrics_file: Any = None
+    bar: Any = None
+    stop: Any = None
+    batches: list = field(default_factory=list)  # this rank's batches of the current epoch
+    loader: Any = None
+    exit_code: int = 0
+    status: str = "completed"
+    started: float = field(default_factory=time.time)
+    epoch_started: float = 0.0
+    t_log: float = field(default_factory=time.perf_counter)
+    tokens_since_log: int = 0
+    last_saved_step: int = -1
+
+    @property
+    def model(self):
+        return self.tm.model
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def color(self) -> bool:
+        return self.args.color and sys.stdout.isatty()
+
+    def technique(self, name: str) -> Technique | None:
+        return next((t for t in self.techniques if t.name == name), None)
+
+    def eval_weights(self) -> ExitStack:
+        """Validation and saving see the weights the techniques want (EMA's once it has started)."""
+        stack = ExitStack()
+        for t in self.techniques:
+            stack.enter_context(t.eval_weights(self))
+        return stack
+
+    def step_limit_reached(self) -> bool:
+        return bool(self.args.max_steps) and self.state.global_step >= self.args.max_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe: set up the run, one optimizer step, the end of an epoch, the finish
+# ---------------------------------------------------------------------------------------------------------------
 
 def train(args: argparse.Namespace, notifier: Any = None) -> dict:
     """Run training as ``args`` says; returns the summary dict (also in ``training_config.json``)."""
-    from torch.utils.data import DataLoader
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    run = start_run(args, notifier)
+    load_data(run)
+    if args.dry_run:
+        return dry_run(run)
+    setup_run(run)
+    try:
+        while run.state.epoch < args.epochs and not run.step_limit_reached():
+            begin_epoch(run)
+            while run.state.batch_in_epoch < len(run.batches) and not run.step_limit_reached():
+                result = optimizer_step(run, next_window(run))
+                after_step(run, result)
+            if run.state.batch_in_epoch < len(run.batches):
+                break  # --max_steps ended the run mid-epoch
+            if end_epoch(run):
+                break  # early stopping
+    except StopTraining as stop:
+        run.exit_code, run.status = stop.exit_code, stop.status
+        if stop.exit_code == EXIT_NONFINITE:
+            logger.error("%s", stop)
+            run.notifier.failed(str(stop), "train")
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+        run.exit_code, run.status = EXIT_INTERRUPTED, "interrupted"
+    finally:
+        close_outputs(run)
+    return finish(run)
 
+
+def start_run(args: argparse.Namespace, notifier: Any = None) -> Run:
+    """Distributed set-up, the run folder and its log, seeds, the notifier (a NullNotifier when off)."""
     rank, world, device = _setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.output_dir)
-    tty = sys.stdout.isatty()
-    color = args.color and tty
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        setup_logging(out / "train.log")
+    run = Run(args=args, rank=rank, world=world, device=device, out=Path(args.output_dir),
+              notifier=(notifier if notifier is not None and rank == 0 else NullNotifier()))
+    if run.is_main and not args.dry_run:
+        run.out.mkdir(parents=True, exist_ok=True)
+        setup_logging(run.out / "train.log")
         if args.log_file:
             extra = logging.FileHandler(args.log_file, encoding="utf-8")
             extra.setFormatter(logging.getLogger().handlers[-1].formatter)
             logging.getLogger().addHandler(extra)
+    elif run.is_main:
+        setup_logging(None)
     else:
         logging.getLogger().setLevel(logging.WARNING)
     if device.type == "cuda":
         # Fewer fragmentation OOMs on 12 GB cards (the RTX 3060 notes); read at the first CUDA allocation.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    notify = SafeNotifier(notifier if is_main else None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    return run
 
-    # --- data and model -----------------------------------------------------------------------------------
+
+def load_data(run: Run) -> None:
+    """Prepared records, the model and tokenizer, the tokenised datasets and the validation batches."""
+    args = run.args
     records = load_prepared_records(Path(args.data_path))
-    train_recs = [r for r in records if r.get("split", "train") == "train"]
-    val_recs = [r for r in records if r.get("split") == "validation"]
-    if not train_recs:
+    run.train_recs = [r for r in records if r.get("split", "train") == "train"]
+    run.val_recs = [r for r in records if r.get("split") == "validation"]
+    if not run.train_recs:
         raise UserError(f"--data_path {args.data_path} has no training records")
-    if not val_recs:
+    if not run.val_recs:
         raise UserError(f"--data_path {args.data_path} has no validation records; prepare with "
                         "--validation_fraction > 0")
-    tm = ThetaModel(args.model_name, device=device, datasets_dir=args.datasets_dir)
-    model, tokenizer = tm.model, tm.tokenizer
-    if args.max_length > model.config.n_positions:
+    run.tm = ThetaModel(args.model_name, device=run.device, datasets_dir=args.datasets_dir)
+    if args.max_length > run.model.config.n_positions:
         raise UserError(f"--max_length {args.max_length} exceeds the model's context of "
-                        f"{model.config.n_positions} tokens")
+                        f"{run.model.config.n_positions} tokens")
+    run.domain_names = sorted({r.get("domain", "unknown") for r in records})
+    tok = run.tm.tokenizer
+    run.train_ds = TokenizedDataset(run.train_recs, tok, args.max_length, args.loss_on, run.domain_names)
+    run.val_ds = TokenizedDataset(run.val_recs, tok, args.max_length, args.loss_on, run.domain_names)
+    run.collate_fn = functools.partial(collate, pad_id=tok.pad_token_id)
+    val_sampler = TrainingSampler(len(run.val_ds), args.batch_size, args.seed, run.rank, run.world, shuffle=False)
+    run.val_batches = [run.collate_fn([run.val_ds[i] for i in b]) for b in val_sampler.batches(0)]
+
+
+def setup_run(run: Run) -> None:
+    """Techniques, final weights (resume or warm start), the one wrapped module, sampler, optimizer, outputs.
+
+    The order matters: the optimizer (CPU offload's fp32 masters included) is built only once the weights are
+    final, and every trainable module exists before the one DDP wrapper is made.
+    """
+    args = run.args
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    precision = resolve_precision(args.precision, device)
-    domain_names = sorted({r.get("domain", "unknown") for r in records})
-    train_ds = TokenizedDataset(train_recs, tokenizer, args.max_length, args.loss_on, domain_names)
-    val_ds = TokenizedDataset(val_recs, tokenizer, args.max_length, args.loss_on, domain_names)
-    collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
-    sampler, tracker = build_train_sampler(args, train_ds, domain_names, rank, world)
-    val_sampler = TrainingSampler(len(val_ds), args.batch_size, args.seed, rank, world, shuffle=False)
-    val_batches = [collate_fn([val_ds[i] for i in b]) for b in val_sampler.batches(0)]
-    accum = args.gradient_accumulation_steps
-    steps_in_epoch = [math.ceil(sampler.num_batches(e) / accum) for e in range(args.epochs)]
-    total_steps = sum(steps_in_epoch)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
-    # --- techniques ---------------------------------------------------------------------------------------
-    ema = ExponentialMovingAverage(model, args.ema_decay, args.ema_warmup_epochs, args.ema_device,
-                                   args.ema_decay_warmup) if args.use_ema else None
-    contrastive = CodeContrastiveLoss(model.config.n_embd, args.code_contrastive_dim,
-                                      args.code_contrastive_temperature, args.code_contrastive_scope).to(device) \
-        if args.use_code_contrastive else None
-    setup = LossSetup(loss_fn=LabelSmoothingLoss(args.label_smoothing_epsilon) if args.use_label_smoothing
-                      else token_losses,
-                      rdrop_alpha=args.rdrop_alpha if args.use_rdrop else None, rdrop_doubled=args.rdrop_doubled_batch,
-                      quality_floor=args.quality_weighting_floor if args.use_quality_weighting else None,
-                      contrastive=contrastive, contrastive_weight=args.code_contrastive_weight)
-    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    trainable = list(model.parameters()) + (list(contrastive.parameters()) if contrastive is not None else [])
-
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, args, contrastive)
-    scheduler = build_scheduler(optimizer, args, total_steps)
-    state = RunState()
-
-    # --- resume (or warm start) ---------------------------------------------------------------------------
-    ckpt_dir = out / "checkpoints"
-    found = None
-    if args.resume == "auto":
-        found = find_resume_checkpoint(ckpt_dir)
-    elif args.resume != "never":
-        try:
-            found = (Path(args.resume), load_checkpoint_file(Path(args.resume)))
-        except Exception as err:
-            raise UserError(f"--resume {args.resume}: not a loadable checkpoint ({err})") from err
-    if found:
-        path, ckpt = found
-        now = _json_args(args)
-        for key, old in sorted(ckpt["args"].items()):
-            if key not in ("resume", "output_dir", "log_file") and now.get(key) != old:
-                logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old,
-                               now.get(key))
-        model.load_state_dict(ckpt["model"])
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise UserError(f"--resume {path}: its optimizer state does not fit this run's optimizer ({err}); "
-                            "use the checkpoint's technique flags, or --resume never") from err
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if precision.scaler is not None and ckpt.get("scaler"):
-            precision.scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"], model)
-        if tracker is not None and ckpt.get("tracker"):
-            tracker.load_state_dict(ckpt["tracker"])
-        if contrastive is not None and ckpt.get("contrastive"):
-            contrastive.load_state_dict(ckpt["contrastive"])
-        if ckpt.get("noise_rng") is not None:
-            noise_gen.set_state(ckpt["noise_rng"])
-        state = RunState(**ckpt["run_state"])
-        set_rng_state(ckpt["rng"])
-        logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, state.global_step,
-                    state.epoch + 1, state.batch_in_epoch)
+        run.model.gradient_checkpointing_enable()
+        run.model.config.use_cache = False
+    run.precision = resolve_precision(args.precision, run.device)
+    run.loss = LossSetup()
+    run.techniques = [cls(args) for cls in TECHNIQUE_TYPES if getattr(args, f"use_{cls.name}")]
+    for t in run.techniques:
+        t.configure(run)
+    run.checkpoint = find_checkpoint(args, run.out / "checkpoints")
+    if run.checkpoint:
+        load_weights_and_state(run, run.checkpoint[1])
     elif args.warm_start:
-        from transformers import GPT2LMHeadModel
+        warm_start(run.model, Path(args.warm_start), args.model_name)
+    run.module = TrainModule(run.model, run.loss, run.extra_modules.get("contrastive")).train()  # dropout on
+    run.ddp = run.module
+    if run.world > 1:
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            run.module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    run.sampler = build_train_sampler(run)
+    accum = args.gradient_accumulation_steps
+    run.steps_in_epoch = [math.ceil(run.sampler.num_batches(e) / accum) for e in range(args.epochs)]
+    run.total_steps = min(sum(run.steps_in_epoch), args.max_steps or sum(run.steps_in_epoch))
+    run.optimizer = build_optimizer(run.model, args, run.extra_modules.get("contrastive"))
+    run.scheduler = build_scheduler(run.optimizer, args, run.total_steps)
+    if run.checkpoint:
+        load_optimizer_state(run, *run.checkpoint)
+    open_outputs(run)
 
-        check_model_folder(Path(args.warm_start))
-        weights = GPT2LMHeadModel.from_pretrained(args.warm_start).state_dict()
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
-            raise UserError(f"--warm_start {args.warm_start}: its weights do not fit --model_name "
-                            f"{args.model_name} ({str(err).splitlines()[0]})") from err
-        logger.info("warm start from %s (fresh optimizer and schedule)", args.warm_start)
 
-    # --- run summary --------------------------------------------------------------------------------------
-    effective = args.batch_size * accum * world
-    env = _environment(device, precision.name, world)
-    if is_main:
-        atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
-                                                          "status": "running"})
-        logger.info(_color("=" * 78, "CYAN", color))
-        logger.info("Theta training run %s", out.name)
-        for line in _model_summary_lines(args, tm, train_ds, val_ds, effective, world, device, precision,
-                                         steps_in_epoch[0], total_steps):
-            logger.info("%s", line)
-        for line in _technique_lines(args, optimizer, sampler, ema, total_steps):
-            logger.info("%s", line)
-        logger.info(_color("=" * 78, "CYAN", color))
-    notify("start_training_notification", args)
-
-    # purge_step: after a resume, drop events a crashed run wrote past its checkpoint (no overlapping curves)
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step + 1 if state.global_step else None) \
-        if is_main else None
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
-    bar = tqdm(total=total_steps, initial=state.global_step, disable=not (is_main and tty and args.progress_bar),
-               dynamic_ncols=True, leave=False)
-    stop = StopFlag()
-    stop.install()
-
-    def checkpoint(reason: str) -> None:
-        if not is_main:
-            return
-        payload = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(),
-                   "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                   "ema": ema.state_dict() if ema is not None else None,
-                   "tracker": tracker.state_dict() if tracker is not None else None,
-                   "contrastive": contrastive.state_dict() if contrastive is not None else None,
-                   "noise_rng": noise_gen.get_state(),
-                   "run_state": dataclasses.asdict(state), "rng": rng_state(), "args": _json_args(args),
-                   "sampler": sampler.state_dict(), "global_step": state.global_step}
-        logger.info("checkpoint (%s): %s", reason, save_checkpoint(ckpt_dir, payload, args.keep_last_n_checkpoints))
-
-    def with_ema():
-        """Validation and saving see the EMA weights once the EMA has started."""
-        return ema.applied(model) if ema is not None else nullcontext()
-
-    def validate() -> dict:
-        metrics = evaluate(model, val_batches, device, precision.autocast, domain_names, world)
-        if writer is not None:
-            for key in ("loss", "perplexity", "token_accuracy"):
-                writer.add_scalar(f"val/{key}", metrics[key], state.global_step)
-            for name, d in metrics["domains"].items():
-                writer.add_scalar(f"val/loss_{name}", d["loss"], state.global_step)
-                writer.add_scalar(f"val/perplexity_{name}", d["perplexity"], state.global_step)
-        return metrics
-
-    def stop_requested() -> bool:
-        """Every rank stops together: the flag is agreed with an all-reduce under DDP."""
-        if world == 1:
-            return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item())
-
-    # --- the loop -----------------------------------------------------------------------------------------
-    exit_code, status, started = 0, "completed", time.time()
-    tokens_since_log, t_log = 0, time.perf_counter()
-    model.train()
+def find_checkpoint(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint ``--resume`` asks for: the newest complete one (auto), none (never) or a given folder."""
+    if args.resume == "auto":
+        return find_resume_checkpoint(ckpt_dir)
+    if args.resume == "never":
+        return None
     try:
-        while state.epoch < args.epochs and not (args.max_steps and state.global_step >= args.max_steps):
-            epoch_start = time.time()
-            if ema is not None and ema.maybe_start(model, state.epoch) and is_main:
-                logger.info("EMA starts now (epoch %d) from the current weights", state.epoch + 1)
-            sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            batches = sampler.batches()
-            loader = iter(DataLoader(train_ds, batch_sampler=batches[state.batch_in_epoch:], collate_fn=collate_fn,
-                                     num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                     # its own generator: creating the iterator must not draw from the global RNG,
-                                     # or a resumed run's dropout masks would drift from an uninterrupted run's
-                                     generator=torch.Generator().manual_seed(args.seed + state.epoch)))
-            while state.batch_in_epoch < len(batches):
-                # ---- one optimizer step over up to `accum` micro-batches --------------------------------------
-                window = [next(loader) for _ in range(min(accum, len(batches) - state.batch_in_epoch))]
-                n_targets = torch.tensor(setup.normaliser(window))
-                if world > 1:  # normalise by the target tokens of the global batch
-                    torch.distributed.all_reduce(n_targets)
-                n_targets = n_targets.to(device)
-                while True:
-                    try:
-                        micro = [m for b in window for m in _split_batch(b, state.micro_split)]
-                        result = accumulate_gradients(ddp_model, micro, n_targets, setup, device, precision.autocast,
-                                                      world, precision.scaler,
-                                                      ddp_model.no_sync if world > 1 else None,
-                                                      per_record=tracker is not None)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        optimizer.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                        if args.batch_size // (state.micro_split * 2) < args.min_micro_batch:
-                            raise
-                        state.micro_split *= 2
-                        logger.warning("CUDA out of memory: micro-batch now %d x %d accumulation (same effective "
-                                       "batch)", math.ceil(args.batch_size / state.micro_split),
-                                       accum * state.micro_split)
-                step_loss = result["loss"]
-                if precision.scaler is not None:
-                    precision.scaler.unscale_(optimizer)
-                if args.use_gradient_noise:
-                    add_gradient_noise(trainable, state.global_step, args.gradient_noise_eta, noise_gen)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(step_loss))
-                if finite:
-                    if isinstance(optimizer, CPUOffloadOptimizer):
-                        optimizer.pre_step()
-                        optimizer.step()
-                        optimizer.post_step()
-                    elif precision.scaler is not None:
-                        precision.scaler.step(optimizer)
-                    else:
-                        optimizer.step()
-                    if ema is not None:
-                        ema.update(model)
-                    state.nonfinite_in_row = 0
-                else:
-                    state.nonfinite_total += 1
-                    state.nonfinite_in_row += 1
-                    logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, "
-                                   "%d in all)", state.global_step + 1, state.nonfinite_in_row, state.nonfinite_total)
-                if precision.scaler is not None:
-                    precision.scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.global_step += 1
-                state.batch_in_epoch += len(window)
-                if state.nonfinite_in_row >= args.max_nonfinite_steps:
-                    exit_code, status = EXIT_NONFINITE, "failed: non-finite"
-                    raise FloatingPointError(
-                        f"{state.nonfinite_in_row} non-finite steps in a row (--max_nonfinite_steps "
-                        f"{args.max_nonfinite_steps}); the last good checkpoint is kept in {ckpt_dir}. Lower "
-                        "--learning_rate or use --precision fp32.")
-                if tracker is not None and finite:  # a host sync per step, only with the dynamic curriculum
-                    for idx, losses in result["records"]:
-                        tracker.update(idx.tolist(), losses.float().tolist())
-                # ---- logging: the step's only host syncs ----------------------------------------------------
-                step_targets = float(n_targets) / world
-                mean_loss = float(step_loss) / max(step_targets, 1.0)
-                if finite:
-                    state.epoch_loss_sum += float(step_loss)
-                    state.epoch_tokens += int(round(step_targets))
-                    if setup.rdrop_alpha is not None:  # host syncs only for the techniques that are on
-                        state.epoch_kl_sum += float(result["kl"])
-                    if contrastive is not None:
-                        state.epoch_contrastive_sum += float(result["contrastive"])
-                    state.epoch_steps += 1
-                tokens_since_log += sum(int(b["attention_mask"].sum()) for b in window)
-                if is_main:
-                    lr = head_lr(optimizer)
-                    dt = time.perf_counter() - t_log
-                    tps = tokens_since_log * world / dt if dt > 0 else 0.0
-                    tokens_since_log, t_log = 0, time.perf_counter()
-                    line = {"step": state.global_step, "epoch": state.epoch + 1, "loss": mean_loss, "lr": lr,
-                            "grad_norm": float(grad_norm), "tokens_per_sec": tps, "ms": dt * 1000,
-                            "skipped": not finite}
-                    if setup.rdrop_alpha is not None:
-                        line["kl"] = float(result["kl"]) / max(step_targets, 1.0)
-                    if contrastive is not None:
-                        line["contrastive"] = float(result["contrastive"]) / max(len(micro), 1)
-                    metrics_file.write(json.dumps(line) + "\n")
-                    metrics_file.flush()
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "kl", "contrastive"):
-                        if key in line:
-                            writer.add_scalar(f"train/{key}", line[key], state.global_step)
-                    if device.type == "cuda":
-                        writer.add_scalar("system/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30,
-                                          state.global_step)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", refresh=False)
-                    bar.update(1)
-                    if state.global_step % args.log_every_steps == 0 or state.global_step == 1:
-                        msg = (f"step {state.global_step:5d}/{total_steps} | epoch {state.epoch + 1} | loss "
-                               f"{mean_loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | {tps:.0f} tok/s | "
-                               f"{dt * 1000:.0f} ms")
-                        bar.write(msg) if not bar.disable else logger.info("%s", msg)
-                if args.eval_every_steps and state.global_step % args.eval_every_steps == 0:
-                    with with_ema():
-                        m = validate()
-                    logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f",
-                                state.global_step, m["loss"], m["perplexity"], m["token_accuracy"])
-                if args.save_every_steps and state.global_step % args.save_every_steps == 0:
-                    checkpoint(f"every {args.save_every_steps} steps")
-                if stop_requested():
-                    checkpoint("interrupted")
-                    exit_code, status = EXIT_INTERRUPTED, "interrupted"
-                    raise KeyboardInterrupt
-                if args.max_steps and state.global_step >= args.max_steps:
-                    break
-            if state.batch_in_epoch < len(batches):  # --max_steps ended the run mid-epoch
-                break
-            extras = {"ema": {"active": ema.active, "decay": ema.current_decay(), "updates": ema.updates}
-                      if ema is not None else None,
-                      "curriculum_fraction": sampler.curriculum.fraction(state.epoch) if sampler.curriculum else 1.0,
-                      "difficult_ratio": tracker.difficult_ratio() if tracker is not None else None,
-                      "train_kl": state.epoch_kl_sum / state.epoch_tokens
-                      if setup.rdrop_alpha is not None and state.epoch_tokens else None,
-                      "contrastive_loss": state.epoch_contrastive_sum / max(state.epoch_steps, 1)
-                      if contrastive is not None else None}
-            with with_ema():
-                _end_of_epoch(args, state, validate, tm, val_ds, val_recs, writer, notify, out, color, is_main,
-                              epoch_start, head_lr(optimizer), extras)
-            checkpoint(f"end of epoch {state.epoch}")
-            if state.bad_epochs >= args.patience:
-                logger.info("early stopping: no improvement larger than %g for %d epoch(s)", args.min_delta,
-                            args.patience)
-                break
-    except KeyboardInterrupt:
-        if exit_code == 0:
-            exit_code, status = EXIT_INTERRUPTED, "interrupted"
-        logger.warning("training stopped at step %d; run the same command again to resume", state.global_step)
-    except FloatingPointError as err:
-        logger.error("%s", err)
-        notify("training_failed", str(err))
-    finally:
-        stop.restore()
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        return Path(args.resume), load_checkpoint_file(Path(args.resume))
+    except Exception as err:
+        raise UserError(f"--resume {args.resume}: not a loadable checkpoint ({err})") from err
 
-    summary = {"run": out.name, "status": status, "global_step": state.global_step, "epochs_run": state.epoch,
-               "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
-               "nonfinite_steps": state.nonfinite_total, "seconds": time.time() - started,
-               "final_model": str(out / "theta_final"), "ema_weights": bool(ema is not None and ema.active),
-               "exit_code": exit_code}
-    if exit_code == 0:
+
+def load_weights_and_state(run: Run, ckpt: dict) -> None:
+    """Model weights, every technique's state and the loop state from a checkpoint (before the optimizer)."""
+    now = _json_args(run.args)
+    for key, old in sorted(ckpt["args"].items()):
+        if key not in ("resume", "output_dir", "log_file", "stop_after_step") and now.get(key) != old:
+            logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old, now.get(key))
+    run.model.load_state_dict(ckpt["model"])
+    saved = ckpt.get("techniques", {})
+    for t in run.techniques:
+        if t.name in saved:
+            t.load_state_dict(saved[t.name], run)
+        elif t.state_dict() is not None:
+            logger.warning("resume: --use_%s was off in the checkpoint; its state starts fresh", t.name)
+    run.state = RunState(**ckpt["run_state"])
+
+
+def load_optimizer_state(run: Run, path: Path, ckpt: dict) -> None:
+    """Optimizer, schedule and scaler state, then the RNG state last (so nothing after it draws)."""
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise UserError(f"--resume {path}: its optimizer state does not fit this run's optimizer ({err}); "
+                        "use the checkpoint's technique flags, or --resume never") from err
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.precision.scaler is not None and ckpt.get("scaler"):
+        run.precision.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, run.state.global_step,
+                run.state.epoch + 1, run.state.batch_in_epoch)
+
+
+def warm_start(model: torch.nn.Module, folder: Path, model_name: str) -> None:
+    """Load a model folder's weights into ``model`` (fresh optimizer and schedule, built after this)."""
+    from transformers import GPT2LMHeadModel
+
+    check_model_folder(folder)
+    weights = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"--warm_start {folder}: its weights do not fit --model_name {model_name} "
+                        f"({str(err).splitlines()[0]})") from err
+    logger.info("warm start from %s (fresh optimizer and schedule)", folder)
+
+
+def build_train_sampler(run: Run) -> TrainingSampler:
+    """The composed sampler: curriculum pool, weighted draw (sample_weight x tracker), stratification, lengths."""
+    ex, args, parts = run.train_ds.examples, run.args, run.sampler_parts
+    sample_weights = [e["sample_weight"] for e in ex]
+    uniform = all(w == sample_weights[0] for w in sample_weights)
+    weighted = None
+    if parts.get("tracker") is not None or not uniform:
+        weighted = DynamicWeightedSampler(parts.get("tracker"), None if uniform else sample_weights)
+    return TrainingSampler(len(ex), args.batch_size, args.seed, run.rank, run.world, parts.get("curriculum"),
+                           weighted, parts.get("stratified"),
+                           lengths=[len(e["input_ids"]) for e in ex] if args.group_by_length else None,
+                           accumulation=args.gradient_accumulation_steps, group_chunk=args.group_by_length_chunk)
+
+
+def sampling_in_effect(run: Run) -> list[str]:
+    """What shapes the epochs' draws, in the order they compose (for the run summary)."""
+    s = run.sampler
+    names = ["curriculum"] if s.curriculum else []
+    if s.weighted is not None and s.weighted.base is not None:
+        names.append("sample_weight")
+    if s.weighted is not None and s.weighted.tracker is not None:
+        names.append("dynamic_curriculum")
+    if s.stratified is not None:
+        names.append("domain_stratified")
+    if s.lengths is not None:
+        names.append("group_by_length")
+    return names
+
+
+def open_outputs(run: Run) -> None:
+    """The run summary in the log and training_config.json; tensorboard, metrics.jsonl, the bar, signals."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run.env = _environment(run.device, run.precision.name, run.world)
+    if run.is_main:
+        atomic_write_json(run.out / "training_config.json", {"args": _json_args(run.args), "environment": run.env,
+                                                              "status": "running"})
+        logger.info(_color("=" * 78, "CYAN", run.color))
+        logger.info("Theta training run %s", run.out.name)
+        for line in summary_lines(run):
+            logger.info("%s", line)
+        logger.info(_color("=" * 78, "CYAN", run.color))
+        # purge_step: after a resume, drop events a crashed run wrote past its checkpoint (no overlapping curves)
+        run.writer = SummaryWriter(str(run.out / "tensorboard"),
+                                   purge_step=run.state.global_step + 1 if run.state.global_step else None)
+        run.metrics_file = open(run.out / "metrics.jsonl", "a", encoding="utf-8")
+    run.notifier.start(run.args)
+    run.bar = tqdm(total=run.total_steps, initial=run.state.global_step, dynamic_ncols=True, leave=False,
+                   disable=not (run.is_main and sys.stdout.isatty() and run.args.progress_bar))
+    run.stop = StopFlag()
+    run.stop.install()
+
+
+def summary_lines(run: Run) -> list[str]:
+    """The run summary: model, data, batch and schedule, one line per technique that is on, the sampling."""
+    args, model, tok = run.args, run.model, run.tm.tokenizer
+    accum, world = args.gradient_accumulation_steps, run.world
+    tr, va = run.train_ds, run.val_ds
+    lines = [
+        f"model {args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
+        f"{len(tok)}, context {model.config.n_positions}",
+        f"device {run.device}, precision {run.precision.name}, world size {world}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+        f"examples: {len(tr)} train, {len(va)} validation ({tr.truncated + va.truncated} truncated to "
+        f"{args.max_length} tokens, {tr.skipped + va.skipped} skipped); {tr.target_tokens()} target tokens per epoch",
+        f"batch {args.batch_size} x accumulation {accum} x {world} process(es) = effective batch "
+        f"{args.batch_size * accum * world}; {run.steps_in_epoch[0]} steps in epoch 1, {run.total_steps} steps in all",
+        f"optimizer AdamW lr {args.learning_rate:.2e} (weight decay {args.weight_decay:g}, not on biases/norms), "
+        f"{args.scheduler_type} schedule, warmup {100 * args.warmup_proportion:.0f}%, clip {args.max_grad_norm:g}; "
+        f"loss on {args.loss_on}",
+    ]
+    lines += [t.summary(run) for t in run.techniques] or ["techniques: none (plain loop)"]
+    lines.append("sampling: " + (" -> ".join(sampling_in_effect(run)) or "a seeded permutation per epoch")
+                 + " (sample_weight from data preparation: " + ("in effect)" if "sample_weight"
+                                                                 in sampling_in_effect(run) else "all equal)"))
+    for ex in tr.examples[:2]:
+        shown = "".join(tok.decode([tid]) if lab == IGNORE_INDEX else f"[{tok.decode([tid])}]"
+                        for tid, lab in zip(ex["input_ids"], ex["labels"]))
+        lines.append("sample (loss on [bracketed] tokens): " + shown[:400].replace("\n", "\\n"))
+    return lines
+
+
+def dry_run(run: Run, n_records: int = 3) -> dict:
+    """--dry_run: the first records as the model sees them, each token beside whether it is a target; no training."""
+    tok = run.tm.tokenizer
+    if run.is_main:
+        for ex in run.train_ds.examples[:n_records]:
+            targets = sum(1 for lab in ex["labels"][1:] if lab != IGNORE_INDEX)
+            logger.info("record %s (%s): %d tokens, %d targets", ex["id"] or ex["index"],
+                        run.domain_names[ex["domain"]], len(ex["input_ids"]), targets)
+            for pos, (tid, lab) in enumerate(zip(ex["input_ids"], ex["labels"])):
+                target = lab != IGNORE_INDEX and pos > 0  # position 0 is never predicted
+                logger.info("  %4d  %-6s  %r", pos, "target" if target else "", tok.decode([tid]))
+    return {"run": run.out.name, "status": "dry_run", "exit_code": 0, "global_step": 0, "planned_steps": 0,
+            "replica_sha256": []}
+
+
+# --- one epoch -------------------------------------------------------------------------------------------------
+
+def begin_epoch(run: Run) -> None:
+    """Technique epoch hooks, then the epoch's batch plan: drawn once here and kept in the run state (so in
+    every checkpoint), so a resumed epoch replays the same batches whatever the tracker learnt since."""
+    state = run.state
+    run.epoch_started = time.time()
+    for t in run.techniques:
+        t.on_epoch_start(run)
+    if state.epoch_order is None:
+        state.epoch_order = run.sampler.global_order(state.epoch)
+    run.batches = run.sampler.shard(state.epoch_order)
+    planned = run.steps_in_epoch[state.epoch]
+    if math.ceil(len(run.batches) / run.args.gradient_accumulation_steps) != planned:
+        raise RuntimeError(f"epoch {state.epoch + 1}: the batch plan has {len(run.batches)} batches, the schedule "
+                           f"was sized for {planned} steps")  # a sampler bug: the schedule would end off zero
+    run.loader = iter(torch.utils.data.DataLoader(
+        run.train_ds, batch_sampler=run.batches[state.batch_in_epoch:], collate_fn=run.collate_fn,
+        num_workers=run.args.num_workers, pin_memory=run.device.type == "cuda",
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed run's dropout
+        # masks would drift from an uninterrupted run's
+        generator=torch.Generator().manual_seed(run.args.seed + state.epoch)))
+
+
+def next_window(run: Run) -> list[dict]:
+    """The next optimizer step's micro-batches (fewer at the end of an epoch)."""
+    left = len(run.batches) - run.state.batch_in_epoch
+    return [next(run.loader) for _ in range(min(run.args.gradient_accumulation_steps, left))]
+
+
+def optimizer_step(run: Run, window: list[dict]) -> StepResult:
+    """One optimizer step: forward/backward over the window, (noise), clip, update, EMA, schedule."""
+    result = forward_backward(run, window)
+    if run.precision.scaler is not None:
+        run.precision.scaler.unscale_(run.optimizer)
+    for t in run.techniques:
+        t.before_clip(run)
+    max_norm = run.args.max_grad_norm if run.args.max_grad_norm > 0 else float("inf")
+    result.grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), max_norm)  # all-reduced gradients
+    result.finite = bool(torch.isfinite(result.grad_norm)) and bool(torch.isfinite(result.loss_sum))
+    if result.finite:
+        if isinstance(run.optimizer, CPUOffloadOptimizer):
+            run.optimizer.pre_step()
+            run.optimizer.step()
+            run.optimizer.post_step()
+        elif run.precision.scaler is not None:
+            run.precision.scaler.step(run.optimizer)
+        else:
+            run.optimizer.step()
+        for t in run.techniques:
+            t.after_update(run)
+    if run.precision.scaler is not None:
+        run.precision.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.state.global_step += 1
+    run.state.batch_in_epoch += len(window)
+    for t in run.techniques:
+        t.after_step(run, result)
+    count_nonfinite(run, result.finite)
+    return result
+
+
+def forward_backward(run: Run, window: list[dict]) -> StepResult:
+    """The step's gradients, normalised over the whole global step; a CUDA OOM halves the micro-batch and
+    retries (the same objective: the normalisers are the step's, not the micro-batch's)."""
+    contrastive = run.technique("code_contrastive")
+    eligible = sum(int(contrastive.loss.eligible(b["has_code"]).sum()) for b in window) if contrastive else 0
+    counts = torch.tensor([run.loss.normaliser(window), float(eligible)], dtype=torch.float64)
+    if run.world > 1:  # the global batch's counts, on every rank
+        counts = counts.to(run.device)
+        torch.distributed.all_reduce(counts)
+    norm_host, eligible_host = counts.tolist()
+    norm = torch.tensor(norm_host, device=run.device)
+    while True:
+        try:
+            micro = [m for b in window for m in _split_batch(b, run.state.micro_split)]
+            out = accumulate_gradients(run.ddp, micro, norm, run.loss, run.device, run.precision.autocast, run.world,
+                                       run.precision.scaler, run.ddp.no_sync if run.world > 1 else None,
+                                       eligible_host, contrastive.bank if contrastive else None)
+            break
+        except torch.cuda.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if run.args.batch_size // (run.state.micro_split * 2) < run.args.min_micro_batch:
+                raise
+            run.state.micro_split *= 2
+            logger.warning("CUDA out of memory: micro-batch now %d x %d accumulation (same effective batch)",
+                           math.ceil(run.args.batch_size / run.state.micro_split),
+                           run.args.gradient_accumulation_steps * run.state.micro_split)
+    return StepResult(loss_sum=out["loss"], targets=norm_host / run.world, kl_sum=out["kl"],
+                      contrastive_sum=out["contrastive"], contrastive_count=eligible_host, records=out["records"],
+                      bank_items=out["bank_items"], tokens=sum(int(b["attention_mask"].sum()) for b in window))
+
+
+def count_nonfinite(run: Run, finite: bool) -> None:
+    state = run.state
+    if finite:
+        state.nonfinite_in_row = 0
+        return
+    state.nonfinite_total += 1
+    state.nonfinite_in_row += 1
+    logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in all)",
+                   state.global_step, state.nonfinite_in_row, state.nonfinite_total)
+    if state.nonfinite_in_row >= run.args.max_nonfinite_steps:
+        raise StopTraining(EXIT_NONFINITE, "failed: non-finite",
+                           f"{state.nonfinite_in_row} non-finite steps in a row (--max_nonfinite_steps "
+                           f"{run.args.max_nonfinite_steps}); the last good checkpoint is kept in "
+                           f"{run.out / 'checkpoints'}. Lower --learning_rate or use --precision fp32.")
+
+
+def after_step(run: Run, result: StepResult) -> None:
+    """Log the step, add it to the epoch's sums; validate / checkpoint every N steps; stop when asked."""
+    args, state = run.args, run.state
+    mean_loss = float(result.loss_sum) / max(result.targets, 1e-12)
+    if result.finite:
+        sums = state.epoch_sums
+        sums["loss"] += float(result.loss_sum)
+        sums["tokens"] += result.targets
+        sums["kl"] += float(result.kl_sum) if run.technique("rdrop") else 0.0
+        if run.technique("code_contrastive"):
+            sums["contrastive"] += float(result.contrastive_sum)
+            sums["contrastive_count"] += result.contrastive_count
+        sums["steps"] += 1
+    run.tokens_since_log += result.tokens
+    if run.is_main:
+        log_step(run, result, mean_loss)
+    if args.eval_every_steps and state.global_step % args.eval_every_steps == 0:
+        with run.eval_weights():
+            m = validate(run)
+        logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f", state.global_step,
+                    m["loss"], m["perplexity"], m["token_accuracy"])
+    if args.save_every_steps and state.global_step % args.save_every_steps == 0:
+        save_run_checkpoint(run, f"every {args.save_every_steps} steps")
+    if stop_requested(run) or state.global_step == args.stop_after_step:
+        save_run_checkpoint(run, "interrupted")
+        logger.warning("training stopped at step %d; run the same command again to resume", state.global_step)
+        raise StopTraining(EXIT_INTERRUPTED, "interrupted")
+
+
+def log_step(run: Run, result: StepResult, mean_loss: float) -> None:
+    """metrics.jsonl (flushed), tensorboard, the bar and every --log_every_steps a console line."""
+    state, lr = run.state, head_lr(run.optimizer)
+    dt = time.perf_counter() - run.t_log
+    tps = run.tokens_since_log * run.world / dt if dt > 0 else 0.0
+    run.tokens_since_log, run.t_log = 0, time.perf_counter()
+    line = {"step": state.global_step, "epoch": state.epoch + 1, "loss": mean_loss, "lr": lr,
+            "grad_norm": float(result.grad_norm), "tokens_per_sec": tps, "ms": dt * 1000, "skipped": not result.finite}
+    for t in run.techniques:
+        line.update(t.step_fields(run, result))
+    run.metrics_file.write(json.dumps(line) + "\n")
+    run.metrics_file.flush()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "kl", "contrastive"):
+        if key in line:
+            run.writer.add_scalar(f"train/{key}", line[key], state.global_step)
+    if run.device.type == "cuda":
+        run.writer.add_scalar("system/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30, state.global_step)
+    run.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", refresh=False)
+    run.bar.update(1)
+    if state.global_step % run.args.log_every_steps == 0 or state.global_step == 1:
+        msg = (f"step {state.global_step:5d}/{run.total_steps} | epoch {state.epoch + 1} | loss {mean_loss:.4f} | "
+               f"lr {lr:.2e} | grad {float(result.grad_norm):.3f} | {tps:.0f} tok/s | {dt * 1000:.0f} ms")
+        run.bar.write(msg) if not run.bar.disable else logger.info("%s", msg)
+
+
+def stop_requested(run: Run) -> bool:
+    """Every rank stops together: the signal flag is agreed with an all-reduce under DDP."""
+    if run.world == 1:
+        return run.stop.requested
+    flag = torch.tensor([1.0 if run.stop.requested else 0.0], device=run.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+def validate(run: Run) -> dict:
+    metrics = evaluate(run.model, run.val_batches, run.device, run.precision.autocast, run.domain_names, run.world)
+    if run.writer is not None:
+        for key in ("loss", "perplexity", "token_accuracy"):
+            run.writer.add_scalar(f"val/{key}", metrics[key], run.state.global_step)
+        for name, d in metrics["domains"].items():
+            run.writer.add_scalar(f"val/loss_{name}", d["loss"], run.state.global_step)
+            run.writer.add_scalar(f"val/perplexity_{name}", d["perplexity"], run.state.global_step)
+    return metrics
+
+
+def save_run_checkpoint(run: Run, reason: str) -> None:
+    """One checkpoint: model, optimizer, schedule, scaler, the loop state (batch plan included), every
+    technique's state (one loop), RNG and args. Rank 0 writes it; every rank reads it on resume."""
+    if not run.is_main or run.last_saved_step == run.state.global_step:
+        return
+    payload = {"version": CHECKPOINT_VERSION, "model": run.model.state_dict(),
+               "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+               "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
+               "techniques": {t.name: s for t in run.techniques if (s := t.state_dict()) is not None},
+               "run_state": dataclasses.asdict(run.state), "rng": rng_state(), "args": _json_args(run.args),
+               "global_step": run.state.global_step}
+    path = save_checkpoint(run.out / "checkpoints", payload, run.args.keep_last_n_checkpoints)
+    run.last_saved_step = run.state.global_step
+    logger.info("checkpoint (%s): %s", reason, path)
+
+
+def end_epoch(run: Run) -> bool:
+    """Validate (EMA weights when on), history, theta_best/, early stopping, the epoch email, a checkpoint.
+    Returns True when early stopping ends the run."""
+    args, state = run.args, run.state
+    with run.eval_weights():
+        m = validate(run)
+        entry = epoch_entry(run, m)
+        improved = m["loss"] < state.best_val_loss - args.min_delta
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
+            if run.is_main:
+                save_best(run, m["loss"])
+        else:
+            state.bad_epochs += 1
+        if run.is_main:
+            log_epoch(run, entry, m)
+    state.history.append(entry)
+    run.notifier.epoch(state.epoch + 1, entry)
+    state.epoch += 1
+    state.batch_in_epoch, state.epoch_order, state.epoch_sums = 0, None, _new_epoch_sums()
+    if run.is_main:
+        atomic_write_json(run.out / "loss_history.json", state.history)
+    save_run_checkpoint(run, f"end of epoch {state.epoch}")
+    if state.bad_epochs >= args.patience:
+        logger.info("early stopping: no improvement larger than %g for %d epoch(s)", args.min_delta, args.patience)
+        return True
+    return False
+
+
+def epoch_entry(run: Run, m: dict) -> dict:
+    """The epoch's loss_history entry: losses, perplexity, accuracy, domains, rate, time, technique fields."""
+    state, sums = run.state, run.state.epoch_sums
+    entry = {"epoch": state.epoch + 1, "step": state.global_step,
+             "train_loss": sums["loss"] / sums["tokens"] if sums["tokens"] else float("nan"),
+             "val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_token_accuracy": m["token_accuracy"],
+             "domains": {d: {k: v[k] for k in ("loss", "perplexity", "token_accuracy")}
+                         for d, v in m["domains"].items()},
+             "learning_rate": head_lr(run.optimizer), "seconds": time.time() - run.epoch_started}
+    for t in run.techniques:
+        entry.update(t.epoch_fields(run))
+    if run.is_main and run.args.domain_eval_frequency and (state.epoch + 1) % run.args.domain_eval_frequency == 0:
+        entry["domain_eval"] = ValidationMetrics(run.args.domain_eval_per_domain).run(run.tm, run.val_recs)
+        for d, v in entry["domain_eval"].items():
+            run.writer.add_scalar(f"domain_eval/{d}_score", v["score"], state.global_step)
+    return entry
+
+
+def ema_active(run: Run) -> bool:
+    ema = run.technique("ema")
+    return bool(ema is not None and ema.ema.active)
+
+
+def save_best(run: Run, val_loss: float) -> None:
+    """theta_best/ (atomically, through ThetaModel.save), with the weights validation saw."""
+    run.tm.save(run.out / "theta_best", extra_files={"theta_run.json": {
+        "epoch": run.state.epoch + 1, "step": run.state.global_step, "val_loss": val_loss,
+        "ema_weights": ema_active(run)}})
+    logger.info(_color(f"new best validation loss {val_loss:.4f}: saved theta_best/"
+                       + (" (EMA weights)" if ema_active(run) else ""), "GREEN", run.color))
+
+
+def log_epoch(run: Run, entry: dict, m: dict) -> None:
+    state, prev = run.state, (run.state.history[-1] if run.state.history else None)
+    header = _color(f"epoch {state.epoch + 1}/{run.args.epochs}", "YELLOW", run.color)
+    logger.info("%s | train loss %.4f | val loss %.4f %s | perplexity %.2f | token accuracy %.3f %s", header,
+                entry["train_loss"], m["loss"], _arrow(m["loss"], prev and prev["val_loss"]), m["perplexity"],
+                m["token_accuracy"], _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
+    for d, v in sorted(m["domains"].items()):
+        score = entry.get("domain_eval", {}).get(d, {}).get("score")
+        logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f%s", d, v["loss"], v["perplexity"],
+                    v["token_accuracy"], f"  generation score {score:.2f}" if score is not None else "")
+    run.writer.add_scalar("epoch/train_loss", entry["train_loss"], state.epoch + 1)
+    run.writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
+    for ex in run.val_ds.examples[:run.args.num_samples]:
+        answer = run.tm.generate(ex["question"], max_length=48, temperature=0.0)  # greedy: uses no RNG
+        logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
+        run.writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
+
+
+# --- the finish ------------------------------------------------------------------------------------------------
+
+def close_outputs(run: Run) -> None:
+    if run.stop is not None:
+        run.stop.restore()
+    for closable in (run.bar, run.writer, run.metrics_file):
+        if closable is not None:
+            closable.close()
+
+
+def replica_hashes(run: Run) -> list[str]:
+    """SHA-256 of every trainable parameter's bytes, one per rank (all-gathered under DDP)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(run.module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if run.world == 1:
+        return [digest.hexdigest()]
+    hashes: list = [None] * run.world
+    torch.distributed.all_gather_object(hashes, digest.hexdigest())
+    return hashes
+
+
+def finish(run: Run) -> dict:
+    """The summary; on success theta_best/ (validated now if no epoch ended) becomes theta_final/ atomically."""
+    state, args = run.state, run.args
+    hashes = replica_hashes(run)
+    if len(set(hashes)) > 1:
+        logger.error("the replicas' weights differ across ranks (replica_sha256 %s): DDP kept them apart", hashes)
+    if run.exit_code == 0 and not run.step_limit_reached() and state.bad_epochs < args.patience \
+            and state.global_step != run.total_steps:
+        raise RuntimeError(f"ran {state.global_step} steps, the schedule planned {run.total_steps}")
+    summary = {"run": run.out.name, "status": run.status, "global_step": state.global_step,
+               "planned_steps": run.total_steps, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
+               "best_val_loss": state.best_val_loss, "nonfinite_steps": state.nonfinite_total,
+               "seconds": time.time() - run.started, "final_model": str(run.out / "theta_final"),
+               "ema_weights": ema_active(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
+               "exit_code": run.exit_code}
+    if run.exit_code == 0:
         if state.best_epoch < 0:  # --max_steps ended before any validation: validate now
-            with with_ema():
-                m = validate()
-                if is_main:
-                    tm.save(out / "theta_best")
+            with run.eval_weights():
+                m = validate(run)
+                if run.is_main:
+                    save_best(run, m["loss"])
             state.best_val_loss, state.best_epoch = m["loss"], state.epoch + 1  # the epoch it stopped in
             summary.update(best_epoch=state.best_epoch, best_val_loss=state.best_val_loss)
-        if is_main:
-            tmp = out / ".theta_final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(out / "theta_best", tmp)
-            shutil.rmtree(out / "theta_final", ignore_errors=True)
-            os.replace(tmp, out / "theta_final")
+        if run.is_main:
+            with atomic_dir(run.out / "theta_final") as tmp:  # never absent, not even for a moment
+                shutil.copytree(run.out / "theta_best", tmp, dirs_exist_ok=True)
             if args.keep_best_only:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-            logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} "
-                               f"(validation loss {state.best_val_loss:.4f})"
-                               + (", with EMA weights" if summary["ema_weights"] else ""), "GREEN", color))
-        notify("training_completed", summary)
-    if is_main:
-        atomic_write_json(out / "training_config.json", {"args": _json_args(args), "environment": env,
-                                                          "status": status, "summary": summary})
-    if world > 1:
+                shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+            logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} (validation "
+                               f"loss {state.best_val_loss:.4f})" + (", with EMA weights" if summary["ema_weights"]
+                                                                       else ""), "GREEN", run.color))
+        run.notifier.completed(summary)
+    if run.is_main:
+        atomic_write_json(run.out / "training_config.json", {"args": _json_args(args), "environment": run.env,
+                                                              "status": run.status, "summary": summary})
+    if run.world > 1:
         torch.distributed.barrier()
     return summary
 
 
-def _end_of_epoch(args, state: RunState, validate, tm: ThetaModel, val_ds, val_recs: list[dict], writer, notify,
-                  out: Path, color: bool, is_main: bool, epoch_start: float, lr: float, extras: dict) -> None:
-    """Validate, log, keep the best model, update early stopping and the history; advances ``state.epoch``.
-
-    Runs with the EMA weights swapped in when EMA is on, so validation and ``theta_best/`` see them.
-    """
-    m = validate()
-    prev = state.history[-1] if state.history else None
-    train_loss = state.epoch_loss_sum / state.epoch_tokens if state.epoch_tokens else float("nan")
-    entry = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": train_loss,
-             "val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_token_accuracy": m["token_accuracy"],
-             "domains": {d: {k: v[k] for k in ("loss", "perplexity", "token_accuracy")}
-                         for d, v in m["domains"].items()},
-             "learning_rate": lr, "seconds": time.time() - epoch_start,
-             **{k: v for k, v in extras.items() if v is not None}}
-    if is_main and args.domain_eval_frequency and (state.epoch + 1) % args.domain_eval_frequency == 0:
-        entry["domain_eval"] = ValidationMetrics(args.domain_eval_per_domain).run(tm, val_recs)
-        for d, v in entry["domain_eval"].items():
-            writer.add_scalar(f"domain_eval/{d}_score", v["score"], state.global_step)
-    state.history.append(entry)
-    improved = m["loss"] < state.best_val_loss - args.min_delta
-    if is_main:
-        header = _color(f"epoch {state.epoch + 1}/{args.epochs}", "YELLOW", color)
-        logger.info("%s | train loss %.4f | val loss %.4f %s | perplexity %.2f | token accuracy %.3f %s", header,
-                    train_loss, m["loss"], _arrow(m["loss"], prev and prev["val_loss"]), m["perplexity"],
-                    m["token_accuracy"], _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
-        for d, v in sorted(m["domains"].items()):
-            score = entry.get("domain_eval", {}).get(d, {}).get("score")
-            logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f%s", d, v["loss"], v["perplexity"],
-                        v["token_accuracy"], f"  generation score {score:.2f}" if score is not None else "")
-        writer.add_scalar("epoch/train_loss", train_loss, state.epoch + 1)
-        writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
-        for ex in val_ds.examples[:args.num_samples]:
-            answer = tm.generate(ex["question"], max_length=48, temperature=0.0)  # greedy: uses no RNG
-            logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
-            writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
-    if improved:
-        state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
-        if is_main:
-            tm.save(out / "theta_best", extra_files={"theta_run.json": {
-                "epoch": state.epoch + 1, "step": state.global_step, "val_loss": m["loss"],
-                "ema_weights": bool(extras.get("ema") and extras["ema"]["active"])}})
-            logger.info(_color(f"new best validation loss {m['loss']:.4f}: saved theta_best/"
-                               + (" (EMA weights)" if extras.get("ema") and extras["ema"]["active"] else ""),
-                               "GREEN", color))
-    else:
-        state.bad_epochs += 1
-    notify("epoch_update", state.epoch + 1, entry)
-    state.epoch += 1
-    state.batch_in_epoch = 0
-    state.epoch_loss_sum, state.epoch_tokens = 0.0, 0
-    state.epoch_kl_sum, state.epoch_contrastive_sum, state.epoch_steps = 0.0, 0.0, 0
-    if is_main:
-        atomic_write_json(out / "loss_history.json", state.history)
-
-
 def _create_notifier(args: argparse.Namespace):
-    """The email notifier when email is configured (src/training/email_integration.py), else None."""
+    """The email notifier (src/training/email_integration.py); a NullNotifier when email is off."""
     try:
         from src.training.email_integration import create_notifier
-    except ImportError:
-        return None
-    try:
-        return create_notifier(Path(args.output_dir), args)
+
+        return create_notifier(Path(args.output_dir), args) or NullNotifier()
     except Exception as err:  # notifications must never stop training
         logger.warning("email notifications off: %s", err)
-        return None
+        return NullNotifier()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    notifier = _create_notifier(args) if int(os.environ.get("RANK", "0")) == 0 else None
+    notifier = _create_notifier(args) if int(os.environ.get("RANK", "0")) == 0 else NullNotifier()
     try:
         summary = train(args, notifier)
     except Exception as err:  # a failed run still sends its failure email (the scripts send their own too)
-        SafeNotifier(notifier)("training_failed", f"{type(err).__name__}: {err}")
+        notifier.failed(f"{type(err).__name__}: {err}", "train")
         raise
     finally:
-        close = getattr(notifier, "close", None)
-        if callable(close):
-            close()
+        notifier.close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary["exit_code"]
