@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 from src.data_processing import prepare_data_for_training as prep
 from src.data_processing.text_quality import STOPWORDS
-from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
+from src.data_processing.converter_common import write_json_output as atomic_write_json  # atomic, umask mode
+from src.utils.common import PROJECT_ROOT, UserError, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +238,9 @@ def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int) -> t
     """Validated records of the datasets folder, with the same ids preparation gives them."""
     drops = prep.DropLog()
     records, seen_ids = [], set()
+    resolver = prep.DomainResolver()
     for rec in prep.iter_all_datasets(datasets_dir, [test_set] if test_set else [], drops):
-        clean = prep.validate_record(rec, drops, max_chars)
+        clean = prep.validate_record(rec, drops, max_chars, resolver=resolver)
         if clean is None:
             continue
         base, n = clean["id"], 1
