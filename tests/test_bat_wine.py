@@ -64,9 +64,7 @@ def call_keeps_exit_codes(tmp_path_factory) -> bool:
     return b"code=3" in out
 
 
-def make_plan(project: Path, argv: list[str], monkeypatch, **override) -> dict:
-    monkeypatch.setattr(ov, "prepare_flags", lambda profile: ["--profile", profile])
-    monkeypatch.setattr(ov, "optimise_flags", lambda root=None: ["--quantize", "auto"])
+def make_plan(project: Path, argv: list[str], **override) -> dict:
     plan = ov.make_plan(argv, project, now=NOW)
     plan.update(override)
     return plan
@@ -135,8 +133,8 @@ def plan_args(calls: list[list[str]]) -> list[str]:
     return plan[plan.index("--") + 1:]
 
 
-def test_bat_runs_the_same_calls_as_the_sh(project, monkeypatch):
-    plan = make_plan(project, ARGS, monkeypatch)
+def test_bat_runs_the_same_calls_as_the_sh(project):
+    plan = make_plan(project, ARGS)
     code, out, calls = run_bat(project, plan, ARGS)
     assert code == 0, out
     sh_code, sh_out, sh_calls = run_sh(project, plan, ARGS)
@@ -159,8 +157,8 @@ def test_bat_runs_the_same_calls_as_the_sh(project, monkeypatch):
     assert "[3/5] train" in log  # :say writes the console lines to the log too
 
 
-def test_bat_failure_resume_and_errors_match_the_sh(project, monkeypatch, call_keeps_exit_codes):
-    plan = make_plan(project, ARGS, monkeypatch)
+def test_bat_failure_resume_and_errors_match_the_sh(project, call_keeps_exit_codes):
+    plan = make_plan(project, ARGS)
     # A failing step: its exit code comes back, the failure is reported for that step, nothing runs after it.
     # (Under Wine 8 a called batch file's code arrives as 1: see call_keeps_exit_codes.)
     expected = 3 if call_keeps_exit_codes else 1

@@ -31,8 +31,6 @@ STUB = ROOT / "tests" / "overnight_stub" / "python_stub.py"
 # Files under test come from the working tree; the rest of src/ from the last commit (see copy_project).
 OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/training/preflight.py",
              "src/training/email_integration.py", "src/utils/email_notifier.py", "src/utils/gpu_info.py"]
-LEGACY_QUICK_PREPARE = ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.3",
-                        "--min_domain_count", "100", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"]
 STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_enhancer_main",
                 "src.data_processing.prepare_data_for_training", "src.training.train_enhanced",
                 "src.training.evaluate_model", "src.training.optimize_for_inference"]
@@ -124,11 +122,11 @@ def test_steps_run_in_order_with_the_helpers_flags(stubbed):
     assert train == ["--profile", "quick", "--data_path", "Datasets/enhanced_training_data.json", "--output_dir",
                      f"models/{run}", "--resume", "auto", "--epochs", "2", "--note", "a b & c"]
     plan = json.loads((stubbed.project / "models" / run / "overnight.json").read_text())["plan"]
-    assert plan["prepare_flags"] in (["--profile", "quick"], LEGACY_QUICK_PREPARE)
+    assert plan["prepare_flags"] == ["--profile", "quick"]
     assert by_module["src.data_processing.prepare_data_for_training"] == [
         "--datasets_dir", "Datasets", "--output", "Datasets/enhanced_training_data.json", "--test_set",
         "Datasets/test_set.json", *plan["prepare_flags"]]
-    assert plan["optimise_flags"] in ([], ["--quantize", "auto"])
+    assert plan["optimise_flags"] == ["--quantize", "auto"]
     assert by_module["src.training.optimize_for_inference"] == [
         "--model_path", f"models/{run}/theta_final", "--output_path", f"models/{run}/theta_inference",
         *plan["optimise_flags"]]

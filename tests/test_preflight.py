@@ -8,8 +8,6 @@ estimates, the token checks, and the test email.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from collections import namedtuple
 from pathlib import Path
 from types import SimpleNamespace

@@ -19,7 +19,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from test_overnight_scripts import SH, STUB, clean_env, copy_project
 

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -60,17 +59,6 @@ DERIVED_DIRS = {"knowledge_base", "__pycache__"}
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet"}  # what preparation reads (knowledge/: every file)
 KB_MODULE_REL = "src/data_processing/knowledge_base_enhancer_main.py"
 FINGERPRINT_VERSION = 1
-
-# Data preparation per profile, for a prepare_data_for_training.py without its own --profile (documentation/
-# DATA_PROCESSING.md): quick keeps the data small (about 600 records from the sample data), the overnight
-# profile balances every domain up to 300 records. Once prepare has --profile, the scripts pass only that.
-LEGACY_PREPARE_FLAGS = {
-    "quick": ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.3",
-              "--min_domain_count", "100", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"],
-    "rtx3060": ["--seed", "42", "--validation_fraction", "0.1", "--max_domain_fraction", "0.2",
-                "--min_domain_count", "300", "--synthetic_ratio", "0.1", "--near_dup_threshold", "0.8"],
-}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The scripts' arguments
@@ -147,51 +135,15 @@ def detect_profile(requested: str | None) -> tuple[str, str]:
     return "quick", "no CUDA GPU was found"
 
 
-def _parser_of(parse_args) -> argparse.ArgumentParser | None:
-    """The ArgumentParser a module's ``parse_args`` builds, caught before it parses (no side effects)."""
-    caught: list[argparse.ArgumentParser] = []
-
-    class _Caught(Exception):
-        pass
-
-    original = argparse.ArgumentParser.parse_args
-
-    def catch(self, *a, **k):
-        caught.append(self)
-        raise _Caught
-
-    argparse.ArgumentParser.parse_args = catch
-    try:
-        parse_args([])
-    except _Caught:
-        pass
-    except Exception:  # an older parse_args that does more first: treat as "cannot tell"
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    return caught[0] if caught else None
-
-
 def prepare_flags(profile: str) -> list[str]:
-    """Data-preparation flags for ``profile``: ``--profile <profile>`` once prepare_data_for_training has it."""
-    try:
-        from src.data_processing.prepare_data_for_training import parse_args
-        parser = _parser_of(parse_args)
-    except Exception:  # a broken prepare module fails in its own step, with its own message
-        parser = None
-    if parser is not None and "--profile" in parser._option_string_actions:
-        return ["--profile", profile]
-    return list(LEGACY_PREPARE_FLAGS[profile])
+    """Data-preparation flags: the profile only. Its values live in prepare_data_for_training.py (one place)."""
+    return ["--profile", profile]
 
 
-def optimise_flags(root: Path = PROJECT_ROOT) -> list[str]:
-    """``--quantize auto`` once optimize_for_inference offers it (read from its source: importing it means torch)."""
-    try:
-        text = (root / "src" / "training" / "optimize_for_inference.py").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    m = re.search(r'"--quantize"[^)]*?choices=\[([^\]]*)\]', text, re.S)
-    return ["--quantize", "auto"] if m and '"auto"' in m.group(1) else []
+def optimise_flags() -> list[str]:
+    """Inference optimisation: int8 (CPU) or fp16/bf16 (CUDA) only when measured faster within the perplexity
+    gate, else fp32 (optimize_for_inference.py says which and why in optimization_metrics.json)."""
+    return ["--quantize", "auto"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,7 +353,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
         "ACTION": "preflight" if args.preflight else "run", "PROFILE": profile, "PROFILE_WHY": profile_why,
         "GPUS": str(args.gpus), "TENSORBOARD": "1" if args.tensorboard else "0",
         "TB_PORT": str(free_port()) if args.tensorboard else "", "PREPARE_FLAGS": prep,
-        "OPTIMISE_FLAGS": optimise_flags(root), "TRAIN_EXTRA": list(trainer),
+        "OPTIMISE_FLAGS": optimise_flags(), "TRAIN_EXTRA": list(trainer),
         "TRAIN_FLAGS_TEXT": " ".join(trainer),
         # The pre-flight checks the prepared data when the run trains on the file that exists now; otherwise
         # the scripts check it after the prepare step (--only data).
@@ -558,7 +510,7 @@ def banner_lines(run_dir: Path, python: str = "", device: str | None = None, ema
              f" data        {prepare.strip()}",
              f" knowledge   {plan.get('kb_why', '')}",
              f" trainer     {trainer}",
-             f" optimise    {' '.join(plan.get('optimise_flags') or []) or '(defaults of optimize_for_inference.py)'}",
+             f" optimise    {' '.join(plan.get('optimise_flags') or [])}",
              f" tensorboard {f'http://127.0.0.1:{port}/' if port else 'off'}"]
     preflight = read_preflight(run_dir)
     if preflight is not None:
