@@ -7,7 +7,9 @@
 
 Who sends which email (so nobody gets two of the same):
   * The overnight scripts export ``THETA_NOTIFY_FROM_SCRIPT=1`` and send the start, failure and completion emails
-    of the whole chain (prepare -> train -> evaluate -> optimise) through this CLI.
+    of the whole chain (pre-flight -> prepare -> train -> evaluate -> optimise) through this CLI; the start email
+    carries the pre-flight's warnings and time estimate (``<run_dir>/preflight.json``), the failure and
+    completion emails come through ``python -m src.utils.overnight failed|completed``.
   * The trainer calls ``create_notifier(run_dir, args)``; under ``THETA_NOTIFY_FROM_SCRIPT=1`` the notifier it
     gets sends only the per-epoch and periodic status emails. Run alone (no variable), the trainer's notifier
     sends all of them: start, epochs, status, completion and failure.
