@@ -161,11 +161,9 @@ def test_resume_follows_the_fingerprint(stubbed):
     # Other trainer flags: a new run too.
     code, out, _ = stubbed("--profile", "quick", "--", "--epochs", "9", exit_codes={"src.training.train_enhanced": 3})
     assert len(stubbed.runs()) == 3 and "the trainer flags changed (none, now --epochs 9)" in out
-    # --resume picks the old one (and warns what changed); --fresh always starts anew.
+    # --resume picks the old one and warns what changed (--fresh and the rest: tests/test_overnight_helper.py).
     code, out, _ = stubbed("--profile", "quick", "--resume", first, exit_codes={"src.training.train_enhanced": 3})
     assert f"Theta overnight run {first} (resuming)" in out and f"resuming {first} as asked although" in out
-    code, out, _ = stubbed("--fresh", "--profile", "quick", exit_codes={"src.training.train_enhanced": 3})
-    assert len(stubbed.runs()) == 4 and "new run (--fresh)" in out
 
 
 def test_a_run_that_ended_with_a_user_error_is_not_resumed(stubbed):

@@ -412,7 +412,7 @@ def _prepare_decision(choice: RunChoice, state: dict, prepared: Path) -> tuple[b
     if prepared.is_file() and sha256_file(prepared) == recorded:
         return False, "skipped: resuming, the run keeps the data it started with"
     return True, (f"Datasets/ to {PREPARED_REL} again: the file is no longer the one run {choice.run_id} "
-                  "started with (another run wrote it)")
+                  "started with (another run wrote it); preparing it from Datasets/ as it is now")
 
 
 def cmd_quote(arg: str) -> str:
