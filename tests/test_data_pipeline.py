@@ -137,7 +137,8 @@ def test_first_run_keeps_test_questions_out_and_second_run_is_byte_identical(tmp
     test_keys = {question_key(t["question"]) for t in test}
     train = json.loads(first)["records"]
     assert test and not {question_key(r["question"]) for r in train} & test_keys
-    assert sum(not r.get("synthetic") for r in train) + len(test) == 240  # both copies of a held-out question went to the test set: none lost
+    # both copies of a held-out question went to the test set: none lost
+    assert sum(not r.get("synthetic") for r in train) + len(test) == 240
     assert prep.main(args) == 0  # now the test set exists and is read
     assert (d / "enhanced_training_data.json").read_bytes() == first
 

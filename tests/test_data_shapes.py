@@ -55,7 +55,8 @@ def test_dolly_alpaca_system_history_prompt_completion(shapes_run):
     assert alpaca["context"] == ("You are a patient baking teacher.\n\n"
                                  "User: How much yeast does one loaf need?\n"
                                  "Assistant: About seven grams of dried yeast for 500 grams of flour.\n\n"
-                                 "User: Should the water be warm?\nAssistant: Yes, lukewarm water helps the yeast start.")
+                                 "User: Should the water be warm?\n"
+                                 "Assistant: Yes, lukewarm water helps the yeast start.")
     assert by_id["alpaca_history.json#1"]["question"] == "Translate to German.\n\nGood morning"
     assert by_id["prompt_completion.jsonl#0-t0"]["answer"].startswith("Start with one ball")
     assert by_id["prompt_completion.jsonl#1-t0"]["answer"] == "Try knitting; the repetition is relaxing."

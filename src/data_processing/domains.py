@@ -51,7 +51,8 @@ LEXICON: dict[str, dict[int, str]] = {
            "ddos brute_force zero_day keylogger spyware least_privilege password_manager infosec threat_model "
            "owasp cybersecurity intrusion_detection security_patch encrypted encryption decrypt tls_certificate "
            "social_engineering man_in_the_middle privilege_escalation cross_site_scripting",
-        2: "malicious authentication authorization encrypt hashed hashing tls ssl certificate passwords password breach "
+        2: "malicious authentication authorization encrypt hashed hashing tls ssl certificate passwords password "
+           "breach "
            "hacker hackers attacker attackers credentials vpn patching",
         1: "attack attacks threat threats security secure hack key keys token tokens access",
     },

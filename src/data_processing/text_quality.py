@@ -231,7 +231,8 @@ def difficulty_points(question: str, answer: str, has_code: bool) -> dict[str, b
 
 
 def difficulty(question: str, answer: str, has_code: bool) -> int:
-    """1-5 (words counted as in ``length_in_words``): 1 plus one point each for a long answer (80+ words), dense technical terms (acronyms, ``call()``,
-    snake_case or dotted names making 8%+ of the answer's words), code, multi-step reasoning (2+ numbered lines
-    or lines opening with first/then/next/finally/step N) and a long question (25+ words); capped at 5."""
+    """1-5 (words counted as in ``length_in_words``): 1 plus one point each for a long answer (80+ words),
+    dense technical terms (acronyms, ``call()``, snake_case or dotted names making 8%+ of the answer's words),
+    code, multi-step reasoning (2+ numbered lines or lines opening with first/then/next/finally/step N) and a
+    long question (25+ words); capped at 5."""
     return min(5, 1 + sum(difficulty_points(question, answer, has_code).values()))

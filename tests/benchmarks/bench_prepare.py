@@ -110,11 +110,13 @@ def main() -> int:
             return res.returncode
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| records | input MB | prepare s | CPU s main + workers | records/s | peak RSS MB (main + largest worker) | "
+    print("\n| records | input MB | prepare s | CPU s main + workers | records/s | "
+          "peak RSS MB (main + largest worker) | "
           "near-dups | exact dups |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['input_mb']} | {r['seconds']} | {r['cpu_main_s']} + {r['cpu_workers_s']} | {r['records_per_s']:,} | "
+        print(f"| {r['n']:,} | {r['input_mb']} | {r['seconds']} | {r['cpu_main_s']} + {r['cpu_workers_s']} | "
+              f"{r['records_per_s']:,} | "
               f"{r['peak_rss_mb']:,} + {r['worker_peak_rss_mb']:,} | {r['near_dups']:,} | {r['exact_dups']:,} |")
     return 0
 
