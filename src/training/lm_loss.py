@@ -140,8 +140,8 @@ def _accumulate(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, gh, gw, 
     gc = g.to(weight.dtype)
     if gh is not None:
         gh[sl] = (gc @ weight).to(gh.dtype)  # (n, C)
-    if gw is not None:
-        gw.add_((gc.T @ h).float())  # (V, C)
+    if gw is not None:  # (V, C); in place when both are fp32 (no V x C temporary per chunk)
+        gw.addmm_(gc.T, h) if gc.dtype == torch.float32 else gw.add_((gc.T @ h).float())
     if gb is not None:
         gb.add_(g.sum(0))
 
