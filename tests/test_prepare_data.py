@@ -44,7 +44,7 @@ def run_prepare(d: Path, *extra: str) -> tuple[dict, list[dict]]:
     out = d / "out" / "enhanced_training_data.json"
     assert prep.main(["--datasets_dir", str(d), "--output", str(out), "--no-create_test_set", *extra]) == 0
     data = json.loads(out.read_text(encoding="utf-8"))
-    assert data["format_version"] == 1
+    assert data["format_version"] == prep.PREPARED_FORMAT_VERSION == 2
     return json.loads((d / "out" / "enhanced_data_stats.json").read_text(encoding="utf-8")), data["records"]
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Version of Datasets/enhanced_training_data.json. Records carry ``sample_weight`` (the domain balance, missing =
-# 1.0) and may carry ``context``; both are additions a version-1 reader can ignore, so the number is unchanged.
-PREPARED_FORMAT_VERSION = 1
+# Version of Datasets/enhanced_training_data.json. 2: the domain balance is each record's ``sample_weight`` (a
+# version-1 file held materialised repeats and lost capped records instead), conversation turns carry their
+# context. A trainer reading a version-1 file would train on the old, lossy balance: it asks for a re-run.
+PREPARED_FORMAT_VERSION = 2
 
 # Symbols that change what a question asks ("C#" / "C++", "!=" / "==", "a < b" / "a > b"): kept in the key.
 KEY_SYMBOLS = frozenset("+#=!<>")
