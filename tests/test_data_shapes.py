@@ -6,6 +6,7 @@ hand-written fixtures in tests/fixtures/data_processing/shapes/.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -37,6 +38,9 @@ def shapes_run(tmp_path_factory):
     shutil.copytree(SHAPES, d)
     datasets.Dataset.from_dict({"question": ["How many strings does a violin have?"],
                                 "answer": ["A violin has four strings."]}).to_parquet(str(d / "table.parquet"))
+    with gzip.open(d / "packed.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps({"question": "What do pandas eat?", "answer": "Mostly bamboo."}) + "\n")
+    (d / "archive.zip").write_bytes(b"PK\x05\x06" + bytes(18))
     out = d.parent / "out" / "enhanced_training_data.json"
     assert prep.main(["--datasets_dir", str(d), "--output", str(out), *OFF]) == 0
     stats = json.loads((out.parent / "enhanced_data_stats.json").read_text(encoding="utf-8"))
@@ -71,6 +75,7 @@ def test_tables_and_conversation_lists(shapes_run):
                                           "with five, seven and five syllables.")
     assert by_id["tc2-t0"]["answer"] == "A spider has eight legs."
     assert by_id["bare_messages.jsonl#0-t0"]["answer"] == "Mixing blue and yellow gives green."
+    assert by_id["packed.jsonl.gz#0"]["answer"] == "Mostly bamboo."
 
 
 def test_preference_and_kto_never_train_a_rejected_or_false_answer(shapes_run):
@@ -116,6 +121,7 @@ def test_text_only_refused_and_other_files_listed_with_their_converter(shapes_ru
     assert "pre-training text" in stats["dropped"]["pretraining_text"]["examples"][0]["detail"]
     skipped = {s["file"]: s["converter"] for s in stats["skipped_files"]}
     assert skipped["Posts.xml"].startswith("convert_stackexchange") and skipped["notes.md"].startswith("convert_faq")
+    assert skipped["archive.zip"].startswith("none: unpack it first")
     # every item is accounted for: records out + drops = items in
     assert stats["loaded_records"] == stats["output_records"]
 
