@@ -687,15 +687,16 @@ def prepare(args: argparse.Namespace) -> dict:
         logger.info("created held-out test set %s with %d records", test_path, len(created))
     timer.lap("write")
     stats = build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
-                        valid_distinct, real_count, timer)
+                        valid_distinct, real_count, timer, held_out_from_data=len(created) if created else 0)
     write_json_output(Path(args.stats_output) if args.stats_output else output.with_name("enhanced_data_stats.json"),
                       stats)
     return stats
 
 
 def build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
-                valid_distinct, real_count, timer) -> dict:
-    """The stats file's content (documentation/DATA_PROCESSING.md, "Stats")."""
+                valid_distinct, real_count, timer, held_out_from_data: int = 0) -> dict:
+    """The stats file's content (documentation/DATA_PROCESSING.md, "Stats"). ``held_out_from_data``: records
+    this run moved into a created test set (they count as kept)."""
     final_by_file = Counter(r["source"] for r in records if not r.get("synthetic"))
     for rel, info in per_file.items():
         info["kept"] = final_by_file.get(rel, 0)
@@ -713,7 +714,7 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
         "valid_distinct_records": valid_distinct,
         "output_records": len(records),
         "real_records": real_count,
-        "real_kept_share": round((real_out + len(test_records)) / valid_distinct, 4) if valid_distinct else 0.0,
+        "real_kept_share": round((real_out + held_out_from_data) / valid_distinct, 4) if valid_distinct else 0.0,
         "synthetic_records": added,
         "synthetic_share": round(added / len(records), 4) if records else 0.0,
         "train_records": sum(r["split"] == "train" for r in records),
@@ -721,7 +722,8 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
         "test_records": len(test_records),
         "skipped_files": skipped,
         "per_file": dict(sorted(per_file.items())),
-        "per_domain": {d: {"train": split_counts[(d, "train")], "validation": split_counts[(d, "validation")],
+        "per_domain": {d: {"real": sum(1 for r in records if r["domain"] == d and not r.get("synthetic")),
+                           "train": split_counts[(d, "train")], "validation": split_counts[(d, "validation")],
                            "synthetic": sum(1 for r in records if r["domain"] == d and r.get("synthetic")),
                            "sample_weight": balance.get("weights", {}).get(d, 1.0)}
                        for d in domains},
@@ -753,11 +755,11 @@ def summary_table(stats: dict) -> str:
     balance = stats["balancing"]
     rows = [("domain", "real", "share", "-> share", "weight", "synthetic", "train", "validation")]
     for d, info in stats["per_domain"].items():
-        rows.append((d, str(balance.get("train_before", {}).get(d, 0)),
+        rows.append((d, str(info["real"]),
                      f"{balance.get('share_before', {}).get(d, 0):.3f}",
                      f"{balance.get('share_after', {}).get(d, 0):.3f}", f"{info['sample_weight']:.3f}",
                      str(info["synthetic"]), str(info["train"]), str(info["validation"])))
-    rows.append(("total", str(sum(balance.get("train_before", {}).values())), "1", "1", "",
+    rows.append(("total", str(sum(i["real"] for i in stats["per_domain"].values())), "1", "1", "",
                  str(stats["synthetic_records"]), str(stats["train_records"]), str(stats["validation_records"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -766,7 +768,8 @@ def summary_table(stats: dict) -> str:
     how = ("by sample weights (no record removed or copied)" if balance.get("method") == "weights" else
            f"materialised: capped {balance.get('capped')}, synthetic {balance.get('synthetic_added')}, "
            f"repeats {balance.get('repeated_added')}")
-    lines.append(f"balance {how}; real records kept {stats['real_kept_share']:.1%} (test set included), "
+    lines.append(f"balance {how}; real records kept {stats['real_kept_share']:.1%} (a test set made from them "
+                 f"included), "
                  f"synthetic {stats['synthetic_share']:.1%} of the output")
     lines.extend(f"  note: {n}" for n in balance.get("notes", []))
     for s in stats.get("skipped_files", []):
