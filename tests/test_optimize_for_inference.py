@@ -265,3 +265,25 @@ def test_model_layer_imports_nothing_from_training():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             found += [f"{path.name}: {n}" for n in names if n.startswith("src.")]
     assert found and not [f for f in found if "src.training" in f], found
+
+
+def test_auto_with_a_half_candidate_end_to_end(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
+    """The CUDA branch of auto as far as it runs without CUDA: an fp16 candidate is written, loaded back,
+    measured, chosen when (rigged) faster, and the published folder holds fp16 weights that load."""
+    monkeypatch.setattr(opt, "auto_candidates", lambda device: ["fp16"])
+    real = opt.measure_generation
+
+    def rigged(tm, *a):
+        out = real(tm, *a)
+        half = json.loads((tm.source_path / "config.json").read_text()).get("dtype") == "float16" \
+            if tm.source_path else False
+        return {**out, "tokens_per_sec": out["tokens_per_sec"] * (3.0 if half else 1.0)}
+
+    monkeypatch.setattr(opt, "measure_generation", rigged)
+    out = tmp_path / "theta_inference"
+    assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "test_set.json")) == 0
+    m = json.loads((out / "optimization_metrics.json").read_text())
+    assert m["chosen"] == "fp16" and m["dtype"] == "fp16" and m["candidates"]["fp16"]["kept"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert abs(m["perplexity"]["relative_change"]) < 0.05
+    assert ThetaModel.load(out, device="cpu").generate("What is DNS?", max_length=3, seed=0) is not None
