@@ -480,7 +480,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         step_s = sorted(times)[len(times) // 2]
         total = estimate_duration(step_s, targs, info["n_train"], info["n_val"], opts.gpus)
         report.estimate = human_duration(total)
-        report.add(Check("duration", "ok", f"training about {report.estimate} ({len(times)} timed steps of "
+        report.add(Check("duration", "ok", f"training about {report.estimate} ({len(times)} timed step{'s' * (len(times) != 1)} of "
                                            f"{step_s:.3f} s at micro-batch {targs.batch_size} x {seq} tokens; "
                                            f"{info['n_train']} training records, {targs.epochs} epochs; "
                                            "generation samples and evaluation not counted)"))
