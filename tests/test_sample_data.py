@@ -62,11 +62,14 @@ def test_test_set_is_held_out():
 
 
 def test_sample_data_prepares_without_losing_a_record(tmp_path):
+    import shutil
+
     from src.data_processing.prepare_data_for_training import main
 
+    d = tmp_path / "Datasets"  # the shipped files only: a run elsewhere may have left outputs in Datasets/
+    shutil.copytree(DATASETS, d, ignore=shutil.ignore_patterns("enhanced_*", "knowledge_base"))
     out = tmp_path / "enhanced_training_data.json"
-    assert main(["--datasets_dir", str(DATASETS), "--output", str(out), "--test_set",
-                 str(DATASETS / "test_set.json")]) == 0
+    assert main(["--datasets_dir", str(d), "--output", str(out), "--test_set", str(d / "test_set.json")]) == 0
     stats = json.loads((tmp_path / "enhanced_data_stats.json").read_text())
     assert stats["dropped_total"] == 0, stats["dropped"]
     records = json.loads(out.read_text())["records"]

@@ -202,7 +202,8 @@ def iter_item_records(items: Iterable[Item], rel: str, drops: DropLog, stats: di
             continue
         stats["items"] += 1
         result = shape_item(item.value, max_history_turns, tool_calls)
-        drops.notes.update(result.notes)
+        if result.notes:
+            drops.notes.update(result.notes)
         if result.reason is not None:
             drops.drop(result.reason, rel, item.index, result.detail, item.line)
             continue

@@ -227,6 +227,7 @@ class RecordStage:
         clean["source_line"] = rec.get("source_line")
         clean["quality_score"] = quality_score(clean["question"], clean["answer"])
         clean["difficulty"] = difficulty(clean["question"], clean["answer"], clean["has_code"])
+        clean["_dk"] = dedup_key(clean)  # here, so a pool computes it too; removed after the test-set stage
         return clean
 
     def chunk(self, recs: list[dict]) -> tuple[list, list]:
@@ -510,7 +511,7 @@ def _load_dedup(args, datasets_dir: Path, test_path: Path | None, stage: RecordS
     seen: dict[bytes, int] = {}  # dedup key -> position in records
     seen_ids: set[str] = set()
     for clean in process_records(raw(), stage, drops, workers):
-        key = dedup_key(clean)
+        key = clean["_dk"]
         pos = seen.get(key)
         if pos is not None:
             other = records[pos]
@@ -552,11 +553,13 @@ def hold_out_test_set(args, records: list[dict], test_path: Path | None,
         test_questions = {question_key(r["question"]) for r in test_records}
         kept = []
         for rec in records:
-            if dedup_key(rec) in test_keys or question_key(rec["question"]) in test_questions:
+            if rec.get("_dk", b"") in test_keys or question_key(rec["question"]) in test_questions:
                 drops.drop("test_set_duplicate", rec["source"], rec["source_index"], rec["id"])
             else:
                 kept.append(rec)
         records = kept
+    for rec in records:
+        rec.pop("_dk", None)
     return records, test_records, created
 
 
@@ -702,6 +705,7 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
         info["kept"] = final_by_file.get(rel, 0)
         info["dropped"] = dict(drops.per_file.get(rel, {}))
     split_counts = Counter((r["domain"], r["split"]) for r in records)
+    synthetic_counts = Counter(r["domain"] for r in records if r.get("synthetic"))
     domains = sorted({r["domain"] for r in records})
     real_out = sum(1 for r in records if not r.get("synthetic"))
     added = sum(1 for r in records if r.get("synthetic"))
@@ -722,9 +726,9 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
         "test_records": len(test_records),
         "skipped_files": skipped,
         "per_file": dict(sorted(per_file.items())),
-        "per_domain": {d: {"real": sum(1 for r in records if r["domain"] == d and not r.get("synthetic")),
+        "per_domain": {d: {"real": split_counts[(d, "train")] + split_counts[(d, "validation")] - synthetic_counts[d],
                            "train": split_counts[(d, "train")], "validation": split_counts[(d, "validation")],
-                           "synthetic": sum(1 for r in records if r["domain"] == d and r.get("synthetic")),
+                           "synthetic": synthetic_counts[d],
                            "sample_weight": balance.get("weights", {}).get(d, 1.0)}
                        for d in domains},
         "domain_sources": dict(sorted(Counter(r.get("domain_source", "record") for r in records
