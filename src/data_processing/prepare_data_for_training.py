@@ -177,8 +177,10 @@ def validate_record(rec: dict, drops: DropLog, max_chars: int, max_tokens: int =
     if flags:
         out["flags"] = flags
     for key in KEPT_INPUT_FIELDS:
-        if rec.get(key) not in (None, ""):
-            out[key] = normalise_text(rec[key]) if key == "context" and isinstance(rec[key], str) else rec[key]
+        value = rec.get(key)
+        if value in (None, "") or (key == "context" and not isinstance(value, str)):
+            continue  # a context that is not text cannot go into the prompt
+        out[key] = normalise_text(value) if key == "context" else value
     if rec.get("synthetic") is True:
         out["synthetic"] = True
         if rec.get("origin") is not None:
