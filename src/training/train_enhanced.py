@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from src.model.theta_model import ThetaModel, check_model_folder
+from src.training.lm_loss import TargetIndex, step_losses
+from src.training.packing import pack_batch
 from src.training.lm_data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate,  # noqa: F401
                                   domain_summary, evaluate, load_prepared_records, safe_exp, token_losses)
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id, run_entry_point,
@@ -1474,9 +1476,22 @@ class LossSetup:
     quality_floor: float | None = None  # None: quality weighting off
     contrastive_weight: float = 0.0
     per_record: bool = False  # also return each record's mean loss (the dynamic curriculum needs them)
+    target_head: bool = True  # the head and loss at target positions only (src/training/lm_loss.py)
+    body: Any = None  # what gives the last hidden states: None = lm.base_model; --compile sets a compiled one
+    packing: int | None = None  # --packing: pack each micro-batch into rows of this many tokens
+    pad_id: int = 0
+    attn_implementation: str = "sdpa"
 
     def __post_init__(self):
         self.loss_fn = self.loss_fn or token_losses
+
+    @property
+    def smoothing(self) -> float | None:
+        """Label smoothing of the target-position loss; None when ``loss_fn`` is neither of ours (a custom loss
+        then gets full logits)."""
+        if self.loss_fn is token_losses:
+            return 0.0
+        return self.loss_fn.smoothing if isinstance(self.loss_fn, LabelSmoothingLoss) else None
 
     def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) loss weight per record: floor + (1 - floor) x quality_score, or 1."""
@@ -1505,6 +1520,14 @@ def compute_step_loss(lm, batch: dict[str, torch.Tensor], weights: torch.Tensor,
     want_hidden = contrastive is not None
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     kl_sum = None
+    if setup.target_head and setup.smoothing is not None:  # no [B, T, V] logits anywhere (lm_loss.py)
+        out = step_losses(lm, batch, weights, setup.smoothing, setup.rdrop_alpha, setup.rdrop_doubled, want_hidden,
+                          setup.per_record, setup.body)
+        result = {"loss_sum": out["loss_sum"], "kl_sum": out["kl_sum"], "per_record": out["per_record"],
+                  "contrastive": None}
+        if contrastive is not None:
+            result["contrastive"] = contrastive(out["hidden"], labels, attn, batch["has_code"], batch["index"], bank)
+        return result
     if setup.rdrop_alpha is not None:
         out = compute_rdrop_loss(lm, ids, attn, labels, setup.rdrop_alpha, setup.loss_fn, setup.rdrop_doubled,
                                  want_hidden)
@@ -1573,6 +1596,10 @@ def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, s
     records, bank_items = [], []
     for k, batch in enumerate(micro_batches):
         weights = setup.record_weights(batch).to(device)
+        if setup.packing:  # host work, before the copy: packed rows, a 4-D mask, the target index
+            batch = pack_batch(batch, setup.packing, setup.pad_id, setup.attn_implementation)
+        elif setup.target_head:  # the target positions found on the host: no device sync for nonzero()
+            batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
         batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
         sync = nullcontext() if no_sync is None or k == len(micro_batches) - 1 else no_sync()
         with sync:
@@ -2510,8 +2537,9 @@ def finish(run: Run) -> dict:
     if len(set(hashes)) > 1:
         logger.error("the replicas' weights differ across ranks (replica_sha256 %s): DDP kept them apart", hashes)
     if run.exit_code == 0 and not run.step_limit_reached() and state.bad_epochs < args.patience \
-            and state.global_step != run.total_steps:
-        raise RuntimeError(f"ran {state.global_step} steps, the schedule planned {run.total_steps}")
+            and state.global_step != run.total_steps:  # each epoch's plan was checked; this is --epochs changed
+        logger.error("ran %d steps, the schedule planned %d (was --epochs changed on resume?)", state.global_step,
+                     run.total_steps)
     summary = {"run": run.out.name, "status": run.status, "global_step": state.global_step,
                "planned_steps": run.total_steps, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
                "best_val_loss": state.best_val_loss, "nonfinite_steps": state.nonfinite_total,
