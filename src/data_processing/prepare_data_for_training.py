@@ -230,6 +230,7 @@ class RecordStage:
         clean["quality_score"] = quality_score(clean["question"], clean["answer"])
         clean["difficulty"] = difficulty(clean["question"], clean["answer"], clean["has_code"])
         clean["_dk"] = dedup_key(clean)  # here, so a pool computes it too; removed after the test-set stage
+        clean["_qk"] = question_key(clean["question"])  # removed once the test set and the augmenter have it
         return clean
 
     def chunk(self, recs: list[dict]) -> tuple[list, list]:
@@ -534,6 +535,12 @@ def _load_dedup(args, datasets_dir: Path, test_path: Path | None, stage: RecordS
     return records, loaded[0]
 
 
+def _qkey(rec: dict) -> str:
+    """The record's question key, computed by the per-record stage when it ran (``_qk``)."""
+    key = rec.get("_qk")
+    return key if key is not None else question_key(rec["question"])
+
+
 def hold_out_test_set(args, records: list[dict], test_path: Path | None,
                       drops: DropLog) -> tuple[list[dict], list[dict], list[dict] | None]:
     """Stage 3a: ``(records, test_records, created)``. The test set is read, or created from the records by a
@@ -544,8 +551,7 @@ def hold_out_test_set(args, records: list[dict], test_path: Path | None,
     if test_path is not None and test_path.exists():
         test_records = load_test_set(test_path, args.max_answer_chars)
     elif test_path is not None and args.create_test_set:
-        chosen = [r for r in records
-                  if stable_fraction(f"test:{args.seed}:{question_key(r['question'])}") < args.test_fraction]
+        chosen = [r for r in records if stable_fraction(f"test:{args.seed}:{_qkey(r)}") < args.test_fraction]
         chosen_ids = {r["id"] for r in chosen}
         records = [r for r in records if r["id"] not in chosen_ids]
         test_records = chosen
@@ -555,7 +561,7 @@ def hold_out_test_set(args, records: list[dict], test_path: Path | None,
         test_questions = {question_key(r["question"]) for r in test_records}
         kept = []
         for rec in records:
-            if rec.get("_dk", b"") in test_keys or question_key(rec["question"]) in test_questions:
+            if rec.get("_dk", b"") in test_keys or _qkey(rec) in test_questions:
                 drops.drop("test_set_duplicate", rec["source"], rec["source_index"], rec["id"])
             else:
                 kept.append(rec)
@@ -666,7 +672,9 @@ def prepare(args: argparse.Namespace) -> dict:
     augmenter = None
     if args.synthetic_ratio > 0:
         train = [r for r in records if r["split"] == "train" and not r.get("synthetic")]
-        augmenter = Augmenter(train, args.seed, {question_key(r["question"]) for r in records + test_records})
+        augmenter = Augmenter(train, args.seed, {_qkey(r) for r in records} | {_qkey(r) for r in test_records})
+    for rec in records:
+        rec.pop("_qk", None)
     synthetic = generate_synthetic_examples(records, args.synthetic_ratio, args.seed, augmenter)
     compute_quality_scores(synthetic)
     records.extend(synthetic)
