@@ -158,6 +158,13 @@ def test_hf_dataset_from_a_saved_folder_and_a_clear_error_offline(tmp_path, monk
     records = json.loads(out.read_text(encoding="utf-8"))["records"]
     assert [(r["question"], r["answer"], r["source"]) for r in records] == [
         ("Name a primary colour.", "Red is a primary colour.", f"hf:{saved}:train")]
+    local = tmp_path / "local_ds"  # a plain folder of data files, read by datasets.load_dataset
+    local.mkdir()
+    (local / "train.jsonl").write_text(json.dumps({"prompt": "Name a planet.", "completion": "Venus."}) + "\n",
+                                       encoding="utf-8")
+    assert prep.main(["--datasets_dir", str(d), "--hf_dataset", str(local), "--output", str(out), *OFF]) == 0
+    records = json.loads(out.read_text(encoding="utf-8"))["records"]
+    assert [(r["question"], r["answer"]) for r in records] == [("Name a planet.", "Venus.")]
     with pytest.raises(prep.UserError, match="no split 'validation'"):
         prep.main(["--datasets_dir", str(d), "--hf_dataset", f"{saved}:validation", "--output", str(out), *OFF])
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

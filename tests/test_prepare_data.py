@@ -321,6 +321,14 @@ def test_balance_by_weights_keeps_every_record_and_realises_the_mix():
     assert sum(r["sample_weight"] for r in out) == pytest.approx(50)  # mean weight 1
 
 
+def test_balance_without_training_records_still_weighs_every_record_regression():
+    """Bug: a folder whose only record drew validation reached the writer without a sample_weight (KeyError)."""
+    records = _scored([rec(1)])
+    records[0]["split"] = "validation"
+    out, report = prep.balance_domains(records, 0.3, 100)
+    assert out[0]["sample_weight"] == 1.0 and report["weights"] == {}
+
+
 def test_balance_floor_bounded_by_max_repeats_and_target_mix():
     records = _scored([rec(i, domain="a") for i in range(60)] + [rec(i, domain="b") for i in range(60, 70)])
     _, report = prep.balance_domains(records, 1.0, 50, max_repeats=2.0)

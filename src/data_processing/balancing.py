@@ -144,7 +144,9 @@ def balance_domains(records: list[dict], max_fraction: float = 1.0, min_count: i
               "share_wanted": {d: round(s, 4) for d, s in sorted(shares.items())},
               "settings": {"max_domain_fraction": max_fraction, "min_domain_count": min_count, "target": target,
                            "max_repeats": max_repeats, "materialise": materialise}}
-    if not train_counts:
+    if not train_counts:  # nothing to balance (every record is in validation)
+        for rec in records:
+            rec["sample_weight"] = 1.0
         report.update(after=report["before"], share_after={}, weights={}, capped={}, synthetic_added={},
                       repeated_added={}, notes=notes)
         return records, report
