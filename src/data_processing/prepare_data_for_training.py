@@ -663,8 +663,10 @@ def prepare(args: argparse.Namespace) -> dict:
                 kept.append(rec)
         records = kept
     if not records:
+        held = f"; {len(created)} went to the new held-out test set (--no-create_test_set or more data avoids " \
+               f"that)" if created else ""
         raise UserError(f"no usable record found under {datasets_dir}: {sum(drops.counts.values())} dropped "
-                        f"({dict(drops.counts)}). See documentation/DATASETS.md for the accepted formats.")
+                        f"({dict(drops.counts)}){held}. See documentation/DATASETS.md for the accepted formats.")
     real_count = len(records)
     timer.lap("min_quality")
 
