@@ -8,6 +8,8 @@ ordinary right-padded batch to 1e-5.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -122,3 +124,66 @@ def test_packed_step_losses_match_padded_batch_with_weights_and_rdrop():
         torch.testing.assert_close(got["per_record"], ref["per_record"], **TOL)
         for a, b in zip(torch.autograd.grad(got["loss_sum"], params), torch.autograd.grad(ref["loss_sum"], params)):
             torch.testing.assert_close(a, b, **TOL)
+
+
+# --- the trainer's --packing and --compile ----------------------------------------------------------------------
+
+def test_compile_default_only_on_long_cuda_runs_never_on_windows():
+    from src.training import train_enhanced as te
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    n = te.COMPILE_MIN_STEPS
+    assert te.compile_wanted(None, cuda, n + 1, "linux") and not te.compile_wanted(None, cuda, n, "linux")
+    assert not te.compile_wanted(None, cpu, 100 * n, "linux")
+    assert not te.compile_wanted(None, cuda, 100 * n, "win32")
+    assert te.compile_wanted(True, cpu, 5, "linux") and not te.compile_wanted(False, cuda, 100 * n, "linux")
+
+
+def test_packing_with_the_contrastive_loss_is_refused_naming_both(capsys):
+    from src.training import train_enhanced as te
+
+    with pytest.raises(SystemExit):
+        te.parse_args(["--packing", "--use_code_contrastive"])
+    err = capsys.readouterr().err
+    assert "--packing" in err and "--use_code_contrastive" in err
+
+
+def test_packed_training_run_ends_at_the_unpacked_run_weights(tmp_path, tiny_datasets_dir, prepared_data):
+    """Two steps of train() with and without --packing (dropout off): the same weights to 1e-5."""
+    from safetensors.torch import load_file
+
+    from src.model.theta_model import build_tiny_model
+    from src.training import train_enhanced as te
+
+    model = build_tiny_model(tmp_path / "nodrop", tiny_datasets_dir, n_layer=2, n_embd=64, n_head=2,
+                             n_positions=256, vocab_size=384, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    for name, extra in (("plain", []), ("packed", ["--packing"])):
+        te.train(te.parse_args(["--model_name", str(model), "--data_path", str(prepared_data), "--output_dir",
+                                str(tmp_path / name), "--epochs", "1", "--max_steps", "2", "--batch_size", "6",
+                                "--learning_rate", "3e-3", "--max_length", "64", "--num_samples", "0",
+                                "--domain_eval_frequency", "0", "--no_progress_bar", "--seed", "3", *extra]))
+    a, b = (load_file(str(tmp_path / n / "theta_final" / "model.safetensors")) for n in ("plain", "packed"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    assert "packing on (rows of 64)" in (tmp_path / "packed" / "train.log").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("THETA_COMPILE_TEST") != "1",
+                    reason="torch.compile's first CPU step takes about a minute; THETA_COMPILE_TEST=1 runs it")
+def test_compiled_training_matches_eager(tmp_path, tiny_datasets_dir, prepared_data):
+    from safetensors.torch import load_file
+
+    from src.model.theta_model import build_tiny_model
+    from src.training import train_enhanced as te
+
+    model = build_tiny_model(tmp_path / "nodrop", tiny_datasets_dir, n_layer=2, n_embd=64, n_head=2,
+                             n_positions=256, vocab_size=384, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    for name, extra in (("eager", ["--no_compile"]), ("compiled", ["--compile"])):
+        te.train(te.parse_args(["--model_name", str(model), "--data_path", str(prepared_data), "--output_dir",
+                                str(tmp_path / name), "--epochs", "1", "--max_steps", "2", "--batch_size", "4",
+                                "--learning_rate", "3e-3", "--max_length", "64", "--num_samples", "0",
+                                "--domain_eval_frequency", "0", "--no_progress_bar", "--seed", "3", *extra]))
+    a, b = (load_file(str(tmp_path / n / "theta_final" / "model.safetensors")) for n in ("eager", "compiled"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert "torch.compile: first forward" in (tmp_path / "compiled" / "train.log").read_text()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from src.model.theta_model import split_prompt
+from src.training.lm_loss import TargetIndex, eval_losses
 from src.utils.common import UserError, read_json
 
 from src.utils.data_contract import PREPARED_FORMAT_VERSION as DATA_FORMAT_VERSION
@@ -149,6 +150,12 @@ def domain_summary(sums: torch.Tensor, domain_names: list[str]) -> dict[str, dic
     return out
 
 
+def _target_head_ok(model) -> bool:
+    """A Hugging Face causal LM with a bias-free linear head: its loss can be taken at the targets only."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "base_model")
+
+
 @torch.no_grad()
 def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_ctx, domain_names: list[str],
              world: int = 1) -> dict:
@@ -160,13 +167,22 @@ def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_c
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(domain_names), 3, dtype=torch.float64)  # loss, tokens, correct per domain
+    head = _target_head_ok(model)
     for batch in loader_batches:
+        if head:  # target positions found on the host (no device sync), the head only there: no [B, T, V]
+            batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast_ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, mask = token_losses(logits, batch["labels"])
-        correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
-        rows = torch.stack([loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype)], 1)
+            if head:
+                loss, correct, tgt = eval_losses(model, batch)
+                rows = torch.stack([tgt.per_record(loss), tgt.counts().to(loss.dtype),
+                                    tgt.per_record(correct.to(loss.dtype))], 1)
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not head:
+            loss, mask = token_losses(logits, batch["labels"])
+            correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
+            rows = torch.stack([loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype)], 1)
         sums.index_add_(0, batch["domain"].cpu(), rows.double().cpu())  # (B, 3) rows into their domains
     if world > 1:
         torch.distributed.all_reduce(sums)

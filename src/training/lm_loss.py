@@ -24,6 +24,7 @@ argmax hits and R-Drop's KL come back detached, for logging, per-record means an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -309,11 +310,14 @@ def head_flops(n_targets: int, hidden: int, vocab: int, train: bool = True) -> f
 def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
     """The last hidden states (B, T, C) of a Hugging Face causal LM, after its final norm, without its head.
 
-    ``model.base_model`` is the body (GPT-2: ``model.transformer``); its ``last_hidden_state`` is what
-    ``lm_head`` would project. Sharp edge: under DDP, call the body through the DDP wrapper's forward, not
-    this on the unwrapped module, or the gradients are not all-reduced.
+    Goes through the LM's own forward (so DDP, torch.compile, hooks and tests that patch it all apply) with
+    ``logits_to_keep`` an empty position list: the head projects zero positions, and the last entry of
+    ``hidden_states`` is what ``lm_head`` would have projected (transformers 5).
     """
-    return model.base_model(**inputs).last_hidden_state
+    ids = inputs["input_ids"]
+    out = model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device),
+                output_hidden_states=True)
+    return out.hidden_states[-1]
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -340,8 +344,8 @@ def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothi
     ``batch`` holds ``input_ids`` and ``labels`` (B, T), optionally ``attention_mask`` (2-D padding or a
     packed 4-D mask), ``position_ids`` and ``targets`` (a ``TargetIndex`` built on the host; built here from the
     labels otherwise, which waits for a CUDA device). ``weights`` (B,) or (records,) weights each record's
-    tokens. ``body`` is the callable giving the last hidden states (default ``lm.base_model``; a compiled copy
-    for ``--compile``). Returns ``loss_sum`` (differentiable: sum of weight x token loss, the token loss being
+    tokens. ``body`` is what to call instead of ``lm`` itself (the same model compiled, for ``--compile``); the
+    hidden states come from its forward with no logits kept (``final_hidden``). Returns ``loss_sum`` (differentiable: sum of weight x token loss, the token loss being
     the (smoothed) cross-entropy plus alpha x KL under R-Drop), ``kl_sum`` (weighted, detached; None without
     R-Drop), ``per_record`` ((records,) mean token loss, detached, when asked), ``hidden`` (the first pass's
     last hidden states, when asked) and ``targets``.
@@ -349,27 +353,25 @@ def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothi
     targets = batch.get("targets")
     if targets is None:
         targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
-    body = body or lm.base_model
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
     if "cu_seq_lens_q" in inputs:  # FlashAttention's one flat row cannot be doubled along the batch
         rdrop_doubled = False
-    if "position_ids" in inputs or "cu_seq_lens_q" in inputs:
-        inputs["use_cache"] = False  # transformers reads packed boundaries only without a cache
+    inputs["use_cache"] = False  # training keeps no cache; packed boundaries are read only without one
+    run_body = functools.partial(final_hidden, body if body is not None else lm)
     weight = output_weight(lm)
     coef = weights.to(torch.float32)[targets.record]
     kl_sum = None
     if rdrop_alpha is None:
-        hidden = body(**inputs).last_hidden_state  # (B, T, C)
+        hidden = run_body(**inputs)  # (B, T, C)
         out = head_loss(hidden, weight, targets, coef=coef, smoothing=smoothing)
     else:
         B = inputs["input_ids"].shape[0]
         if rdrop_doubled:  # one forward over the doubled batch: two dropout masks, one kernel launch each
-            both = body(**{k: torch.cat([v, v]) if torch.is_tensor(v) else v
-                           for k, v in inputs.items()}).last_hidden_state
+            both = run_body(**{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in inputs.items()})
             hidden, second = both[:B], both[B:]
         else:
-            hidden = body(**inputs).last_hidden_state
-            second = body(**inputs).last_hidden_state
+            hidden = run_body(**inputs)
+            second = run_body(**inputs)
         out = rdrop_head_loss(hidden, second, weight, targets, rdrop_alpha, coef=coef, smoothing=smoothing)
         kl_sum = (out.kl * coef).sum()
     result = {"loss_sum": out.loss, "kl_sum": kl_sum, "per_record": None, "targets": targets,
@@ -387,6 +389,6 @@ def eval_losses(lm: torch.nn.Module, batch: dict, body=None) -> tuple[torch.Tens
     if targets is None:
         targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
-    hidden = (body or lm.base_model)(**inputs).last_hidden_state
+    hidden = final_hidden(body if body is not None else lm, **inputs, use_cache=False)
     out = head_loss(hidden, output_weight(lm), targets)
     return out.token_loss, out.correct, targets

@@ -65,6 +65,7 @@ EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 
 # Profiles (DESIGN.md). Explicit flags override these values.
+COMPILE_MIN_STEPS = 300  # --compile's default: only runs this long win back the first step's compilation
 PROFILES: dict[str, dict[str, Any]] = {
     # Every technique on, at settings that suit a 3M-parameter model trained from scratch for a few minutes.
     "quick": dict(model_name="theta-tiny", epochs=5, batch_size=8, gradient_accumulation_steps=1,
@@ -1690,6 +1691,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="auto: fp32 on CPU, bf16 (else fp16) on CUDA")
     add_switch(o, "gradient_checkpointing", False, "recompute activations in backward to save memory")
+    add_switch(o, "packing", False, "pack each micro-batch's records into rows of --max_length tokens, each record "
+               "attending only to itself (documentation/PERFORMANCE.md: it does not pay on CPU with length "
+               "grouping)")
+    o.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the model for training (default: on for CUDA runs of more than "
+                        f"{COMPILE_MIN_STEPS} steps, never on Windows; the first step pays the compilation)")
+    o.add_argument("--no_compile", dest="compile", action="store_false", help="turn --compile off")
     o.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row")
     e = p.add_argument_group("validation and early stopping")
@@ -1765,6 +1773,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.warm_start is not None and not Path(args.warm_start).is_dir(),
          f"--warm_start {args.warm_start}: not a model folder")] if bad]
     problems += [m for cls in TECHNIQUE_TYPES for m in cls.check(args)]  # each technique checks its own flags
+    if args.packing and args.use_code_contrastive:
+        problems.append("--packing cannot be combined with --use_code_contrastive (its question/answer pooling "
+                        "reads padded rows); drop one of them")
+    if args.compile and sys.platform == "win32":
+        problems.append("--compile: torch.compile is not supported on Windows; drop --compile")
     if problems:
         parser.error("; ".join(problems))
     if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
@@ -1927,6 +1940,8 @@ class Run:
     t_log: float = field(default_factory=time.perf_counter)
     tokens_since_log: int = 0
     last_saved_step: int = -1
+    compiled: bool = False  # --compile resolved (configure_speed)
+    pending_logs: list = field(default_factory=list)  # step lines whose device figures are read at the next flush
 
     @property
     def model(self):
@@ -2065,11 +2080,57 @@ def setup_run(run: Run) -> None:
     accum = args.gradient_accumulation_steps
     run.steps_in_epoch = [math.ceil(run.sampler.num_batches(e) / accum) for e in range(args.epochs)]
     run.total_steps = min(sum(run.steps_in_epoch), args.max_steps or sum(run.steps_in_epoch))
+    configure_speed(run)
     run.optimizer = build_optimizer(run.model, args, run.extra_modules.get("contrastive"))
     run.scheduler = build_scheduler(run.optimizer, args, run.total_steps)
     if run.checkpoint:
         load_optimizer_state(run, *run.checkpoint)
     open_outputs(run)
+
+
+def compile_wanted(requested: bool | None, device: torch.device, total_steps: int, platform: str = sys.platform) -> bool:
+    """--compile as asked; by default on only where it pays: CUDA, more than COMPILE_MIN_STEPS steps (the first
+    step pays tens of seconds of compilation), and never on Windows (torch.compile does not support it)."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and total_steps > COMPILE_MIN_STEPS and platform != "win32"
+
+
+class _TimedFirstCall:
+    """Calls ``fn``; logs how long the first call took (torch.compile traces and compiles on it)."""
+
+    def __init__(self, fn, what: str):
+        self.fn, self.what, self.first = fn, what, True
+
+    def __call__(self, *args, **kwargs):
+        if not self.first:
+            return self.fn(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.first = False
+        logger.info("%s: first forward, with graph capture and compilation, took %.1f s", self.what,
+                    time.perf_counter() - t0)
+        return out
+
+
+def configure_speed(run: Run) -> None:
+    """Packing and torch.compile for the training forward (the loss is always taken at the target positions).
+
+    The compiled model is kept beside the model, not in it: saving, evaluation and generation use the plain
+    module, and only the training step calls the compiled one (``dynamic=True``: lengths change every batch).
+    """
+    args = run.args
+    loss = run.loss
+    loss.pad_id = run.tm.tokenizer.pad_token_id
+    loss.attn_implementation = getattr(run.model.config, "_attn_implementation", None) or "sdpa"
+    loss.packing = args.max_length if args.packing else None
+    run.compiled = compile_wanted(args.compile, run.device, run.total_steps)
+    if run.compiled:
+        loss.body = _TimedFirstCall(torch.compile(run.model, dynamic=True), "torch.compile")
+    if run.is_main:
+        logger.info("speed: loss at target positions only (no [batch, length, vocabulary] logits); packing %s; "
+                    "torch.compile %s", f"on (rows of {args.max_length})" if args.packing else "off",
+                    "on" if run.compiled else "off")
 
 
 def find_checkpoint(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, dict] | None:
@@ -2266,7 +2327,8 @@ def optimizer_step(run: Run, window: list[dict]) -> StepResult:
         t.before_clip(run)
     max_norm = run.args.max_grad_norm if run.args.max_grad_norm > 0 else float("inf")
     result.grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), max_norm)  # all-reduced gradients
-    result.finite = bool(torch.isfinite(result.grad_norm)) and bool(torch.isfinite(result.loss_sum))
+    # the step's one host sync: whether to update at all (inf + anything and nan stay non-finite)
+    result.finite = bool(torch.isfinite(result.grad_norm.float() + result.loss_sum.float()))
     if result.finite:
         if isinstance(run.optimizer, CPUOffloadOptimizer):
             run.optimizer.pre_step()
@@ -2339,56 +2401,83 @@ def count_nonfinite(run: Run, finite: bool) -> None:
 
 
 def after_step(run: Run, result: StepResult) -> None:
-    """Log the step, add it to the epoch's sums; validate / checkpoint every N steps; stop when asked."""
+    """Queue the step's log line; validate / checkpoint every N steps; stop when asked.
+
+    Nothing here reads the device: the step's loss, gradient norm and technique figures stay tensors in
+    ``run.pending_logs`` until ``flush_logs`` (every --log_every_steps, and before anything that reads the
+    epoch's sums or saves them), so a GPU step does not wait for the host to write a line per step.
+    """
     args, state = run.args, run.state
-    mean_loss = float(result.loss_sum) / max(result.targets, 1e-12)
+    run.tokens_since_log += result.tokens
+    now = time.perf_counter()
+    dt = now - run.t_log
+    meta = {"step": state.global_step, "epoch": state.epoch + 1, "lr": head_lr(run.optimizer), "dt": dt,
+            "tps": run.tokens_since_log * run.world / dt if dt > 0 else 0.0,
+            "gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None}
+    run.tokens_since_log, run.t_log = 0, now
+    run.pending_logs.append((result, meta))
+    if run.bar is not None and run.is_main:
+        run.bar.update(1)
+    eval_due = bool(args.eval_every_steps and state.global_step % args.eval_every_steps == 0)
+    save_due = bool(args.save_every_steps and state.global_step % args.save_every_steps == 0)
+    stop = stop_requested(run) or state.global_step == args.stop_after_step
+    if state.global_step % args.log_every_steps == 0 or state.global_step == 1 or eval_due or save_due or stop:
+        flush_logs(run)
+    if eval_due:
+        with run.eval_weights():
+            m = validate(run)
+        logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f", state.global_step,
+                    m["loss"], m["perplexity"], m["token_accuracy"])
+    if save_due:
+        save_run_checkpoint(run, f"every {args.save_every_steps} steps")
+    if stop:
+        save_run_checkpoint(run, "interrupted")
+        logger.warning("training stopped at step %d; run the same command again to resume", state.global_step)
+        raise StopTraining(EXIT_INTERRUPTED, "interrupted")
+
+
+def flush_logs(run: Run) -> None:
+    """Read the queued steps' figures (the first read waits for the device once), add them to the epoch's
+    sums, and write their metrics.jsonl lines (one flush), tensorboard scalars and console lines: the same
+    content as writing each step at once."""
+    pending, run.pending_logs = run.pending_logs, []
+    for result, meta in pending:
+        log_step(run, result, meta)
+    if pending and run.metrics_file is not None:
+        run.metrics_file.flush()
+
+
+def log_step(run: Run, result: StepResult, meta: dict) -> None:
+    """One queued step: the epoch's sums, then (rank 0) its metrics.jsonl line, tensorboard, the bar's figures
+    and every --log_every_steps a console line."""
+    sums, step = run.state.epoch_sums, meta["step"]
+    loss_sum = float(result.loss_sum)
+    mean_loss = loss_sum / max(result.targets, 1e-12)
     if result.finite:
-        sums = state.epoch_sums
-        sums["loss"] += float(result.loss_sum)
+        sums["loss"] += loss_sum
         sums["tokens"] += result.targets
         sums["kl"] += float(result.kl_sum) if run.technique("rdrop") else 0.0
         if run.technique("code_contrastive"):
             sums["contrastive"] += float(result.contrastive_sum)
             sums["contrastive_count"] += result.contrastive_count
         sums["steps"] += 1
-    run.tokens_since_log += result.tokens
-    if run.is_main:
-        log_step(run, result, mean_loss)
-    if args.eval_every_steps and state.global_step % args.eval_every_steps == 0:
-        with run.eval_weights():
-            m = validate(run)
-        logger.info("step %d validation: loss %.4f, perplexity %.2f, token accuracy %.3f", state.global_step,
-                    m["loss"], m["perplexity"], m["token_accuracy"])
-    if args.save_every_steps and state.global_step % args.save_every_steps == 0:
-        save_run_checkpoint(run, f"every {args.save_every_steps} steps")
-    if stop_requested(run) or state.global_step == args.stop_after_step:
-        save_run_checkpoint(run, "interrupted")
-        logger.warning("training stopped at step %d; run the same command again to resume", state.global_step)
-        raise StopTraining(EXIT_INTERRUPTED, "interrupted")
-
-
-def log_step(run: Run, result: StepResult, mean_loss: float) -> None:
-    """metrics.jsonl (flushed), tensorboard, the bar and every --log_every_steps a console line."""
-    state, lr = run.state, head_lr(run.optimizer)
-    dt = time.perf_counter() - run.t_log
-    tps = run.tokens_since_log * run.world / dt if dt > 0 else 0.0
-    run.tokens_since_log, run.t_log = 0, time.perf_counter()
-    line = {"step": state.global_step, "epoch": state.epoch + 1, "loss": mean_loss, "lr": lr,
-            "grad_norm": float(result.grad_norm), "tokens_per_sec": tps, "ms": dt * 1000, "skipped": not result.finite}
+    if not run.is_main:
+        return
+    lr, tps, dt, grad = meta["lr"], meta["tps"], meta["dt"], float(result.grad_norm)
+    line = {"step": step, "epoch": meta["epoch"], "loss": mean_loss, "lr": lr, "grad_norm": grad,
+            "tokens_per_sec": tps, "ms": dt * 1000, "skipped": not result.finite}
     for t in run.techniques:
         line.update(t.step_fields(run, result))
     run.metrics_file.write(json.dumps(line) + "\n")
-    run.metrics_file.flush()
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "kl", "contrastive"):
         if key in line:
-            run.writer.add_scalar(f"train/{key}", line[key], state.global_step)
-    if run.device.type == "cuda":
-        run.writer.add_scalar("system/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30, state.global_step)
+            run.writer.add_scalar(f"train/{key}", line[key], step)
+    if meta["gpu_gb"] is not None:
+        run.writer.add_scalar("system/gpu_memory_gb", meta["gpu_gb"], step)
     run.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", refresh=False)
-    run.bar.update(1)
-    if state.global_step % run.args.log_every_steps == 0 or state.global_step == 1:
-        msg = (f"step {state.global_step:5d}/{run.total_steps} | epoch {state.epoch + 1} | loss {mean_loss:.4f} | "
-               f"lr {lr:.2e} | grad {float(result.grad_norm):.3f} | {tps:.0f} tok/s | {dt * 1000:.0f} ms")
+    if step % run.args.log_every_steps == 0 or step == 1:
+        msg = (f"step {step:5d}/{run.total_steps} | epoch {meta['epoch']} | loss {mean_loss:.4f} | "
+               f"lr {lr:.2e} | grad {grad:.3f} | {tps:.0f} tok/s | {dt * 1000:.0f} ms")
         run.bar.write(msg) if not run.bar.disable else logger.info("%s", msg)
 
 
@@ -2415,6 +2504,7 @@ def validate(run: Run) -> dict:
 def save_run_checkpoint(run: Run, reason: str) -> None:
     """One checkpoint: model, optimizer, schedule, scaler, the loop state (batch plan included), every
     technique's state (one loop), RNG and args. Rank 0 writes it; every rank reads it on resume."""
+    flush_logs(run)  # the epoch's sums in the run state include every step taken
     if not run.is_main or run.last_saved_step == run.state.global_step:
         return
     payload = {"version": CHECKPOINT_VERSION, "model": run.model.state_dict(),
@@ -2432,6 +2522,7 @@ def end_epoch(run: Run) -> bool:
     """Validate (EMA weights when on), history, theta_best/, early stopping, the epoch email, a checkpoint.
     Returns True when early stopping ends the run."""
     args, state = run.args, run.state
+    flush_logs(run)  # the epoch's sums must hold every step before its entry is made
     with run.eval_weights():
         m = validate(run)
         entry = epoch_entry(run, m)
@@ -2510,6 +2601,7 @@ def log_epoch(run: Run, entry: dict, m: dict) -> None:
 # --- the finish ------------------------------------------------------------------------------------------------
 
 def close_outputs(run: Run) -> None:
+    flush_logs(run)  # steps queued since the last flush (max_steps, a stop, an error)
     if run.stop is not None:
         run.stop.restore()
     for closable in (run.bar, run.writer, run.metrics_file):

@@ -67,7 +67,7 @@ import torch  # noqa: E402
 CONFIG_TITLES = {"a": "ours, techniques off", "b": "Trainer, dynamic padding", "b2": "Trainer, group_by_length",
                  "be": "Trainer, eval+save per epoch", "b2e": "Trainer, grouped, eval+save per epoch",
                  "c": "ours, quick techniques", "d": "ours, rtx3060 techniques", "e": "ours, rtx3060 minus R-Drop",
-                 "ap": "ours, --packing", "ac": "ours, --compile"}
+                 "ap": "ours, --packing", "ac": "ours, --compile", "a0": "ours at --baseline_tree (before)"}
 CONFIGS = tuple(CONFIG_TITLES)
 TRAINER_CONFIGS = ("b", "b2", "be", "b2e")
 SHAPES = ("quick", "gpt2-124m")
@@ -438,7 +438,7 @@ def _ours_argv(job: Job, out: Path, epochs: int, steps: int, seed: int, config: 
              ("--loss_on", "answer")]
     flags = available_flags()
     argv = [x for k, v in pairs if k in flags for x in ((k,) if v is None else (k, str(v)))]
-    if config in ("a", "ap", "ac"):
+    if config in ("a", "ap", "ac", "a0"):
         argv += technique_flags()["off"]
     elif config in ("c", "d", "e"):
         argv += ["--profile", {"c": "quick", "d": "rtx3060", "e": "rtx3060"}[config]]
@@ -451,6 +451,50 @@ def _ours_argv(job: Job, out: Path, epochs: int, steps: int, seed: int, config: 
     elif "--no_compile" in flags:
         argv += ["--no_compile"]  # timed runs compare the eager loop unless asked
     return argv
+
+
+BASELINE_RUNNER = """
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))  # the harness's thread count: the same for every configuration
+from src.training import train_enhanced as te
+t0, c0 = time.perf_counter(), time.process_time()
+summary = te.train(te.parse_args(sys.argv[3:]))
+print("BASELINE " + json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                                "exit_code": summary.get("exit_code", 0)}))
+"""
+
+
+def run_baseline(job: Job, epochs: int, steps: int, seed: int, tree: Path) -> dict:
+    """Config a0: our loop as it is in another checkout (``tree``, e.g. ``git archive`` of an older commit), in
+    a subprocess; wall and CPU time are taken inside it around ``train()``, as for the in-process runs."""
+    out = Path(tempfile.mkdtemp(prefix="ours_a0_", dir=job.work))
+    # the same records; only the prepared file's version stamp is set to what that checkout reads
+    contract = (tree / "src" / "utils" / "data_contract.py").read_text(encoding="utf-8")
+    version = int(re.search(r"PREPARED_FORMAT_VERSION\s*=\s*(\d+)", contract).group(1))
+    data = json.loads(Path(job.data_path).read_text(encoding="utf-8"))
+    stamped = out.with_suffix(".data.json")
+    stamped.write_text(json.dumps({**data, "format_version": version}), encoding="utf-8")
+    job = dataclasses.replace(job, data_path=stamped)
+    # the flags this checkout's trainer knows; the baseline's help may differ only in new flags we leave out
+    argv = [a for a in _ours_argv(job, out, epochs, steps, seed, "a0") if a not in ("--no_compile", "--no_packing")]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    with PeakRSS(job.device):
+        proc = subprocess.run([sys.executable, "-c", BASELINE_RUNNER, str(tree), str(torch.get_num_threads()), *argv],
+                              cwd=tree, env=env,
+                              capture_output=True, text=True, timeout=3600)
+    info = next((json.loads(x[9:]) for x in proc.stdout.splitlines() if x.startswith("BASELINE ")), None)
+    if proc.returncode != 0 or info is None or info["exit_code"] != 0:
+        raise RuntimeError(f"baseline run failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-800:]}")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    result = {"wall_s": info["wall_s"], "cpu_s": info["cpu_s"], "lines": lines, "probe": TokenProbe(),
+              "buckets": None, "other": {}, "peak_rss": 0, "rss_start": 0, "peak_gpu": None, "useful_by_epoch": {}}
+    for x in lines:
+        e = x.get("epoch", 1)
+        result["useful_by_epoch"][e] = result["useful_by_epoch"].get(e, 0.0) + x["tokens_per_sec"] * x["ms"] / 1000
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def run_ours(job: Job, config: str, epochs: int = 1, steps: int = 0, seed: int = 42, sample: bool = True) -> dict:
@@ -573,7 +617,14 @@ def run_trainer(job: Job, config: str, epochs: int = 1, steps: int = 0, seed: in
     return result
 
 
+BASELINE_TREE: list[Path] = []  # set from --baseline_tree
+
+
 def run_config(job: Job, config: str, epochs: int, steps: int, seed: int, sample: bool = True) -> dict:
+    if config == "a0":
+        if not BASELINE_TREE:
+            raise ValueError("config a0 needs --baseline_tree")
+        return run_baseline(job, epochs, steps, seed, BASELINE_TREE[0])
     runner = run_trainer if config in TRAINER_CONFIGS else run_ours
     return runner(job, config, epochs=epochs, steps=steps, seed=seed, sample=sample)
 
@@ -1055,6 +1106,8 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="epoch mode: sample the stacks to split the epoch's time by part")
     p.add_argument("--head_repeats", type=int, default=3, help="head mode: interleaved repeats per shape")
+    p.add_argument("--baseline_tree", type=Path, default=None,
+                   help="config a0: our loop from this checkout (e.g. git archive <commit> | tar -x -C DIR)")
     p.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets", help="sample data folder")
     p.add_argument("--out", type=Path, default=None, help="write every result to this JSON file")
     p.add_argument("--keep_work", action="store_true", help="keep the temporary folder (models, data)")
@@ -1090,6 +1143,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="theta_bench_"))
+    if args.baseline_tree:
+        BASELINE_TREE[:] = [args.baseline_tree.resolve()]
+    elif "a0" in configs:
+        p.error("--configs a0 needs --baseline_tree")
     skipped = skipped_configs(configs)
     configs = [c for c in configs if c not in skipped]
     te_file = PROJECT_ROOT / "src" / "training" / "train_enhanced.py"
