@@ -21,9 +21,14 @@ import sys
 
 import pytest
 
-from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference, parse,
-                                   shared_env)
+from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference,
+                                   one_torch_thread, parse, shared_env)
 import src.training.train_enhanced as te
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

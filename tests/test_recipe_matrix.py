@@ -35,8 +35,8 @@ import pytest
 import torch
 
 from recipe_harness.common import (CONFIGS, PROFILE_FLAGS, SMALL_LR, TECHNIQUE_FLAGS, argv_for, final_weights,
-                                   harness_result, harness_weights, history, identical, max_difference, parse,
-                                   shared_ddp_matrix, shared_env)
+                                   harness_result, harness_weights, history, identical, max_difference,
+                                   one_torch_thread, parse, shared_ddp_matrix, shared_env)
 import src.training.train_enhanced as te
 
 NOT_SPLIT_INVARIANT = {
@@ -45,6 +45,11 @@ NOT_SPLIT_INVARIANT = {
     "profile_quick": "has domain_stratified (see there)",
 }
 TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,14 @@ import math
 import pytest
 
 from recipe_harness.common import (final_weights, harness_result, harness_weights, history, identical,
-                                   max_difference, metrics, parse, shared_ddp_matrix, shared_env, write_matrix_data)
+                                   max_difference, metrics, one_torch_thread, parse, shared_ddp_matrix, shared_env,
+                                   write_matrix_data)
 import src.training.train_enhanced as te
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")
