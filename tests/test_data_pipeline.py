@@ -59,15 +59,16 @@ def general_mix(d: Path) -> int:
     return len({(q, a) for _, q, a in rows})
 
 
-@pytest.mark.parametrize("profile", ["quick", "rtx3060"])
+@pytest.mark.parametrize("profile", ["quick", "rtx3060", None])
 def test_overnight_profiles_keep_general_data(tmp_path, profile):
     d = tmp_path / "Datasets"
     distinct = general_mix(d)
-    assert prep.main(["--datasets_dir", str(d), "--profile", profile]) == 0  # as the overnight scripts call it
+    # as the overnight scripts call it (None: the plain defaults)
+    assert prep.main(["--datasets_dir", str(d), *(["--profile", profile] if profile else [])]) == 0
     stats = json.loads((d / "enhanced_data_stats.json").read_text(encoding="utf-8"))
     records = json.loads((d / "enhanced_training_data.json").read_text(encoding="utf-8"))["records"]
     test = json.loads((d / "test_set.json").read_text(encoding="utf-8"))
-    settings = prep.PROFILES[profile]
+    settings = vars(prep.parse_args(["--profile", profile] if profile else []))
     real = [r for r in records if not r.get("synthetic")]
     kept = {(r["question"], r["answer"]) for r in real} | {(t["question"], t["answer"]) for t in test}
     assert len(kept) >= 0.95 * distinct, (len(kept), distinct)
