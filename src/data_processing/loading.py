@@ -184,8 +184,13 @@ def iter_hf_items(spec: str) -> Iterator[Item]:
                 if offline and not path.exists() else "check the name, the split and the files")
         raise UserError(f"--hf_dataset {spec}: cannot load it ({type(err).__name__}: {str(err)[:200]}); "
                         f"{hint}") from err
-    for i, row in enumerate(ds):
-        yield Item(i, i + 1, {str(k).strip().lower(): v for k, v in row.items()})
+    i = -1
+    try:
+        for i, row in enumerate(ds):
+            yield Item(i, i + 1, {str(k).strip().lower(): v for k, v in row.items()})
+    except Exception as err:  # a streamed file that breaks half-way: what was read stays, the rest is reported
+        yield Item(i + 1, i + 2, error=f"cannot read further: {type(err).__name__}: {str(err)[:200]}",
+                   reason="unreadable_table", fatal=True)
 
 
 def iter_item_records(items: Iterable[Item], rel: str, drops: DropLog, stats: dict,
