@@ -16,7 +16,8 @@ once and let this script run every configuration in sequence, each through the p
   one way to look at every rank's weights without relying on the trainer's own ``replica_sha256``.
 
 A run that raises does not stop the others. The process group is created here with a short timeout, so a rank
-that waits on a collective its peer never joins fails within a minute instead of gloo's default half hour.
+that waits on a collective its peer never joins fails within three minutes instead of gloo's default half hour
+(not one minute: on a busy 2-core machine a peer's validation and saving can take tens of seconds).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-COLLECTIVE_TIMEOUT_S = 60
+COLLECTIVE_TIMEOUT_S = 180
 
 
 class WrappedModules:
