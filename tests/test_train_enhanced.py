@@ -32,7 +32,8 @@ def tiny_model_no_dropout(tmp_path_factory, tiny_datasets_dir) -> Path:
 def _args(model_dir, data, out, *extra):
     return te.parse_args(["--model_name", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
                           "--epochs", "2", "--batch_size", "4", "--learning_rate", "3e-3", "--max_length", "96",
-                          "--num_samples", "0", "--seed", "3", "--no_progress_bar", *extra])
+                          "--num_samples", "0", "--seed", "3", "--no_progress_bar", "--domain_eval_frequency", "0",
+                          *extra])  # the generation check is tested with the techniques
 
 
 def _weights(run: Path, folder: str = "theta_final") -> dict[str, torch.Tensor]:
@@ -276,7 +277,7 @@ def test_a_failing_or_hanging_notifier_never_stops_training(tmp_path, tiny_model
     for kind in (_FailingNotifier, _HangingNotifier):
         notifier = kind(config, run_name="t", run_dir=tmp_path / kind.__name__, shutdown_wait_s=0.2)
         summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / kind.__name__, "--epochs", "1",
-                                 "--batch_size", "8", "--domain_eval_frequency", "0"), notifier)
+                                 "--batch_size", "8"), notifier)
         notifier.close(timeout=0.2)
         assert summary["exit_code"] == 0 and (tmp_path / kind.__name__ / "theta_final").is_dir()
         if kind is _FailingNotifier:
@@ -304,17 +305,22 @@ def test_profiles_and_explicit_flags():
                                          (["--learning_rate", "-1"], "--learning_rate"),
                                          (["--warmup_proportion", "1.5"], "--warmup_proportion"),
                                          (["--resume", "/no/such/checkpoint"], "--resume"),
-                                         (["--scheduler_type", "triangle"], "--scheduler_type")])
-def test_bad_flags_name_the_flag_without_traceback(flags, named):
-    out = run_script(["-m", "src.training.train_enhanced", *flags])
-    assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr
+                                         (["--scheduler_type", "triangle"], "--scheduler_type"),
+                                         (["--use_cpu_offload", "--precision", "fp16"], "--precision fp16")])
+def test_bad_flags_name_the_flag_without_traceback(flags, named, capsys):
+    with pytest.raises(SystemExit) as stop:  # in-process: the command line's own path is the test below
+        te.run_entry_point(te.main, flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err and "Traceback" not in err
 
 
-def test_bad_data_file_is_a_clear_error(tmp_path, tiny_model_dir):
+def test_command_line_errors_exit_2_without_traceback(tmp_path, tiny_model_dir):
+    out = run_script(["-m", "src.training.train_enhanced", "--batch_size", "0"])  # argparse
+    assert out.returncode == 2 and "--batch_size" in out.stderr and "Traceback" not in out.stderr
     bad = tmp_path / "enhanced_training_data.json"
     bad.write_text('[{"question": "q", "answer": "a"}]')
     out = run_script(["src/training/train_enhanced.py", "--model_name", str(tiny_model_dir), "--data_path", str(bad),
-                      "--output_dir", str(tmp_path / "run")])
+                      "--output_dir", str(tmp_path / "run")])  # a UserError, run as a file
     assert out.returncode == 2 and "re-run data preparation" in out.stderr.lower() and "Traceback" not in out.stderr
 
 
