@@ -184,6 +184,6 @@ def test_compiled_training_matches_eager(tmp_path, tiny_datasets_dir, prepared_d
                                 "--learning_rate", "3e-3", "--max_length", "64", "--num_samples", "0",
                                 "--domain_eval_frequency", "0", "--no_progress_bar", "--seed", "3", *extra]))
     a, b = (load_file(str(tmp_path / n / "theta_final" / "model.safetensors")) for n in ("eager", "compiled"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in a:  # fused kernels round differently: measured 2.6e-5 at most after two Adam steps at lr 3e-3
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
     assert "torch.compile: first forward" in (tmp_path / "compiled" / "train.log").read_text()
