@@ -405,16 +405,9 @@ def test_one_interface_and_a_misspelt_method_is_an_error():
     for obj in (n, null):
         with pytest.raises(AttributeError):
             obj.epoch_updat(1, EPOCH_1)  # the old string-name dispatch would have sent nothing, silently
+        with pytest.raises(AttributeError):
+            obj.epoch_update(1, EPOCH_1)  # the names before the one interface are gone
     n.close(timeout=0)
-
-
-def test_the_old_names_are_aliases_of_the_new(smtp_server, tls_cert):
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0]))
-    assert TrainingEmailNotifier.epoch_update is TrainingEmailNotifier.epoch
-    n.start_training_notification({"epochs": 1})
-    n.epoch_update(1, EPOCH_1)
-    n.training_completed({"status": "completed"})
-    assert n.close(timeout=30) and n.counts["sent"] == 3
 
 
 def test_a_failing_method_never_raises_and_hides_the_password(caplog):

@@ -38,7 +38,8 @@ from transformers.utils import logging as hf_logging
 
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.report import apply_umask, coverage, fixed
-from src.training.train_enhanced import TokenizedDataset, TrainingSampler, collate, evaluate
+from src.training.lm_data import TokenizedDataset, collate, evaluate
+from src.training.train_enhanced import TrainingSampler
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
 from src.utils.data_contract import question_key
 
@@ -239,7 +240,8 @@ def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path
 # ---------------------------------------------------------------------------------------------------------------
 
 def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int, max_length: int) -> dict:
-    """Answer-token loss, perplexity and token accuracy (overall and per domain), via the trainer's ``evaluate``."""
+    """Answer-token loss, perplexity and token accuracy (overall and per domain), via ``evaluate`` of
+    src/training/lm_data.py (the one validation uses), in the records' order."""
     max_length = min(max_length, tm.model.config.n_positions)
     ds = TokenizedDataset(records, tm.tokenizer, max_length)
     if len(ds) == 0:

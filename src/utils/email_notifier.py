@@ -471,12 +471,6 @@ class NullNotifier:
         """Nothing to wait for: True."""
         return True
 
-    start_training_notification = start
-    epoch_update = epoch
-    gpu_status_update = status
-    training_completed = completed
-    training_failed = failed
-
 
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
 
@@ -574,13 +568,6 @@ class TrainingEmailNotifier:
         self.stop_status_thread()
         if self.lifecycle_emails:
             self._enqueue(_Job("failed", lambda: self._build_failed(str(error), step, log_file), priority=True))
-
-    # The names used before the one interface; kept so callers can move over, then removed.
-    start_training_notification = start
-    epoch_update = epoch
-    gpu_status_update = status
-    training_completed = completed
-    training_failed = failed
 
     def send_test_email(self) -> tuple[bool, str]:
         """Send one test email now, in this thread. ``(True, "")`` or ``(False, "<kind>: <error>. <hint>")``."""
