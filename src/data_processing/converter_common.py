@@ -11,7 +11,6 @@ import argparse
 import gzip
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -38,18 +37,6 @@ SHAPE_CONVERTERS = (
 )
 
 
-def umask_mode() -> int:
-    """The mode a new file gets under the user's umask (0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def apply_umask(path: Path) -> None:
-    """Give a file written through a private temporary file (mode 0600) the user's usual mode."""
-    os.chmod(path, umask_mode())
-
-
 def check_output_path(path: Path, flag: str = "--output") -> None:
     """A clear error, before any work, for an output path that cannot be a file."""
     path = Path(path)
@@ -63,11 +50,9 @@ def check_output_path(path: Path, flag: str = "--output") -> None:
 
 
 def write_json_output(path: Path, data, indent: int | None = 2) -> Path:
-    """``atomic_write_json`` with the output checks and the umask mode."""
+    """``atomic_write_json`` (atomic, with the umask mode) after the output checks."""
     check_output_path(path)
-    atomic_write_json(path, data, indent=indent)
-    apply_umask(Path(path))
-    return Path(path)
+    return atomic_write_json(path, data, indent=indent)
 
 
 def _head(path: Path, n: int = 65536) -> bytes:

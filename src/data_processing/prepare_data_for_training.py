@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 from src.data_processing.augmentation import Augmenter
 from src.data_processing.balancing import balance_domains, effective_cap, water_fill  # noqa: F401 (re-exported)
-from src.data_processing.converter_common import check_output_path, write_json_output, apply_umask
+from src.data_processing.converter_common import check_output_path, write_json_output
 from src.data_processing.domains import (DOMAIN_ALIASES, GENERAL, DomainClassifier, DomainResolver,  # noqa: F401
                                          load_domain_map, normalise_domain)
 from src.data_processing.loading import (INPUT_PROBLEMS, OUTPUT_NAMES, SKIPPED_DIRS, DropLog,  # noqa: F401
@@ -447,7 +447,6 @@ def write_prepared(path: Path, records: list[dict]) -> None:
             out["source_index"] = rec.get("source_index")
             fh.write((",\n" if i else "") + dumps(out))
         fh.write("\n]}\n")
-    apply_umask(path)
 
 
 def load_test_set(path: Path, max_chars: int) -> list[dict]:

@@ -37,7 +37,7 @@ from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from src.model.theta_model import ThetaModel, split_prompt
-from src.training.report import apply_umask, coverage, fixed
+from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
 from src.training.train_enhanced import TrainingSampler
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
@@ -448,8 +448,8 @@ def _signed(value: float, digits: int) -> str:
 
 
 def write_results(path: Path, result: dict) -> None:
-    """The metrics file, atomically, readable like any file the user creates (see report.apply_umask)."""
-    apply_umask(atomic_write_json(path, result))
+    """The metrics file, atomically, readable like any file the user creates (atomic_write_json keeps the umask)."""
+    atomic_write_json(path, result)
 
 
 def main(argv: list[str] | None = None) -> int:

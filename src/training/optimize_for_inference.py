@@ -49,7 +49,6 @@ from transformers.utils import logging as hf_logging
 
 from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
-from src.training.report import apply_umask
 from src.utils.common import PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -357,9 +356,7 @@ def _publish(folder: Path, output: Path) -> None:
     never absent: the old one is swapped out in one rename and removed after), with the user's umask modes."""
     with atomic_dir(output) as tmp:
         for entry in folder.iterdir():
-            os.replace(entry, tmp / entry.name)  # same file system: a rename, no copy
-        for path in [tmp, *tmp.rglob("*")]:  # mkstemp/mkdtemp made some of them 0600/0700
-            apply_umask(path)
+            os.replace(entry, tmp / entry.name)  # same file system: a rename, no copy (atomic_dir sets the modes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import html
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -95,27 +94,13 @@ def fixed(value: float, digits: int = 4) -> str:
     return text.lstrip("-") if set(text) <= set("-0.,") else text  # no "-0.0000"
 
 
-def apply_umask(path: Path) -> Path:
-    """Give ``path`` the mode a plain ``open()`` or ``mkdir()`` would have (0644 / 0755 under the usual umask 022).
-
-    The project's atomic writers create files and folders through ``tempfile.mkstemp``/``mkdtemp``, which make
-    them 0600/0700 whatever the umask: a report nobody else on the machine (or the web server serving stats/) can
-    read. Sharp edge: reads the umask by setting it, which is not thread-safe against another thread doing the
-    same; only entry points call this.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
-    return Path(path)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Plots (each returns the file it wrote, or None when it had no data)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend (no display on servers and in CI), imported on first use: the
-    metrics side of evaluation (fixed, coverage, apply_umask) needs no plotting library."""
+    metrics side of evaluation (fixed, coverage) needs no plotting library."""
     import matplotlib
 
     matplotlib.use("Agg")  # must come before pyplot
@@ -142,8 +127,8 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-    tmp.replace(path)
-    return apply_umask(path)
+    tmp.replace(path)  # savefig's plain open() already honours the umask
+    return path
 
 
 def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
@@ -413,7 +398,7 @@ def write_report(result: dict, run_dir: Path | None, out_dir: Path) -> Path:
                   "accuracy": plot_token_accuracy(history, result.get("token_accuracy"), out_dir),
                   "domains": plot_domains(result.get("per_domain", {}), out_dir),
                   "deltas": plot_deltas(result.get("deltas", {}), out_dir) if result.get("deltas") else None}
-    path = apply_umask(atomic_write_text(out_dir / "report.html", render_html(result, images, run_dir)))
+    path = atomic_write_text(out_dir / "report.html", render_html(result, images, run_dir))
     logger.info("report: %s (%s)", path, ", ".join(p.name for p in images.values() if p))
     return path
 

@@ -38,13 +38,30 @@ def new_run_id(now: float | None = None) -> str:
     return time.strftime("theta_enhanced_%Y%m%d_%H%M%S", time.localtime(now))
 
 
+def umask_modes() -> tuple[int, int]:
+    """(file mode, folder mode) that a plain ``open()`` / ``mkdir()`` would give now: 0644 / 0755 under umask 022.
+
+    ``mkstemp``/``mkdtemp`` (and some writers, transformers' safetensors among them) make private 0600/0700
+    entries whatever the umask; the atomic writers below give theirs these modes instead. Linux reports the umask in
+    /proc without changing it; elsewhere it is read by setting and restoring it (not thread-safe, but only the
+    main thread writes outputs).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
 @contextmanager
 def atomic_open(path: str | Path):
     """A text file handle whose content replaces ``path`` only once the ``with`` block succeeds.
 
     Written to a temporary file in the same folder, flushed and fsynced, then ``os.replace``d: a crash at any
     point leaves either the old file or the new one, never half of one. Streams large outputs without holding
-    them in memory.
+    them in memory. The file gets the user's umask mode (``mkstemp`` alone would leave it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +71,7 @@ def atomic_open(path: str | Path):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_modes()[0])
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -100,7 +118,8 @@ def atomic_dir(path: str | Path, marker: str | None = None):
     swapped in one atomic rename (Linux), so ``path`` is never absent, not even for a moment, and the old folder is
     removed only afterwards; elsewhere the old folder is moved aside just before the new one is renamed in (a
     window of one rename) and removed after. A failure inside the block removes the temporary folder and leaves
-    ``path`` as it was. Used for every folder a later step reads: model folders, checkpoints, theta_best/,
+    ``path`` as it was. Files and folders get the user's umask modes (``mkdtemp`` and some writers, transformers'
+    safetensors among them, make them private). Used for every folder a later step reads: model folders, checkpoints, theta_best/,
     theta_final/. Writers of the same ``path`` must not run concurrently (under DDP only rank 0 writes).
     """
     path = Path(path)
@@ -108,9 +127,12 @@ def atomic_dir(path: str | Path, marker: str | None = None):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        file_mode, dir_mode = umask_modes()
         for folder, _, files in os.walk(tmp):
             for name in files:
+                os.chmod(Path(folder) / name, file_mode)
                 _fsync_path(Path(folder) / name)
+            os.chmod(folder, dir_mode)
             _fsync_path(Path(folder))
         if path.exists() and _exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
@@ -126,7 +148,7 @@ def atomic_dir(path: str | Path, marker: str | None = None):
         raise
     _fsync_path(path.parent)
     if marker is not None:
-        with open(path / marker, "w", encoding="utf-8") as fh:
+        with open(path / marker, "w", encoding="utf-8") as fh:  # open() honours the umask itself
             fh.write("complete\n")
             fh.flush()
             os.fsync(fh.fileno())
