@@ -1,7 +1,8 @@
 """ThetaModel: the one small wrapper around GPT-2 that every part of Theta uses.
 
-It loads a model from any source DESIGN.md lists, owns the prompt format, generates answers and saves
-Hugging Face folders that plain ``transformers`` loads too.
+It loads a model from any source Theta accepts (``theta-tiny``, ``gpt2``/``gpt2-medium`` from the hub or its cache, a
+local folder; see documentation/ARCHITECTURE.md), owns the prompt format, generates answers and saves Hugging Face
+folders that plain ``transformers`` loads too.
 
     python -m src.model.theta_model generate --model_path models/<run>/theta_final --prompt "What is a firewall?"
     python -m src.model.theta_model chat --model_path models/<run>/theta_final
@@ -55,7 +56,7 @@ QUANTIZED_WEIGHTS = "quantized_model.pt"
 
 # Files in Datasets/ that are our own outputs or held out, never training text for the tokenizer.
 NON_TRAINING_FILES = {"enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"}
-# Keys whose string values are training text, in every input shape DESIGN.md accepts.
+# Keys whose string values are training text, in every input shape documentation/DATASETS.md lists.
 TEXT_KEYS = {"question", "answer", "context", "instruction", "input", "output", "content", "value",
              "prompt", "chosen"}
 
