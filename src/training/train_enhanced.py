@@ -64,7 +64,7 @@ COMPLETE_MARKER = "COMPLETE"
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 
-# Profiles (DESIGN.md). Explicit flags override these values.
+# Profiles (documentation/HYPERPARAMETERS.md shows their values). Explicit flags override these values.
 COMPILE_MIN_STEPS = 300  # --compile's default: only runs this long win back the first step's compilation
 PROFILES: dict[str, dict[str, Any]] = {
     # Every technique on, at settings that suit a 3M-parameter model trained from scratch for a few minutes.
@@ -1648,7 +1648,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
     g.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                   help="preset values (DESIGN.md); explicit flags override them")
+                   help="preset values: quick (theta-tiny, every technique, minutes on a CPU) or rtx3060 "
+                        "(gpt2-medium, the overnight run on a 12 GB GPU); explicit flags override them")
     g.add_argument("--model_name", type=str, default="gpt2",
                    help="gpt2, gpt2-medium, a local model folder, or theta-tiny (offline)")
     g.add_argument("--data_path", type=Path, default=PROJECT_ROOT / "Datasets" / "enhanced_training_data.json",
