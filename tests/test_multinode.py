@@ -21,19 +21,9 @@ import sys
 
 import pytest
 
-from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference,
-                                   one_torch_thread, parse, shared_env)
+from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference, parse)
+from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records) -> dict:
-    return shared_env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records)
 
 
 def plain_argv(env: dict, out, batch: int) -> list[str]:

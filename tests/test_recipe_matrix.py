@@ -35,8 +35,9 @@ import pytest
 import torch
 
 from recipe_harness.common import (CONFIGS, PROFILE_FLAGS, SMALL_LR, TECHNIQUE_FLAGS, argv_for, final_weights,
-                                   harness_result, harness_weights, history, identical, max_difference,
-                                   one_torch_thread, parse, shared_ddp_matrix, shared_env)
+                                   harness_result, harness_weights, history, identical, max_difference, parse,
+                                   shared_ddp_matrix)
+from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te
 
 NOT_SPLIT_INVARIANT = {
@@ -45,16 +46,6 @@ NOT_SPLIT_INVARIANT = {
     "profile_quick": "has domain_stratified (see there)",
 }
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records) -> dict:
-    return shared_env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records)
 
 
 def first_epoch_after_warmups(args) -> int:

@@ -15,19 +15,10 @@ import math
 import pytest
 
 from recipe_harness.common import (final_weights, harness_result, harness_weights, history, identical,
-                                   max_difference, metrics, one_torch_thread, parse, shared_ddp_matrix, shared_env,
+                                   max_difference, metrics, parse, shared_ddp_matrix,
                                    write_matrix_data)
+from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records) -> dict:
-    return shared_env(tmp_path_factory, tiny_model_dir, tiny_datasets_dir, prepared_data, tiny_records)
 
 
 def base_argv(env: dict, out, *extra: str) -> list[str]:
