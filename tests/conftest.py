@@ -86,6 +86,15 @@ def tiny_model_dir(tmp_path_factory, tiny_datasets_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_no_dropout(tmp_path_factory, tiny_datasets_dir) -> Path:
+    """The same tiny model with every dropout off: for tests that compare runs whose batches are split differently."""
+    from src.model.theta_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "theta-tiny-nodrop", tiny_datasets_dir,
+                            **TINY_TEST_CONFIG, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, tiny_datasets_dir) -> Path:
     """``enhanced_training_data.json`` from the tiny dataset (with a created test set), in its own folder."""
     import shutil

@@ -19,8 +19,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference, parse)
 from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te

@@ -22,18 +22,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import TINY_TEST_CONFIG
-from src.model.theta_model import ThetaModel, build_tiny_model, split_prompt
+from src.model.theta_model import ThetaModel, split_prompt
 from src.utils.common import UserError, atomic_dir
 import src.training.train_enhanced as te
-
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-@pytest.fixture(scope="module")
-def nodrop_model(tmp_path_factory, tiny_datasets_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("m") / "nodrop", tiny_datasets_dir, **TINY_TEST_CONFIG,
-                            **NO_DROPOUT)
 
 
 def _args(model_dir, data, out, *extra):
@@ -88,10 +79,10 @@ CONTRASTIVE = ["--use_code_contrastive", "--code_contrastive_scope", "all", "--c
                "--max_steps", "3"]
 
 
-def test_bug6_contrastive_term_does_not_change_with_micro_batch_split_or_oom_halving(tmp_path, nodrop_model,
+def test_bug6_contrastive_term_does_not_change_with_micro_batch_split_or_oom_halving(tmp_path, tiny_model_no_dropout,
                                                                                       prepared_data, monkeypatch):
-    te.train(_args(nodrop_model, prepared_data, tmp_path / "4x1", *CONTRASTIVE))
-    te.train(_args(nodrop_model, prepared_data, tmp_path / "1x4", *CONTRASTIVE, "--batch_size", "1",
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "4x1", *CONTRASTIVE))
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "1x4", *CONTRASTIVE, "--batch_size", "1",
                    "--gradient_accumulation_steps", "4"))
     from transformers import GPT2LMHeadModel
 
@@ -103,7 +94,7 @@ def test_bug6_contrastive_term_does_not_change_with_micro_batch_split_or_oom_hal
         return real_forward(self, input_ids=input_ids, **kw)
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", small_memory_forward)
-    te.train(_args(nodrop_model, prepared_data, tmp_path / "oom", *CONTRASTIVE))
+    te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "oom", *CONTRASTIVE))
     assert "micro-batch now 2 x 2" in (tmp_path / "oom" / "train.log").read_text()
     runs = {name: _metrics(tmp_path / name) for name in ("4x1", "1x4", "oom")}
     terms = {name: [x["contrastive"] for x in lines] for name, lines in runs.items()}

@@ -15,19 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PROJECT_ROOT, TINY_TEST_CONFIG, run_script
-from src.model.theta_model import build_tiny_model
+from conftest import PROJECT_ROOT, run_script
 import src.training.train_enhanced as te
 from src.utils.email_notifier import EmailConfig, TrainingEmailNotifier
-
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_no_dropout(tmp_path_factory, tiny_datasets_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("m") / "nodrop", tiny_datasets_dir, **TINY_TEST_CONFIG,
-                            **NO_DROPOUT)
-
 
 def _args(model_dir, data, out, *extra):
     return te.parse_args(["--model_name", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
