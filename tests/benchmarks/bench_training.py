@@ -993,6 +993,34 @@ def skipped_configs(configs: list[str]) -> dict[str, str]:
     return out
 
 
+def interleaved_rounds(configs: list[str], repeats: int, device: str, measure_one, describe):
+    """Run every configuration once per round, interleaved, so load changes hit all of them alike.
+
+    ``measure_one(config, round, matmul_rate)`` returns a result dict (given a ``load`` key here) and
+    ``describe(result)`` its console line. A configuration that fails is reported and left out of later rounds,
+    without losing the others' results. Returns ``(runs per config, errors per config, matmul rate per round)``.
+    """
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    errors: dict[str, str] = {}
+    rates: list[float] = []
+    for rep in range(repeats):
+        rate = matmul_gflops(device)  # the machine's speed this round: MFU and load drift
+        rates.append(rate)
+        for c in configs:
+            if c in errors:
+                continue
+            try:
+                r = measure_one(c, rep, rate)
+            except Exception as err:  # one failing config must not lose the others' results
+                errors[c] = f"{type(err).__name__}: {err}"
+                print(f"  round {rep + 1} {c}: FAILED {errors[c]}", flush=True)
+                continue
+            r["load"] = load_average()
+            runs[c].append(r)
+            print(f"  round {rep + 1} {c:<3} {describe(r)}", flush=True)
+    return runs, errors, rates
+
+
 def run_epoch_mode(args, job_for, shapes, configs, skipped, results) -> None:
     for shape in shapes:
         for B in args.batch_sizes:
@@ -1005,28 +1033,13 @@ def run_epoch_mode(args, job_for, shapes, configs, skipped, results) -> None:
             print(f"\n# {shape}, batch {B}: {dims.n_layer} layers x {dims.n_embd}, vocabulary {dims.vocab}; "
                   f"{len(lengths)} training records, {sum(lengths)} tokens ({share:.0%} targets); "
                   f"{args.repeats} rounds of {', '.join(configs)}; {load_average()}", flush=True)
-            runs: dict[str, list[dict]] = {c: [] for c in configs}
-            errors: dict[str, str] = {}
-            rates, loads = [], []
-            for rep in range(args.repeats):
-                rate = matmul_gflops(args.device)
-                rates.append(rate)
-                for c in configs:
-                    if c in errors:
-                        continue
-                    t0 = time.perf_counter()
-                    try:
-                        r = measure_epoch(c, job, 42 + rep, dims, flops_tok, rate, sample=args.breakdown)
-                    except Exception as err:  # one failing config must not lose the others' results
-                        errors[c] = f"{type(err).__name__}: {err}"
-                        print(f"  round {rep + 1} {c}: FAILED {errors[c]}", flush=True)
-                        continue
-                    r["load"] = load_average()
-                    loads.append(r["load"])
-                    runs[c].append(r)
-                    print(f"  round {rep + 1} {c:<3} epoch {r['epoch_s']:7.1f} s  {_fmt(r['useful_tok_s'], '{:.0f}'):>6} "
-                          f"useful tok/s  padding {_fmt(r['padding_share'], '{:.1%}')}  (runs {r['wall_1']:.0f} s + "
-                          f"{r['wall_2']:.0f} s; {r['load']})", flush=True)
+            runs, errors, rates = interleaved_rounds(
+                configs, args.repeats, args.device,
+                lambda c, rep, rate: measure_epoch(c, job, 42 + rep, dims, flops_tok, rate, sample=args.breakdown),
+                lambda r: (f"epoch {r['epoch_s']:7.1f} s  {_fmt(r['useful_tok_s'], '{:.0f}'):>6} useful tok/s  "
+                           f"padding {_fmt(r['padding_share'], '{:.1%}')}  (runs {r['wall_1']:.0f} s + "
+                           f"{r['wall_2']:.0f} s; {r['load']})"))
+            loads = [r["load"] for c in configs for r in runs[c]]
             title = (f"{shape}, batch {B}: whole epoch (2-epoch minus 1-epoch wall time); fp32 matmul rate "
                      f"{statistics.median(rates):.0f} GFLOP/s")
             rat = epoch_ratios(runs)
@@ -1054,25 +1067,11 @@ def run_steps_mode(args, job_for, shapes, configs, skipped, results) -> None:
             print(f"\n# {shape}, batch {B}: N (matmul weights) = {dims.matmul_params / 1e6:.2f}M; {steps} steps per "
                   f"run ({warmup} dropped), {args.repeats} rounds of {', '.join(configs)}; {load_average()}",
                   flush=True)
-            runs: dict[str, list[dict]] = {c: [] for c in configs}
-            errors: dict[str, str] = {}
-            rates = []
-            for rep in range(args.repeats):
-                rate = matmul_gflops(args.device)
-                rates.append(rate)
-                for c in configs:
-                    if c in errors:
-                        continue
-                    try:
-                        r = measure(c, job, steps, seed=42 + rep, warmup=warmup, matmul_rate=rate)
-                    except Exception as err:
-                        errors[c] = f"{type(err).__name__}: {err}"
-                        print(f"  round {rep + 1} {c}: FAILED {errors[c]}", flush=True)
-                        continue
-                    r["load"] = load_average()
-                    runs[c].append(r)
-                    print(f"  round {rep + 1} {c:<3} {r['useful_tok_s']:8.0f} useful tok/s  {r['step_ms']:7.0f} ms/step "
-                          f" MFU {_fmt(r.get('mfu'), '{:.1%}')}  ({r['load']})", flush=True)
+            runs, errors, rates = interleaved_rounds(
+                configs, args.repeats, args.device,
+                lambda c, rep, rate: measure(c, job, steps, seed=42 + rep, warmup=warmup, matmul_rate=rate),
+                lambda r: (f"{r['useful_tok_s']:8.0f} useful tok/s  {r['step_ms']:7.0f} ms/step  "
+                           f"MFU {_fmt(r.get('mfu'), '{:.1%}')}  ({r['load']})"))
             title = (f"{shape}, batch {B}: {steps} steps ({warmup} dropped); fp32 matmul rate "
                      f"{statistics.median(rates):.0f} GFLOP/s ({', '.join(f'{x:.0f}' for x in rates)})")
             rat = step_ratios(runs)
