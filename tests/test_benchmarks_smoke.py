@@ -74,6 +74,19 @@ def test_trainer_arguments_speak_this_transformers(tmp_path):
     assert grouped and getattr(strategy, "value", strategy) == "epoch"
 
 
+def test_one_technique_configs_turn_exactly_that_technique_on(tmp_path):
+    """Config +X is config a with only --use_X on: the per-technique overhead rows compare one flag each."""
+    job = bench.Job(model_dir=tmp_path, data_path=tmp_path / "d.json", datasets_dir=tmp_path, work=tmp_path)
+    plain = bench._ours_argv(job, tmp_path, 1, 0, 1, "a")
+    one = bench._ours_argv(job, tmp_path, 1, 0, 1, "+ema")
+    assert "--use_ema" in one and "--no_ema" not in one and "--no_ema" in plain
+    assert set(plain) - set(one) == {"--no_ema"} and set(one) - set(plain) == {"--use_ema"}
+    assert bench.config_title("+ema") == "ours, only --use_ema"
+    assert bench.ordered_configs({"+rdrop": 1, "b": 1, "a": 1}) == ["a", "b", "+rdrop"]
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "a,+no_such_technique"])
+
+
 def test_head_paths_agree():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 12, 16, generator=g).requires_grad_()

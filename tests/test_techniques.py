@@ -329,6 +329,27 @@ def test_generation_scores_by_hand():
     assert s["coherence"] == pytest.approx(2 * 1 / 4)  # "firewall" of {what, does, firewall, filter}, x2
 
 
+def test_domain_check_scores_equal_one_question_at_a_time(tiny_model_dir):
+    """Oracle: each chosen question answered alone (generate_with_stats) and scored by hand's function; the
+    check answers them in one batch, and must pick the same questions and give the same means."""
+    from src.model.theta_model import ThetaModel
+
+    tm = ThetaModel.load(tiny_model_dir, device="cpu")
+    recs = [{"domain": d, "question": q, "answer": a} for d, q, a in [
+        ("networking", "What does a firewall filter?", "A firewall filters network traffic by rules."),
+        ("programming", "How do I reverse a list in Python?", "Use reversed() or slicing with a step of -1."),
+        ("networking", "What is DNS?", "DNS maps host names to addresses."),
+        ("networking", "What is a subnet mask used for?", "It splits an address into network and host parts."),
+        ("programming", "Was ist eine Liste?", "Eine geordnete Folge von Werten.")]]
+    out = te.ValidationMetrics(per_domain=2, max_new_tokens=12).run(tm, recs)
+    for domain, chosen in (("networking", recs[0:3:2]), ("programming", [recs[1], recs[4]])):
+        scores = [te.ValidationMetrics.score_answer(r["question"], r["answer"], tm.generate_with_stats(
+            r["question"], max_length=12, temperature=0.0)["text"]) for r in chosen]
+        for key in ("length", "distinct_2", "keyword_recall", "coherence"):
+            assert out[domain][key] == pytest.approx(float(np.mean([s[key] for s in scores]))), (domain, key)
+    assert sorted(out) == ["networking", "programming"]
+
+
 # --- everything together ------------------------------------------------------------------------------------------
 
 ALL_ON = ["--use_ema", "--ema_decay", "0.9", "--ema_warmup_epochs", "1", "--use_label_smoothing",

@@ -89,6 +89,22 @@ def test_generate_returns_only_the_answer_and_stops_at_eos(tiny_model_dir):
     assert "Question:" not in tm.generate("What is DNS?", max_length=40, temperature=0.0)
 
 
+def test_generate_batch_equals_one_by_one_greedy(tiny_model_dir):
+    """Oracle: the same questions answered one at a time. Left padding must change neither the answers nor
+    where they stop (the taught question ends at EOS early; the others run to max_length)."""
+    tm = ThetaModel.load(tiny_model_dir, device="cpu")
+    _teach(tm, "What is DNS?", "It maps names.")
+    questions = ["What is DNS?", "How would you explain a three-way TCP handshake to a new network engineer?",
+                 "Wie funktioniert ein Router?", "What is DNS?"]
+    single = [tm.generate_with_stats(q, max_length=24, temperature=0.0) for q in questions]
+    batch = tm.generate_batch(questions, max_length=24, temperature=0.0)
+    assert [b["text"] for b in batch] == [s["text"] for s in single]
+    assert [b["new_tokens"] for b in batch] == [s["new_tokens"] for s in single]
+    assert batch[0]["text"] == "It maps names." and batch[0]["new_tokens"] < 24 == batch[1]["new_tokens"]
+    assert tm.tokenizer.padding_side == "right"  # restored
+    assert tm.generate_batch([], max_length=4) == []
+
+
 def test_generate_greedy_is_deterministic_and_sampling_is_seedable(tiny_model_dir):
     tm = ThetaModel.load(tiny_model_dir, device="cpu")
     assert tm.generate("What is TCP?", max_length=12, temperature=0) == \

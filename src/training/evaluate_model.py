@@ -33,7 +33,6 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from src.model.theta_model import ThetaModel, split_prompt
@@ -266,40 +265,23 @@ def generate_answers(tm: ThetaModel, records: list[dict], settings: dict, batch_
     Returns the answers (in record order) and generation timing. The RNG is seeded once with
     ``settings["seed"]`` before the first batch, so the same settings and batch size give the same answers.
     """
-    tok, model = tm.tokenizer, tm.model
-    sampling = settings["temperature"] > 0
-    gen = GenerationConfig(
-        max_new_tokens=settings["max_new_tokens"], do_sample=sampling,
-        temperature=settings["temperature"] if sampling else None, top_p=settings["top_p"] if sampling else None,
-        top_k=settings["top_k"] if sampling else None, repetition_penalty=settings["repetition_penalty"],
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    was_training, old_side = model.training, tok.padding_side
-    model.eval()
-    tok.padding_side = "left"  # decoder-only models continue from the right end of the prompt
-    n_positions = model.config.n_positions
+    tok = tm.tokenizer
+    n_positions = tm.model.config.n_positions
     answers, new_tokens, seconds = [""] * len(records), 0, 0.0
     torch.manual_seed(settings["seed"])
-    try:
-        prompts = [(i, split_prompt(r["question"], None, r.get("context"))[0]) for i, r in enumerate(records)]
-        # Prompts that leave no room for an answer get an empty answer (counted): scoring them 0 is honest.
-        lengths = {i: len(tok(p)["input_ids"]) for i, p in prompts}
-        too_long = [i for i, _ in prompts if lengths[i] >= n_positions]
-        prompts = [(i, p) for i, p in prompts if lengths[i] < n_positions]
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            enc = tok([p for _, p in chunk], return_tensors="pt", padding=True).to(tm.device)
-            T = enc["input_ids"].shape[1]
-            gen.max_new_tokens = min(settings["max_new_tokens"], n_positions - T)
-            t0 = time.perf_counter()
-            out = model.generate(**enc, generation_config=gen)  # (B, T + new)
-            seconds += time.perf_counter() - t0
-            new = out[:, T:]  # (B, new); pad after an early end-of-text
-            new_tokens += int((new != tok.pad_token_id).sum())
-            for (i, _), text in zip(chunk, tok.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = text.strip()
-    finally:
-        tok.padding_side = old_side
-        model.train(was_training)
+    prompts = [(i, split_prompt(r["question"], None, r.get("context"))[0]) for i, r in enumerate(records)]
+    # Prompts that leave no room for an answer get an empty answer (counted): scoring them 0 is honest.
+    lengths = {i: len(tok(p)["input_ids"]) for i, p in prompts}
+    too_long = [i for i, _ in prompts if lengths[i] >= n_positions]
+    kept = [i for i, _ in prompts if lengths[i] < n_positions]
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start:start + batch_size]
+        out = tm.generate_batch([records[i]["question"] for i in chunk], settings["max_new_tokens"],
+                                settings["temperature"], settings["top_p"], settings["top_k"],
+                                settings["repetition_penalty"], None, [records[i].get("context") for i in chunk])
+        seconds += out[0]["seconds"]
+        for i, o in zip(chunk, out):
+            answers[i], new_tokens = o["text"], new_tokens + o["new_tokens"]
     return answers, {"new_tokens": new_tokens, "seconds": round(seconds, 3),
                      "tokens_per_sec": new_tokens / seconds if seconds > 0 else 0.0, "prompts_too_long": len(too_long)}
 

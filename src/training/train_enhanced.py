@@ -817,11 +817,13 @@ class ValidationMetrics:
         by_domain: dict[str, list[dict]] = {}
         for rec in records:
             by_domain.setdefault(rec.get("domain", "unknown"), []).append(rec)
+        chosen = {domain: recs[:self.per_domain] for domain, recs in sorted(by_domain.items())}
+        questions = [r["question"] for recs in chosen.values() for r in recs]
+        # one batched greedy generate for every question (the same answers as one by one, ~5x faster on CPU)
+        answers = iter(a["text"] for a in tm.generate_batch(questions, max_length=self.max_new_tokens, temperature=0.0))
         out = {}
-        for domain, recs in sorted(by_domain.items()):
-            scores = [self.score_answer(r["question"], r["answer"],
-                                        tm.generate(r["question"], max_length=self.max_new_tokens, temperature=0.0))
-                      for r in recs[:self.per_domain]]
+        for domain, recs in chosen.items():
+            scores = [self.score_answer(r["question"], r["answer"], next(answers)) for r in recs]
             mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
             mean["score"] = float(np.mean([mean["distinct_2"], mean["keyword_recall"], mean["coherence"]]))
             out[domain] = mean
@@ -2593,8 +2595,9 @@ def log_epoch(run: Run, entry: dict, m: dict) -> None:
                     v["token_accuracy"], f"  generation score {score:.2f}" if score is not None else "")
     run.writer.add_scalar("epoch/train_loss", entry["train_loss"], state.epoch + 1)
     run.writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
-    for ex in run.val_ds.examples[:run.args.num_samples]:
-        answer = run.tm.generate(ex["question"], max_length=48, temperature=0.0)  # greedy: uses no RNG
+    examples = run.val_ds.examples[:run.args.num_samples]
+    answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=48, temperature=0.0)  # no RNG
+    for ex, answer in zip(examples, (a["text"] for a in answers)):
         logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
         run.writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
 

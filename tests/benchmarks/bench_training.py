@@ -69,6 +69,19 @@ CONFIG_TITLES = {"a": "ours, techniques off", "b": "Trainer, dynamic padding", "
                  "c": "ours, quick techniques", "d": "ours, rtx3060 techniques", "e": "ours, rtx3060 minus R-Drop",
                  "ap": "ours, --packing", "ac": "ours, --compile", "a0": "ours at --baseline_tree (before)"}
 CONFIGS = tuple(CONFIG_TITLES)
+# "+X": config a with one technique on (--use_X at its default settings), for the per-technique overheads
+ONE_TECHNIQUE = "+"
+
+
+def config_title(config: str) -> str:
+    if config.startswith(ONE_TECHNIQUE):
+        return f"ours, only --use_{config[1:]}"
+    return CONFIG_TITLES[config]
+
+
+def ordered_configs(runs) -> list[str]:
+    """The named configurations in their fixed order, then the one-technique ones in the order they ran."""
+    return [c for c in CONFIGS if c in runs] + [c for c in runs if c.startswith(ONE_TECHNIQUE)]
 TRAINER_CONFIGS = ("b", "b2", "be", "b2e")
 SHAPES = ("quick", "gpt2-124m")
 HEAD_SHAPES = {"quick": None, "gpt2-124m": (768, 50257), "gpt2-355m": (1024, 50257)}  # quick: theta-tiny's own
@@ -440,6 +453,10 @@ def _ours_argv(job: Job, out: Path, epochs: int, steps: int, seed: int, config: 
     argv = [x for k, v in pairs if k in flags for x in ((k,) if v is None else (k, str(v)))]
     if config in ("a", "ap", "ac", "a0"):
         argv += technique_flags()["off"]
+    elif config.startswith(ONE_TECHNIQUE):
+        tf = technique_flags()
+        on = f"--use_{config[1:]}"
+        argv += [off for flag, off in zip(tf["on"], tf["off"]) if flag != on] + [on]
     elif config in ("c", "d", "e"):
         argv += ["--profile", {"c": "quick", "d": "rtx3060", "e": "rtx3060"}[config]]
         if config == "e":
@@ -916,21 +933,21 @@ def print_table(title: str, runs: dict[str, list[dict]], columns, ratios: dict, 
     print("|---|" + "---:|" * len(columns) + "---|")
     med = {}
     key0 = columns[0][0]
-    for c in CONFIGS:
+    for c in ordered_configs({**runs, **skipped}):
         if runs.get(c):
             m = med[c] = median_of(runs[c], tuple(k for k, _, _ in columns))
             cells = " | ".join(_fmt(m.get(k), f) for k, _, f in columns)
             per = ", ".join(_fmt(r.get(key0), columns[0][2]) for r in runs[c])
-            print(f"| {c} {CONFIG_TITLES[c]} | {cells} | {per} |")
+            print(f"| {c} {config_title(c)} | {cells} | {per} |")
         elif c in skipped:
-            print(f"| {c} {CONFIG_TITLES[c]} | skipped: {skipped[c]} |")
+            print(f"| {c} {config_title(c)} | skipped: {skipped[c]} |")
     print("ratios (median of per-round ratios): " + ", ".join(f"{k} = {_fmt(v, '{:.2f}')}" for k, v in ratios.items()))
     return med
 
 
 def print_breakdown(title: str, runs: dict[str, list[dict]]) -> dict:
     """Seconds per epoch in each bucket (median over rounds), one column per configuration."""
-    cols = [c for c in CONFIGS if runs.get(c) and runs[c][0].get("breakdown_s")]
+    cols = [c for c in ordered_configs(runs) if runs.get(c) and runs[c][0].get("breakdown_s")]
     if not cols:
         return {}
     table = {c: {b: statistics.median(r["breakdown_s"][b] for r in runs[c]) for b in BUCKETS} for c in cols}
@@ -1090,7 +1107,8 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=str, default=None,
                    help="comma list: quick, gpt2-124m (head mode also gpt2-355m); default by mode")
     p.add_argument("--configs", type=str, default=None,
-                   help=f"comma list of {', '.join(CONFIGS)} (default: epoch a,b,b2,be,b2e; steps a,b,b2)")
+                   help=f"comma list of {', '.join(CONFIGS)}, or +X for config a with only --use_X on "
+                        "(e.g. +ema,+rdrop; default: epoch a,b,b2,be,b2e; steps a,b,b2)")
     p.add_argument("--batch_sizes", type=str, default="4,8", help="micro-batch sizes, comma list")
     p.add_argument("--records", type=int, default=540, help="training records sampled from the prepared file (0 = all)")
     p.add_argument("--val_records", type=int, default=60, help="validation records kept (our loop and be/b2e use them)")
@@ -1124,8 +1142,12 @@ def main(argv: list[str] | None = None) -> int:
         if s not in allowed:
             p.error(f"--shapes: unknown shape {s} (choose from {', '.join(allowed)})")
     for c in configs:
-        if c not in CONFIGS:
-            p.error(f"--configs: unknown config {c} (choose from {', '.join(CONFIGS)})")
+        if c.startswith(ONE_TECHNIQUE):
+            if f"--use_{c[1:]}" not in technique_flags()["on"]:
+                names = ", ".join("+" + f[len("--use_"):] for f in technique_flags()["on"])
+                p.error(f"--configs: the trainer has no --use_{c[1:]} (one-technique configs: {names})")
+        elif c not in CONFIGS:
+            p.error(f"--configs: unknown config {c} (choose from {', '.join(CONFIGS)}, or +X)")
     try:
         args.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     except ValueError:
