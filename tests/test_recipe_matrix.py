@@ -141,6 +141,10 @@ def test_ddp_ranks_identical_and_match_one_process(ddp_matrix, config):
         if worst[0] > TOL:
             problems.append(f"DDP differs from one process at the same global batch by {worst[0]:.3g} "
                             f"({worst[1]}), more than {TOL}")
+        # validation: the ranks' shares together are the whole set, so the figures are one process's
+        one, two = ([h["val_loss"] for h in history(r)] for r in (ddp_matrix["root"] / "single" / config, run))
+        if one != pytest.approx(two, rel=1e-4):
+            problems.append(f"validation losses: one process {one}, DDP {two}")
     assert not problems, f"{config}: " + "; ".join(problems)
 
 

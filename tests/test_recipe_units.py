@@ -250,6 +250,19 @@ def test_sample_weight_is_checked_and_reported(tmp_path, tiny_model_dir, prepare
 
 # --- the stratified sampler and the planned step count (the fix behind bug 4) -------------------------------------
 
+def test_validation_batches_cover_every_record_once_and_pad_little():
+    lengths = [30, 5, 17, 5, 90, 12, 44]  # 7 records: 2 ranks cannot hold equal shares
+    for world in (1, 2, 3):
+        shares = [te.validation_batches(lengths, 2, rank, world) for rank in range(world)]
+        seen = [i for share in shares for b in share for i in b]
+        assert sorted(seen) == list(range(len(lengths))), world  # none dropped, none twice
+        for share in shares:
+            flat = [i for b in share for i in b]
+            assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)  # by length: neighbours batch
+            assert all(1 <= len(b) <= 2 for b in share)
+    assert te.validation_batches(lengths, 3) == [[1, 3, 5], [2, 0, 6], [4]]
+
+
 def test_stratified_mix_spreads_over_the_domains_a_pool_holds():
     domains = [0] * 10 + [1] * 10 + [2] * 10
     strat = te.DomainStratifiedSampler(domains)

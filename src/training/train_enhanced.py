@@ -2050,8 +2050,8 @@ def load_data(run: Run) -> None:
     run.train_ds = TokenizedDataset(run.train_recs, tok, args.max_length, args.loss_on, run.domain_names)
     run.val_ds = TokenizedDataset(run.val_recs, tok, args.max_length, args.loss_on, run.domain_names)
     run.collate_fn = functools.partial(collate, pad_id=tok.pad_token_id)
-    val_sampler = TrainingSampler(len(run.val_ds), args.batch_size, args.seed, run.rank, run.world, shuffle=False)
-    run.val_batches = [run.collate_fn([run.val_ds[i] for i in b]) for b in val_sampler.batches(0)]
+    run.val_batches = [run.collate_fn([run.val_ds[i] for i in b]) for b in validation_batches(
+        [len(e["input_ids"]) for e in run.val_ds.examples], args.batch_size, run.rank, run.world)]
 
 
 def setup_run(run: Run) -> None:
@@ -2205,6 +2205,15 @@ def build_train_sampler(run: Run) -> TrainingSampler:
                            weighted, parts.get("stratified"),
                            lengths=[len(e["input_ids"]) for e in ex] if args.group_by_length else None,
                            accumulation=args.gradient_accumulation_steps, group_chunk=args.group_by_length_chunk)
+
+
+def validation_batches(lengths: list[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's validation batches: records sorted by length (so a batch pads little), every ``world``-th
+    to this rank. Every record is validated on exactly one rank (none is dropped to even out the ranks:
+    evaluation all-reduces sums, so ranks may hold different counts), and the figures do not depend on
+    the order, only the padding does."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))[rank::world]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def sampling_in_effect(run: Run) -> list[str]:
