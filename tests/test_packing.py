@@ -168,9 +168,7 @@ def test_packed_training_run_ends_at_the_unpacked_run_weights(tmp_path, tiny_dat
     assert "packing on (rows of 64)" in (tmp_path / "packed" / "train.log").read_text()
 
 
-@pytest.mark.skipif(os.environ.get("THETA_COMPILE_TEST") != "1",
-                    reason="torch.compile's first CPU step takes about a minute; THETA_COMPILE_TEST=1 runs it")
-def test_compiled_training_matches_eager(tmp_path, tiny_datasets_dir, prepared_data):
+def _compiled_matches_eager(tmp_path, tiny_datasets_dir, prepared_data):
     from safetensors.torch import load_file
 
     from src.model.theta_model import build_tiny_model
@@ -187,3 +185,21 @@ def test_compiled_training_matches_eager(tmp_path, tiny_datasets_dir, prepared_d
     for k in a:  # fused kernels round differently: measured 2.6e-5 at most after two Adam steps at lr 3e-3
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
     assert "torch.compile: first forward" in (tmp_path / "compiled" / "train.log").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("THETA_COMPILE_TEST") != "1",
+                    reason="torch.compile's first CPU step takes about a minute; THETA_COMPILE_TEST=1 runs it")
+def test_compiled_training_matches_eager(tmp_path, tiny_datasets_dir, prepared_data):
+    """The real thing: inductor generates and compiles C++ kernels for this CPU."""
+    _compiled_matches_eager(tmp_path, tiny_datasets_dir, prepared_data)
+
+
+def test_compiled_training_path_matches_eager_with_the_aot_eager_backend(tmp_path, tiny_datasets_dir, prepared_data,
+                                                                         monkeypatch):
+    """The same check in every suite run, in seconds: our --compile wiring (the compiled module beside the
+    model, dynamic shapes, the first call timed and logged, saving and validation on the plain module) with
+    torch.compile's graph capture and AOTAutograd, but without inductor's C++ code generation."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    _compiled_matches_eager(tmp_path, tiny_datasets_dir, prepared_data)
