@@ -13,6 +13,7 @@ sampled to ``--records``), the same model, sequence limit and batch, interleaved
     c    our loop with --profile quick's techniques (shape, batch and schedule flags kept explicit)
     d    our loop with --profile rtx3060's techniques; e: d with --no_rdrop
     ap   a with --packing; ac: a with --compile (when train_enhanced.py has those flags)
+    +X   a with only --use_X on (e.g. +ema, +rdrop): one technique's cost at a time
 
 --mode epoch (the default) times whole epochs: each configuration runs for 1 epoch and for 2 epochs, and the
 epoch is the difference of the two wall times, so start-up (imports, model load, tokenisation, the final save)
@@ -959,6 +960,21 @@ def print_breakdown(title: str, runs: dict[str, list[dict]]) -> dict:
         print(f"| {b} | " + " | ".join(f"{table[c][b]:.2f}" for c in cols) + " |")
     print("| epoch (wall) | " + " | ".join(f"{statistics.median(r['epoch_s'] for r in runs[c]):.2f}" for c in cols)
           + " |")
+    # the model's own cost per token (forward + backward + loss over the tokens it was given, padding included):
+    # equal here means the loops differ only in how many tokens they compute and in their per-epoch work
+    for label, useful_only in (("model us per processed token", False), ("model us per useful token", True)):
+        cells = []
+        for c in cols:
+            vals = []
+            for r in runs[c]:
+                model = sum(r["breakdown_s"][b] for b in ("forward", "backward", "loss"))
+                tokens = r.get("useful_tokens") or 0
+                if not useful_only and r.get("padding_share") is not None:
+                    tokens = tokens / (1 - r["padding_share"])
+                vals.append(1e6 * model / tokens if tokens else None)
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{statistics.median(vals):.0f}" if vals else "-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     for c in cols:
         top = runs[c][0].get("other_top") or []
         if top:
