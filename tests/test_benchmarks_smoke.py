@@ -115,8 +115,12 @@ def test_epoch_and_step_measurements_of_our_loop(tmp_path, tiny_model_dir, prepa
     assert res["useful_tokens"] == pytest.approx(res["useful_tokens_seen"]) and res["useful_tokens"] > 0
     assert res["steps_per_epoch"] == math.ceil(len(lengths) / 8)
     assert 0.0 <= res["padding_share"] < 1.0 and 0.0 < share <= 1.0
-    for key in ("epoch_s", "epoch_cpu_s", "useful_tok_s", "peak_rss_mb"):
+    for key in ("epoch_s", "epoch_cpu_s", "peak_rss_mb"):
         assert res[key] is not None and math.isfinite(res[key]), key
+    # an epoch this small is a fraction of a second, so the 2-epoch minus 1-epoch difference can come out <= 0
+    # on a busy machine: the rate is then left out (None), never negative (a wall time is never asserted)
+    assert res["useful_tok_s"] == (pytest.approx(res["useful_tokens"] / res["epoch_s"]) if res["epoch_s"] > 0
+                                   else None)
     assert set(res["breakdown_s"]) == set(bench.BUCKETS)
 
     steps = bench.measure("a", job, steps=2, warmup=1, matmul_rate=bench.matmul_gflops(seconds=0.3, n=256))
