@@ -752,7 +752,8 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
     ``order`` is cut into units of ``unit`` records (one optimizer step of the whole world); within each run of
     ``chunk_units`` units, the records of each key (domain, or all one key) are sorted by length and put back
     into that key's slots in unit order, so every unit keeps its domain mix while holding records of similar
-    length. The units are then shuffled (seeded), so an epoch does not run short-to-long.
+    length. The units are then shuffled (seeded), so an epoch does not run short-to-long; a last, shorter unit
+    (records not a multiple of ``unit``) stays last, or every batch after it would straddle two units.
     Measured on the sample data at batch 4: dynamic padding wastes 23% of the tokens, length grouping 1.5%.
     """
     units = [order[i:i + unit] for i in range(0, len(order), unit)]
@@ -766,7 +767,8 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
             ranked = sorted((chunk[u][j] for u, j in positions), key=lambda i: lengths[i])
             for (u, j), idx in zip(positions, ranked):
                 chunk[u][j] = idx
-    perm = torch.randperm(len(units), generator=generator).tolist()
+    full = len(units) - (1 if units and len(units[-1]) < unit else 0)
+    perm = torch.randperm(full, generator=generator).tolist() + list(range(full, len(units)))
     return [idx for p in perm for idx in units[p]]
 
 
