@@ -905,9 +905,10 @@ def epoch_ratios(runs: dict[str, list[dict]]) -> dict[str, float | None]:
 
 
 def step_ratios(runs: dict[str, list[dict]]) -> dict[str, float | None]:
-    return {"a/b useful tok/s": per_round_ratio(runs, "a", "b", "useful_tok_s"),
-            "a/b2 useful tok/s": per_round_ratio(runs, "a", "b2", "useful_tok_s"),
-            "d/a step time": per_round_ratio(runs, "d", "a", "step_ms")}
+    out = {"a/b useful tok/s": per_round_ratio(runs, "a", "b", "useful_tok_s"),
+           "a/b2 useful tok/s": per_round_ratio(runs, "a", "b2", "useful_tok_s"),
+           "d/a step time": per_round_ratio(runs, "d", "a", "step_ms")}
+    return {k: v for k, v in out.items() if v is not None}  # only the pairs this run measured
 
 
 def median_of(runs: list[dict], keys: tuple[str, ...]) -> dict:
