@@ -399,11 +399,10 @@ class ThetaModel:
             enc = tok(texts, return_tensors="pt", padding=True).to(self.device)  # (N, P)
         finally:
             tok.padding_side = side
-        lengths = enc["attention_mask"].sum(1).tolist()
-        n_prompt = enc["input_ids"].shape[1]
+        n_prompt = enc["input_ids"].shape[1]  # the longest prompt (the others are padded to it)
         room = self.model.config.n_positions - n_prompt
         if room <= 0:
-            raise ThetaModelError(f"the question is {max(lengths)} tokens long; this model reads at most "
+            raise ThetaModelError(f"the question is {n_prompt} tokens long; this model reads at most "
                                   f"{self.model.config.n_positions}. Shorten it.")
         sampling = temperature > 0
         gen = GenerationConfig(

@@ -429,11 +429,6 @@ def _signed(value: float, digits: int) -> str:
     return text if text.startswith("-") else "+" + text
 
 
-def write_results(path: Path, result: dict) -> None:
-    """The metrics file, atomically, readable like any file the user creates (atomic_write_json keeps the umask)."""
-    atomic_write_json(path, result)
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -441,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_model(args)
     # The metrics first: whatever happens to the report (a plot that cannot be drawn, a full disk), the
     # figures the night produced are on disk.
-    write_results(args.output_file, result)
+    atomic_write_json(args.output_file, result)  # atomic, with the umask mode
     log_summary(result)
     if not args.no_report:
         report_dir = Path(args.output_file).parent / result["run"]
@@ -454,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("report not written (%s); the metrics are in %s. Rebuild it with: python -m "
                          "src.training.report --results %s --run_dir %s", result["report_error"], args.output_file,
                          args.output_file, run_folder(Path(args.model_path)) or "models/<run>")
-        write_results(args.output_file, result)
+        atomic_write_json(args.output_file, result)  # atomic, with the umask mode
     logger.info("metrics -> %s%s", args.output_file, f"; report -> {result['report']}" if "report" in result else "")
     return 0
 

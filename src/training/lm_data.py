@@ -172,14 +172,14 @@ def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_c
         if head:  # target positions found on the host (no device sync), the head only there: no [B, T, V]
             batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast_ctx:
-            if head:
+        if head:
+            with autocast_ctx:
                 loss, correct, tgt = eval_losses(model, batch)
-                rows = torch.stack([tgt.per_record(loss), tgt.counts().to(loss.dtype),
-                                    tgt.per_record(correct.to(loss.dtype))], 1)
-            else:
+            rows = torch.stack([tgt.per_record(loss), tgt.counts().to(loss.dtype),
+                                tgt.per_record(correct.to(loss.dtype))], 1)
+        else:  # any other head (e.g. int8 inference folders): full logits
+            with autocast_ctx:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if not head:
             loss, mask = token_losses(logits, batch["labels"])
             correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
             rows = torch.stack([loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype)], 1)

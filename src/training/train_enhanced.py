@@ -1485,7 +1485,7 @@ class LossSetup:
     contrastive_weight: float = 0.0
     per_record: bool = False  # also return each record's mean loss (the dynamic curriculum needs them)
     target_head: bool = True  # the head and loss at target positions only (src/training/lm_loss.py)
-    body: Any = None  # what gives the last hidden states: None = lm.base_model; --compile sets a compiled one
+    body: Any = None  # what to call instead of the LM for the hidden states: None = the LM; --compile: a compiled copy
     packing: int | None = None  # --packing: pack each micro-batch into rows of this many tokens
     pad_id: int = 0
     attn_implementation: str = "sdpa"

@@ -285,16 +285,19 @@ def available_flags() -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", trainer_help()))
 
 
-def technique_flags() -> dict[str, list[str]]:
-    """``{"on": [--use_X ...], "off": [its off form ...]}`` from the help ("--no_X  turn --use_X off")."""
+def technique_flags() -> dict:
+    """``{"on": [--use_X ...], "off": [its off form ...], "off_of": {--use_X: its off form}}`` from the help
+    ("--no_X  turn --use_X off"); a switch whose off form the trainer lacks has no entry in "off"/"off_of"."""
     text = re.sub(r"\s+", " ", trainer_help())
     flags = available_flags()
     on = sorted(f for f in flags if f.startswith("--use_"))
-    off = []
+    off_of = {}
     for f in on:
         m = re.search(r"(--no[_-][\w-]+) turn " + re.escape(f) + r" off", text)
-        off.append(m.group(1) if m else f"--no_{f[2:]}")
-    return {"on": on, "off": [f for f in off if f in flags]}
+        off = m.group(1) if m else f"--no_{f[2:]}"
+        if off in flags:
+            off_of[f] = off
+    return {"on": on, "off": list(off_of.values()), "off_of": off_of}
 
 
 def _val_examples(job: Job, tokenizer):
@@ -457,7 +460,7 @@ def _ours_argv(job: Job, out: Path, epochs: int, steps: int, seed: int, config: 
     elif config.startswith(ONE_TECHNIQUE):
         tf = technique_flags()
         on = f"--use_{config[1:]}"
-        argv += [off for flag, off in zip(tf["on"], tf["off"]) if flag != on] + [on]
+        argv += [off for flag, off in tf["off_of"].items() if flag != on] + [on]
     elif config in ("c", "d", "e"):
         argv += ["--profile", {"c": "quick", "d": "rtx3060", "e": "rtx3060"}[config]]
         if config == "e":
