@@ -62,6 +62,7 @@ from src.data_processing.text_quality import content_flags, difficulty, normalis
 from src.utils.common import PROJECT_ROOT, UserError, atomic_open, read_json, run_entry_point, setup_logging, \
     stable_hash
 from src.utils.data_contract import PREPARED_FORMAT_VERSION, has_code, question_key  # noqa: F401 (re-exported)
+from src.utils.profiles import PROFILE_NAMES, prepare_values
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ POOL_CHUNK = 4000  # records per task sent to a worker
 # The data-preparation half of each overnight profile (the scripts pass --profile and nothing else). Both follow
 # the rules of documentation/DATA_PROCESSING.md: balance by weights (nothing real dropped or copied), synthetic
 # examples at most 10% of the output, a floor bounded by --max_repeats.
-PROFILES = {
-    "quick": {"max_domain_fraction": 0.3, "min_domain_count": 100, "synthetic_ratio": 0.1,
-              "near_dup_threshold": 0.8, "max_repeats": 3.0, "materialise_balance": False},
-    "rtx3060": {"max_domain_fraction": 0.2, "min_domain_count": 300, "synthetic_ratio": 0.1,
-                "near_dup_threshold": 0.8, "max_repeats": 3.0, "materialise_balance": False},
-}
+PROFILES = {name: prepare_values(name) for name in PROFILE_NAMES}  # the one table: src/utils/profiles.py
 
 
 def infer_domain(question: str, answer: str) -> str:

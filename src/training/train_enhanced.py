@@ -56,6 +56,7 @@ from src.training.lm_data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedDa
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id, run_entry_point,
                               setup_logging, stable_hash)
 from src.utils.email_notifier import NullNotifier
+from src.utils.profiles import PROFILE_NAMES, profiles_help, train_values
 
 logger = logging.getLogger(__name__)
 
@@ -64,37 +65,9 @@ COMPLETE_MARKER = "COMPLETE"
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 
-# Profiles (documentation/HYPERPARAMETERS.md shows their values). Explicit flags override these values.
+# Profiles: the one table in src/utils/profiles.py (HYPERPARAMETERS.md shows it). Explicit flags override them.
 COMPILE_MIN_STEPS = 300  # --compile's default: only runs this long win back the first step's compilation
-PROFILES: dict[str, dict[str, Any]] = {
-    # Every technique on, at settings that suit a 3M-parameter model trained from scratch for a few minutes.
-    "quick": dict(model_name="theta-tiny", epochs=5, batch_size=8, gradient_accumulation_steps=1,
-                  learning_rate=3e-3, warmup_proportion=0.05, scheduler_type="cosine", weight_decay=0.01,
-                  max_length=256, patience=3,
-                  use_ema=True, ema_decay=0.95, ema_warmup_epochs=1,
-                  use_label_smoothing=True, label_smoothing_epsilon=0.05,
-                  use_quality_weighting=True,
-                  use_rdrop=True, rdrop_alpha=0.05,
-                  use_llrd=True, llrd_factor=0.85,
-                  use_gradient_noise=True, gradient_noise_eta=1e-8,
-                  use_cpu_offload=True, cpu_offload_fraction=0.5,
-                  use_code_contrastive=True, code_contrastive_weight=0.02,
-                  use_curriculum=True, curriculum_start_fraction=0.7,
-                  use_dynamic_curriculum=True, dynamic_curriculum_warmup=1,
-                  use_domain_stratified=True),
-    "rtx3060": dict(model_name="gpt2-medium", epochs=20, batch_size=3, gradient_accumulation_steps=4,
-                    learning_rate=3e-5, warmup_proportion=0.15, scheduler_type="cosine_hard_restarts",
-                    num_cycles=4, weight_decay=0.01, patience=5, max_length=512,
-                    use_label_smoothing=True, label_smoothing_epsilon=0.05,
-                    use_rdrop=True, rdrop_alpha=0.05,
-                    use_llrd=True, llrd_factor=0.85,
-                    use_ema=True, ema_decay=0.998, ema_warmup_epochs=1,
-                    use_cpu_offload=True, cpu_offload_fraction=0.5,
-                    use_curriculum=True, curriculum_start_fraction=0.7,
-                    use_dynamic_curriculum=True, dynamic_curriculum_warmup=3,
-                    use_code_contrastive=True, code_contrastive_weight=0.02,
-                    use_gradient_noise=False),
-}
+PROFILES: dict[str, dict[str, Any]] = {name: train_values(name) for name in PROFILE_NAMES}  # src/utils/profiles.py
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1654,9 +1627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
                                 "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
-    g.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                   help="preset values: quick (theta-tiny, every technique, minutes on a CPU) or rtx3060 "
-                        "(gpt2-medium, the overnight run on a 12 GB GPU); explicit flags override them")
+    g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
+                   help=f"preset values ({profiles_help()}); explicit flags override them")
     g.add_argument("--model_name", type=str, default="gpt2",
                    help="gpt2, gpt2-medium, a local model folder, or theta-tiny (offline)")
     g.add_argument("--data_path", type=Path, default=PROJECT_ROOT / "Datasets" / "enhanced_training_data.json",

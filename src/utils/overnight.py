@@ -44,10 +44,10 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, UserError, atomic_write_json, new_run_id
+from src.utils.profiles import CPU_DEFAULT_PROFILE, GPU_DEFAULT_PROFILE, PROFILE_NAMES, profiles_help
 
 logger = logging.getLogger(__name__)
 
-PROFILES = ("quick", "rtx3060")
 STATE_FILE = "overnight.json"
 PREFLIGHT_FILE = "preflight.json"
 KEEP_LOGS = 5  # the overnight logs kept, this run's own included
@@ -72,9 +72,9 @@ def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse
         epilog="Re-running the same command resumes the unfinished run when Datasets/, the profile and the flags "
                "are unchanged (README.md, 'Resuming'). Email: documentation/EMAIL_NOTIFICATIONS.md.")
     p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    p.add_argument("--profile", choices=PROFILES, default=None,
-                   help="quick (theta-tiny, minutes) or rtx3060 (gpt2-medium, a night); default: rtx3060 where a "
-                        "CUDA GPU answers, quick otherwise")
+    p.add_argument("--profile", choices=PROFILE_NAMES, default=None,
+                   help=f"{profiles_help()}. Default: {GPU_DEFAULT_PROFILE} where a CUDA GPU answers, "
+                        f"{CPU_DEFAULT_PROFILE} otherwise")
     p.add_argument("--gpus", type=int, default=1,
                    help="GPUs on this machine (torchrun --standalone); for several machines run train_enhanced.py "
                         "under multi-node torchrun yourself, see documentation/TRAINING_PIPELINE.md")
@@ -129,14 +129,14 @@ def detect_profile(requested: str | None) -> tuple[str, str]:
     if smi:
         try:
             if subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0:
-                return "rtx3060", "a CUDA GPU was found (nvidia-smi)"
+                return GPU_DEFAULT_PROFILE, "a CUDA GPU was found (nvidia-smi)"
         except (OSError, subprocess.SubprocessError):
             pass
-    return "quick", "no CUDA GPU was found"
+    return CPU_DEFAULT_PROFILE, "no CUDA GPU was found"
 
 
 def prepare_flags(profile: str) -> list[str]:
-    """Data-preparation flags: the profile only. Its values live in prepare_data_for_training.py (one place)."""
+    """Data-preparation flags: the profile only. Its values live in src/utils/profiles.py (one table)."""
     return ["--profile", profile]
 
 
