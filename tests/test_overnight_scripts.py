@@ -29,8 +29,9 @@ SH = ROOT / "train_overnight_enhanced.sh"
 BAT = ROOT / "train_overnight_enhanced.bat"
 STUB = ROOT / "tests" / "overnight_stub" / "python_stub.py"
 # Files under test come from the working tree; the rest of src/ from the last commit (see copy_project).
-OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/training/preflight.py",
-             "src/training/email_integration.py", "src/utils/email_notifier.py", "src/utils/gpu_info.py"]
+OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/utils/step_runner.py", "src/training/preflight.py",
+             "src/training/run_emails.py", "src/training/report.py", "src/utils/email_notifier.py",
+             "src/utils/gpu_info.py"]
 STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_enhancer_main",
                 "src.data_processing.prepare_data_for_training", "src.training.train_enhanced",
                 "src.training.evaluate_model", "src.training.optimize_for_inference"]
@@ -85,7 +86,7 @@ class StubbedRun:
     def __call__(self, *args: str, exit_codes: dict | None = None, real: tuple = ()) -> tuple[int, str, list]:
         self.log.write_text("")
         env = clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(self.log), STUB_REAL_PYTHON=sys.executable,
-                        STUB_REAL=",".join(["src.utils.overnight", "src.training.email_integration", *real]),
+                        STUB_REAL=",".join(["src.utils.overnight", *real]),
                         STUB_EXIT=json.dumps(exit_codes or {}))
         proc = subprocess.run([str(self.project / SH.name), *args], cwd=self.project.parent, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -97,8 +98,9 @@ class StubbedRun:
 
 
 def step_calls(calls: list[list[str]]) -> list[list[str]]:
-    """The calls of the steps and of the helper's subcommands, as ``[module, args...]``."""
-    return [c[1:] for c in calls if c[:1] == ["-m"]]
+    """The calls of the steps and of the helper's subcommands, as ``[module, args...]``; the step runner's own
+    calls (``overnight step``) are left out: the step's call follows each."""
+    return [c[1:] for c in calls if c[:1] == ["-m"] and c[1:3] != ["src.utils.overnight", "step"]]
 
 
 @pytest.fixture
@@ -112,7 +114,7 @@ def test_steps_run_in_order_with_the_helpers_flags(stubbed):
     (run,) = stubbed.runs()
     modules = [c[0] + (f" {c[1]}" if c[0] == "src.utils.overnight" else "") for c in step_calls(calls)]
     assert modules == ["src.utils.overnight plan", "src.training.preflight", "src.utils.overnight banner",
-                       "src.training.email_integration", "src.data_processing.knowledge_base_enhancer_main",
+                       "src.utils.overnight start", "src.data_processing.knowledge_base_enhancer_main",
                        "src.data_processing.prepare_data_for_training", "src.utils.overnight prepared",
                        "src.training.preflight", "src.training.train_enhanced", "src.training.evaluate_model",
                        "src.training.optimize_for_inference", "src.utils.overnight completed"]
