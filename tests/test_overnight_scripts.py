@@ -1,7 +1,9 @@
 """The overnight scripts: the .sh chains its steps in order with the helper's flags (its Python steps replaced by
 tests/overnight_stub/python_stub.py, which records them), resumes only what it should, stops at a failing step
-and before any step when the pre-flight fails; the real .sh pipeline runs in a copy of the project whose path has
-a space, emails its progress to a local SMTP server, leaks no password and resumes after being killed.
+and before any step when the pre-flight fails, and on SIGTERM/SIGINT stops the running step, leaves no process
+behind, reports once and resumes without redoing finished steps; the real .sh pipeline runs in a copy of the
+project whose path has a space, emails its progress to a local SMTP server, leaks no password and resumes after
+being killed.
 The .bat runs for real under Wine in tests/test_bat_wine.py.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_overnight_scripts.py -q            # all
