@@ -10,9 +10,17 @@ rem Expected time: quick about 4-8 minutes on 2 CPU cores; rtx3060 (gpt2-medium)
 rem Disk: the venv about 1.6 GB (CPU torch); a quick run about 100 MB; a gpt2-medium run about 6 GB with checkpoints.
 rem Re-running the same command resumes the unfinished run when Datasets\, the profile and the flags are unchanged;
 rem otherwise it starts a new run and says why (--fresh: always new; --resume RUN_ID: that one). README.md, "Resuming".
-rem Every decision beyond the chain of steps below lives in src\utils\overnight.py, which train_overnight_enhanced.sh
-rem calls the same way: the two run the same steps with the same flags in the same order. What is left here is what
-rem cmd must do itself: find Python, read the plan, run each step through a tee (Windows has none), check exit codes.
+rem Every decision beyond the chain of steps below lives in src\utils\overnight.py (the run's lifecycle: plan, banner,
+rem start, step, prepared, failed, completed), which train_overnight_enhanced.sh calls the same way: the two run the
+rem same steps with the same flags in the same order. What is left here is what cmd must do itself: find Python,
+rem read the plan, check exit codes.
+rem Ctrl-C and closing the window: cmd has no trap, so the step runner (overnight step) does what it can. Ctrl-C
+rem reaches every process of the console: the step stops (training after a checkpoint), the runner records it,
+rem prints the FAILED line, sends the failure email and returns 130; cmd then asks "Terminate batch job (Y/N)?",
+rem and either answer ends the run (N goes to :failed, which adds nothing). Closing the window gives the runner
+rem about 5 seconds to record the step as interrupted and try the email; the step itself is killed, as by kill -9.
+rem Running the same command again resumes and skips the steps that had finished. TRAINING_PIPELINE.md, "Signals
+rem and interruptions".
 rem Trainer flags after -- pass through cmd: keep the characters  %  ^  "  out of them.
 rem Email (start, every epoch, status, completion, failure): set EMAIL_* in .env, see documentation\EMAIL_NOTIFICATIONS.md.
 setlocal EnableExtensions DisableDelayedExpansion
@@ -45,34 +53,31 @@ if "%ACTION%"=="help" goto help
 if "%ACTION%"=="preflight" goto preflight_only
 
 rem The scripts send the start/failure/completion emails of the whole chain; the trainer then sends only its epoch
-rem and status emails (src\training\email_integration.py).
+rem and status emails (src\training\run_emails.py).
 set "THETA_NOTIFY_FROM_SCRIPT=1"
 set "PYTHONUNBUFFERED=1"
 set "PYTHONIOENCODING=utf-8"
-rem Windows has no tee: every step runs through this one (console, log and %STEP_OUT%), and the other commands
-rem through LOG_TEE (console and log).
-set STEP_TEE=call "%PY%" -m src.training.email_integration tee --log "%LOG%" --step_output "%STEP_OUT%" --
-set LOG_TEE=call "%PY%" -m src.training.email_integration tee --log "%LOG%" --
+rem Every step runs through the lifecycle's step runner: its output goes to the console, the log and %STEP_OUT%
+rem (Windows has no tee), a finished train, evaluate or optimise step is recorded, and a rerun skips it.
+set STEP_RUN=call "%PY%" -m src.utils.overnight step --run_dir "%RUN_DIR%"
 set "STEPS=5"
 set "STEP_NO=0"
 
 rem Pre-flight: what would kill the run later stops it now (model, disk, memory, data, tokens, email).
 set "STEP=pre-flight"
-set "L=[pre-flight]  (%TIME:~0,8%)" & call :say
-%STEP_TEE% "%PY%" -m src.training.preflight --profile %PROFILE% --gpus %GPUS% --run_dir "%RUN_DIR%" ^
+%STEP_RUN% --step "%STEP%" -- "%PY%" -m src.training.preflight --profile %PROFILE% --gpus %GPUS% --run_dir "%RUN_DIR%" ^
   %PREFLIGHT_FLAGS% -- %TRAIN_EXTRA%
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 set "STEP=start"
-%LOG_TEE% "%PY%" -m src.utils.overnight banner --run_dir "%RUN_DIR%" --python "%PY%"
+call "%PY%" -m src.utils.overnight banner --run_dir "%RUN_DIR%" --python "%PY%"
 
 if not "%TENSORBOARD%"=="1" goto tensorboard_done
 start "theta tensorboard" /b "%PY%" -m tensorboard.main --logdir models --host 127.0.0.1 --port %TB_PORT% >nul 2>&1
 set "L=tensorboard: http://127.0.0.1:%TB_PORT%/ (stops when this window closes)" & call :say
 :tensorboard_done
 
-%LOG_TEE% "%PY%" -m src.training.email_integration start --run_id "%RUN_ID%" --run_dir "%RUN_DIR%" --log "%LOG%" ^
-  --profile %PROFILE% --gpus %GPUS% --trainer_flags "%TRAIN_FLAGS_TEXT%" %RESUMING_FLAG%
+call "%PY%" -m src.utils.overnight start --run_dir "%RUN_DIR%"
 
 rem The knowledge base runs before preparation: prepare_data_for_training reads its outputs when they exist.
 set "STEP=knowledge base"
@@ -80,8 +85,9 @@ if "%KB%"=="1" goto kb_run
 set "WHY=%KB_WHY%" & call :skip_step
 goto kb_done
 :kb_run
-call :step_header
-%STEP_TEE% "%PY%" -m src.data_processing.knowledge_base_enhancer_main --datasets_dir Datasets
+set /a STEP_NO+=1
+%STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% -- "%PY%" -m src.data_processing.knowledge_base_enhancer_main ^
+  --datasets_dir Datasets
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 :kb_done
@@ -91,8 +97,8 @@ if "%PREPARE%"=="1" goto prepare_run
 set "WHY=%PREPARE_WHY%" & call :skip_step
 goto prepare_done
 :prepare_run
-call :step_header
-%STEP_TEE% "%PY%" -m src.data_processing.prepare_data_for_training ^
+set /a STEP_NO+=1
+%STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% -- "%PY%" -m src.data_processing.prepare_data_for_training ^
   --datasets_dir Datasets ^
   --output Datasets\enhanced_training_data.json ^
   --test_set Datasets\test_set.json ^
@@ -103,17 +109,19 @@ call "%PY%" -m src.utils.overnight prepared --run_dir "%RUN_DIR%"
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 set "STEP=data check"
-%STEP_TEE% "%PY%" -m src.training.preflight --only data --profile %PROFILE% --gpus %GPUS% --run_dir "%RUN_DIR%" ^
-  -- %TRAIN_EXTRA%
+%STEP_RUN% --step "%STEP%" -- "%PY%" -m src.training.preflight --only data --profile %PROFILE% --gpus %GPUS% ^
+  --run_dir "%RUN_DIR%" -- %TRAIN_EXTRA%
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 :prepare_done
 
+rem Train, evaluate and optimise record their output when they finish: a rerun skips them while it is unchanged.
 set LAUNCH="%PY%"
 if not "%GPUS%"=="1" set LAUNCH="%PY%" -m torch.distributed.run --standalone --nproc_per_node %GPUS%
 set "STEP=train"
-call :step_header
-%STEP_TEE% %LAUNCH% -m src.training.train_enhanced ^
+set /a STEP_NO+=1
+%STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% --output "%RUN_DIR%\theta_final" -- %LAUNCH% ^
+  -m src.training.train_enhanced ^
   --profile %PROFILE% ^
   --data_path Datasets\enhanced_training_data.json ^
   --output_dir "%RUN_DIR%" ^
@@ -123,8 +131,9 @@ set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 
 set "STEP=evaluate"
-call :step_header
-%STEP_TEE% "%PY%" -m src.training.evaluate_model ^
+set /a STEP_NO+=1
+%STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% --output "stats\evaluation_%RUN_ID%.json" -- "%PY%" ^
+  -m src.training.evaluate_model ^
   --model_path "%RUN_DIR%\theta_final" ^
   --test_data Datasets\test_set.json ^
   --output_file "stats\evaluation_%RUN_ID%.json"
@@ -132,8 +141,9 @@ set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 
 set "STEP=optimise for inference"
-call :step_header
-%STEP_TEE% "%PY%" -m src.training.optimize_for_inference ^
+set /a STEP_NO+=1
+%STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% --output "%RUN_DIR%\theta_inference" -- "%PY%" ^
+  -m src.training.optimize_for_inference ^
   --model_path "%RUN_DIR%\theta_final" ^
   --output_path "%RUN_DIR%\theta_inference" ^
   %OPTIMISE_FLAGS%
@@ -141,16 +151,13 @@ set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
 
 set "STEP=completed"
-%LOG_TEE% "%PY%" -m src.utils.overnight completed --run_dir "%RUN_DIR%" --log "%LOG%" --step_output "%STEP_OUT%" ^
-  --python "%PY%"
+call "%PY%" -m src.utils.overnight completed --run_dir "%RUN_DIR%" --python "%PY%"
 exit /b 0
 
 :failed
-set "L=" & call :say
 rem Records the failure (a user error, exit 2, is never resumed), prints the step, the log and the error, and sends
-rem the failure email.
-%LOG_TEE% "%PY%" -m src.utils.overnight failed --run_dir "%RUN_DIR%" --step "%STEP%" --exit_code %CODE% ^
-  --log "%LOG%" --step_output "%STEP_OUT%"
+rem the failure email; a step stopped by Ctrl-C or a closed window was reported by its runner already.
+call "%PY%" -m src.utils.overnight failed --run_dir "%RUN_DIR%" --step "%STEP%" --exit_code %CODE%
 exit /b %CODE%
 
 :help
@@ -166,12 +173,6 @@ rem --- helpers ----------------------------------------------------------------
 rem Print %L% on the console and append it to the log (the helper's own texts: no  | < > &  in them).
 echo.%L%
 >>"%LOG%" echo.%L%
-exit /b 0
-
-:step_header
-set /a STEP_NO+=1
-set "L=" & call :say
-set "L=[%STEP_NO%/%STEPS%] %STEP%  (%TIME:~0,8%)" & call :say
 exit /b 0
 
 :skip_step

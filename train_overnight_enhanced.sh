@@ -10,8 +10,12 @@
 # Disk: the venv about 1.6 GB (CPU torch); a quick run about 100 MB; a gpt2-medium run about 6 GB with checkpoints.
 # Re-running the same command resumes the unfinished run when Datasets/, the profile and the flags are unchanged;
 # otherwise it starts a new run and says why (--fresh: always new; --resume RUN_ID: that one). README.md, "Resuming".
-# Every decision beyond the chain of steps below lives in src/utils/overnight.py, which train_overnight_enhanced.bat
-# calls the same way: the two run the same steps with the same flags in the same order.
+# Every decision beyond the chain of steps below lives in src/utils/overnight.py (the run's lifecycle: plan, banner,
+# start, step, prepared, failed, completed), which train_overnight_enhanced.bat calls the same way: the two run the
+# same steps with the same flags in the same order.
+# TERM, INT (Ctrl-C) and HUP (the terminal closed) stop the running step cleanly, record it as interrupted, print
+# the FAILED line, send the failure email and exit 143 / 130 / 129; running the same command again resumes and
+# skips the steps that had finished (documentation/TRAINING_PIPELINE.md, "Signals and interruptions").
 # Email (start, every epoch, status, completion, failure): set EMAIL_* in .env, see documentation/EMAIL_NOTIFICATIONS.md.
 set -Eeuo pipefail
 
@@ -38,99 +42,135 @@ case "$ACTION" in
     exec "$PY" -m src.training.preflight --profile "$PROFILE" --gpus "$GPUS" \
       ${PREFLIGHT_FLAGS[@]+"${PREFLIGHT_FLAGS[@]}"} -- ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} ;;
 esac
-exec > >(tee -a "$LOG") 2>&1
-
 # The scripts send the start/failure/completion emails of the whole chain; the trainer then sends only its epoch
-# and status emails (src/training/email_integration.py).
+# and status emails (src/training/run_emails.py).
 export THETA_NOTIFY_FROM_SCRIPT=1
 export PYTHONUNBUFFERED=1
 
+# --- failures and signals -----------------------------------------------------------------------------------------
+# Each step runs through `overnight step` (its output to the console, the log and $STEP_OUT) in the background, so
+# that this shell can take TERM/INT/HUP while it waits: bash runs a trap only once the foreground command is done.
+# The trap passes the signal to the step's runner, which passes it to the step's own process group and waits for
+# it; the runner reports the interruption, and fail() then only exits (`overnight failed` reports once).
 STEP="pre-flight"
-fail() {
-  local code=$?
+STEP_PID=""
+SIGNAL=""
+FAILING=0
+say() {  # a line on the console and in the log (the console may be gone after a hang-up)
+  echo "$*" 2>/dev/null || true
+  echo "$*" >>"$LOG" 2>/dev/null || true
+}
+signal_code() { case "$1" in HUP) echo 129 ;; INT) echo 130 ;; *) echo 143 ;; esac; }
+fail() {  # fail CODE: record and report the failure of $STEP (a user error, exit 2, is never resumed), exit CODE
+  local code="$1"
   trap - ERR
-  echo
-  # Records the failure (a user error, exit 2, is never resumed), prints the step, the log and the error, and
-  # sends the failure email.
-  "$PY" -m src.utils.overnight failed --run_dir "$RUN_DIR" --step "$STEP" --exit_code "$code" --log "$LOG" \
-    --step_output "$STEP_OUT" || echo "FAILED at step '$STEP' (exit $code)"
+  FAILING=1
+  if [ -n "$SIGNAL" ]; then code="$(signal_code "$SIGNAL")"; fi
+  "$PY" -m src.utils.overnight failed --run_dir "$RUN_DIR" --step "$STEP" --exit_code "$code" \
+    ${SIGNAL:+--signal "$SIGNAL"} || say "FAILED at step '$STEP' (exit $code)"
   exit "$code"
 }
-trap fail ERR
+on_signal() {
+  SIGNAL="$1"
+  WAIT_CUT=1
+  if [ -n "$STEP_PID" ]; then
+    kill -s "$1" "$STEP_PID" 2>/dev/null || true  # the runner passes it on and waits for the step
+  elif [ "$FAILING" = 0 ]; then
+    fail "$(signal_code "$1")"                     # between steps: stop here
+  fi
+}
+trap 'fail $?' ERR
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+trap 'on_signal HUP' HUP
 
 STEPS=5
 STEP_NO=0
-run_step() {  # run_step "<name>" command...: its output goes to the console, the log and $STEP_OUT
+run_step() {  # run_step NAME [--number N/M] [--output PATH] -- command...
   STEP="$1"; shift
-  STEP_NO=$((STEP_NO + 1))
-  echo; echo "[$STEP_NO/$STEPS] $STEP  ($(date '+%H:%M:%S'))"
-  "$@" 2>&1 | tee "$STEP_OUT"
+  "$PY" -m src.utils.overnight step --run_dir "$RUN_DIR" --step "$STEP" "$@" &
+  STEP_PID=$!
+  local code
+  while :; do
+    WAIT_CUT=0
+    wait "$STEP_PID" && code=0 || code=$?
+    [ "$WAIT_CUT" = 1 ] || break  # a trapped signal cut the wait short: the step is still ending
+  done
+  STEP_PID=""
+  if [ -n "$SIGNAL" ]; then return "$(signal_code "$SIGNAL")"; fi
+  return "$code"
 }
+next_step() { STEP_NO=$((STEP_NO + 1)); NUMBER="$STEP_NO/$STEPS"; }
 skip_step() {
-  STEP_NO=$((STEP_NO + 1))
-  echo; echo "[$STEP_NO/$STEPS] $1: $2"
+  next_step
+  say ""; say "[$NUMBER] $1: $2"
 }
 
 # Pre-flight: what would kill the run later stops it now (model, disk, memory, data, tokens, email).
-echo "[pre-flight]  ($(date '+%H:%M:%S'))"
-"$PY" -m src.training.preflight --profile "$PROFILE" --gpus "$GPUS" --run_dir "$RUN_DIR" \
-  ${PREFLIGHT_FLAGS[@]+"${PREFLIGHT_FLAGS[@]}"} -- ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} 2>&1 | tee "$STEP_OUT"
+run_step "pre-flight" -- "$PY" -m src.training.preflight --profile "$PROFILE" --gpus "$GPUS" --run_dir "$RUN_DIR" \
+  ${PREFLIGHT_FLAGS[@]+"${PREFLIGHT_FLAGS[@]}"} -- ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 STEP="start"
 "$PY" -m src.utils.overnight banner --run_dir "$RUN_DIR" --python "$PY"
 
 if [ "$TENSORBOARD" = 1 ]; then
   "$PY" -m tensorboard.main --logdir models --host 127.0.0.1 --port "$TB_PORT" >/dev/null 2>&1 &
   TB_PID=$!
-  echo "tensorboard: http://127.0.0.1:$TB_PORT/ (stops when this run ends)"
+  say "tensorboard: http://127.0.0.1:$TB_PORT/ (stops when this run ends)"
   trap 'kill "$TB_PID" 2>/dev/null || true' EXIT
 fi
 
-"$PY" -m src.training.email_integration start --run_id "$RUN_ID" --run_dir "$RUN_DIR" --log "$LOG" \
-  --profile "$PROFILE" --gpus "$GPUS" --trainer_flags "$TRAIN_FLAGS_TEXT" ${RESUMING_FLAG[@]+"${RESUMING_FLAG[@]}"} || true
+"$PY" -m src.utils.overnight start --run_dir "$RUN_DIR" || true
 
 # The knowledge base runs before preparation: prepare_data_for_training reads its outputs when they exist.
 if [ "$KB" = 1 ]; then
-  run_step "knowledge base" "$PY" -m src.data_processing.knowledge_base_enhancer_main --datasets_dir Datasets
+  next_step
+  run_step "knowledge base" --number "$NUMBER" -- "$PY" -m src.data_processing.knowledge_base_enhancer_main \
+    --datasets_dir Datasets
 else
   skip_step "knowledge base" "$KB_WHY"
 fi
 
 if [ "$PREPARE" = 1 ]; then
-  run_step "prepare data" "$PY" -m src.data_processing.prepare_data_for_training \
+  next_step
+  run_step "prepare data" --number "$NUMBER" -- "$PY" -m src.data_processing.prepare_data_for_training \
     --datasets_dir Datasets \
     --output Datasets/enhanced_training_data.json \
     --test_set Datasets/test_set.json \
     ${PREPARE_FLAGS[@]+"${PREPARE_FLAGS[@]}"}
   "$PY" -m src.utils.overnight prepared --run_dir "$RUN_DIR"
-  STEP="data check"
-  "$PY" -m src.training.preflight --only data --profile "$PROFILE" --gpus "$GPUS" --run_dir "$RUN_DIR" \
-    -- ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} 2>&1 | tee "$STEP_OUT"
+  run_step "data check" -- "$PY" -m src.training.preflight --only data --profile "$PROFILE" --gpus "$GPUS" \
+    --run_dir "$RUN_DIR" -- ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 else
   skip_step "prepare data" "$PREPARE_WHY"
 fi
 
+# Train, evaluate and optimise record their output when they finish: a rerun skips them while it is unchanged.
 if [ "$GPUS" -gt 1 ]; then
   LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS")
 else
   LAUNCH=("$PY")
 fi
-run_step "train" "${LAUNCH[@]}" -m src.training.train_enhanced \
+next_step
+run_step "train" --number "$NUMBER" --output "$RUN_DIR/theta_final" -- "${LAUNCH[@]}" -m src.training.train_enhanced \
   --profile "$PROFILE" \
   --data_path Datasets/enhanced_training_data.json \
   --output_dir "$RUN_DIR" \
   --resume auto \
   ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 
-run_step "evaluate" "$PY" -m src.training.evaluate_model \
+next_step
+run_step "evaluate" --number "$NUMBER" --output "stats/evaluation_${RUN_ID}.json" -- "$PY" -m src.training.evaluate_model \
   --model_path "$RUN_DIR/theta_final" \
   --test_data Datasets/test_set.json \
   --output_file "stats/evaluation_${RUN_ID}.json"
 
-run_step "optimise for inference" "$PY" -m src.training.optimize_for_inference \
+next_step
+run_step "optimise for inference" --number "$NUMBER" --output "$RUN_DIR/theta_inference" -- \
+  "$PY" -m src.training.optimize_for_inference \
   --model_path "$RUN_DIR/theta_final" \
   --output_path "$RUN_DIR/theta_inference" \
   ${OPTIMISE_FLAGS[@]+"${OPTIMISE_FLAGS[@]}"}
 
 STEP="completed"
 trap - ERR
-"$PY" -m src.utils.overnight completed --run_dir "$RUN_DIR" --log "$LOG" --step_output "$STEP_OUT" --python "$PY"
+"$PY" -m src.utils.overnight completed --run_dir "$RUN_DIR" --python "$PY"

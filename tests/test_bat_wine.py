@@ -1,7 +1,9 @@
 """train_overnight_enhanced.bat run for real by Wine's cmd, its Python replaced by tests/overnight_stub/
 python_stub.bat (which records each command line). The plan the helper would print is made beforehand by the real
 src/utils/overnight.py; the .sh runs the same plan with python_stub.py, and both must make the same calls in the
-same order, with the same arguments (quoting included), and end with the same exit codes.
+same order, with the same arguments (quoting included), and end with the same exit codes. Each step is a call of
+the lifecycle's step runner (``src.utils.overnight step ... -- PY -m <module> ...``), compared whole; the stubs
+do not run the step inside it.
 
 Skipped without wine (``apt-get install wine``); every wine start is bounded (its first start builds a prefix).
 
@@ -115,17 +117,24 @@ def run_sh(project: Path, plan: dict, argv: list[str], fail: tuple[str, int] | N
 
 
 def normalise(calls: list[list[str]], python: str) -> list[list[str]]:
-    """Each call as ``[module, args...]``: the .bat's tee wrapper removed, paths with /, the interpreter as PY.
-    The plan call is compared apart (its --format and --out differ by design)."""
+    """Each call as ``[module, args...]``, paths with /, the interpreter as PY. The plan call is compared apart
+    (its --format and --out differ by design). A step runs as ``src.utils.overnight step <options> -- PY -m
+    <module> ...``, the whole of which is compared."""
     out = []
     for argv in calls:
-        if argv[1:3] == ["src.training.email_integration", "tee"]:
-            argv = argv[argv.index("--") + 2:]  # after "--": the interpreter, then "-m module ..."
         argv = ["PY" if a == python else a.replace("\\", "/") for a in argv]
         assert argv[0] == "-m", argv
         if argv[1:3] != ["src.utils.overnight", "plan"]:
             out.append(argv[1:])
     return out
+
+
+def module_of(call: list[str]) -> str:
+    """The module a call runs: a step's own module for the step runner's calls."""
+    if call[:2] == ["src.utils.overnight", "step"]:
+        inner = call[call.index("--") + 1:]
+        return inner[2] if inner[1:2] == ["-m"] else inner[0]
+    return call[0]
 
 
 def plan_args(calls: list[list[str]]) -> list[str]:
@@ -142,19 +151,20 @@ def test_bat_runs_the_same_calls_as_the_sh(project):
     bat_calls = normalise(calls, win(STUB_DIR / "python_stub.bat"))
     assert bat_calls == normalise(sh_calls, str(STUB_DIR / "python_stub.py"))
     assert plan_args(calls) == plan_args(sh_calls) == ARGS  # cmd's %* reached the helper argument by argument
-    modules = [c[0] for c in bat_calls]
-    assert modules == ["src.training.preflight", "src.utils.overnight", "src.training.email_integration",
+    modules = [module_of(c) + (f" {c[1]}" if module_of(c) == "src.utils.overnight" else "") for c in bat_calls]
+    assert modules == ["src.training.preflight", "src.utils.overnight banner", "src.utils.overnight start",
                        "src.data_processing.knowledge_base_enhancer_main",
-                       "src.data_processing.prepare_data_for_training", "src.utils.overnight",
+                       "src.data_processing.prepare_data_for_training", "src.utils.overnight prepared",
                        "src.training.preflight", "src.training.train_enhanced", "src.training.evaluate_model",
-                       "src.training.optimize_for_inference", "src.utils.overnight"]
+                       "src.training.optimize_for_inference", "src.utils.overnight completed"]
     train = bat_calls[modules.index("src.training.train_enhanced")]
-    assert train[-4:] == ["--epochs", "2", "--note", "a b & c (x)"]
-    for line in ["[pre-flight]", "[1/5] knowledge base", "[2/5] prepare data", "[3/5] train", "[4/5] evaluate",
-                 "[5/5] optimise for inference"]:
-        assert line in out and line in sh_out
-    log = (project / plan["LOG"]).read_text(errors="replace")
-    assert "[3/5] train" in log  # :say writes the console lines to the log too
+    assert train[:9] == ["src.utils.overnight", "step", "--run_dir", plan["RUN_DIR"], "--step", "train", "--number",
+                         "3/5", "--output"] and train[-4:] == ["--epochs", "2", "--note", "a b & c (x)"]
+    # The step runner prints each step's header line "[N/5] name"; the scripts number the steps the same way.
+    steps = [(c[c.index("--step") + 1], c[c.index("--number") + 1] if "--number" in c else None)
+             for c in bat_calls if c[:2] == ["src.utils.overnight", "step"]]
+    assert steps == [("pre-flight", None), ("knowledge base", "1/5"), ("prepare data", "2/5"), ("data check", None),
+                     ("train", "3/5"), ("evaluate", "4/5"), ("optimise for inference", "5/5")]
 
 
 def test_bat_failure_resume_and_errors_match_the_sh(project, call_keeps_exit_codes):
@@ -169,7 +179,7 @@ def test_bat_failure_resume_and_errors_match_the_sh(project, call_keeps_exit_cod
     assert bat_calls == normalise(sh_calls, str(STUB_DIR / "python_stub.py"))
     assert bat_calls[-1][:7] == ["src.utils.overnight", "failed", "--run_dir", plan["RUN_DIR"], "--step", "train",
                                  "--exit_code"] and bat_calls[-1][7] == str(expected)
-    assert "src.training.evaluate_model" not in [c[0] for c in bat_calls]
+    assert "src.training.evaluate_model" not in [module_of(c) for c in bat_calls]
     # A resumed run whose data is kept: knowledge base and preparation are skipped with the plan's reasons.
     resumed = {**plan, "RESUMING": "1", "RESUMING_FLAG": ["--resuming"], "PREPARE": "0", "KB": "0",
                "PREPARE_WHY": "skipped: resuming, the run keeps the data it started with",
@@ -179,9 +189,10 @@ def test_bat_failure_resume_and_errors_match_the_sh(project, call_keeps_exit_cod
     assert code == sh_code == 0
     bat_calls = normalise(calls, win(STUB_DIR / "python_stub.bat"))
     assert bat_calls == normalise(sh_calls, str(STUB_DIR / "python_stub.py"))
-    assert "src.data_processing.prepare_data_for_training" not in [c[0] for c in bat_calls]
+    assert "src.data_processing.prepare_data_for_training" not in [module_of(c) for c in bat_calls]
     assert "[2/5] prepare data: skipped: resuming, the run keeps the data it started with" in out
-    assert "--resuming" in [c for c in bat_calls if c[0] == "src.training.email_integration"][0]
+    assert "[2/5] prepare data: skipped: resuming" in (project / plan["LOG"]).read_text(errors="replace")  # :say
+    assert ["src.utils.overnight", "start", "--run_dir", plan["RUN_DIR"]] in bat_calls  # the plan says it resumes
     # The helper refuses the arguments (exit 2): nothing else runs.
     code, out, calls = run_bat(project, plan, ["--profile", "huge"], plan_code=2)
     assert code == (2 if call_keeps_exit_codes else 1) and len(calls) == 1

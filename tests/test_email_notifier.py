@@ -1,15 +1,15 @@
-"""Email notifications against a real SMTP server on localhost (aiosmtpd, STARTTLS with a self-signed certificate,
-AUTH), plus servers that refuse, hang or reject the password: the notifier never blocks and logs what failed.
+"""The email transport against a real SMTP server on localhost (aiosmtpd, STARTTLS with a self-signed
+certificate, AUTH), plus servers that refuse, hang, reject the password or offer no TLS: sending never blocks,
+logs what failed, and never shows the password, nor sends it over a connection without TLS unless allowed.
+What the trainer's emails say: tests/test_run_emails.py.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_email_notifier.py -q
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import socket
 import ssl
 import subprocess
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from src.utils import email_notifier as en
-from src.utils.email_notifier import TrainingEmailNotifier, resolve_email_config
+from src.utils.email_notifier import Email, EmailSender, Section, resolve_email_config
 
 PASSWORD = "s3cret-Pa55word-xyz"
 SENDER = "theta@example.com"
@@ -51,9 +51,12 @@ def tls_cert(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class SmtpServer:
-    """aiosmtpd on 127.0.0.1 with STARTTLS required and AUTH checked against one login; collects messages."""
+    """aiosmtpd on 127.0.0.1 with STARTTLS required and AUTH checked against one login; collects messages.
+    ``tls=False``: a plain server (no STARTTLS) that offers AUTH; ``auth="required"`` refuses mail without a login,
+    ``auth=None`` offers no AUTH at all (a local relay)."""
 
-    def __init__(self, cert: Path, key: Path, password: str = PASSWORD, tls: bool = True):
+    def __init__(self, cert: Path | None = None, key: Path | None = None, password: str = PASSWORD, tls: bool = True,
+                 auth: str | None = "offered"):
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult
 
@@ -79,9 +82,10 @@ class SmtpServer:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(cert), str(key))
             kwargs = dict(tls_context=context, require_starttls=True)
+        if auth is not None:
+            kwargs.update(authenticator=authenticator, auth_require_tls=tls, auth_required=auth == "required")
         self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, authenticator=authenticator,
-                                     auth_require_tls=tls, **kwargs)
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
 
     def wait_for(self, n: int, timeout: float = 20) -> list:
@@ -111,26 +115,16 @@ def email_env(port: int, cert: Path | None, **more) -> dict[str, str]:
     return env
 
 
-def make_notifier(env: dict, **kwargs) -> TrainingEmailNotifier:
+def make_sender(env: dict, **kwargs) -> EmailSender:
     config, level, message = resolve_email_config(env)
     assert config is not None, message
     kwargs.setdefault("retries", 2)
     kwargs.setdefault("backoff_s", 0.2)
-    kwargs.setdefault("gpu_probe", lambda: GPU_INFO)
-    return TrainingEmailNotifier(config, **kwargs)
+    return EmailSender(config, **kwargs)
 
 
-GPU_INFO = {"source": "nvidia-smi", "gpus": [
-    {"index": 0, "name": "NVIDIA GeForce RTX 3060", "temperature_c": 84, "memory_used_mb": 11800,
-     "memory_total_mb": 12288, "memory_free_mb": 488, "utilization_pct": 98, "power_w": 165.2, "power_limit_w": 170}],
-    "system": {"cpu_count": 8, "cpu_percent": 35.0, "ram_used_mb": 9000, "ram_total_mb": 32000, "ram_percent": 28.1}}
-
-EPOCH_1 = {"epoch": 1, "step": 40, "train_loss": 2.5, "val_loss": 2.25, "val_perplexity": 9.4877,
-           "val_token_accuracy": 0.412, "learning_rate": 3e-5, "seconds": 600.0,
-           "domains": {"networking": {"loss": 2.0, "perplexity": 7.39, "token_accuracy": 0.45},
-                       "<b>bold</b> & co": {"loss": 3.4, "perplexity": 29.96, "token_accuracy": 0.2}}}
-EPOCH_2 = {**EPOCH_1, "epoch": 2, "step": 80, "train_loss": 2.0, "val_loss": 2.6, "val_perplexity": 13.46,
-           "learning_rate": 1e-8}
+def note(n: int = 1) -> Email:
+    return Email(f"[Theta] note {n}", f"Note {n}", sections=[Section("Run", rows=[("n", str(n))])])
 
 
 def parts(msg) -> dict[str, str]:
@@ -167,6 +161,8 @@ def test_disabled_and_invalid_values():
     assert resolve_email_config({**full, "EMAIL_ENABLED": "0"})[1] == "info"
     config, level, message = resolve_email_config({**full, "EMAIL_SMTP_PORT": "abc"})
     assert config is None and level == "warning" and "EMAIL_SMTP_PORT" in message
+    config, level, message = resolve_email_config({**full, "EMAIL_ALLOW_PLAIN_AUTH": "maybe"})
+    assert config is None and "EMAIL_ALLOW_PLAIN_AUTH" in message
     assert PASSWORD not in message
 
 
@@ -175,8 +171,17 @@ def test_full_configuration_and_defaults():
                                              "EMAIL_PASSWORD": PASSWORD, "EMAIL_USE_SSL": "true"})
     assert level == "" and config.recipients == ["me@example.com", "team@example.org"]
     assert config.smtp_server == "smtp.gmail.com" and config.smtp_port == 465 and config.use_ssl and not config.use_tls
-    assert config.status_interval_min == 10 and config.max_per_hour == 20
+    assert config.status_interval_min == 10 and config.max_per_hour == 20 and not config.allow_plain_auth
     assert PASSWORD not in repr(config) and PASSWORD not in config.describe()
+
+
+def test_plain_connections_say_what_happens_to_the_password():
+    plain = resolve_email_config(email_env(25, None, EMAIL_USE_TLS="0", EMAIL_SMTP_SERVER="mail.example.org"))[0]
+    assert not plain.encrypted and not plain.loopback and "no password sent" in plain.describe()
+    assert "EMAIL_ALLOW_PLAIN_AUTH=1" in plain.plain_auth_note()
+    allowed = resolve_email_config(email_env(25, None, EMAIL_USE_TLS="0", EMAIL_ALLOW_PLAIN_AUTH="1"))[0]
+    assert "password sent unencrypted" in allowed.describe() and allowed.loopback  # 127.0.0.1
+    assert resolve_email_config(email_env(587, None))[0].plain_auth_note() == ""
 
 
 def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
@@ -199,181 +204,131 @@ def test_classify_error_kinds():
     assert en.classify_error(ssl.SSLCertVerificationError("bad cert")) == "tls"
     assert en.classify_error(smtplib.SMTPNotSupportedError("STARTTLS extension not supported by server.")) == "tls"
     assert en.classify_error(smtplib.SMTPAuthenticationError(535, b"bad")) == "auth"
+    assert en.classify_error(en.PlainAuthRefused("needs a login")) == "plain_auth"
     assert en.classify_error(smtplib.SMTPRecipientsRefused({})) == "rejected"
 
 
 def test_numbers_are_in_fixed_notation():
-    assert en._f(1.981e-07) == "0.0000" and en._f(-1e-9) == "0.0000" and en._f(3349.7, 2) == "3349.70"
-    assert en._f(3e-05, 6) == "0.000030" and en._f(float("nan")) == "NaN" and en._f(None) == "n/a"
-
-
-def test_alert_thresholds():
-    alerts = en.metric_alerts(EPOCH_2, [EPOCH_1], total_epochs=10, initial_lr=3e-5, extra={"kl": 0.7,
-                                                                                         "difficult_ratio": 0.8})
-    text = " ".join(t for _, t in alerts)
-    assert "learning rate collapsed" in text and "overfitting" in text
-    assert "KL divergence" in text and "difficult-example ratio" in text
-    assert "domain <b>bold</b> & co: token accuracy" in text
-    assert en.metric_alerts({"val_loss": math.nan}, [], None, None, {})[0][0] == "critical"
-    assert en.metric_alerts({"val_perplexity": 3.0, "val_token_accuracy": 0.8, "val_loss": 1.1}, [], 5, None, {}) == []
+    assert en.fmt_number(1.981e-07) == "0.0000" and en.fmt_number(-1e-9) == "0.0000"
+    assert en.fmt_number(3349.7, 2) == "3349.70" and en.fmt_number(3e-05, 6) == "0.000030"
+    assert en.fmt_number(float("nan")) == "NaN" and en.fmt_number(None) == "n/a"
+    assert en.fmt_duration(3725) == "1h 02m" and en.fmt_duration(65) == "1m 05s"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Every email, through STARTTLS + AUTH
+# Sending through STARTTLS + AUTH: sections rendered twice, text escaped, attachments, the limit
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_all_emails_reach_a_real_server(smtp_server, tls_cert, tmp_path):
-    run = "theta_enhanced_20260101_230000"
-    run_dir = tmp_path / "models" / run
-    run_dir.mkdir(parents=True)
-    stats = tmp_path / "stats"
-    (stats / run).mkdir(parents=True)
-    png = b"\x89PNG\r\n\x1a\n" + b"0" * 64
-    (stats / run / "loss_curve.png").write_bytes(png)
-    (stats / f"evaluation_{run}.json").write_text(json.dumps({
-        "test_records": 72, "perplexity": 12.3456, "token_accuracy": 0.4321, "loss": 2.51,
-        "per_domain": {"networking": {"perplexity": 10.5, "token_accuracy": 0.5}},
-        "samples": [{"question": "What does <script>alert(1)</script> do?", "prediction": "x & y",
-                     "reference": "a <tag>"}]}), encoding="utf-8")
-    log = tmp_path / "overnight.log"
-    log.write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: boom\n", encoding="utf-8")
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0]), run_name=run, run_dir=run_dir, log_file=log)
-
-    n.start(argparse.Namespace(model_name="gpt2-medium", epochs=10, batch_size=3,
-                                                     learning_rate=3e-5, use_ema=True, email_password=PASSWORD))
-    n.update_metrics({"ema_decay": 0.998, "curriculum_competence": 0.75})
-    n.epoch(1, EPOCH_1)
-    n.epoch(2, EPOCH_2)
-    n.status()
-    n.completed({"run": run, "status": "completed", "global_step": 80, "epochs_run": 2, "best_epoch": 1,
-                          "best_val_loss": 2.25, "seconds": 1234.5, "final_model": str(run_dir / "theta_final")})
-    n.failed("RuntimeError: CUDA out of memory", step="train")
-    assert n.close(timeout=30)
-    msgs = smtp_server.wait_for(6)
-    assert n.counts["sent"] == 6 and n.counts["failed"] == 0 and smtp_server.auth_attempts >= 1
-    by_subject = {subj(m): m for m in msgs}
-    subjects = list(by_subject)
-    assert subjects[0] == f"[Theta] started: {run} (gpt2-medium, 10 epochs)"
-    assert subjects[1].startswith("[Theta] epoch 1/10: val loss 2.2500, perplexity 9.49")
-    assert subjects[2].startswith("[Theta] epoch 2/10: val loss 2.6000") and "alerts]" in subjects[2]
-    assert subjects[3].startswith("[Theta] status: epoch 2/10, GPU 84 C")
-    assert subjects[4] == f"[Theta] completed: {run}, best val loss 2.2500 (epoch 1), test perplexity 12.35"
-    assert subjects[5] == f"[Theta] FAILED: {run} at train: RuntimeError: CUDA out of memory"
-    for m in msgs:
-        assert m["From"] == SENDER and m["To"] == "me@example.com, team@example.org"
-        text = parts(m)
-        assert set(text) == {"text/plain", "text/html"}, subj(m)
-        assert PASSWORD not in all_text(m)
-    start = parts(msgs[0])
-    assert "gpt2-medium" in start["text/plain"] and "ema" in start["text/plain"]
-    assert "NVIDIA GeForce RTX 3060" in start["text/html"]
-    epoch1 = parts(msgs[1])
-    for figure in ("2.5000", "2.2500", "9.49", "0.412", "3.00e-05", "epoch 1/10 (10%)", "ETA", "ema decay",
-                   "curriculum competence", "35% of 8 cores"):
-        assert figure in epoch1["text/plain"], figure
-    # Dataset text (here a domain name) is escaped in HTML and kept verbatim in plain text.
-    assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in epoch1["text/html"] and "<b>bold</b>" not in epoch1["text/html"]
-    assert "<b>bold</b> & co" in epoch1["text/plain"]
-    epoch2 = parts(msgs[2])["text/plain"]
-    assert "learning rate collapsed" in epoch2 and "GPU 0 at 84 C" in epoch2 and "memory 96% full" in epoch2
-    done = msgs[4]
-    attachments = {p.get_filename(): p for p in done.iter_attachments()}
-    assert set(attachments) == {"loss_curve.png", f"evaluation_{run}.json"}
-    assert attachments["loss_curve.png"].get_content_type() == "image/png"
-    assert attachments["loss_curve.png"].get_content() == png
-    assert json.loads(attachments[f"evaluation_{run}.json"].get_content())["test_records"] == 72
-    done_text = parts(done)
-    assert "12.35" in done_text["text/plain"] and "0.432" in done_text["text/plain"]
-    assert "&lt;script&gt;" in done_text["text/html"] and "<script>" not in done_text["text/html"]
-    failed = parts(msgs[5])["text/plain"]
-    assert "CUDA out of memory" in failed and "Traceback: boom" in failed and "line 99" in failed
-    assert "line 10\n" not in failed  # only the last lines of the log
-
-
-def test_completion_without_report_draws_the_curve(smtp_server, tls_cert, tmp_path):
-    run_dir = tmp_path / "models" / "theta_enhanced_20260101_000000"
-    run_dir.mkdir(parents=True)
-    (run_dir / "loss_history.json").write_text(json.dumps([EPOCH_1, EPOCH_2]), encoding="utf-8")
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0]), run_name=run_dir.name, run_dir=run_dir)
-    n.completed({"status": "completed", "best_val_loss": 2.25, "best_epoch": 1})
-    assert n.close(timeout=30)
+def test_an_email_reaches_a_real_server_in_both_parts(smtp_server, tls_cert):
+    sender = make_sender(email_env(smtp_server.port, tls_cert[0]), run_name="r1")
+    email = Email("[Theta] x <b>", "Heading & more", [("critical", "a <i>b</i>")],
+                  [Section("Rows", rows=[("<k>", "v & w")]), Section("Table", table=(["a"], [["<td>"]])),
+                   Section("Pre", pre=f"line with {PASSWORD}")],
+                  [en.Attachment("x.json", f'{{"pw": "{PASSWORD}"}}'.encode(), "application", "json", text=True)])
+    sender.send("x", lambda: email)
+    assert sender.close(timeout=30)
     (msg,) = smtp_server.wait_for(1)
-    (png,) = list(msg.iter_attachments())
-    assert png.get_filename() == "loss_curve.png" and png.get_content()[:4] == b"\x89PNG"
-    assert "no evaluation summary" in parts(msg)["text/plain"]
+    assert sender.counts["sent"] == 1 and smtp_server.auth_attempts >= 1
+    assert msg["From"] == SENDER and msg["To"] == "me@example.com, team@example.org" and msg["X-Theta-Run"] == "r1"
+    text = parts(msg)
+    assert "[CRITICAL] a <i>b</i>" in text["text/plain"] and "<k>  v & w" in text["text/plain"]
+    assert "a &lt;i&gt;b&lt;/i&gt;" in text["text/html"] and "&lt;td&gt;" in text["text/html"]
+    (attachment,) = list(msg.iter_attachments())
+    assert json.loads(attachment.get_content()) == {"pw": "********"}
+    assert PASSWORD not in all_text(msg) and "********" in text["text/plain"]
 
 
-def test_periodic_status_from_the_background_thread(smtp_server, tls_cert):
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0], EMAIL_STATUS_INTERVAL_MIN="0.01"))
-    n.start({"epochs": 3}) # start + one status every 0.6 s
+def test_rate_limit_skips_progress_but_not_priority(smtp_server, tls_cert):
+    sender = make_sender(email_env(smtp_server.port, tls_cert[0], EMAIL_MAX_PER_HOUR="2"))
+    for n in range(1, 5):
+        sender.send("epoch", lambda n=n: note(n))
+    sender.send("completed", lambda: note(9), priority=True)
+    assert sender.close(timeout=30)
     msgs = smtp_server.wait_for(3)
-    n.completed({"status": "completed"})
-    n.close(timeout=30)
-    assert any(subj(m).startswith("[Theta] status: before the first epoch") for m in msgs)
+    assert sender.counts["sent"] == 3 and sender.counts["rate_limited"] == 2
+    assert [subj(m) for m in msgs] == ["[Theta] note 1", "[Theta] note 2", "[Theta] note 9"]
 
 
-def test_rate_limit_skips_progress_but_not_completion(smtp_server, tls_cert):
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0], EMAIL_MAX_PER_HOUR="2"), lifecycle_emails=True)
-    for epoch in range(1, 5):
-        n.epoch(epoch, {**EPOCH_1, "epoch": epoch})
-    n.completed({"status": "completed"})
-    assert n.close(timeout=30)
-    msgs = smtp_server.wait_for(3)
-    assert n.counts["sent"] == 3 and n.counts["rate_limited"] == 2
-    assert subj(msgs[-1]).startswith("[Theta] completed")
+# ---------------------------------------------------------------------------------------------------------------
+# Plain connections: the password never goes out without TLS unless allowed
+# ---------------------------------------------------------------------------------------------------------------
+
+def plain_env(port: int, **more) -> dict:
+    env = email_env(port, None, EMAIL_USE_TLS="0", **more)
+    env.pop("EMAIL_CA_FILE", None)
+    return env
 
 
-def test_lifecycle_off_sends_epochs_only(smtp_server, tls_cert):
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0]), lifecycle_emails=False)
-    n.start({"epochs": 2})
-    n.epoch(1, EPOCH_1)
-    n.failed("boom")
-    n.completed({"status": "completed"})
-    assert n.close(timeout=30)
-    assert [subj(m).split(":")[0] for m in smtp_server.wait_for(1)] == ["[Theta] epoch 1/2"]
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # aiosmtpd: that is the point here
+def test_without_tls_the_password_is_not_sent_unless_allowed(caplog):
+    caplog.set_level(logging.WARNING)
+    server = SmtpServer(tls=False, auth="required")
+    try:
+        refused = make_sender(plain_env(server.port))
+        refused.send("epoch", lambda: note(1))
+        refused.close(timeout=20)
+        assert server.auth_attempts == 0 and server.messages == []  # no AUTH exchange at all: no password sent
+        assert refused.counts["plain_auth"] == 1 and refused.counts["sent"] == 0
+        assert "(plain_auth)" in caplog.text and "EMAIL_ALLOW_PLAIN_AUTH=1" in caplog.text
+        allowed = make_sender(plain_env(server.port, EMAIL_ALLOW_PLAIN_AUTH="1"))
+        allowed.send("epoch", lambda: note(2))
+        assert allowed.close(timeout=20) and allowed.counts["sent"] == 1
+        assert server.auth_attempts >= 1 and [subj(m) for m in server.wait_for(1)] == ["[Theta] note 2"]
+    finally:
+        server.stop()
+
+
+def test_a_local_relay_without_login_still_works_without_tls():
+    relay = SmtpServer(tls=False, auth=None)
+    try:
+        sender = make_sender(plain_env(relay.port))
+        sender.send("epoch", lambda: note(1))
+        assert sender.close(timeout=20) and sender.counts["sent"] == 1
+        assert [subj(m) for m in relay.wait_for(1)] == ["[Theta] note 1"]
+    finally:
+        relay.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Servers that refuse, hang or reject: calls return at once, failures are logged and counted
 # ---------------------------------------------------------------------------------------------------------------
 
-def calls(n) -> None:
-    n.start({"epochs": 2})
-    n.epoch(1, EPOCH_1)
-    n.completed({"status": "completed"})
+def three(sender: EmailSender) -> None:
+    sender.send("start", lambda: note(1))
+    sender.send("epoch", lambda: note(2))
+    sender.send("completed", lambda: note(3), priority=True)
 
 
 def test_refusing_server(caplog):
     caplog.set_level(logging.WARNING)
-    n = make_notifier(email_env(free_port(), None))
-    calls(n)
-    n.close(timeout=20)
-    assert n.counts["connection"] >= 3 and n.counts["failed"] == 3 and n.counts["sent"] == 0
+    sender = make_sender(email_env(free_port(), None))
+    three(sender)
+    sender.close(timeout=20)
+    assert sender.counts["connection"] >= 3 and sender.counts["failed"] == 3 and sender.counts["sent"] == 0
     assert "(connection)" in caplog.text and "EMAIL_SMTP_PORT" in caplog.text and PASSWORD not in caplog.text
 
 
 def test_hanging_server_never_blocks_a_call(monkeypatch):
     """Every call returns while the server is still hanging: the calls finish with the send provably stuck."""
-    n = make_notifier(email_env(free_port(), None))
+    sender = make_sender(email_env(free_port(), None))
     entered, release = threading.Event(), threading.Event()
 
     def hang(msg):
         entered.set()
         release.wait(30)  # a server that never answers
 
-    monkeypatch.setattr(n, "_deliver", hang)
-    n.start({"epochs": 2})
+    monkeypatch.setattr(sender, "_deliver", hang)
+    sender.send("start", lambda: note(0))
     assert entered.wait(10)  # the sender thread is now inside the hanging server
-    caller = threading.Thread(target=lambda: (n.epoch(1, EPOCH_1), n.status(), n.failed("boom"),
-                                             n.completed({"status": "completed"})))
+    caller = threading.Thread(target=lambda: three(sender))
     caller.start()
     caller.join(10)
     try:
-        assert not caller.is_alive() and not release.is_set() and n.counts["sent"] == 0
-        assert n._queue.qsize() == 4  # all four queued behind the stuck one, none sent
+        assert not caller.is_alive() and not release.is_set() and sender.counts["sent"] == 0
+        assert sender._queue.qsize() == 3  # all three queued behind the stuck one, none sent
     finally:
         release.set()
-    assert n.close(timeout=10) and n.counts["sent"] == 5
+    assert sender.close(timeout=10) and sender.counts["sent"] == 4
 
 
 def test_hanging_real_server_times_out_and_close_is_bounded(caplog):
@@ -382,80 +337,44 @@ def test_hanging_real_server_times_out_and_close_is_bounded(caplog):
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # accepts connections (the kernel does) and never says a word
     try:
-        n = make_notifier(email_env(listener.getsockname()[1], None, EMAIL_TIMEOUT_S="1"), retries=2)
-        calls(n)
-        assert n.close(timeout=2) is False  # gave up on the queue instead of waiting for every retry
-        assert n.counts["timeout"] >= 1 and n.counts["dropped"] >= 1 and "(timeout)" in caplog.text
+        sender = make_sender(email_env(listener.getsockname()[1], None, EMAIL_TIMEOUT_S="1"), retries=2)
+        three(sender)
+        assert sender.close(timeout=2) is False  # gave up on the queue instead of waiting for every retry
+        assert sender.counts["timeout"] >= 1 and sender.counts["dropped"] >= 1 and "(timeout)" in caplog.text
     finally:
         listener.close()
 
 
-INTERFACE = ("start", "epoch", "status", "completed", "failed", "close")
-
-
-def test_one_interface_and_a_misspelt_method_is_an_error():
-    import inspect
-
-    n = make_notifier(email_env(free_port(), None))
-    null = en.NullNotifier()
-    for name in INTERFACE + ("update_metrics",):
-        real, nothing = getattr(n, name), getattr(null, name)
-        assert list(inspect.signature(real).parameters) == list(inspect.signature(nothing).parameters), name
-    assert null.start({"epochs": 1}) is None and null.close() is True
-    for obj in (n, null):
-        with pytest.raises(AttributeError):
-            obj.epoch_updat(1, EPOCH_1)  # the old string-name dispatch would have sent nothing, silently
-        with pytest.raises(AttributeError):
-            obj.epoch_update(1, EPOCH_1)  # the names before the one interface are gone
-    n.close(timeout=0)
-
-
-def test_a_failing_method_never_raises_and_hides_the_password(caplog):
+def test_a_failing_build_never_raises_and_hides_the_password(caplog):
     caplog.set_level(logging.WARNING)
-    n = make_notifier(email_env(free_port(), None))
+    sender = make_sender(email_env(free_port(), None))
 
-    class Broken:
-        @property
-        def __dict__(self):
-            raise RuntimeError(f"cannot read settings (password={PASSWORD})")
+    def broken() -> Email:
+        raise RuntimeError(f"cannot read settings (password={PASSWORD})")
 
-    class NotAMapping:
-        def keys(self):
-            raise ValueError(f"bad entry {PASSWORD}")
-
-    assert n.start(Broken()) is None
-    assert n.epoch(1, NotAMapping()) is None
-    assert n.update_metrics(None) is None
-    assert n.counts["failed"] == 3 and "start failed" in caplog.text and "epoch failed" in caplog.text
+    sender.send("epoch", broken)
+    sender.close(timeout=10)
+    assert sender.counts["build_error"] == 1 and "could not build the epoch email" in caplog.text
     assert PASSWORD not in caplog.text and "********" in caplog.text
-    n.close(timeout=0)
-
-
-def test_the_password_never_reaches_an_email(smtp_server, tls_cert):
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0]))
-    n.failed(f"login with {PASSWORD} refused", step="train")
-    assert n.close(timeout=30)
-    (msg,) = smtp_server.wait_for(1)
-    assert PASSWORD not in msg.as_string() and "********" in parts(msg)["text/plain"]
 
 
 def test_wrong_password_is_tried_once_and_never_logged(smtp_server, tls_cert, caplog):
     caplog.set_level(logging.INFO)
-    n = make_notifier(email_env(smtp_server.port, tls_cert[0], EMAIL_PASSWORD="wrong-" + PASSWORD))
-    calls(n)
-    n.close(timeout=20)
+    sender = make_sender(email_env(smtp_server.port, tls_cert[0], EMAIL_PASSWORD="wrong-" + PASSWORD))
+    three(sender)
+    sender.close(timeout=20)
     # One login call (smtplib tries each mechanism the server offers), then nothing more.
-    assert n.counts["auth"] == 1 and smtp_server.auth_attempts <= 2 and n.counts["dropped"] == 2
+    assert sender.counts["auth"] == 1 and smtp_server.auth_attempts <= 2 and sender.counts["dropped"] == 2
     assert smtp_server.messages == [] and "(auth)" in caplog.text and "app password" in caplog.text
     assert PASSWORD not in caplog.text
 
 
 def test_untrusted_certificate_is_a_tls_failure(smtp_server, caplog):
     caplog.set_level(logging.WARNING)
-    n = make_notifier(email_env(smtp_server.port, None))  # no EMAIL_CA_FILE: the self-signed cert is refused
-    n.epoch(1, EPOCH_1)
-    n.close(timeout=20)
-    assert n.counts["tls"] == 1 and "(tls)" in caplog.text and smtp_server.messages == []
+    sender = make_sender(email_env(smtp_server.port, None))  # no EMAIL_CA_FILE: the self-signed cert is refused
+    sender.send("epoch", lambda: note(1))
+    sender.close(timeout=20)
+    assert sender.counts["tls"] == 1 and "(tls)" in caplog.text and smtp_server.messages == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,29 +401,3 @@ def test_cli_test_email(smtp_server, tls_cert, tmp_path):
     assert bad.returncode == 1 and "FAILED (auth:" in bad.stderr and "app password" in bad.stderr
     off = cli({}, "--test", "--env-file", str(empty))
     assert off.returncode == 2 and "nothing configured" in off.stdout
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# create_notifier: what the trainer calls
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_create_notifier_rules(monkeypatch, tmp_path):
-    import os
-
-    from src.training import email_integration as ei
-
-    for k in [k for k in os.environ if k.startswith("EMAIL_") or k in ("RANK", "THETA_NOTIFY_FROM_SCRIPT")]:
-        monkeypatch.delenv(k)
-    monkeypatch.setattr(en, "PROJECT_ROOT", tmp_path)  # no .env there
-    off = ei.create_notifier(tmp_path / "models" / "r1", None)
-    assert off is None or isinstance(off, en.NullNotifier)
-    for k, v in email_env(587, None).items():
-        monkeypatch.setenv(k, v)
-    n = ei.create_notifier(tmp_path / "models" / "r1", None)
-    assert n.lifecycle_emails and n.run_name == "r1" and n.log_file == tmp_path / "models" / "r1" / "train.log"
-    assert n._worker is None  # no thread until something is sent
-    monkeypatch.setenv("THETA_NOTIFY_FROM_SCRIPT", "1")
-    assert not ei.create_notifier(tmp_path / "models" / "r1", None).lifecycle_emails
-    monkeypatch.setenv("RANK", "1")
-    other_rank = ei.create_notifier(tmp_path / "models" / "r1", None)
-    assert other_rank is None or isinstance(other_rank, en.NullNotifier)

@@ -103,6 +103,17 @@ def test_perplexity_matches_hand_computation(tiny_model_dir):
         assert m["domains"][d]["perplexity"] == pytest.approx(math.exp(nll[d] / count[d]), rel=1e-4)
 
 
+def test_evaluation_imports_nothing_from_the_trainer():
+    """evaluate_model.py batches its records itself: importing it loads no part of train_enhanced.py."""
+    import subprocess
+    import sys
+
+    code = "import sys, src.training.evaluate_model; print('src.training.train_enhanced' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_truncated_and_skipped_records_are_counted_by_hand(tiny_model_dir):
     """13 records at a short max_length: which are cut, which leave no answer token, and how many answer tokens
     perplexity covers, all counted here straight from the tokenizer."""

@@ -17,7 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import TINY_TEST_CONFIG
 from src.model import quantization as q
-from src.model.theta_model import QUANTIZED_MARKER, ThetaModel
+from src.model.quantization import QUANTIZED_MARKER
+from src.model.theta_model import ThetaModel
 from src.training import optimize_for_inference as opt
 from src.utils.common import run_entry_point
 
@@ -51,6 +52,30 @@ def test_int8_quantises_every_block_linear_and_stays_close(tiny_model_dir):
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.05, f"relative logit error {rel:.4f}"
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_save_quantized_takes_a_model_and_tokenizer_and_imports_no_theta_model(tmp_path, tiny_model_dir):
+    """The model layer has no import circle: quantization.py saves a plain model and tokenizer and never names
+    theta_model.py (which imports it for the int8 folder's file names, owned once in quantization.py)."""
+    import ast
+
+    from src.model import theta_model
+
+    tree = ast.parse(open(q.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("theta_model" in name for name in imported)
+    assert theta_model.QUANTIZED_MARKER is q.QUANTIZED_MARKER and theta_model.QUANTIZED_WEIGHTS is q.QUANTIZED_WEIGHTS
+    tm = ThetaModel.load(tiny_model_dir, device="cpu")
+    x = _ids(tm)
+    q.quantize_blocks_int8(tm.model)
+    with torch.no_grad():
+        ref = tm.model(x).logits
+    out = q.save_quantized(tm.model, tm.tokenizer, tmp_path / "int8", {"layers": N_BLOCK_LAYERS})
+    assert json.loads((out / q.QUANTIZED_MARKER).read_text()) == {"format": q.QUANTIZATION_FORMAT,
+                                                                 "layers": N_BLOCK_LAYERS}
+    with torch.no_grad():
+        assert torch.equal(q.load_quantized_model(out)(x).logits, ref)  # the same int8 weights came back
 
 
 def test_prune_reaches_target_sparsity(tiny_model_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,17 @@ def test_fingerprint_changes_say_what_changed():
     assert ov.fingerprint_changes(old, new) == [
         "Datasets/ changed (a.json changed; d.json added; b.jsonl removed)",
         "the profile changed (quick, now rtx3060)", "the trainer flags changed (none, now --epochs 3)"]
+
+
+@pytest.fixture(autouse=True)
+def _no_output_handlers_left():
+    """The lifecycle commands add console and log handlers to the root logger (one-shot processes); a test run
+    in-process removes them again."""
+    yield
+    for handler in ov._output_handlers:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    ov._output_handlers.clear()
 
 
 def make_run(models: Path, run_id: str, fingerprint: dict | None, events: list | None = None, done=False) -> Path:
@@ -207,24 +219,113 @@ def test_banner_says_what_and_why(root):
     assert any(line.startswith(" gpus        2 (torchrun") and "TRAINING_PIPELINE.md" in line for line in lines)
 
 
+def no_email(monkeypatch) -> None:
+    for k in [k for k in __import__("os").environ if k.startswith("EMAIL_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr("src.utils.email_notifier.PROJECT_ROOT", Path("/nonexistent"))  # no .env either
+
+
 def test_a_failed_preflight_does_not_end_a_run(root, capsys, monkeypatch):
     """Regression: a resumed run stopped by the pre-flight (say, a full disk) must stay resumable; a new run
     stopped there leaves no folder behind."""
-    import argparse
-
-    for k in [k for k in __import__("os").environ if k.startswith("EMAIL_")]:
-        monkeypatch.delenv(k)
+    no_email(monkeypatch)
     models = root / "models"
     fp = ov.make_fingerprint(root, "quick", ["--profile", "quick"], [])
     old = make_run(models, "theta_enhanced_20200101_000000", fp,
                    events=[{"event": "start"}, {"event": "failed", "step": "train", "exit_code": 3},
                            {"event": "resume"}])
-    args = argparse.Namespace(run_dir=old, step="pre-flight", exit_code=2, log=None, step_output=None)
-    ov.cmd_failed(args)
+    ov.main(["failed", "--run_dir", str(old), "--step", "pre-flight", "--exit_code", "2"])
     assert old.is_dir() and ov.choose_run(models, fp, now=NOW).run_id == old.name
     new = make_run(models, "theta_enhanced_20200102_000000", {**fp, "profile": "rtx3060"},
                    events=[{"event": "start"}])
-    ov.cmd_failed(argparse.Namespace(run_dir=new, step="pre-flight", exit_code=2, log=None, step_output=None))
+    ov.main(["failed", "--run_dir", str(new), "--step", "pre-flight", "--exit_code", "2"])
     assert not new.exists()
     out = capsys.readouterr().out
     assert "FAILED at step 'pre-flight' (exit 2)" in out and "removed (nothing had run yet)" in out
+
+
+def test_an_interruption_is_reported_once_and_resumed(root, capsys, monkeypatch):
+    """The step runner reports the signal it saw; the script's `failed` after it adds nothing; the run is
+    recorded as interrupted (not a user error), so the same command resumes it."""
+    no_email(monkeypatch)
+    models = root / "models"
+    fp = ov.make_fingerprint(root, "quick", ["--profile", "quick"], [])
+    run = make_run(models, "theta_enhanced_20200101_000000", fp, events=[{"event": "start"}])
+    ov.setup_run_output(None)
+    ov.report_failure(run, "evaluate", 143, "SIGTERM")  # as the step runner does
+    ov.main(["failed", "--run_dir", str(run), "--step", "evaluate", "--exit_code", "143", "--signal", "TERM"])
+    out = capsys.readouterr().out
+    assert out.count("FAILED at step 'evaluate' (interrupted by SIGTERM, exit 143)") == 1
+    assert "run the same command again to resume; finished steps are skipped" in out
+    events = ov.read_state(run)["events"]
+    assert [e["event"] for e in events] == ["start", "interrupted"] and events[1]["signal"] == "SIGTERM"
+    assert ov.choose_run(models, fp, now=NOW).run_id == run.name
+
+
+def plan_run(root: Path) -> Path:
+    plan = ov.make_plan(["--profile", "quick"], root, now=NOW)
+    return root / plan["RUN_DIR"]
+
+
+def test_a_finished_step_is_skipped_while_its_output_is_as_recorded(root, capsys):
+    """`step` runs a step, records it when its output is there, and skips it on a rerun while that output is
+    unchanged; rewriting the output, or running an earlier step, runs it again."""
+    import sys
+
+    run = plan_run(root)
+    rel = f"stats/evaluation_{run.name}.json"
+    writes = [sys.executable, "-c", f"open({str(root / rel)!r}, 'w').write('{{}}'); print('evaluated')"]
+    step = ["step", "--run_dir", str(run), "--step", "evaluate", "--number", "4/5", "--output", rel, "--"]
+    assert ov.main(step + writes) == 0
+    assert "[4/5] evaluate  (" in capsys.readouterr().out
+    assert [r["step"] for r in ov.read_state(run)["finished_steps"]] == ["evaluate"]
+    fails = [sys.executable, "-c", "raise SystemExit(7)"]
+    assert ov.main(step + fails) == 0  # skipped: the failing command never ran
+    assert "[4/5] evaluate: skipped: finished at " in capsys.readouterr().out
+    log = (root / f"logs/training_enhanced_{run.name}.log").read_text()
+    assert "evaluated" in log and "[4/5] evaluate: skipped" in log  # the step's output and the lines, in the log
+    (root / rel).write_text('{"other": 1}')
+    assert ov.main(step + fails) == 7  # the output changed since: it runs again
+    assert ov.read_state(run)["finished_steps"] == []
+    assert ov.main(step + writes) == 0
+    ov.forget_from(run, "train")  # training runs again: what came after it is stale
+    assert ov.read_state(run)["finished_steps"] == []
+
+
+def test_training_counts_as_finished_only_when_the_trainer_says_completed(root):
+    run = plan_run(root)
+    assert ov.training_finished(run) == "theta_final/ is missing"
+    (run / "theta_final").mkdir()
+    (run / "training_config.json").write_text(json.dumps({"status": "interrupted", "summary": {"exit_code": 3}}))
+    assert ov.training_finished(run) == "training_config.json says status 'interrupted'"
+    (run / "training_config.json").write_text(json.dumps({"status": "completed", "summary": {"exit_code": 0}}))
+    assert ov.training_finished(run) is None
+
+
+def test_the_chains_emails_say_what_the_run_did(root):
+    from src.utils.email_notifier import render
+
+    run = plan_run(root)
+    (run / ov.PREFLIGHT_FILE).write_text(json.dumps({"estimate": "4 min", "warnings": ["data: 2 answers cut"]}))
+    start = ov.chain_start_email(run, gpu={"gpus": [], "system": {}})
+    plain = render(start.heading, start.alerts, start.sections)[0]
+    assert start.subject == f"[Theta] started: {run.name} (quick profile)"
+    assert "pre-flight estimate  training about 4 min" in plain and "[WARNING] pre-flight: data: 2 answers cut" in plain
+    (run / "training_config.json").write_text(json.dumps({"status": "completed", "summary": {
+        "status": "completed", "best_val_loss": 2.25, "best_epoch": 1, "epochs_run": 1, "exit_code": 0}}))
+    (run / "loss_history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 2.5, "val_loss": 2.25}]))
+    (root / "stats" / run.name).mkdir(parents=True)
+    (root / "stats" / run.name / "loss_curve.png").write_bytes(b"\x89PNG report")
+    (root / "stats" / f"evaluation_{run.name}.json").write_text(json.dumps({
+        "test_records": 8, "perplexity": 12.3456, "token_accuracy": 0.4321, "bleu_4": 0.05,
+        "samples": [{"question": "What is DNS?", "generated": "a name service", "reference": "It maps names."}]}))
+    done = ov.chain_completion_email(run)
+    plain = render(done.heading, done.alerts, done.sections)[0]
+    assert done.subject == f"[Theta] completed: {run.name}, best val loss 2.2500 (epoch 1), test perplexity 12.35"
+    assert "A: a name service\n" in plain and "reference: It maps names." in plain and "BLEU-4" in plain
+    assert f"inference model  {run / 'theta_inference'}" in plain
+    assert {a.filename: a.data for a in done.attachments}["loss_curve.png"] == b"\x89PNG report"
+    assert sorted(a.filename for a in done.attachments) == [f"evaluation_{run.name}.json", "loss_curve.png"]
+    failed = ov.chain_failure_email(run, "evaluate", 143, "SIGTERM", ["loading the model"], None)
+    assert failed.subject == f"[Theta] FAILED: {run.name} at evaluate: loading the model"
+    assert "was interrupted by SIGTERM (exit code 143)" in render(failed.heading, [], failed.sections)[0]

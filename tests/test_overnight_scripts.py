@@ -1,7 +1,9 @@
 """The overnight scripts: the .sh chains its steps in order with the helper's flags (its Python steps replaced by
 tests/overnight_stub/python_stub.py, which records them), resumes only what it should, stops at a failing step
-and before any step when the pre-flight fails; the real .sh pipeline runs in a copy of the project whose path has
-a space, emails its progress to a local SMTP server, leaks no password and resumes after being killed.
+and before any step when the pre-flight fails, and on SIGTERM/SIGINT stops the running step, leaves no process
+behind, reports once and resumes without redoing finished steps; the real .sh pipeline runs in a copy of the
+project whose path has a space, emails its progress to a local SMTP server, leaks no password and resumes after
+being killed.
 The .bat runs for real under Wine in tests/test_bat_wine.py.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_overnight_scripts.py -q            # all
@@ -29,8 +31,9 @@ SH = ROOT / "train_overnight_enhanced.sh"
 BAT = ROOT / "train_overnight_enhanced.bat"
 STUB = ROOT / "tests" / "overnight_stub" / "python_stub.py"
 # Files under test come from the working tree; the rest of src/ from the last commit (see copy_project).
-OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/training/preflight.py",
-             "src/training/email_integration.py", "src/utils/email_notifier.py", "src/utils/gpu_info.py"]
+OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/utils/step_runner.py", "src/training/preflight.py",
+             "src/training/run_emails.py", "src/training/report.py", "src/utils/email_notifier.py",
+             "src/utils/gpu_info.py"]
 STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_enhancer_main",
                 "src.data_processing.prepare_data_for_training", "src.training.train_enhanced",
                 "src.training.evaluate_model", "src.training.optimize_for_inference"]
@@ -82,23 +85,33 @@ class StubbedRun:
         self.project = project
         self.log = project.parent / "stub_calls.jsonl"
 
-    def __call__(self, *args: str, exit_codes: dict | None = None, real: tuple = ()) -> tuple[int, str, list]:
+    def __call__(self, *args: str, exit_codes: dict | None = None, real: tuple = (),
+                 env: dict | None = None) -> tuple[int, str, list]:
+        proc = self.start(*args, exit_codes=exit_codes, real=real, env=env)
+        out, _ = proc.communicate(timeout=120)
+        return proc.returncode, out, self.calls()
+
+    def start(self, *args: str, exit_codes: dict | None = None, real: tuple = (),
+              env: dict | None = None) -> subprocess.Popen:
+        """The script, started in a session of its own: its pid is its process group's id."""
         self.log.write_text("")
         env = clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(self.log), STUB_REAL_PYTHON=sys.executable,
-                        STUB_REAL=",".join(["src.utils.overnight", "src.training.email_integration", *real]),
-                        STUB_EXIT=json.dumps(exit_codes or {}))
-        proc = subprocess.run([str(self.project / SH.name), *args], cwd=self.project.parent, env=env,
-                              capture_output=True, text=True, timeout=120)
-        calls = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return proc.returncode, proc.stdout + proc.stderr, calls
+                        STUB_REAL=",".join(["src.utils.overnight", *real]),
+                        STUB_EXIT=json.dumps(exit_codes or {}), **(env or {}))
+        return subprocess.Popen([str(self.project / SH.name), *args], cwd=self.project.parent, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def calls(self) -> list:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
 
     def runs(self) -> list[str]:
         return sorted(p.name for p in (self.project / "models").glob("theta_enhanced_*"))
 
 
 def step_calls(calls: list[list[str]]) -> list[list[str]]:
-    """The calls of the steps and of the helper's subcommands, as ``[module, args...]``."""
-    return [c[1:] for c in calls if c[:1] == ["-m"]]
+    """The calls of the steps and of the helper's subcommands, as ``[module, args...]``; the step runner's own
+    calls (``overnight step``) are left out: the step's call follows each."""
+    return [c[1:] for c in calls if c[:1] == ["-m"] and c[1:3] != ["src.utils.overnight", "step"]]
 
 
 @pytest.fixture
@@ -112,7 +125,7 @@ def test_steps_run_in_order_with_the_helpers_flags(stubbed):
     (run,) = stubbed.runs()
     modules = [c[0] + (f" {c[1]}" if c[0] == "src.utils.overnight" else "") for c in step_calls(calls)]
     assert modules == ["src.utils.overnight plan", "src.training.preflight", "src.utils.overnight banner",
-                       "src.training.email_integration", "src.data_processing.knowledge_base_enhancer_main",
+                       "src.utils.overnight start", "src.data_processing.knowledge_base_enhancer_main",
                        "src.data_processing.prepare_data_for_training", "src.utils.overnight prepared",
                        "src.training.preflight", "src.training.train_enhanced", "src.training.evaluate_model",
                        "src.training.optimize_for_inference", "src.utils.overnight completed"]
@@ -211,6 +224,87 @@ def test_preflight_alone_runs_no_step(stubbed):
     assert code == 0 and stubbed.runs() == []
     (call,) = [c for c in step_calls(calls) if c[0] != "src.utils.overnight"]
     assert call[0] == "src.training.preflight" and "--email_test" in call and call[-2:] == ["--epochs", "2"]
+
+
+def held_step(hold: Path, proc: subprocess.Popen, timeout: float = 60) -> int:
+    """The pid of the stub step that holds on ``hold`` (python_stub.py writes it), once it is running."""
+    pid_file = Path(f"{hold}.pid")
+    deadline = time.time() + timeout
+    while not pid_file.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and pid_file.is_file(), "the held step never started"
+    time.sleep(0.2)  # past the stub's first lines: it is waiting now
+    return int(pid_file.read_text())
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_sigterm_during_evaluation_leaves_nothing_running_reports_once_and_the_rerun_skips_training(
+        stubbed, tls_cert):
+    """Regression (orphans): SIGTERM to the script during evaluation left evaluate_model and two tees running,
+    printed no FAILED line and sent no email; a rerun trained again."""
+    server = SmtpServer(*tls_cert)
+    hold = stubbed.project.parent / "release_evaluation"
+    try:
+        proc = stubbed.start("--profile", "quick", env={**email_env(server.port, tls_cert[0]),
+                                                        "STUB_HOLD": f"src.training.evaluate_model={hold}"})
+        step_pid = held_step(hold, proc)
+        os.kill(proc.pid, signal.SIGTERM)  # the script only, as `kill PID` or a service manager would
+        out, _ = proc.communicate(timeout=60)
+        msgs = server.wait_for(2)
+    finally:
+        server.stop()
+    assert proc.returncode == 143, out
+    assert out.count("FAILED at step 'evaluate' (interrupted by SIGTERM, exit 143)") == 1
+    assert "run the same command again to resume" in out
+    # Nothing left behind: not the step (in a session of its own), nothing of the script's process group.
+    assert gone(step_pid) and group_gone(step_pid) and group_gone(proc.pid)
+    failed = [m for m in msgs if subj(m).startswith("[Theta] FAILED")]
+    assert len(failed) == 1 and " at evaluate: " in subj(failed[0])
+    assert "interrupted by SIGTERM" in parts(failed[0])["text/plain"]
+    (run,) = stubbed.runs()
+    state = json.loads((stubbed.project / "models" / run / "overnight.json").read_text())
+    assert state["events"][-1] == {**state["events"][-1], "event": "interrupted", "step": "evaluate",
+                                   "exit_code": 143, "signal": "SIGTERM"}
+    assert [r["step"] for r in state["finished_steps"]] == ["train"]
+    log = (stubbed.project / "logs" / f"training_enhanced_{run}.log").read_text()
+    assert "FAILED at step 'evaluate'" in log
+    # The same command resumes the run; training finished and is skipped, evaluation runs, the run completes.
+    code, out, calls = stubbed("--profile", "quick")
+    assert code == 0, out
+    assert f"Theta overnight run {run} (resuming)" in out and "[3/5] train: skipped: finished at " in out
+    modules = [c[0] for c in step_calls(calls)]
+    assert "src.training.train_enhanced" not in modules and "src.training.evaluate_model" in modules
+    assert (stubbed.project / "models" / run / "DONE").is_file()
+
+
+def test_sigint_during_training_stops_it_and_the_rerun_trains_again(stubbed):
+    hold = stubbed.project.parent / "release_training"
+    proc = stubbed.start("--profile", "quick", env={"STUB_HOLD": f"src.training.train_enhanced={hold}"})
+    step_pid = held_step(hold, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert out.count("FAILED at step 'train' (interrupted by SIGINT, exit 130)") == 1
+    assert gone(step_pid) and group_gone(proc.pid)
+    (run,) = stubbed.runs()
+    code, out, calls = stubbed("--profile", "quick")
+    assert code == 0 and f"Theta overnight run {run} (resuming)" in out
+    assert "src.training.train_enhanced" in [c[0] for c in step_calls(calls)]  # it had not finished
 
 
 def test_sh_syntax():

@@ -201,3 +201,31 @@ def test_email_test_message(capsys, base, tls_cert, monkeypatch):
         server.stop()
     assert code == 0 and "ok    email     test message sent to" in out
     assert "test email" in msgs[0]["Subject"]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_email_without_tls_is_a_warning_naming_the_setting(monkeypatch):
+    """Regression: with TLS off the pre-flight said "ok ... plain (no TLS)" while the password went out in clear."""
+    monkeypatch.setattr("src.utils.email_notifier.PROJECT_ROOT", Path("/nonexistent"))  # no .env
+
+    def check(port: int, send_test: bool, **env):
+        for k in [k for k in __import__("os").environ if k.startswith("EMAIL_")]:
+            monkeypatch.delenv(k)
+        for k, v in email_env(port, None, EMAIL_USE_TLS="0", **env).items():
+            monkeypatch.setenv(k, v)
+        return pf._email_check(send_test)
+
+    remote = check(25, False, EMAIL_SMTP_SERVER="mail.example.org")
+    assert remote.level == "warn" and "no password is sent without TLS" in remote.message
+    assert "EMAIL_ALLOW_PLAIN_AUTH=1" in remote.fix and "EMAIL_USE_TLS=1" in remote.fix
+    allowed = check(25, False, EMAIL_SMTP_SERVER="mail.example.org", EMAIL_ALLOW_PLAIN_AUTH="1")
+    assert allowed.level == "warn" and "password is sent unencrypted" in allowed.message
+    relay = SmtpServer(tls=False, auth=None)  # a relay on this machine that asks for no login: fine
+    locked = SmtpServer(tls=False, auth="required")  # one that does: the password is not sent, the test fails
+    try:
+        assert check(relay.port, True).level == "ok" and len(relay.wait_for(1)) == 1
+        refused = check(locked.port, True)
+        assert refused.level == "warn" and "plain_auth" in refused.message and locked.auth_attempts == 0
+    finally:
+        relay.stop()
+        locked.stop()

@@ -59,7 +59,7 @@ def test_tensorboard_flag_serves_the_runs(tmp_path, tiny_datasets_dir):
     release = tmp_path / "release"
     log = tmp_path / "calls.jsonl"
     env = clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(log), STUB_REAL_PYTHON=sys.executable,
-                    STUB_REAL="src.utils.overnight,src.training.email_integration,tensorboard.main",
+                    STUB_REAL="src.utils.overnight,tensorboard.main",
                     STUB_HOLD=f"src.training.train_enhanced={release}")
     # The stub holds the train step open; tensorboard itself runs for real (STUB_REAL).
     proc = subprocess.Popen([str(project / SH.name), "--profile", "quick", "--tensorboard"], cwd=tmp_path, env=env,

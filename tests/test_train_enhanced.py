@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import PROJECT_ROOT, run_script
 import src.training.train_enhanced as te
-from src.utils.email_notifier import EmailConfig, TrainingEmailNotifier
+from src.training.run_emails import TrainingEmailNotifier
+from src.utils.email_notifier import EmailConfig, EmailSender
 
 def _args(model_dir, data, out, *extra):
     return te.parse_args(["--model_name", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
@@ -248,15 +249,15 @@ def test_cuda_oom_halves_the_micro_batch_with_the_same_result(tmp_path, tiny_mod
     assert "micro-batch now 2 x 2 accumulation" in (tmp_path / "oom" / "train.log").read_text()
 
 
-class _FailingNotifier(TrainingEmailNotifier):
-    """The real notifier whose every job fails inside it (as a broken mail set-up would)."""
+class _FailingSender(EmailSender):
+    """The real sender whose every email fails inside it (as a broken mail set-up would)."""
 
-    def _enqueue(self, job):
+    def send(self, kind, build, priority=False):
         raise RuntimeError("mail server on fire")
 
 
-class _HangingNotifier(TrainingEmailNotifier):
-    """The real notifier whose SMTP server never answers."""
+class _HangingSender(EmailSender):
+    """The real sender whose SMTP server never answers."""
 
     def _deliver(self, msg):
         time.sleep(30)
@@ -264,17 +265,18 @@ class _HangingNotifier(TrainingEmailNotifier):
 
 def test_a_failing_or_hanging_notifier_never_stops_training(tmp_path, tiny_model_dir, prepared_data):
     config = EmailConfig(sender="a@example.org", recipients=["b@example.org"], password="pw", status_interval_min=0)
-    for kind in (_FailingNotifier, _HangingNotifier):
-        notifier = kind(config, run_name="t", run_dir=tmp_path / kind.__name__, shutdown_wait_s=0.2)
+    for kind in (_FailingSender, _HangingSender):
+        notifier = TrainingEmailNotifier(kind(config, run_name="t", shutdown_wait_s=0.2),
+                                         run_dir=tmp_path / kind.__name__)
         summary = te.train(_args(tiny_model_dir, prepared_data, tmp_path / kind.__name__, "--epochs", "1",
                                  "--batch_size", "8"), notifier)
         notifier.close(timeout=0.2)
         assert summary["exit_code"] == 0 and (tmp_path / kind.__name__ / "theta_final").is_dir()
-        if kind is _FailingNotifier:
+        if kind is _FailingSender:
             assert notifier.counts["failed"] >= 3  # start, epoch and completed were each called and each failed
         else:
             assert notifier.history and notifier.history[0]["epoch"] == 1  # the epoch entry reached it...
-            assert notifier._queue.unfinished_tasks > 0  # ...and training did not wait for the silent server
+            assert notifier.sender.pending() > 0  # ...and training did not wait for the silent server
 
 
 # --- command line ----------------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 The model layer's side of ``src/training/optimize_for_inference.py``: the surgery that makes an int8 model, the
 folder format it is saved in, and how ``ThetaModel.load`` turns any folder that script writes back into a model
-on the right device. It imports nothing from ``src/training/``.
+on the right device. It imports nothing from ``src/training/`` and nothing from ``theta_model.py``, which imports
+it: the int8 folder's file names are owned here, once.
 
     from src.model.quantization import quantize_blocks_int8, save_quantized, load_quantized_model
     n = quantize_blocks_int8(tm.model)             # every linear layer of the blocks, in place
-    save_quantized(tm, Path("theta_inference"), {"layers": n})
+    save_quantized(tm.model, tm.tokenizer, Path("theta_inference"), {"layers": n})
     model = load_quantized_model(Path("theta_inference"))
 
 Folder formats (what ``ThetaModel.load`` accepts):
@@ -26,19 +27,16 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-if TYPE_CHECKING:
-    from src.model.theta_model import ThetaModel
+from src.utils.common import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-# Kept equal to the names in theta_model.py, which check_model_folder reads (imported lazily there).
+# The int8 folder's files (theta_model.check_model_folder and optimize_for_inference.py read these names).
 QUANTIZED_MARKER = "theta_quantization.json"
 QUANTIZED_WEIGHTS = "quantized_model.pt"
 QUANTIZATION_FORMAT = 1
@@ -102,18 +100,17 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, DynamicQuantizedLinear)
 
 
-def save_quantized(tm: "ThetaModel", path: Path, meta: dict) -> Path:
-    """An int8 folder: config, generation config, tokenizer, the quantised state dict and the marker file
-    (written last: a folder with the marker is complete)."""
-    from src.utils.common import atomic_write_json
-
+def save_quantized(model: GPT2LMHeadModel, tokenizer, path: Path, meta: dict) -> Path:
+    """An int8 folder of ``model`` (quantised by :func:`quantize_blocks_int8`) and its tokenizer: config,
+    generation config, tokenizer, the quantised state dict and the marker file (written last: a folder with the
+    marker is complete)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tm.model.config.save_pretrained(path)
-    tm.model.generation_config.save_pretrained(path)
-    tm.tokenizer.save_pretrained(path)
+    model.config.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     with quiet_quantization_warnings():
-        torch.save(tm.model.state_dict(), path / QUANTIZED_WEIGHTS)
+        torch.save(model.state_dict(), path / QUANTIZED_WEIGHTS)
     atomic_write_json(path / QUANTIZED_MARKER, {"format": QUANTIZATION_FORMAT, **meta})
     return path
 

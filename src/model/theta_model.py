@@ -35,6 +35,8 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from src.model.quantization import (QUANTIZED_MARKER, QUANTIZED_WEIGHTS, fit_dtype_to_device, load_quantized_model,
+                                    placement)
 from src.utils.common import PROJECT_ROOT, UserError, atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,6 @@ PAD_TOKEN = "<|pad|>"
 # theta-tiny: small enough for a whole pipeline in minutes on 2 CPU cores, big enough to learn something.
 TINY_CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1024)
 TINY_SEED = 1234
-
-# An int8 folder written by optimize_for_inference.py: this marker plus the quantised state dict, no safetensors.
-QUANTIZED_MARKER = "theta_quantization.json"
-QUANTIZED_WEIGHTS = "quantized_model.pt"
 
 # Files in Datasets/ that are our own outputs or held out, never training text for the tokenizer.
 NON_TRAINING_FILES = {"enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"}
@@ -261,8 +259,6 @@ class ThetaModel:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ThetaModel":
         """Load a folder written by :meth:`save` (or any GPT-2 ``save_pretrained`` folder)."""
-        from src.model.quantization import fit_dtype_to_device, placement  # inference folders (int8, fp16, bf16)
-
         path = Path(path)
         check_model_folder(path)
         tm = cls(str(path), device=placement(path, resolve_device(device)))
@@ -282,9 +278,7 @@ class ThetaModel:
 
     @staticmethod
     def _load(source: Path | str):
-        if isinstance(source, Path) and (source / QUANTIZED_MARKER).is_file():
-            from src.model.quantization import load_quantized_model  # torch.ao only when needed
-
+        if isinstance(source, Path) and (source / QUANTIZED_MARKER).is_file():  # an int8 inference folder
             return load_quantized_model(source), GPT2TokenizerFast.from_pretrained(source)
         if isinstance(source, Path):
             return (GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source))

@@ -38,7 +38,6 @@ from transformers.utils import logging as hf_logging
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
-from src.training.train_enhanced import TrainingSampler
 from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
 from src.utils.data_contract import question_key
 
@@ -245,8 +244,9 @@ def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int,
     ds = TokenizedDataset(records, tm.tokenizer, max_length)
     if len(ds) == 0:
         raise UserError("no test record leaves room for an answer token within --max_length; raise --max_length")
-    sampler = TrainingSampler(len(ds), batch_size, seed=0, shuffle=False)
-    batches = [collate([ds[i] for i in b], tm.tokenizer.pad_token_id) for b in sampler.batches()]
+    # The records in file order, in consecutive batches (the figures do not depend on the order).
+    batches = [collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], tm.tokenizer.pad_token_id)
+               for start in range(0, len(ds), batch_size)]
     m = evaluate(tm.model, batches, tm.device, nullcontext(), ds.domain_names)
     # The answer tokens a full-length read would score: what the figures above cover a part of when records
     # were truncated or skipped (the same tokenisation, without the length limit).

@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -212,7 +211,7 @@ def write_format(tm: ThetaModel, fmt: str, folder: Path, meta: dict) -> int:
         model.to("cpu")
         layers = quantize_blocks_int8(model)
         model.config.use_cache = True
-        save_quantized(SimpleNamespace(model=model, tokenizer=tm.tokenizer), folder,
+        save_quantized(model, tm.tokenizer, folder,
                        {**meta, "method": "dynamic_int8", "layers": layers,
                         "scope": "every nn.Linear of transformer.h (Conv1D converted)", "torch": torch.__version__})
         return layers

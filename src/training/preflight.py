@@ -371,15 +371,25 @@ def _autocast_dtype(precision: str, device):
 
 
 def _email_check(send_test: bool) -> Check:
-    from src.utils.email_notifier import TrainingEmailNotifier, resolve_email_config
+    from src.utils.email_notifier import resolve_email_config, send_test_email
     config, level, message = resolve_email_config()
     if config is None:
         return Check("email", "warn" if level == "warning" else "ok", message,
                      "see documentation/EMAIL_NOTIFICATIONS.md" if level == "warning" else "")
+    # Without TLS the password would cross the network in clear text: the notifier does not send it unless
+    # EMAIL_ALLOW_PLAIN_AUTH=1, and either way the pre-flight says so (a server on this machine sees no network).
+    plain = config.plain_auth_note()
+    plain_fix = "set EMAIL_USE_TLS=1 (port 587) or EMAIL_USE_SSL=1 (port 465)" + (
+        "" if config.allow_plain_auth else "; EMAIL_ALLOW_PLAIN_AUTH=1 sends the password unencrypted")
     if not send_test:
+        if plain and not config.loopback:
+            return Check("email", "warn", f"{config.describe()}: {plain}", plain_fix)
         return Check("email", "ok", f"{config.describe()} (test message: --preflight)")
-    ok, problem = TrainingEmailNotifier(config, run_name="preflight").send_test_email()
+    ok, problem = send_test_email(config)
     if ok:
+        if plain and not config.loopback:
+            return Check("email", "warn", f"test message sent to {', '.join(config.recipients)}, without TLS: "
+                                          f"{plain}", plain_fix)
         return Check("email", "ok", f"test message sent to {', '.join(config.recipients)}")
     return Check("email", "warn", f"the test message failed ({problem})", "the run goes on without email until "
                                   "this is fixed: documentation/EMAIL_NOTIFICATIONS.md")

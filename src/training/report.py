@@ -7,7 +7,8 @@ results file that is already there:
 
 Files in ``stats/<run>/`` (each plot only when its data exists):
 - ``loss_curve.png``      train and validation loss per epoch (``loss_history.json``); the completion email
-                          attaches this file, so its name is a contract
+                          attaches this file, so its name is a contract (without it, the same plot drawn in
+                          memory by :func:`loss_curve_png`)
 - ``learning_rate.png``   learning rate per optimizer step (``metrics.jsonl``)
 - ``token_accuracy.png``  validation token accuracy per epoch, with the test-set value as a line
 - ``domains.png``         test metrics per domain
@@ -132,6 +133,28 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
+    fig = _loss_figure(history)
+    return _save(fig, out_dir / LOSS_CURVE) if fig is not None else None
+
+
+def loss_curve_png(history: list[dict]) -> bytes | None:
+    """The loss-curve plot as PNG bytes, drawn in memory (the completion email attaches it when the report has
+    no file yet); None without a finite loss to draw."""
+    if not any(_finite(e.get(k)) for e in history for k in ("train_loss", "val_loss")):
+        return None
+    import io
+
+    fig = _loss_figure(history)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _loss_figure(history: list[dict]):
+    """Train and validation loss per epoch, the best epoch marked; None for an empty history."""
     plt = _pyplot()
     if not history:
         return None
@@ -148,7 +171,7 @@ def plot_loss_curve(history: list[dict], out_dir: Path) -> Path | None:
     _integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out_dir / LOSS_CURVE)
+    return fig
 
 
 def plot_learning_rate(steps: list[dict], out_dir: Path) -> Path | None:

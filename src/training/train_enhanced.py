@@ -2654,9 +2654,9 @@ def finish(run: Run) -> dict:
 
 
 def _create_notifier(args: argparse.Namespace):
-    """The email notifier (src/training/email_integration.py); a NullNotifier when email is off."""
+    """The email notifier (the factory in src/training/run_emails.py); a NullNotifier when email is off."""
     try:
-        from src.training.email_integration import create_notifier
+        from src.training.run_emails import create_notifier
 
         return create_notifier(Path(args.output_dir), args) or NullNotifier()
     except Exception as err:  # notifications must never stop training

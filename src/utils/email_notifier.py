@@ -1,34 +1,36 @@
-"""Email progress reports for training runs: start, every epoch, a periodic GPU status, completion and failure.
+"""Email transport for Theta: the settings (``.env``), one queue thread that sends with smtplib (timeouts, retries
+with back-off, an hourly limit), the rendering of the sections a message is made of, and ``NullNotifier``.
 
-A small sink that never gets in the way of training. Each call snapshots its data, puts a job on a queue and
-returns at once; one background thread builds the message (HTML and plain text), and sends it with smtplib
-(timeouts, retries with backoff, a rate limit). A dead, slow or refusing server costs training nothing; failures
-are logged with their kind (dns, connection, timeout, tls, auth, rejected) and counted, never with the password.
+A small sink that never gets in the way of training. ``send`` snapshots nothing itself: it takes a function that
+builds an :class:`Email`, puts it on a queue and returns at once; one background thread builds the message
+(plain text and HTML of the same sections) and sends it. A dead, slow or refusing server costs the caller
+nothing; failures are logged with their kind (dns, connection, timeout, tls, plain_auth, auth, rejected) and
+counted, never with the password.
+
+What an email *says* lives with the code that owns its data: the trainer's start, epoch, status, completion and
+failure emails in ``src/training/run_emails.py``, the overnight chain's start, failure and completion emails in
+``src/utils/overnight.py``. Both hand this module an ``Email``.
 
     python -m src.utils.email_notifier --test          # send a test email; says exactly what failed
     python -m src.utils.email_notifier --show-config   # the configuration in effect (password masked)
 
-    from src.utils.email_notifier import NullNotifier, TrainingEmailNotifier, load_email_config
+    from src.utils.email_notifier import Email, EmailSender, Section, load_email_config
     config = load_email_config()            # None when email is off (one log line says why)
-    notifier = TrainingEmailNotifier(config, run_name="theta_enhanced_20260101_230000") if config else NullNotifier()
-    notifier.start(args)
-    notifier.epoch(1, {"train_loss": 2.1, "val_loss": 1.9, ...})
-    notifier.completed(summary)             # or notifier.failed(error, step="train", log_file=log)
-    notifier.close()
-
-The interface is ``start``, ``epoch``, ``status``, ``completed``, ``failed``, ``close`` (plus ``update_metrics``).
-Every method returns at once and never raises: one guard (``_guarded``) catches and logs, one queue thread
-talks to the server. ``NullNotifier`` has the same methods doing nothing; neither has a catch-all, so a
-misspelt method name is an AttributeError.
+    sender = EmailSender(config, run_name="theta_enhanced_20260101_230000")
+    sender.send("note", lambda: Email("[Theta] note", "A note", sections=[Section("Run", rows=[("epochs", "3")])]))
+    sender.close()                          # waits at most shutdown_wait_s for what is queued
 
 Configuration (environment, else ``.env`` in the project root; see ``.env.example`` and
 documentation/EMAIL_NOTIFICATIONS.md): EMAIL_ENABLED, EMAIL_SENDER, EMAIL_RECIPIENT (comma-separated),
 EMAIL_PASSWORD, EMAIL_SMTP_SERVER, EMAIL_SMTP_PORT, EMAIL_USE_TLS (STARTTLS), EMAIL_USE_SSL (implicit TLS),
-EMAIL_STATUS_INTERVAL_MIN, EMAIL_MAX_PER_HOUR, and the optional EMAIL_TIMEOUT_S and EMAIL_CA_FILE.
+EMAIL_ALLOW_PLAIN_AUTH, EMAIL_STATUS_INTERVAL_MIN, EMAIL_MAX_PER_HOUR, and the optional EMAIL_TIMEOUT_S and
+EMAIL_CA_FILE.
 
-Sharp edges: completion, failure and test emails bypass the hourly limit (they come once per run); after an
-authentication failure nothing more is sent in this process (retrying a wrong password can lock the account);
-at exit, queued emails get ``shutdown_wait_s`` seconds (default 15), then the process leaves without them.
+Sharp edges: the password is never sent over a connection without TLS unless ``EMAIL_ALLOW_PLAIN_AUTH=1`` (a
+server that then insists on a login refuses the email with a ``plain_auth`` failure; a local relay that asks for
+no login still works); priority emails (completion, failure, test) bypass the hourly limit; after an
+authentication failure nothing more is sent by this sender (retrying a wrong password can lock the account); at
+exit, queued emails get ``shutdown_wait_s`` seconds (default 15), then the process leaves without them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import atexit
 import collections
 import functools
 import html
-import json
+import ipaddress
 import logging
 import math
 import os
@@ -50,7 +52,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -59,37 +60,16 @@ from typing import Any, Callable, Mapping
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils import gpu_info
 from src.utils.common import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
 SUBJECT_PREFIX = "[Theta]"
-LOG_TAIL_LINES = 40
-
-# Alert thresholds (documented in documentation/EMAIL_NOTIFICATIONS.md). "warning" is amber, "critical" red.
-ALERT_THRESHOLDS: dict[str, float] = {
-    "perplexity_warning": 50.0,        # validation perplexity above this
-    "perplexity_critical": 500.0,
-    "token_accuracy_warning": 0.30,    # validation token accuracy below this
-    "token_accuracy_critical": 0.10,
-    "kl_warning": 0.5,                 # KL divergence (R-Drop / EMA vs. model) above this
-    "kl_critical": 2.0,
-    "difficult_ratio_warning": 0.6,    # share of difficult examples the curriculum feeds, above this
-    "lr_collapse_ratio": 0.01,         # learning rate below 1% of the initial one ...
-    "lr_collapse_before": 0.9,         # ... before 90% of the epochs are done
-    "domain_perplexity_ratio": 2.0,    # a domain's perplexity more than 2x the overall one
-    "domain_accuracy_gap": 0.15,       # a domain's token accuracy this far below the overall one
-    "val_loss_rise": 0.10,             # validation loss 10% above the best so far (overfitting)
-    "gpu_temperature_warning": 80.0,   # degrees C
-    "gpu_temperature_critical": 87.0,
-    "gpu_memory_warning": 0.95,        # share of GPU memory in use
-    "ram_warning": 0.90,               # share of system RAM in use
-}
-_LEVEL_COLOURS = {"critical": ("#b71c1c", "#ffebee"), "warning": ("#8d6e00", "#fff8e1"), "ok": ("#1b5e20", "#e8f5e9")}
+LEVEL_COLOURS = {"critical": ("#b71c1c", "#ffebee"), "warning": ("#8d6e00", "#fff8e1"), "ok": ("#1b5e20", "#e8f5e9")}
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,13 +86,45 @@ class EmailConfig:
     smtp_port: int = 587
     use_tls: bool = True
     use_ssl: bool = False
+    allow_plain_auth: bool = False
     status_interval_min: float = 10.0
     max_per_hour: int = 20
     timeout_s: float = 10.0
     ca_file: str | None = None
 
+    @property
+    def encrypted(self) -> bool:
+        return self.use_ssl or self.use_tls
+
+    @property
+    def loopback(self) -> bool:
+        """The server runs on this machine (nothing it is sent crosses a network)."""
+        host = self.smtp_server.strip("[]").lower()
+        if host in _LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def plain_auth_note(self) -> str:
+        """What happens to the password on a connection without TLS; "" when the connection is encrypted."""
+        if self.encrypted:
+            return ""
+        if self.allow_plain_auth:
+            return "the password is sent unencrypted when the server asks for a login (EMAIL_ALLOW_PLAIN_AUTH=1)"
+        return ("no password is sent without TLS, so a server that asks for a login refuses the emails; set "
+                "EMAIL_USE_TLS=1 (port 587) or EMAIL_USE_SSL=1 (port 465), or EMAIL_ALLOW_PLAIN_AUTH=1 to send the "
+                "password unencrypted")
+
     def describe(self) -> str:
-        mode = "SSL" if self.use_ssl else ("STARTTLS" if self.use_tls else "plain (no TLS)")
+        if self.use_ssl:
+            mode = "SSL"
+        elif self.use_tls:
+            mode = "STARTTLS"
+        else:
+            mode = ("plain (no TLS), password sent unencrypted" if self.allow_plain_auth
+                    else "plain (no TLS), no password sent")
         # No | < > & here: the Windows script echoes this line.
         return (f"from {self.sender} to {', '.join(self.recipients)} via {self.smtp_server}:{self.smtp_port} {mode}, "
                 f"status every {self.status_interval_min:g} min, at most {self.max_per_hour}/hour")
@@ -186,7 +198,7 @@ def resolve_email_config(env: Mapping[str, str] | None = None,
         sender=s["EMAIL_SENDER"], recipients=recipients, password=s["EMAIL_PASSWORD"],
         smtp_server=s.get("EMAIL_SMTP_SERVER") or "smtp.gmail.com",
         smtp_port=number("EMAIL_SMTP_PORT", 465 if use_ssl else 587, int, 1),
-        use_tls=use_tls, use_ssl=use_ssl,
+        use_tls=use_tls, use_ssl=use_ssl, allow_plain_auth=flag("EMAIL_ALLOW_PLAIN_AUTH", False),
         status_interval_min=number("EMAIL_STATUS_INTERVAL_MIN", 10.0, float, 0),
         max_per_hour=number("EMAIL_MAX_PER_HOUR", 20, int, 1),
         timeout_s=number("EMAIL_TIMEOUT_S", 10.0, float, 0.1), ca_file=ca_file)
@@ -211,12 +223,18 @@ def load_email_config(env: Mapping[str, str] | None = None, dotenv_path: Path | 
 # Failure kinds
 # ---------------------------------------------------------------------------------------------------------------
 
+class PlainAuthRefused(smtplib.SMTPException):
+    """The server wants a login, and the connection has no TLS: the password was not sent."""
+
+
 FAILURE_HINTS = {
     "dns": "the server name does not resolve: check EMAIL_SMTP_SERVER and the network",
     "connection": "no connection: check EMAIL_SMTP_SERVER, EMAIL_SMTP_PORT (587 STARTTLS, 465 SSL) and firewalls",
     "timeout": "the server did not answer in time (EMAIL_TIMEOUT_S): wrong port, or a firewall dropping packets",
     "tls": "TLS failed: EMAIL_USE_TLS / EMAIL_USE_SSL must match the port (587 STARTTLS, 465 SSL); a private "
            "certificate needs EMAIL_CA_FILE",
+    "plain_auth": "the server asks for a login and the connection has no TLS, so the password was not sent: set "
+                  "EMAIL_USE_TLS=1 (587) or EMAIL_USE_SSL=1 (465), or EMAIL_ALLOW_PLAIN_AUTH=1 to send it unencrypted",
     "auth": "login refused: check EMAIL_SENDER and EMAIL_PASSWORD (Gmail, Outlook and Yahoo need an app password)",
     "rejected": "the server refused the sender or a recipient: check EMAIL_SENDER and EMAIL_RECIPIENT",
     "other": "unexpected error",
@@ -224,7 +242,9 @@ FAILURE_HINTS = {
 
 
 def classify_error(err: BaseException) -> str:
-    """One of dns, auth, tls, timeout, rejected, connection, other."""
+    """One of dns, auth, plain_auth, tls, timeout, rejected, connection, other."""
+    if isinstance(err, PlainAuthRefused):
+        return "plain_auth"
     if isinstance(err, socket.gaierror):
         return "dns"
     if isinstance(err, smtplib.SMTPAuthenticationError):
@@ -246,7 +266,7 @@ _RETRYABLE = {"dns", "connection", "timeout", "other"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rendering: one structure, two parts (plain text and HTML)
+# What a message is made of, and its rendering (plain text and HTML of the same content)
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -256,6 +276,25 @@ class Section:
     rows: list[tuple[str, str]] = field(default_factory=list)
     table: tuple[list[str], list[list[str]]] | None = None
     pre: str | None = None
+
+
+@dataclass
+class Attachment:
+    filename: str
+    data: bytes
+    maintype: str
+    subtype: str
+    text: bool = False  # text attachments are redacted like the body
+
+
+@dataclass
+class Email:
+    """One message: subject, heading, alerts ``(level, text)`` at the top, sections, attachments."""
+    subject: str
+    heading: str
+    alerts: list[tuple[str, str]] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
 
 
 def render(heading: str, alerts: list[tuple[str, str]], sections: list[Section]) -> tuple[str, str]:
@@ -268,7 +307,7 @@ def render(heading: str, alerts: list[tuple[str, str]], sections: list[Section])
         plain.append("Alerts:")
         for level, text in alerts:
             plain.append(f"  [{level.upper()}] {text}")
-            fg, bg = _LEVEL_COLOURS.get(level, _LEVEL_COLOURS["warning"])
+            fg, bg = LEVEL_COLOURS.get(level, LEVEL_COLOURS["warning"])
             parts.append(f'<div style="background:{bg};color:{fg};border-left:4px solid {fg};padding:6px 10px;'
                          f'margin:4px 0"><b>{e(level.upper())}</b> {e(text)}</div>')
         plain.append("")
@@ -301,7 +340,7 @@ def render(heading: str, alerts: list[tuple[str, str]], sections: list[Section])
     return "\n".join(plain) + "\n", "".join(parts)
 
 
-def _f(value: Any, digits: int = 4, unit: str = "") -> str:
+def fmt_number(value: Any, digits: int = 4, unit: str = "") -> str:
     """A number for a table; None, NaN and inf are spelt out."""
     if value is None:
         return "n/a"
@@ -317,7 +356,7 @@ def _f(value: Any, digits: int = 4, unit: str = "") -> str:
     return f"{text.lstrip('-') if set(text) <= set('-0.') else text}{unit}"
 
 
-def _duration(seconds: float | None) -> str:
+def fmt_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
     seconds = int(seconds)
@@ -325,111 +364,29 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
 
 
-def gpu_sections(info: dict) -> tuple[list[Section], list[tuple[str, str]]]:
-    """The GPU table (or the CPU-only line), the CPU/RAM rows, and their alerts."""
-    alerts: list[tuple[str, str]] = []
-    t = ALERT_THRESHOLDS
-    sections = []
-    gpus = info.get("gpus") or []
-    if gpus:
-        rows = []
-        for g in gpus:
-            used, total = g.get("memory_used_mb"), g.get("memory_total_mb")
-            rows.append([str(g.get("index")), str(g.get("name")), _f(g.get("temperature_c"), 0, " C"),
-                         f"{_f(used, 0)} / {_f(total, 0)} MiB", _f(g.get("utilization_pct"), 0, "%"),
-                         f"{_f(g.get('power_w'), 0)} / {_f(g.get('power_limit_w'), 0)} W"])
-            temp = g.get("temperature_c")
-            if temp is not None and temp >= t["gpu_temperature_critical"]:
-                alerts.append(("critical", f"GPU {g.get('index')} at {temp} C (>= {t['gpu_temperature_critical']:g})"))
-            elif temp is not None and temp >= t["gpu_temperature_warning"]:
-                alerts.append(("warning", f"GPU {g.get('index')} at {temp} C (>= {t['gpu_temperature_warning']:g})"))
-            if used is not None and total and used / total >= t["gpu_memory_warning"]:
-                alerts.append(("warning", f"GPU {g.get('index')} memory {100 * used / total:.0f}% full"))
-        sections.append(Section(f"GPU ({info.get('source')})", table=(
-            ["#", "name", "temperature", "memory", "utilisation", "power"], rows)))
-    else:
-        sections.append(Section("GPU", rows=[("device", "no CUDA GPU: training on the CPU")]))
-    system = info.get("system") or {}
-    ram_used, ram_total = system.get("ram_used_mb"), system.get("ram_total_mb")
-    sections.append(Section("CPU and RAM", rows=[
-        ("CPU", f"{_f(system.get('cpu_percent'), 0, '%')} of {_f(system.get('cpu_count'))} cores"),
-        ("RAM", f"{_f(ram_used and ram_used / 1024, 1)} / {_f(ram_total and ram_total / 1024, 1)} GB "
-                f"({_f(system.get('ram_percent'), 0, '%')})")]))
-    if system.get("ram_percent") is not None and system["ram_percent"] / 100 >= t["ram_warning"]:
-        alerts.append(("warning", f"system RAM {system['ram_percent']:.0f}% used"))
-    return sections, alerts
-
-
-def metric_alerts(entry: Mapping[str, Any], history: list[Mapping[str, Any]], total_epochs: int | None,
-                  initial_lr: float | None, extra: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Alerts for one epoch's figures (see ALERT_THRESHOLDS)."""
-    t = ALERT_THRESHOLDS
-    alerts: list[tuple[str, str]] = []
-    val_loss = entry.get("val_loss")
-    if isinstance(val_loss, (int, float)) and not math.isfinite(val_loss):
-        alerts.append(("critical", f"validation loss is {val_loss}: training diverged"))
-    ppl = entry.get("val_perplexity")
-    if isinstance(ppl, (int, float)) and math.isfinite(ppl):
-        if ppl > t["perplexity_critical"]:
-            alerts.append(("critical", f"perplexity {ppl:.1f} > {t['perplexity_critical']:g}"))
-        elif ppl > t["perplexity_warning"]:
-            alerts.append(("warning", f"perplexity {ppl:.1f} > {t['perplexity_warning']:g}"))
-    acc = entry.get("val_token_accuracy")
-    if isinstance(acc, (int, float)):
-        if acc < t["token_accuracy_critical"]:
-            alerts.append(("critical", f"token accuracy {acc:.3f} < {t['token_accuracy_critical']:g}"))
-        elif acc < t["token_accuracy_warning"]:
-            alerts.append(("warning", f"token accuracy {acc:.3f} < {t['token_accuracy_warning']:g}"))
-    kl = entry.get("kl", extra.get("kl"))
-    if isinstance(kl, (int, float)):
-        if kl > t["kl_critical"]:
-            alerts.append(("critical", f"KL divergence {kl:.3f} > {t['kl_critical']:g}"))
-        elif kl > t["kl_warning"]:
-            alerts.append(("warning", f"KL divergence {kl:.3f} > {t['kl_warning']:g}"))
-    ratio = entry.get("difficult_ratio", extra.get("difficult_ratio"))
-    if isinstance(ratio, (int, float)) and ratio > t["difficult_ratio_warning"]:
-        alerts.append(("warning", f"difficult-example ratio {ratio:.2f} > {t['difficult_ratio_warning']:g}"))
-    lr, epoch = entry.get("learning_rate"), entry.get("epoch")
-    if isinstance(lr, (int, float)) and initial_lr and total_epochs and isinstance(epoch, int):
-        if lr < initial_lr * t["lr_collapse_ratio"] and epoch < t["lr_collapse_before"] * total_epochs:
-            alerts.append(("warning", f"learning rate collapsed to {lr:.2e} at epoch {epoch}/{total_epochs} "
-                                      f"(initial {initial_lr:.2e})"))
-    finite = [h["val_loss"] for h in history if isinstance(h.get("val_loss"), (int, float))
-              and math.isfinite(h["val_loss"])]
-    if isinstance(val_loss, (int, float)) and math.isfinite(val_loss) and finite:
-        best = min(finite)
-        if best > 0 and val_loss > best * (1 + t["val_loss_rise"]):
-            alerts.append(("warning", f"validation loss {val_loss:.4f} is {100 * (val_loss / best - 1):.0f}% above "
-                                      f"the best {best:.4f}: overfitting?"))
-    for name, d in sorted((entry.get("domains") or {}).items()):
-        dp, da = d.get("perplexity"), d.get("token_accuracy")
-        if isinstance(dp, (int, float)) and isinstance(ppl, (int, float)) and math.isfinite(ppl) and ppl > 0 \
-                and dp > t["domain_perplexity_ratio"] * ppl:
-            alerts.append(("warning", f"domain {name}: perplexity {dp:.1f} > {t['domain_perplexity_ratio']:g}x overall"))
-        if isinstance(da, (int, float)) and isinstance(acc, (int, float)) and da < acc - t["domain_accuracy_gap"]:
-            alerts.append(("warning", f"domain {name}: token accuracy {da:.3f} trails overall {acc:.3f}"))
-    return alerts
+def read_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a text file ('' when unreadable); reads at most the last 64 KB."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The notifier
+# The sender
 # ---------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Job:
-    kind: str
-    build: Callable[[], EmailMessage]
-    priority: bool = False  # completion, failure and test emails ignore the hourly limit
-
-
-_STOP = object()
-
-
-def _guarded(method: Callable) -> Callable:
-    """The one guard: a notifier method that fails logs a warning (password redacted) and returns None.
+def never_raises(method: Callable) -> Callable:
+    """The one guard: a method that fails logs a warning (password redacted), counts it and returns None.
 
     Training calls the notifier directly; nothing it does may raise into the loop or wait on the network (the
-    network work happens on the queue thread, which has its own error handling in ``_handle``).
+    network work happens on the queue thread, which has its own error handling in ``_handle``). The object needs
+    ``counts`` and ``redact``.
     """
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -437,71 +394,33 @@ def _guarded(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
         except Exception as err:
             self.counts["failed"] += 1
-            logger.warning("email: %s failed: %s", method.__name__, self._redact(repr(err)))
+            logger.warning("email: %s failed: %s", method.__name__, self.redact(repr(err)))
             return None
     return wrapper
 
 
-class NullNotifier:
-    """The notifier when email is off: every method of the interface, each doing nothing.
-
-    It has no ``__getattr__``: a misspelt method name is an AttributeError here too, not a silent no-op.
-    """
-    lifecycle_emails = False
-
-    def start(self, args: Any = None) -> None:
-        """Nothing (email is off)."""
-
-    def epoch(self, epoch: int, entry: Mapping[str, Any]) -> None:
-        """Nothing (email is off)."""
-
-    def status(self) -> None:
-        """Nothing (email is off)."""
-
-    def update_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """Nothing (email is off)."""
-
-    def completed(self, summary: Mapping[str, Any]) -> None:
-        """Nothing (email is off)."""
-
-    def failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
-        """Nothing (email is off)."""
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Nothing to wait for: True."""
-        return True
+@dataclass
+class _Job:
+    kind: str
+    build: Callable[[], Email]
+    priority: bool = False  # completion, failure and test emails ignore the hourly limit
 
 
-_SECRET_WORDS = ("password", "secret", "token", "api_key")
+_STOP = object()
 
 
-class TrainingEmailNotifier:
-    """Training progress by email, sent from a background thread (see the module docstring).
+class EmailSender:
+    """Sends :class:`Email` objects from one background thread: retries with back-off, an hourly limit, a
+    bounded wait at close. ``counts`` holds sent/failed/dropped totals and one counter per failure kind;
+    ``last_error`` the latest failure as ``(kind, message)``."""
 
-    ``lifecycle_emails=False`` keeps start/completion/failure quiet (the overnight scripts send those for the whole
-    chain) while epoch and status emails still go out. ``counts`` holds sent/failed/dropped totals and one counter
-    per failure kind; ``last_error`` the latest failure as ``(kind, message)``.
-    """
-
-    def __init__(self, config: EmailConfig, run_name: str = "theta", run_dir: Path | None = None,
-                 stats_dir: Path | None = None, log_file: Path | None = None, lifecycle_emails: bool = True,
-                 retries: int = 3, backoff_s: float = 2.0, shutdown_wait_s: float = 15.0,
-                 gpu_probe: Callable[[], dict] | None = None):
+    def __init__(self, config: EmailConfig, run_name: str = "theta", retries: int = 3, backoff_s: float = 2.0,
+                 shutdown_wait_s: float = 15.0):
         self.config = config
-        self.run_name = run_name
-        self.run_dir = Path(run_dir) if run_dir else None
-        self.stats_dir = Path(stats_dir) if stats_dir else (
-            self.run_dir.resolve().parent.parent / "stats" if self.run_dir else PROJECT_ROOT / "stats")
-        self.log_file = Path(log_file) if log_file else None
-        self.lifecycle_emails = lifecycle_emails
+        self.run_name = run_name  # the X-Theta-Run header
         self.retries, self.backoff_s, self.shutdown_wait_s = max(1, retries), backoff_s, shutdown_wait_s
-        self.gpu_probe = gpu_probe or (lambda: gpu_info.get_gpu_info())
         self.counts: collections.Counter = collections.Counter()
         self.last_error: tuple[str, str] | None = None
-        self.run_info: dict[str, Any] = {}
-        self.metrics: dict[str, Any] = {}
-        self.history: list[dict] = []
-        self.started_at = time.time()
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -509,100 +428,11 @@ class TrainingEmailNotifier:
         self._closed = False
         self._auth_failed = False
         self._sent_times: collections.deque = collections.deque()
-        self._status_stop = threading.Event()
-        self._status_thread: threading.Thread | None = None
         atexit.register(self.close)
 
-    # --- the API the trainer and the scripts call (CONTRACTS: start, epoch, status, completed, failed, close) --
-    # Each method snapshots its data, enqueues one job and returns; all of them go through _guarded, the one place
-    # that keeps a notifier error from reaching the training loop.
-    @_guarded
-    def start(self, args: Any = None) -> None:
-        """Record the run settings, send the start email and start the periodic status thread."""
-        info = vars(args) if hasattr(args, "__dict__") else dict(args or {})
-        with self._lock:
-            self.run_info = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
-                             if not any(w in k.lower() for w in _SECRET_WORDS)}
-            self.started_at = time.time()
-        if self.lifecycle_emails:
-            self._enqueue(_Job("start", self._build_start))
-        self.start_status_thread()
-
-    @_guarded
-    def epoch(self, epoch: int, entry: Mapping[str, Any]) -> None:
-        """One email per epoch: progress, ETA, losses, perplexity, accuracy, learning rate, domains, GPU, alerts."""
-        entry = json.loads(json.dumps(dict(entry), default=str))  # a snapshot the training loop cannot mutate
-        entry.setdefault("epoch", epoch)
-        with self._lock:
-            previous = list(self.history)
-            self.history.append(entry)
-            extra = dict(self.metrics)
-        self._enqueue(_Job("epoch", lambda: self._build_epoch(epoch, entry, previous, extra)))
-
-    @_guarded
-    def status(self) -> None:
-        """A status email: latest figures, GPU table, CPU and RAM, alerts. The status thread calls it."""
-        with self._lock:
-            last = dict(self.history[-1]) if self.history else {}
-            history = list(self.history)
-            extra = dict(self.metrics)
-        self._enqueue(_Job("status", lambda: self._build_status(last, history, extra)))
-
-    @_guarded
-    def update_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """Merge figures (EMA, curriculum, KL, difficult ratio, ...) shown in the next epoch and status emails."""
-        with self._lock:
-            self.metrics.update(json.loads(json.dumps(dict(metrics), default=str)))
-
-    @_guarded
-    def completed(self, summary: Mapping[str, Any]) -> None:
-        """The completion email, with the loss curve and the evaluation summary attached when they exist."""
-        self.stop_status_thread()
-        summary = json.loads(json.dumps(dict(summary), default=str))
-        if self.lifecycle_emails:
-            self._enqueue(_Job("completed", lambda: self._build_completed(summary), priority=True))
-
-    @_guarded
-    def failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
-        """The failure email: the step, the error and the last lines of the log."""
-        self.stop_status_thread()
-        if self.lifecycle_emails:
-            self._enqueue(_Job("failed", lambda: self._build_failed(str(error), step, log_file), priority=True))
-
-    def send_test_email(self) -> tuple[bool, str]:
-        """Send one test email now, in this thread. ``(True, "")`` or ``(False, "<kind>: <error>. <hint>")``."""
-        msg = self._message(f"{SUBJECT_PREFIX} test email from {socket.gethostname()}",
-                            *render("Theta email test", [("ok", "email notifications work")],
-                                    [Section("Settings", rows=[("server", f"{self.config.smtp_server}:"
-                                                                          f"{self.config.smtp_port}"),
-                                                               ("to", ", ".join(self.config.recipients))])]))
-        try:
-            self._deliver(msg)
-        except Exception as err:
-            kind = classify_error(err)
-            return False, f"{kind}: {self._redact(str(err) or type(err).__name__)}. {FAILURE_HINTS[kind]}"
-        return True, ""
-
-    # --- status thread -----------------------------------------------------------------------------------------
-    def start_status_thread(self) -> None:
-        interval = self.config.status_interval_min * 60
-        if interval <= 0 or self._status_thread is not None or self._closed:
-            return
-        self._status_stop.clear()
-
-        def loop():
-            while not self._status_stop.wait(interval):
-                self.status()
-
-        self._status_thread = threading.Thread(target=loop, daemon=True, name="email-status")
-        self._status_thread.start()
-
-    def stop_status_thread(self) -> None:
-        self._status_stop.set()
-        self._status_thread = None
-
-    # --- queue and transport -----------------------------------------------------------------------------------
-    def _enqueue(self, job: _Job) -> None:
+    @never_raises
+    def send(self, kind: str, build: Callable[[], Email], priority: bool = False) -> None:
+        """Queue one email; ``build`` runs on the sender thread. Returns at once, never raises."""
         if self._closed:
             self.counts["dropped"] += 1
             return
@@ -610,13 +440,28 @@ class TrainingEmailNotifier:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._drain, daemon=True, name="email-sender")
                 self._worker.start()
-        self._queue.put(job)
+        self._queue.put(_Job(kind, build, priority))
 
-    @_guarded
+    def send_now(self, email: Email) -> tuple[bool, str]:
+        """Send one email now, in this thread, once. ``(True, "")`` or ``(False, "<kind>: <error>. <hint>")``."""
+        try:
+            self._deliver(self._message(email))
+        except Exception as err:
+            kind = classify_error(err)
+            self.counts[kind] += 1
+            self.last_error = (kind, self.redact(str(err) or type(err).__name__))
+            return False, f"{kind}: {self.last_error[1]}. {FAILURE_HINTS[kind]}"
+        self.counts["sent"] += 1
+        return True, ""
+
+    def pending(self) -> int:
+        """Emails queued and not yet handled."""
+        return self._queue.unfinished_tasks
+
+    @never_raises
     def close(self, timeout: float | None = None) -> bool:
-        """Stop the status thread and wait at most ``timeout`` (default ``shutdown_wait_s``) seconds for queued
-        emails. Returns True when everything queued was handled. Safe to call twice."""
-        self.stop_status_thread()
+        """Wait at most ``timeout`` (default ``shutdown_wait_s``) seconds for queued emails. Returns True when
+        everything queued was handled. Safe to call twice."""
         if self._closed:
             return self._queue.unfinished_tasks == 0
         self._closed = True
@@ -633,6 +478,11 @@ class TrainingEmailNotifier:
             return False
         return True
 
+    def redact(self, text: str) -> str:
+        pw = self.config.password
+        return text.replace(pw, "********") if pw else text
+
+    # --- the queue thread --------------------------------------------------------------------------------------
     def _drain(self) -> None:
         while True:
             job = self._queue.get()
@@ -656,11 +506,11 @@ class TrainingEmailNotifier:
                            self.config.max_per_hour)
             return
         try:
-            msg = job.build()
+            msg = self._message(job.build())
         except Exception as err:
             self.counts["failed"] += 1
             self.counts["build_error"] += 1
-            logger.warning("email: could not build the %s email: %s", job.kind, self._redact(repr(err)))
+            logger.warning("email: could not build the %s email: %s", job.kind, self.redact(repr(err)))
             return
         for attempt in range(1, self.retries + 1):
             try:
@@ -668,7 +518,7 @@ class TrainingEmailNotifier:
             except Exception as err:
                 kind = classify_error(err)
                 self.counts[kind] += 1
-                text = self._redact(str(err) or type(err).__name__)
+                text = self.redact(str(err) or type(err).__name__)
                 self.last_error = (kind, text)
                 final = attempt == self.retries or kind not in _RETRYABLE or self._closing.is_set()
                 logger.warning("email: %s email%s failed (%s): %s%s", job.kind,
@@ -688,9 +538,10 @@ class TrainingEmailNotifier:
                 return
 
     def _deliver(self, msg: EmailMessage) -> None:
-        """One SMTP session: connect (SSL or plain), STARTTLS when asked, login when offered, send."""
+        """One SMTP session: connect (SSL or plain), STARTTLS when asked, log in when offered and the connection
+        is encrypted (or plain login is allowed), send."""
         c = self.config
-        context = ssl.create_default_context(cafile=c.ca_file) if (c.use_ssl or c.use_tls) else None
+        context = ssl.create_default_context(cafile=c.ca_file) if c.encrypted else None
         if c.use_ssl:
             smtp: smtplib.SMTP = smtplib.SMTP_SSL(c.smtp_server, c.smtp_port, timeout=c.timeout_s, context=context)
         else:
@@ -700,258 +551,74 @@ class TrainingEmailNotifier:
             if c.use_tls and not c.use_ssl:
                 smtp.starttls(context=context)
                 smtp.ehlo()
-            if c.password and smtp.has_extn("auth"):
+            may_log_in = c.encrypted or c.allow_plain_auth  # AUTH PLAIN/LOGIN would show the password in clear
+            if c.password and smtp.has_extn("auth") and may_log_in:
                 smtp.login(c.sender, c.password)
-            smtp.send_message(msg, from_addr=c.sender, to_addrs=c.recipients)
+            try:
+                smtp.send_message(msg, from_addr=c.sender, to_addrs=c.recipients)
+            except smtplib.SMTPResponseException as err:
+                if err.smtp_code == 530 and not may_log_in:  # 530: authentication required
+                    raise PlainAuthRefused(f"{c.smtp_server}:{c.smtp_port} requires a login and the connection "
+                                           "has no TLS") from err
+                raise
 
-    def _redact(self, text: str) -> str:
-        pw = self.config.password
-        return text.replace(pw, "********") if pw else text
-
-    # --- message building (runs in the sender thread) ---------------------------------------------------------
-    def _message(self, subject: str, plain: str, html_text: str) -> EmailMessage:
+    def _message(self, email: Email) -> EmailMessage:
+        plain, html_text = render(email.heading, email.alerts, email.sections)
         msg = EmailMessage()
-        msg["Subject"] = self._redact(subject)
+        msg["Subject"] = self.redact(email.subject)
         msg["From"] = self.config.sender
         msg["To"] = ", ".join(self.config.recipients)
         msg["Date"] = formatdate(localtime=True)
         msg["Message-ID"] = make_msgid(domain="theta.local")
         msg["X-Theta-Run"] = self.run_name
-        msg.set_content(self._redact(plain))
-        msg.add_alternative(self._redact(html_text), subtype="html")
+        msg.set_content(self.redact(plain))
+        msg.add_alternative(self.redact(html_text), subtype="html")
+        for a in email.attachments:
+            data = self.redact(a.data.decode("utf-8")).encode("utf-8") if a.text else a.data
+            msg.add_attachment(data, maintype=a.maintype, subtype=a.subtype, filename=a.filename)
         return msg
 
-    def _total_epochs(self) -> int | None:
-        epochs = self.run_info.get("epochs")
-        return epochs if isinstance(epochs, int) and epochs > 0 else None
 
-    def _progress_rows(self, history: list[dict]) -> list[tuple[str, str]]:
-        total = self._total_epochs()
-        done = history[-1].get("epoch", len(history)) if history else 0
-        rows = [("run", self.run_name), ("elapsed", _duration(time.time() - self.started_at))]
-        if total:
-            rows.insert(1, ("progress", f"epoch {done}/{total} ({100 * done / total:.0f}%)"))
-            secs = [h["seconds"] for h in history if isinstance(h.get("seconds"), (int, float))]
-            if secs and done < total:
-                left = sum(secs) / len(secs) * (total - done)
-                eta = datetime.now() + timedelta(seconds=left)
-                rows.append(("ETA", f"{eta:%a %H:%M} (about {_duration(left)} left, if every epoch runs)"))
-        return rows
-
-    def _state_rows(self, entry: Mapping[str, Any], extra: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """EMA, curriculum and other figures the trainer reported through update_metrics or the epoch entry."""
-        keys = sorted({k for k in list(entry) + list(extra)
-                       if k.startswith(("ema", "curriculum", "kl", "difficult", "rdrop", "gradient_noise"))})
-        return [(k.replace("_", " "), _f(entry.get(k, extra.get(k)))) for k in keys]
-
-    def _initial_lr(self, history: list[dict]) -> float | None:
-        lr = self.run_info.get("learning_rate")
-        if isinstance(lr, (int, float)):
-            return float(lr)
-        return history[0].get("learning_rate") if history else None
-
-    def _build_start(self) -> EmailMessage:
-        info = self.run_info
-        tricks = sorted(k[4:] for k, v in info.items() if k.startswith("use_") and v is True)
-        rows = [(label, _f(info.get(key), 6) if isinstance(info.get(key), float) else str(info.get(key)))
-                for label, key in [("profile", "profile"), ("model", "model_name"), ("epochs", "epochs"),
-                                   ("batch size", "batch_size"), ("accumulation", "gradient_accumulation_steps"),
-                                   ("learning rate", "learning_rate"), ("schedule", "scheduler_type"),
-                                   ("data", "data_path"), ("output", "output_dir")] if info.get(key) is not None]
-        rows.append(("techniques on", ", ".join(tricks) or "none"))
-        rows.insert(0, ("host", socket.gethostname()))
-        rows.insert(0, ("started", f"{datetime.fromtimestamp(self.started_at):%Y-%m-%d %H:%M:%S}"))
-        details = info.get("details") or {}
-        rows += [(str(k), str(v)) for k, v in details.items()]
-        sections, alerts = gpu_sections(self.gpu_probe())
-        plain, html_text = render(f"Training started: {self.run_name}", alerts,
-                                  [Section("Run", rows=rows)] + sections)
-        model = info.get("model_name") or info.get("profile") or "theta"
-        epochs = f", {info['epochs']} epochs" if info.get("epochs") else ""
-        return self._message(f"{SUBJECT_PREFIX} started: {self.run_name} ({model}{epochs})", plain, html_text)
-
-    def _build_epoch(self, epoch: int, entry: dict, previous: list[dict], extra: dict) -> EmailMessage:
-        history = previous + [entry]
-        total = self._total_epochs()
-        alerts = metric_alerts(entry, previous, total, self._initial_lr(history), extra)
-        prev = previous[-1] if previous else {}
-
-        def delta(key: str) -> str:
-            a, b = entry.get(key), prev.get(key)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b):
-                return f" ({a - b:+.4f})"
-            return ""
-
-        figures = [("train loss", _f(entry.get("train_loss")) + delta("train_loss")),
-                   ("validation loss", _f(entry.get("val_loss")) + delta("val_loss")),
-                   ("perplexity", _f(entry.get("val_perplexity"), 2)),
-                   ("token accuracy", _f(entry.get("val_token_accuracy"), 3) + delta("val_token_accuracy")),
-                   ("learning rate", f"{entry['learning_rate']:.2e}" if isinstance(entry.get("learning_rate"), float)
-                    else _f(entry.get("learning_rate"))),
-                   ("epoch time", _duration(entry.get("seconds"))), ("step", _f(entry.get("step")))]
-        sections = [Section("Progress", rows=self._progress_rows(history)), Section("Figures", rows=figures)]
-        state = self._state_rows(entry, extra)
-        if state:
-            sections.append(Section("EMA, curriculum and regularisers", rows=state))
-        domains = entry.get("domains") or {}
-        if domains:
-            sections.append(Section("Per domain", table=(["domain", "loss", "perplexity", "token accuracy"], [
-                [d, _f(v.get("loss")), _f(v.get("perplexity"), 2), _f(v.get("token_accuracy"), 3)]
-                for d, v in sorted(domains.items())])))
-        gpu_secs, gpu_alerts = gpu_sections(self.gpu_probe())
-        alerts += gpu_alerts
-        of = f"/{total}" if total else ""
-        heading = f"Epoch {epoch}{of}: validation loss {_f(entry.get('val_loss'))}"
-        plain, html_text = render(heading, alerts, sections + gpu_secs)
-        flag = f" [{len(alerts)} alert{'s' if len(alerts) != 1 else ''}]" if alerts else ""
-        return self._message(f"{SUBJECT_PREFIX} epoch {epoch}{of}: val loss {_f(entry.get('val_loss'))}, perplexity "
-                             f"{_f(entry.get('val_perplexity'), 2)}{flag} - {self.run_name}", plain, html_text)
-
-    def _build_status(self, last: dict, history: list[dict], extra: dict) -> EmailMessage:
-        info = self.gpu_probe()
-        gpu_secs, alerts = gpu_sections(info)
-        sections = [Section("Progress", rows=self._progress_rows(history))]
-        if last:
-            sections.append(Section("Latest epoch", rows=[
-                ("validation loss", _f(last.get("val_loss"))), ("perplexity", _f(last.get("val_perplexity"), 2)),
-                ("token accuracy", _f(last.get("val_token_accuracy"), 3)),
-                ("learning rate", _f(last.get("learning_rate"), 6))]))
-            alerts = metric_alerts(last, history[:-1], self._total_epochs(), self._initial_lr(history), extra) + alerts
-        state = self._state_rows({}, extra)
-        if state:
-            sections.append(Section("EMA, curriculum and regularisers", rows=state))
-        best = gpu_info.pick_best_gpu(info.get("gpus") or [])
-        where = f"GPU {_f(best.get('temperature_c'), 0, ' C')}" if best else "CPU"
-        epoch = f"epoch {last.get('epoch')}" + (f"/{self._total_epochs()}" if self._total_epochs() else "") \
-            if last else "before the first epoch"
-        plain, html_text = render(f"Status: {self.run_name}", alerts, sections + gpu_secs)
-        return self._message(f"{SUBJECT_PREFIX} status: {epoch}, {where} - {self.run_name}", plain, html_text)
-
-    def _build_completed(self, summary: dict) -> EmailMessage:
-        rows = [(k.replace("_", " "), _f(summary[k]) if k != "seconds" else _duration(summary[k]))
-                for k in ("status", "epochs_run", "best_epoch", "best_val_loss", "global_step", "seconds",
-                          "final_model") if k in summary]
-        sections = [Section("Run", rows=[("run", self.run_name)] + rows)]
-        alerts: list[tuple[str, str]] = []
-        status = summary.get("status", "completed")
-        if status not in ("completed", "done", "ok"):
-            alerts.append(("warning", f"status: {status}"))
-        evaluation_path = self.stats_dir / f"evaluation_{self.run_name}.json"
-        evaluation = None
-        if evaluation_path.is_file():
-            try:
-                evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                alerts.append(("warning", f"could not read {evaluation_path.name}: {err}"))
-        if isinstance(evaluation, dict):
-            sections.append(Section("Test set (evaluation)", rows=[
-                ("records", _f(evaluation.get("test_records"))), ("perplexity", _f(evaluation.get("perplexity"), 2)),
-                ("token accuracy", _f(evaluation.get("token_accuracy"), 3)),
-                ("loss", _f(evaluation.get("loss")))] + [
-                (k.replace("_", " "), _f(v, 3)) for k, v in evaluation.items()
-                if k in ("exact_match", "f1", "bleu", "rouge_l", "chrf") and isinstance(v, (int, float))]))
-            per_domain = evaluation.get("per_domain") or {}
-            if per_domain:
-                sections.append(Section("Test set per domain", table=(["domain", "perplexity", "token accuracy"], [
-                    [d, _f(v.get("perplexity"), 2), _f(v.get("token_accuracy"), 3)]
-                    for d, v in sorted(per_domain.items())])))
-            samples = [s for s in (evaluation.get("samples") or []) if isinstance(s, dict)][:3]
-            if samples:
-                text = "\n\n".join(
-                    f"Q: {s.get('question', '')}\nA: {s.get('prediction', s.get('generated', ''))}\n"
-                    f"reference: {s.get('reference', s.get('answer', ''))}" for s in samples)
-                sections.append(Section("Sample answers", pre=text))
-        else:
-            alerts.append(("warning", f"no evaluation summary ({evaluation_path.name} not found)"))
-        with self._lock:
-            history = list(self.history)
-        if not history and self.run_dir and (self.run_dir / "loss_history.json").is_file():
-            try:
-                history = json.loads((self.run_dir / "loss_history.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                history = []
-        if history:
-            sections.append(Section("Loss history", table=(["epoch", "train loss", "val loss", "perplexity",
-                                                            "token accuracy"], [
-                [str(h.get("epoch")), _f(h.get("train_loss")), _f(h.get("val_loss")), _f(h.get("val_perplexity"), 2),
-                 _f(h.get("val_token_accuracy"), 3)] for h in history])))
-        if self.log_file:
-            sections.append(Section("Files", rows=[("log", str(self.log_file))]))
-        plain, html_text = render(f"Training completed: {self.run_name}", alerts, sections)
-        best = summary.get("best_val_loss")
-        subject = (f"{SUBJECT_PREFIX} completed: {self.run_name}, best val loss {_f(best)} "
-                   f"(epoch {summary.get('best_epoch', '?')})")
-        if isinstance(evaluation, dict) and isinstance(evaluation.get("perplexity"), (int, float)):
-            subject += f", test perplexity {_f(evaluation['perplexity'], 2)}"
-        msg = self._message(subject, plain, html_text)
-        curve = self.stats_dir / self.run_name / "loss_curve.png"
-        png = curve.read_bytes() if curve.is_file() else _draw_loss_curve(history)
-        if png:
-            msg.add_attachment(png, maintype="image", subtype="png", filename="loss_curve.png")
-        if evaluation_path.is_file():
-            msg.add_attachment(self._redact(evaluation_path.read_text(encoding="utf-8")).encode("utf-8"),
-                               maintype="application", subtype="json", filename=evaluation_path.name)
-        return msg
-
-    def _build_failed(self, error: str, step: str | None, log_file: Path | None) -> EmailMessage:
-        log = Path(log_file) if log_file else self.log_file
-        rows = [("run", self.run_name), ("step", step or "training"), ("when", f"{datetime.now():%Y-%m-%d %H:%M:%S}"),
-                ("host", socket.gethostname())]
-        if log:
-            rows.append(("log", str(log)))
-        rows.append(("what now", "fix the cause, then run the same command again: the run resumes"))
-        sections = [Section("Run", rows=rows), Section("Error", pre=error.strip() or "(no message)")]
-        tail = _tail(log, LOG_TAIL_LINES) if log else ""
-        if tail:
-            sections.append(Section(f"Last {LOG_TAIL_LINES} lines of the log", pre=tail))
-        plain, html_text = render(f"Training FAILED: {self.run_name}", [("critical", f"failed at step {step or 'training'}")],
-                                  sections)
-        first = (error.strip().splitlines() or ["unknown error"])[-1][:120]
-        return self._message(f"{SUBJECT_PREFIX} FAILED: {self.run_name} at {step or 'training'}: {first}", plain,
-                             html_text)
+def probe_email() -> Email:
+    """The test message of ``--test`` and of the pre-flight."""
+    return Email(f"{SUBJECT_PREFIX} test email from {socket.gethostname()}", "Theta email test",
+                 [("ok", "email notifications work")])
 
 
-def _tail(path: Path, lines: int) -> str:
-    """The last ``lines`` lines of a text file ('' when unreadable); reads at most the last 64 KB."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def send_test_email(config: EmailConfig) -> tuple[bool, str]:
+    """Send the test message now; ``(True, "")`` or ``(False, "<kind>: <error>. <hint>")``."""
+    sender = EmailSender(config, run_name="test")
+    email = probe_email()
+    email.sections.append(Section("Settings", rows=[("server", f"{config.smtp_server}:{config.smtp_port}"),
+                                                    ("to", ", ".join(config.recipients))]))
+    return sender.send_now(email)
 
 
-def _draw_loss_curve(history: list[dict]) -> bytes | None:
-    """A loss-curve PNG drawn in memory from the history, for runs whose report has none; None when impossible."""
-    points = [(h.get("epoch"), h.get("train_loss"), h.get("val_loss")) for h in history]
-    points = [p for p in points if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-    if not points:
-        return None
-    try:
-        import io
+class NullNotifier:
+    """The notifier when email is off: every method of the trainer's notifier interface, each doing nothing.
 
-        import matplotlib
+    It has no ``__getattr__``: a misspelt method name is an AttributeError here too, not a silent no-op.
+    """
+    lifecycle_emails = False
 
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
+    def start(self, args: Any = None) -> None:
+        """Nothing (email is off)."""
 
-        fig = Figure(figsize=(6, 3.5), dpi=100)
-        ax = fig.add_subplot()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="train")
-        ax.plot([p[0] for p in points], [p[2] for p in points], "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        return buf.getvalue()
-    except Exception as err:
-        logger.debug("loss curve not drawn: %s", err)
-        return None
+    def epoch(self, epoch: int, entry: Mapping[str, Any]) -> None:
+        """Nothing (email is off)."""
+
+    def status(self) -> None:
+        """Nothing (email is off)."""
+
+    def completed(self, summary: Mapping[str, Any]) -> None:
+        """Nothing (email is off)."""
+
+    def failed(self, error: str, step: str | None = None, log_file: Path | None = None) -> None:
+        """Nothing (email is off)."""
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Nothing to wait for: True."""
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -973,11 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         print(message if not args.test else f"{'warning' if level == 'warning' else 'info'}: {message}")
         return 2 if args.test else 0
     print(f"email: {config.describe()}")
+    if config.plain_auth_note():
+        print(f"warning: {config.plain_auth_note()}")
     if not args.test:
         if not args.show_config:
             p.print_help()
         return 0
-    ok, problem = TrainingEmailNotifier(config, run_name="test").send_test_email()
+    ok, problem = send_test_email(config)
     if ok:
         print(f"test email sent to {', '.join(config.recipients)}")
         return 0

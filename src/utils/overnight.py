@@ -1,24 +1,38 @@
-"""The overnight scripts' decisions, written once: both train_overnight_enhanced.sh and .bat call these subcommands.
+"""The overnight run's lifecycle, one interface: train_overnight_enhanced.sh and .bat call these subcommands.
 
-Each script still chains the steps itself (one visible line per step); everything the two share beyond that
-lives here: the arguments, the profile and its flags, which run to resume and why (a fingerprint of what a run
-started from), the run id, log rotation, the banner, and what happens on failure and on completion.
+Each script still chains the steps itself (one visible line per step); everything else lives here: the
+arguments, the profile and its flags, which run to resume and why (a fingerprint of what a run started from),
+the run id, log rotation, the banner, running each step (its output to the console, the log and the step file;
+signals passed on; finished steps recorded and skipped by a rerun), the chain's emails (start, failure,
+completion: email is a dependency this module calls, src/utils/email_notifier.py) and the end of the run.
 
     python -m src.utils.overnight plan --format sh -- --profile quick -- --epochs 2   # shell variables to eval
     python -m src.utils.overnight plan --format cmd --out plan.cmd -- %*              # a batch file to call
     python -m src.utils.overnight banner --run_dir models/theta_enhanced_20260101_230000 --python .venv/bin/python
+    python -m src.utils.overnight start --run_dir models/<run>        # the start email of the whole chain
+    python -m src.utils.overnight step --run_dir models/<run> --step evaluate --number 4/5 \
+        --output stats/evaluation_<run>.json -- .venv/bin/python -m src.training.evaluate_model ...
     python -m src.utils.overnight prepared --run_dir models/<run>     # after data preparation: record its output
-    python -m src.utils.overnight failed --run_dir models/<run> --step train --exit_code 1 --log logs/<run>.log
-    python -m src.utils.overnight completed --run_dir models/<run> --log logs/<run>.log
+    python -m src.utils.overnight failed --run_dir models/<run> --step train --exit_code 1 [--signal TERM]
+    python -m src.utils.overnight completed --run_dir models/<run>
 
 Resume rules (README.md, "Resuming"): a re-run resumes the newest unfinished run (no ``DONE``) only when its
 fingerprint matches today's: the content hash of every input file under ``Datasets/`` (not the prepared outputs),
 the data-preparation flags, the profile and the trainer flags. Otherwise a new run starts and the banner says
 which of them changed. ``--fresh`` always starts a new run; ``--resume RUN_ID`` picks one. A run whose last step
-ended with a user error (exit 2) is never resumed automatically: the fix is in the flags or the files.
+ended with a user error (exit 2) is never resumed automatically: the fix is in the flags or the files. A run
+that was interrupted (a signal, a closed window) is resumed, and the steps it had finished (training: theta_final/
+and the trainer's completed status; evaluation and optimisation: their outputs) are skipped while their outputs
+are as recorded.
 
-State lives in ``models/<run>/overnight.json`` (written atomically): the fingerprint, the SHA-256 of the prepared
-file the run trains on, and one event per start, failure and completion.
+Signals (documentation/TRAINING_PIPELINE.md, "Signals and interruptions"): the step runner
+(src/utils/step_runner.py) passes TERM/INT/HUP on to the step's own process group and waits for it; an
+interrupted step is recorded, reported (FAILED line, failure email) once, and ends the chain with 128 + the
+signal's number.
+
+State lives in ``models/<run>/overnight.json`` (written atomically): the fingerprint, the plan, the SHA-256 of
+the prepared file the run trains on, the finished steps, and one event per start, failure, interruption and
+completion. The lifecycle commands' lines also go to the run's log (``logs/training_enhanced_<run>.log``).
 """
 
 from __future__ import annotations
@@ -393,7 +407,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
                      "notes": choice.notes, "gpus": args.gpus, "resuming": choice.resuming,
                      "tensorboard_port": int(plan["TB_PORT"]) if args.tensorboard else None,
                      "prepare_why": prepare_why, "kb_why": kb_why, "prepare_flags": prep, "trainer_flags": trainer,
-                     "optimise_flags": plan["OPTIMISE_FLAGS"], "log": plan["LOG"]}
+                     "optimise_flags": plan["OPTIMISE_FLAGS"], "log": plan["LOG"], "step_output": plan["STEP_OUT"]}
     state.setdefault("events", []).append({"event": "resume" if choice.resuming else "start",
                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     (run_dir / PREFLIGHT_FILE).unlink(missing_ok=True)  # this invocation's pre-flight writes a new one
@@ -465,10 +479,43 @@ def format_plan(plan: dict[str, Any], fmt: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# banner, prepared, failed, completed
+# The run's console and log
 # ---------------------------------------------------------------------------------------------------------------
 
 RULE = "=" * 78
+
+
+def run_root(run_dir: Path) -> Path:
+    """The project folder of ``models/<run>``: the paths a plan records (the log, the step output) are relative
+    to it."""
+    return Path(run_dir).resolve().parent.parent
+
+
+def run_file(run_dir: Path, key: str) -> Path | None:
+    """The plan's ``log`` or ``step_output`` of the run, as a path; None before a plan recorded it."""
+    rel = (read_state(run_dir).get("plan") or {}).get(key)
+    return run_root(run_dir) / rel if rel else None
+
+
+_output_handlers: list[logging.Handler] = []
+
+
+def setup_run_output(log: Path | None) -> None:
+    """The lifecycle commands' lines go to the console and are appended to the run's log, so neither script needs
+    a tee (and none is left running when a script is stopped). A console gone with its terminal (hang-up) costs
+    only the console copy: logging reports the failed write and goes on."""
+    root = logging.getLogger()
+    for handler in _output_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    _output_handlers[:] = [logging.StreamHandler(sys.stdout)]
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        _output_handlers.append(logging.FileHandler(log, encoding="utf-8"))
+    for handler in _output_handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def read_preflight(run_dir: Path) -> dict | None:
@@ -477,6 +524,17 @@ def read_preflight(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
 
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# banner, start, prepared
+# ---------------------------------------------------------------------------------------------------------------
 
 def banner_lines(run_dir: Path, python: str = "", device: str | None = None, email: str | None = None) -> list[str]:
     """The run banner: what this invocation will do and why, pre-flight warnings included."""
@@ -539,63 +597,300 @@ def cmd_prepared(run_dir: Path, root: Path = PROJECT_ROOT) -> None:
     write_state(run_dir, state)
 
 
-def cmd_failed(args: argparse.Namespace) -> int:
-    """Record the failure, print it (step, log, last lines, the fix) and send the failure email."""
+# ---------------------------------------------------------------------------------------------------------------
+# step: run one step; record it when it finished, skip it when a rerun finds it finished
+# ---------------------------------------------------------------------------------------------------------------
+
+# The steps whose finish is recorded in overnight.json, in chain order. A rerun skips a recorded step while its
+# output is as recorded; running one forgets its own record and those of the steps after it (they read its output).
+RECORDED_STEPS = ("train", "evaluate", "optimise for inference")
+
+
+def output_fingerprint(path: Path) -> str | None:
+    """A file's SHA-256; for a folder, the hash of its listing (path, size and modification time of every file,
+    which tells a rewritten model folder from the recorded one without reading gigabytes); None when absent."""
+    path = Path(path)
+    if path.is_file():
+        return "sha256:" + sha256_file(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8"))
+        return "tree:" + h.hexdigest()
+    return None
+
+
+def training_finished(run_dir: Path) -> str | None:
+    """None when the trainer's run is done (theta_final/ there, training_config.json: status completed, exit code
+    0); otherwise why not."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "theta_final").is_dir():
+        return "theta_final/ is missing"
+    config = _read_json(run_dir / "training_config.json")
+    config = config if isinstance(config, dict) else {}
+    if config.get("status") != "completed" or (config.get("summary") or {}).get("exit_code") != 0:
+        return f"training_config.json says status {config.get('status')!r}"
+    return None
+
+
+FINISH_CHECKS: dict[str, Any] = {"train": training_finished}  # step -> check(run_dir): None when finished
+
+
+def _rank(step: str) -> int:
+    return RECORDED_STEPS.index(step) if step in RECORDED_STEPS else len(RECORDED_STEPS)
+
+
+def finished_record(run_dir: Path, step: str, output: Path) -> dict | None:
+    """The step's record when a rerun may skip it: recorded, its output as it was then, its check still true."""
+    for record in read_state(run_dir).get("finished_steps") or []:
+        if record.get("step") == step and record.get("output") == output.as_posix():
+            check = FINISH_CHECKS.get(step)
+            if record.get("fingerprint") == output_fingerprint(run_root(run_dir) / output) \
+                    and (check is None or check(run_dir) is None):
+                return record
+    return None
+
+
+def record_finished(run_dir: Path, step: str, output: Path) -> None:
+    state = read_state(run_dir)
+    records = [r for r in state.get("finished_steps") or [] if r.get("step") != step]
+    records.append({"step": step, "output": output.as_posix(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "fingerprint": output_fingerprint(run_root(run_dir) / output)})
+    state["finished_steps"] = records
+    write_state(run_dir, state)
+
+
+def forget_from(run_dir: Path, step: str) -> None:
+    """Drop the records of ``step`` and of every recorded step after it in the chain."""
+    state = read_state(run_dir)
+    records = state.get("finished_steps") or []
+    kept = [r for r in records if _rank(r.get("step", "")) < _rank(step)]
+    if kept != records:
+        state["finished_steps"] = kept
+        write_state(run_dir, state)
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    """Run one step (or skip it when it finished in an earlier invocation); returns its exit code."""
+    from src.utils.step_runner import StepProcess
+
     run_dir = Path(args.run_dir)
-    # A failed pre-flight changed nothing in the run: it does not count as how the run ended (a resumed run
-    # stopped for a full disk is resumed again once there is room).
-    event = "preflight_failed" if args.step == "pre-flight" else "failed"
-    state = add_event(run_dir, event, step=args.step, exit_code=args.exit_code) if run_dir.is_dir() else {}
-    from src.training import email_integration
-    argv = ["failed", "--run_id", run_dir.name, "--run_dir", str(run_dir), "--step", args.step,
-            "--exit_code", str(args.exit_code), "--show"]
-    if args.log:
-        argv += ["--log", args.log]
-    if args.step_output:
-        argv += ["--error_file", args.step_output]
-    email_integration.main(argv)
-    if args.exit_code == EXIT_USER_ERROR and event == "failed":
-        print("  this was a user error (exit 2): fix what the message names and run the same command again; "
-              "this run will not be resumed")
-    elif args.exit_code == EXIT_USER_ERROR:
-        print("  fix what the pre-flight names and run the same command again")
+    command = args.step_command[1:] if args.step_command[:1] == ["--"] else args.step_command
+    if not command:
+        raise UserError("step: the step's command goes after --")
+    title = f"[{args.number}] {args.step}" if args.number else f"[{args.step}]"
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        done = finished_record(run_dir, args.step, output)
+        if done is not None:
+            logger.info("")
+            logger.info("%s: skipped: finished at %s (%s is as it was then)", title, done["time"].replace("T", " "),
+                        output.as_posix())
+            return 0
+        forget_from(run_dir, args.step)
+    logger.info("")
+    logger.info("%s  (%s)", title, time.strftime("%H:%M:%S"))
+
+    def window_closed(event: str) -> None:  # Windows: a few seconds are left to record it and try the email
+        report_failure(run_dir, args.step, 129, event, email_wait_s=3.0)
+
+    result = StepProcess(command, run_file(run_dir, "log"), run_file(run_dir, "step_output"), window_closed).run()
+    if result.signal is not None:
+        report_failure(run_dir, args.step, result.exit_code, result.signal)
+        return result.exit_code
+    if result.exit_code == 0 and output is not None:
+        check = FINISH_CHECKS.get(args.step)
+        why = "its output is missing" if output_fingerprint(run_root(run_dir) / output) is None else (
+            check(run_dir) if check else None)
+        if why is None:
+            record_finished(run_dir, args.step, output)
+        else:
+            logger.warning("  %s ended with exit code 0 but %s: a rerun runs it again", args.step, why)
+    return result.exit_code
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failed, completed
+# ---------------------------------------------------------------------------------------------------------------
+
+FAILURE_EVENTS = {"failed", "preflight_failed", "interrupted"}
+TRAINER_INTERRUPTED = 3  # train_enhanced.EXIT_INTERRUPTED (not imported: the trainer is a heavy import)
+OUTPUT_LINES = 30
+
+
+def _last_lines(path: Path | None, n: int) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-n:]
+
+
+def report_failure(run_dir: Path, step: str, exit_code: int, signal_name: str | None = None,
+                   email_wait_s: float | None = None) -> None:
+    """Record the failure of ``step`` in overnight.json, print it (step, log, the step's last lines, what to do)
+    and send the failure email: once per invocation. The step runner reports the interruptions it saw; the
+    scripts' ``failed`` after it finds the failure recorded and says nothing more.
+
+    An interruption (``signal_name``) is recorded as ``interrupted``: never a user error, the run resumes. A
+    failed pre-flight changed nothing in the run and does not count as how the run ended (a resumed run stopped
+    for a full disk is resumed again once there is room); a new run stopped there leaves no folder behind.
+    """
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
     events = state.get("events") or []
-    if [e["event"] for e in events] == ["start", "preflight_failed"]:
+    if events and events[-1].get("event") in FAILURE_EVENTS:
+        return  # reported already in this invocation (a start or resume event opens every invocation)
+    log = (state.get("plan") or {}).get("log")
+    output = _last_lines(run_file(run_dir, "step_output"), OUTPUT_LINES)
+    event = "interrupted" if signal_name else ("preflight_failed" if step == "pre-flight" else "failed")
+    if run_dir.is_dir():
+        details = {"step": step, "exit_code": exit_code, **({"signal": signal_name} if signal_name else {})}
+        events = add_event(run_dir, event, **details)["events"]
+    logger.info("")
+    logger.info("FAILED at step '%s' (%s)", step,
+                f"interrupted by {signal_name}, exit {exit_code}" if signal_name else f"exit {exit_code}")
+    if log:
+        logger.info("  log:   %s", log)
+    if output:
+        logger.info("  error:")
+        for line in output[-8:]:
+            logger.info("    %s", line)
+    if signal_name:
+        logger.info("  the run was stopped (%s): run the same command again to resume; finished steps are skipped",
+                    signal_name)
+    elif exit_code == TRAINER_INTERRUPTED and step == "train":
+        logger.info("  training was interrupted after saving a checkpoint: run the same command to resume")
+    elif exit_code == EXIT_USER_ERROR and event == "failed":
+        logger.info("  this was a user error (exit 2): fix what the message names and run the same command again; "
+                    "this run will not be resumed")
+    elif exit_code == EXIT_USER_ERROR:
+        logger.info("  fix what the pre-flight names and run the same command again")
+    send_chain_email(run_dir, "failure", lambda: chain_failure_email(run_dir, step, exit_code, signal_name, output,
+                                                                     log), wait_s=email_wait_s)
+    if not signal_name and [e.get("event") for e in events] == ["start", "preflight_failed"]:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing was done: leave no empty run folder behind
-        print(f"  {run_dir} removed (nothing had run yet)")
-    sys.stdout.flush()
-    return 0
+        logger.info("  %s removed (nothing had run yet)", run_dir)
 
 
-def cmd_completed(args: argparse.Namespace) -> int:
+def cmd_completed(run_dir: Path, python: str = "") -> int:
     """Mark the run done (DONE), send the completion email and print where everything is."""
-    run_dir = Path(args.run_dir)
+    run_dir = Path(run_dir)
     (run_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n", encoding="utf-8")
     add_event(run_dir, "done")
-    if args.step_output:
-        Path(args.step_output).unlink(missing_ok=True)
-    from src.training import email_integration
-    email_integration.main(["completed", "--run_id", run_dir.name, "--run_dir", str(run_dir)]
-                           + (["--log", args.log] if args.log else []))
+    step_output = run_file(run_dir, "step_output")
+    if step_output is not None:
+        step_output.unlink(missing_ok=True)
+    send_chain_email(run_dir, "completion", lambda: chain_completion_email(run_dir))
     run, sep = run_dir.name, os.sep
     folder = f"models{sep}{run}"
-    python = args.python or "python"
     for line in ["", RULE, f" Done: {run}  ({time.strftime('%Y-%m-%d %H:%M:%S')})",
                  f" model       {folder}{sep}theta_final", f" inference   {folder}{sep}theta_inference",
                  f" evaluation  stats{sep}evaluation_{run}.json", f" report      stats{sep}{run}{sep}",
-                 f" log         {args.log or ''}",
-                 f" try it      {python} -m src.model.theta_model chat --model_path {folder}{sep}theta_final", RULE]:
-        print(line)
+                 f" log         {(read_state(run_dir).get('plan') or {}).get('log', '')}",
+                 f" try it      {python or 'python'} -m src.model.theta_model chat --model_path {folder}{sep}theta_final",
+                 RULE]:
+        logger.info("%s", line)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chain's emails: start, failure and completion of the whole run (the trainer sends epochs and status)
+# ---------------------------------------------------------------------------------------------------------------
+
+def send_chain_email(run_dir: Path, what: str, build, wait_s: float | None = None) -> None:
+    """Send one email of the chain now and say whether it went. A one-shot process: two quick attempts and a
+    bounded wait (2 x EMAIL_TIMEOUT_S + 5 s unless ``wait_s``); a notification never fails the chain."""
+    from src.utils.email_notifier import EmailSender, resolve_email_config
+
+    try:
+        config = resolve_email_config()[0]  # quiet when off: the banner said why
+        if config is None:
+            return
+        sender = EmailSender(config, run_name=Path(run_dir).name, retries=2, backoff_s=1.0,
+                             shutdown_wait_s=config.timeout_s * 2 + 5 if wait_s is None else wait_s)
+        sender.send(what, build, priority=True)
+        sender.close()
+    except Exception as err:
+        logger.info("email: %s email skipped: %s", what, err)
+        return
+    if sender.counts["sent"]:
+        logger.info("email: %s email sent to %s", what, ", ".join(config.recipients))
+    else:
+        kind, text = sender.last_error or (("could not build it", "") if sender.counts["build_error"]
+                                           else ("not sent", ""))
+        logger.info("email: %s email NOT sent (%s%s); the run goes on", what, kind, f": {text}" if text else "")
+
+
+def chain_start_email(run_dir: Path, gpu: dict | None = None):
+    """The run started: the plan (profile, resume or not and why, flags, log), the pre-flight's estimate and
+    warnings, the GPU."""
+    from src.training.run_emails import gpu_sections
+    from src.utils import gpu_info
+    from src.utils.email_notifier import SUBJECT_PREFIX, Email, Section
+
+    run_dir = Path(run_dir)
+    plan = read_state(run_dir).get("plan") or {}
+    rows = [("started", time.strftime("%Y-%m-%d %H:%M:%S")), ("host", socket.gethostname()),
+            ("profile", f"{plan.get('profile')} ({plan.get('profile_why')})"), ("run", plan.get("resume_why", "")),
+            ("gpus", str(plan.get("gpus", 1))), ("resuming", "yes" if plan.get("resuming") else "no"),
+            ("trainer flags", " ".join(plan.get("trainer_flags") or []) or "(none)"), ("log", plan.get("log", ""))]
+    alerts = [("warning", note) for note in plan.get("notes") or []]
+    preflight = read_preflight(run_dir)
+    if isinstance(preflight, dict):
+        if preflight.get("estimate"):
+            rows.append(("pre-flight estimate", f"training about {preflight['estimate']}"))
+        alerts += [("warning", f"pre-flight: {w}") for w in preflight.get("warnings") or []]
+    sections, gpu_alerts = gpu_sections(gpu if gpu is not None else gpu_info.get_gpu_info())
+    resuming = ", resuming" if plan.get("resuming") else ""
+    return Email(f"{SUBJECT_PREFIX} started: {run_dir.name} ({plan.get('profile')} profile{resuming})",
+                 f"Overnight run started: {run_dir.name}", alerts + gpu_alerts,
+                 [Section("Run", rows=rows)] + sections)
+
+
+def chain_failure_email(run_dir: Path, step: str, exit_code: int, signal_name: str | None, output: list[str],
+                        log: str | None):
+    """A step of the chain failed or was interrupted: the step, the exit code, its last output lines."""
+    from src.training.run_emails import failure_email
+
+    if signal_name:
+        lines = [f"step '{step}' was interrupted by {signal_name} (exit code {exit_code}); the run resumes when "
+                 "the same command runs again, and the steps that finished are skipped"]
+    else:
+        lines = [f"step '{step}' failed with exit code {exit_code}"]
+        if exit_code == TRAINER_INTERRUPTED and step == "train":
+            lines.append("training was interrupted (SIGINT/SIGTERM) after saving a checkpoint")
+    if output:
+        lines += ["", "last lines of the step's output:"] + output
+    return failure_email(Path(run_dir).name, step, "\n".join(lines), run_root(run_dir) / log if log else None)
+
+
+def chain_completion_email(run_dir: Path):
+    """The run is done: the trainer's summary and loss history, the test-set evaluation and its file, the
+    report's loss curve, where the inference model is."""
+    from src.training.report import LOSS_CURVE, load_history
+    from src.training.run_emails import completion_email
+
+    run_dir = Path(run_dir)
+    root, run = run_root(run_dir), run_dir.name
+    config = _read_json(run_dir / "training_config.json")
+    summary = (config.get("summary") if isinstance(config, dict) else None) or {}
+    log = (read_state(run_dir).get("plan") or {}).get("log")
+    return completion_email(run, summary, load_history(run_dir), root / log if log else None,
+                            evaluation_file=root / "stats" / f"evaluation_{run}.json",
+                            curve_file=root / "stats" / run / LOSS_CURVE,
+                            extra_rows=[("inference model", str(run_dir / "theta_inference"))])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.utils.overnight",
-                                description="The overnight scripts' shared decisions (see the module docstring).")
+                                description="The overnight run's lifecycle, one subcommand per moment of it (see "
+                                            "the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plan", help="parse the script's arguments and decide the run; print variables")
     s.add_argument("--format", choices=["sh", "cmd"], default="sh", help="bash assignments or a batch file")
@@ -607,21 +902,37 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("banner", help="print the run banner")
     b.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
     b.add_argument("--python", default="", help="the Python the steps use (shown)")
+    st = sub.add_parser("start", help="send the start email of the whole chain")
+    st.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    sp = sub.add_parser("step", help="run one step: output to the console, the log and the step file; signals "
+                                     "passed on; a finished step recorded, and skipped by a rerun")
+    sp.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
+    sp.add_argument("--step", required=True, help="the step's name (train, evaluate, ...)")
+    sp.add_argument("--number", default=None, help="its place in the chain, N/M, for the header line")
+    sp.add_argument("--output", default=None,
+                    help=f"what the step writes; one of {', '.join(RECORDED_STEPS)} is then recorded as finished "
+                         "and skipped while the output stays as it was")
+    sp.add_argument("step_command", nargs=argparse.REMAINDER, help="-- then the step's command")
     r = sub.add_parser("prepared", help="after the prepare step: record the prepared file and the inputs")
     r.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
-    f = sub.add_parser("failed", help="record and report a failed step, send the failure email")
+    f = sub.add_parser("failed", help="record and report a failed or interrupted step (once), send the failure "
+                                      "email")
     f.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
     f.add_argument("--step", required=True, help="the step that failed")
     f.add_argument("--exit_code", type=int, required=True, help="its exit code")
-    f.add_argument("--log", default=None, help="the overnight log")
-    f.add_argument("--step_output", default=None, help="the failed step's output (its last lines are shown)")
+    f.add_argument("--signal", default=None, help="the signal that stopped the script (TERM, INT, HUP)")
     c = sub.add_parser("completed", help="mark the run done, send the completion email, print the summary")
     c.add_argument("--run_dir", type=Path, required=True, help="models/<run>")
-    c.add_argument("--log", default=None, help="the overnight log")
-    c.add_argument("--step_output", default=None, help="the step output file to remove")
     c.add_argument("--python", default="", help="the venv's Python (for the 'try it' line)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("plan", "usage"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # stderr: stdout carries the plan
+    else:
+        setup_run_output(run_file(args.run_dir, "log"))
     try:
         if args.command == "plan":
             script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
@@ -633,13 +944,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "usage":
             build_script_parser(args.script).print_help()
         elif args.command == "banner":
-            print("\n".join(banner_lines(args.run_dir, args.python)))
+            for line in banner_lines(args.run_dir, args.python):
+                logger.info("%s", line)
+        elif args.command == "start":
+            send_chain_email(args.run_dir, "start", lambda: chain_start_email(args.run_dir))
+        elif args.command == "step":
+            return cmd_step(args)
         elif args.command == "prepared":
             cmd_prepared(args.run_dir)
         elif args.command == "failed":
-            return cmd_failed(args)
+            name = args.signal.upper() if args.signal else None
+            report_failure(args.run_dir, args.step, args.exit_code,
+                           None if name is None else name if name.startswith("SIG") else "SIG" + name)
         elif args.command == "completed":
-            return cmd_completed(args)
+            return cmd_completed(args.run_dir, args.python)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
