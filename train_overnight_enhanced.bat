@@ -95,7 +95,6 @@ call :step_header
 %STEP_TEE% "%PY%" -m src.data_processing.prepare_data_for_training ^
   --datasets_dir Datasets ^
   --output Datasets\enhanced_training_data.json ^
-  --test_set Datasets\test_set.json ^
   %PREPARE_FLAGS%
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
@@ -126,7 +125,6 @@ set "STEP=evaluate"
 call :step_header
 %STEP_TEE% "%PY%" -m src.training.evaluate_model ^
   --model_path "%RUN_DIR%\theta_final" ^
-  --test_data Datasets\test_set.json ^
   --output_file "stats\evaluation_%RUN_ID%.json"
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed

@@ -99,7 +99,6 @@ if [ "$PREPARE" = 1 ]; then
   run_step "prepare data" "$PY" -m src.data_processing.prepare_data_for_training \
     --datasets_dir Datasets \
     --output Datasets/enhanced_training_data.json \
-    --test_set Datasets/test_set.json \
     ${PREPARE_FLAGS[@]+"${PREPARE_FLAGS[@]}"}
   "$PY" -m src.utils.overnight prepared --run_dir "$RUN_DIR"
   STEP="data check"
@@ -123,7 +122,6 @@ run_step "train" "${LAUNCH[@]}" -m src.training.train_enhanced \
 
 run_step "evaluate" "$PY" -m src.training.evaluate_model \
   --model_path "$RUN_DIR/theta_final" \
-  --test_data Datasets/test_set.json \
   --output_file "stats/evaluation_${RUN_ID}.json"
 
 run_step "optimise for inference" "$PY" -m src.training.optimize_for_inference \

@@ -156,7 +156,7 @@ def test_overlapping_test_set_is_refused(tmp_path, run_dir, prepared_data, capsy
     leaked = [{"id": f"t{i}", "question": "  " + r["question"].upper().replace("?", " ?!"), "answer": "x",
                "domain": r["domain"]} for i, r in enumerate(trained[:2])]
     test = tmp_path / "leaky_test.json"
-    test.write_text(json.dumps(leaked + json.loads((prepared_data.parent / "test_set.json").read_text())))
+    test.write_text(json.dumps(leaked + json.loads((prepared_data.parent / "enhanced_test_set.json").read_text())))
     out = tmp_path / "stats" / "evaluation.json"
     code = run_entry_point(main, ["--model_path", str(run_dir / "theta_final"), "--test_data", str(test),
                                   "--output_file", str(out)])
@@ -194,7 +194,7 @@ def test_metrics_survive_a_failing_report(tmp_path, run_dir, prepared_data, monk
     monkeypatch.setattr(report, "write_report", broken)
     out = tmp_path / "stats" / f"evaluation_{RUN}.json"
     assert main(["--model_path", str(run_dir / "theta_final"), "--test_data", str(prepared_data.parent /
-                 "test_set.json"), "--output_file", str(out), "--max_new_tokens", "2", "--device", "cpu"]) == 0
+                 "enhanced_test_set.json"), "--output_file", str(out), "--max_new_tokens", "2", "--device", "cpu"]) == 0
     r = json.loads(out.read_text())
     assert r["perplexity"] > 1 and "fell over" in r["report_error"] and "report" not in r
     logged = "".join(capsys.readouterr())
@@ -215,7 +215,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, run_dir, capsys):
 
 
 def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_data, capsys):
-    held_out = json.loads((prepared_data.parent / "test_set.json").read_text())
+    held_out = json.loads((prepared_data.parent / "enhanced_test_set.json").read_text())
     nasty = {"id": "html-1", "domain": "networking", "question": "What does <script>alert('x')</script> do?",
              "answer": "It is <b>escaped</b> & shown as text."}
     test = tmp_path / "test_set.json"
