@@ -437,7 +437,8 @@ def file_problems(rel: str, file_stats: dict, dropped: dict[str, int], examples:
             problems.append(DataProblem(rel, "unreadable_file", "the file is empty",
                                         "export it again, or remove it"))
         elif reason == "invalid_json":
-            got = f"; the {valid} records before the break are read, the rest is lost" if valid else ""
+            got = f"; the {valid} records before the break are read, the rest is lost" if valid and not partial \
+                else ""
             problems.append(DataProblem(rel, "unreadable_file", f"the JSON breaks off or is invalid at {error}{got}",
                                         "export the file again (a cut-off download or export is the usual "
                                         "cause), or repair it at that line"))
@@ -454,9 +455,16 @@ def file_problems(rel: str, file_stats: dict, dropped: dict[str, int], examples:
     if valid == 0 and (total or error is None):
         if total:
             reason, n = max(dropped.items(), key=lambda rn: (rn[1], rn[0]))
-            why = f"all its {total} items were dropped, most as {reason} ({n}){_examples_detail(examples.get(reason))}"
+            detail = _examples_detail(examples.get(reason))
             fix = REASON_FIXES.get(reason, "see the drop reasons in enhanced_data_stats.json and "
                                            "documentation/DATASETS.md for the accepted shapes")
+            if "--columns question=" in detail:  # the reader guessed the pair: say it as the fix
+                hint = detail[detail.index("--columns question="):].rstrip(")")
+                detail = detail[:detail.index("; if these")] + ")"
+                fix = f"if those are the question and the answer, name them: {hint}"
+            why = (f"the first {total} items read were all dropped" if partial else
+                   f"all its {total} items were dropped") + (f" as {reason}" if n == total else
+                                                           f", most as {reason} ({n})") + detail
         else:
             why, fix = "it holds no item", "remove it, or export it again"
         problems.append(DataProblem(rel, "nothing_kept", f"gives no record: {why}", fix))
@@ -487,8 +495,8 @@ def _breaks_off(path: Path) -> str | None:
     """Where a JSON or JSON Lines file (not gzipped) whose start was read ends in the middle of a value, judged
     from its last 64 KiB; None when its end looks whole."""
     name = path.name.lower()
-    if name.endswith(".gz"):
-        return None
+    if not name.endswith((".json", ".jsonl")):
+        return None  # gzipped files would have to be read whole; tables are read by the datasets library
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -506,7 +514,7 @@ def _breaks_off(path: Path) -> str | None:
         except json.JSONDecodeError as err:
             return f"its last line: {err.msg}"
         return None
-    return None if tail[-1:] in (b"]", b"}") else "its end: the file stops in the middle of a record"
+    return None if tail[-1:] in (b"]", b"}") else "its end (the file stops in the middle of a record)"
 
 
 def survey_datasets(datasets_dir: Path | str, include_sample: bool = False, columns: ColumnMap | None = None,
@@ -536,20 +544,32 @@ def survey_datasets(datasets_dir: Path | str, include_sample: bool = False, colu
     problems: list[DataProblem] = []
     for path in sources.files:
         rel = path.relative_to(datasets_dir).as_posix()
-        drops, stats, valid, partial = DropLog(), {}, 0, False
-        for rec in iter_file_records(path, rel, drops, stats, max_history_turns, tool_calls, columns):
-            if validate_record(rec, drops, max_chars or DEFAULT_MAX_CHARS) is not None:
-                valid += 1
-            if stats["items"] >= max_records:
-                partial = True
-                break
-        if partial and "error" not in stats:
+        drops, stats, valid, cut = DropLog(), {}, 0, []
+        items = iter_raw_items(path)
+        try:
+            for rec in iter_item_records(_first(items, max_records, cut), rel, drops, stats, max_history_turns,
+                                         tool_calls, columns):
+                if validate_record(rec, drops, max_chars or DEFAULT_MAX_CHARS) is not None:
+                    valid += 1
+        finally:
+            items.close()  # the file handle of a file read in part
+        if cut and "error" not in stats:
             where = _breaks_off(path)
             if where is not None:
-                stats["error"], stats["error_reason"] = f"{where} (read in part)", "invalid_json"
+                stats["error"], stats["error_reason"] = where, "invalid_json"
+        partial = bool(cut)
         problems.extend(file_problems(rel, stats, dict(drops.per_file.get(rel, {})), drops.examples, valid,
                                       partial))
     return problems + not_read_problems(_skipped(datasets_dir, sources))
+
+
+def _first(items: Iterator[Item], n: int, cut: list) -> Iterator[Item]:
+    """The first ``n`` items; ``cut`` gets an entry when the stream had more."""
+    for k, item in enumerate(items):
+        if k >= n:
+            cut.append(k)
+            return
+        yield item
 
 
 def _skipped(datasets_dir: Path, sources: DataSources) -> list[dict]:

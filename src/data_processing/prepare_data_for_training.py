@@ -883,9 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("\n%s", summary_table(stats))
     if stats["dropped_total"]:
         logger.warning("dropped %d records; details in the stats file", stats["dropped_total"])
-    for problem in stats["problems"]:
-        logger.warning("problem: %s: %s; fix: %s", problem["file"] or "the data folder", problem["message"],
-                       problem["fix"])
+    if stats["problems"]:
+        logger.warning("%d problem%s in the data, listed above under 'problems to fix' and in the stats file "
+                       "(--strict makes them fatal)", len(stats["problems"]), "s" * (len(stats["problems"]) > 1))
     return 0
 
 
