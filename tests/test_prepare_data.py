@@ -268,8 +268,27 @@ def test_test_set_duplicates_and_near_duplicates_removed(tmp_path):
     assert stats["test_records"] == 2
 
 
+def test_paraphrases_of_a_held_out_question_leave_the_training_data(tmp_path):
+    """The evaluator's near-duplicate measure, applied by preparation: a paraphrase or a typo of a held-out
+    question with its answer is dropped from training, so a held-out set preparation kept apart is never
+    flagged by the evaluator."""
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    answer = "A firewall filters network traffic by ordered rules that allow or deny each connection."
+    write(d, "test_set.json", [rec(100, q="What is a firewall?", a=answer)])
+    paraphrases = ["What's a firewall?", "What is a firewal?", "What is the firewall?", "A firewall is what?"]
+    write(d, "train.json", [rec(i, q=q, a=answer) for i, q in enumerate(paraphrases)] + [rec(9)])
+    stats, records = run_prepare(d, *OFF)
+    assert [r["id"] for r in records] == ["r9"]
+    assert stats["dropped"]["test_set_near_duplicate"]["count"] == 4
+    from src.data_processing.near_duplicates import pair_similarity
+
+    assert all(pair_similarity((q, answer), ("What is a firewall?", answer)) == 1.0 for q in paraphrases)
+    assert pair_similarity(("What is a router?", answer), ("What is a firewall?", answer)) == 0.5  # 2 of 4 words
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Split, balancing, augmentation, curriculum
+# Split, balancing, augmentation
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_split_stable_when_a_file_is_added_and_topped_up_to_the_fraction(tmp_path):
