@@ -105,6 +105,18 @@ def test_an_empty_folder_is_fatal_and_the_sample_alone_is_fine(tmp_path):
     assert survey_datasets(PROJECT_ROOT / "Datasets") == []  # the shipped sample has nothing to report
 
 
+def test_more_than_five_percent_of_a_file_dropped_is_a_problem(tmp_path):
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    good = [{"question": f"What does switch {i} do?", "answer": f"Switch {i} turns light {i} on."} for i in range(100)]
+    for bad, expected in ((5, []), (6, [("lights.json", "many_dropped")])):  # 5 of 100 is 5%, not more
+        records = [{**r, "answer": ""} if i < bad else r for i, r in enumerate(good)]
+        (d / "lights.json").write_text(json.dumps(records), encoding="utf-8")
+        problems = survey_datasets(d)
+        assert [(p.file, p.kind) for p in problems] == expected, bad
+    assert problems[0].message.startswith("6 of 100 records (6%) dropped") and "empty_answer 6" in problems[0].message
+
+
 def test_strict_makes_the_problems_fatal(tmp_path, capsys):
     d = user_folder(tmp_path)
     assert run_entry_point(prep.main, ["--datasets_dir", str(d), "--profile", "quick", "--strict"]) == 2
