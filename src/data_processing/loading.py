@@ -537,7 +537,7 @@ def survey_datasets(datasets_dir: Path | str, include_sample: bool = False, colu
     datasets_dir = Path(datasets_dir)
     if not datasets_dir.is_dir():
         return [DataProblem("", "empty_datasets", f"{datasets_dir} does not exist or is not a folder",
-                            f"create it and put your question-answer files in it", fatal=True)]
+                            "create it and put your question-answer files in it", fatal=True)]
     sources = resolve_sources(datasets_dir, include_sample)
     if sources.empty:
         return [empty_problem(datasets_dir)] + not_read_problems(_skipped(datasets_dir, sources))
