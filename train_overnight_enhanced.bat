@@ -101,7 +101,6 @@ set /a STEP_NO+=1
 %STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% -- "%PY%" -m src.data_processing.prepare_data_for_training ^
   --datasets_dir Datasets ^
   --output Datasets\enhanced_training_data.json ^
-  --test_set Datasets\test_set.json ^
   %PREPARE_FLAGS%
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed
@@ -135,7 +134,6 @@ set /a STEP_NO+=1
 %STEP_RUN% --step "%STEP%" --number %STEP_NO%/%STEPS% --output "stats\evaluation_%RUN_ID%.json" -- "%PY%" ^
   -m src.training.evaluate_model ^
   --model_path "%RUN_DIR%\theta_final" ^
-  --test_data Datasets\test_set.json ^
   --output_file "stats\evaluation_%RUN_ID%.json"
 set "CODE=%ERRORLEVEL%"
 if not "%CODE%"=="0" goto failed

@@ -135,7 +135,6 @@ if [ "$PREPARE" = 1 ]; then
   run_step "prepare data" --number "$NUMBER" -- "$PY" -m src.data_processing.prepare_data_for_training \
     --datasets_dir Datasets \
     --output Datasets/enhanced_training_data.json \
-    --test_set Datasets/test_set.json \
     ${PREPARE_FLAGS[@]+"${PREPARE_FLAGS[@]}"}
   "$PY" -m src.utils.overnight prepared --run_dir "$RUN_DIR"
   run_step "data check" -- "$PY" -m src.training.preflight --only data --profile "$PROFILE" --gpus "$GPUS" \
@@ -161,7 +160,6 @@ run_step "train" --number "$NUMBER" --output "$RUN_DIR/theta_final" -- "${LAUNCH
 next_step
 run_step "evaluate" --number "$NUMBER" --output "stats/evaluation_${RUN_ID}.json" -- "$PY" -m src.training.evaluate_model \
   --model_path "$RUN_DIR/theta_final" \
-  --test_data Datasets/test_set.json \
   --output_file "stats/evaluation_${RUN_ID}.json"
 
 next_step

@@ -67,7 +67,7 @@ def test_overnight_profiles_keep_general_data(tmp_path, profile):
     assert prep.main(["--datasets_dir", str(d), *(["--profile", profile] if profile else [])]) == 0
     stats = json.loads((d / "enhanced_data_stats.json").read_text(encoding="utf-8"))
     records = json.loads((d / "enhanced_training_data.json").read_text(encoding="utf-8"))["records"]
-    test = json.loads((d / "test_set.json").read_text(encoding="utf-8"))
+    test = json.loads((d / "enhanced_test_set.json").read_text(encoding="utf-8"))
     settings = vars(prep.parse_args(["--profile", profile] if profile else []))
     real = [r for r in records if not r.get("synthetic")]
     kept = {(r["question"], r["answer"]) for r in real} | {(t["question"], t["answer"]) for t in test}
@@ -136,13 +136,13 @@ def test_first_run_keeps_test_questions_out_and_second_run_is_byte_identical(tmp
     args = ["--datasets_dir", str(d), "--seed", "3"]
     assert prep.main(args) == 0
     first = (d / "enhanced_training_data.json").read_bytes()
-    test = json.loads((d / "test_set.json").read_text(encoding="utf-8"))
+    test = json.loads((d / "enhanced_test_set.json").read_text(encoding="utf-8"))
     test_keys = {question_key(t["question"]) for t in test}
     train = json.loads(first)["records"]
     assert test and not {question_key(r["question"]) for r in train} & test_keys
     # both copies of a held-out question went to the test set: none lost
     assert sum(not r.get("synthetic") for r in train) + len(test) == 240
-    assert prep.main(args) == 0  # now the test set exists and is read
+    assert prep.main(args) == 0  # the drawn test set is drawn again: the same one
     assert (d / "enhanced_training_data.json").read_bytes() == first
 
 
@@ -154,7 +154,7 @@ def test_output_folder_is_an_error_before_anything_is_written(tmp_path):
     res = run_script(["-m", "src.data_processing.prepare_data_for_training", "--datasets_dir", str(d),
                       "--output", str(tmp_path / "folder")])
     assert res.returncode == 2 and "is a folder" in res.stderr and "Traceback" not in res.stderr
-    assert not (d / "test_set.json").exists()
+    assert not (d / "enhanced_test_set.json").exists()
     with pytest.raises(prep.UserError, match="does not exist"):
         prep.main(["--datasets_dir", str(tmp_path / "missing")])
 
@@ -169,7 +169,7 @@ def test_outputs_get_the_umask_mode(tmp_path):
         assert prep.main(["--datasets_dir", str(d), "--near_dup_threshold", "1"]) == 0
     finally:
         os.umask(old)
-    for name in ("enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"):
+    for name in ("enhanced_training_data.json", "enhanced_data_stats.json", "enhanced_test_set.json"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o644, name
 
 

@@ -119,9 +119,15 @@ def test_text_only_refused_and_other_files_listed_with_their_converter(shapes_ru
     stats, _ = shapes_run
     assert stats["dropped"]["pretraining_text"]["examples"][0]["source"] == "pretraining.jsonl"
     assert "pre-training text" in stats["dropped"]["pretraining_text"]["examples"][0]["detail"]
-    skipped = {s["file"]: s["converter"] for s in stats["skipped_files"]}
-    assert skipped["Posts.xml"].startswith("convert_stackexchange") and skipped["notes.md"].startswith("convert_faq")
-    assert skipped["archive.zip"].startswith("none: unpack it first")
+    skipped = {s["file"]: s for s in stats["skipped_files"]}
+    assert skipped["Posts.xml"]["converter"] == "convert_stackexchange" and skipped["notes.md"]["converter"] == \
+        "convert_faq" and skipped["archive.zip"]["converter"] is None
+    assert "python -m src.data_processing.convert_faq" in skipped["notes.md"]["hint"]
+    assert skipped["archive.zip"]["hint"].startswith("a packed file: unpack it")
+    # each is a problem the user sees, named with what to do (never "read it with none")
+    not_read = {p["file"]: p for p in stats["problems"] if p["kind"] == "not_read"}
+    assert set(not_read) == {"Posts.xml", "notes.md", "archive.zip"}
+    assert all(" none" not in p["fix"] for p in not_read.values())
     # every item is accounted for: records out + drops = items in
     assert stats["loaded_records"] == stats["output_records"]
 

@@ -18,7 +18,7 @@ import torch
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.evaluate_model import (bleu_scores, check_no_overlap, exact_match, lcs_length, main,
                                          normalize_answer, rouge_l, teacher_forced_metrics, text_metrics, token_f1)
-from src.utils.common import run_entry_point
+from src.utils.common import UserError, run_entry_point
 
 RUN = "theta_enhanced_20260101_000000"
 
@@ -167,7 +167,7 @@ def test_overlapping_test_set_is_refused(tmp_path, run_dir, prepared_data, capsy
     leaked = [{"id": f"t{i}", "question": "  " + r["question"].upper().replace("?", " ?!"), "answer": "x",
                "domain": r["domain"]} for i, r in enumerate(trained[:2])]
     test = tmp_path / "leaky_test.json"
-    test.write_text(json.dumps(leaked + json.loads((prepared_data.parent / "test_set.json").read_text())))
+    test.write_text(json.dumps(leaked + json.loads((prepared_data.parent / "enhanced_test_set.json").read_text())))
     out = tmp_path / "stats" / "evaluation.json"
     code = run_entry_point(main, ["--model_path", str(run_dir / "theta_final"), "--test_data", str(test),
                                   "--output_file", str(out)])
@@ -188,10 +188,35 @@ def test_clean_test_set_is_not_refused_under_the_one_question_key(tmp_path):
     (run / "training_config.json").write_text(json.dumps({"args": {"data_path": str(train)}}))
     clean = [{"id": "t1", "question": "What is C#?", "answer": "Another language.", "domain": "programming"}]
     assert check_no_overlap(clean, run / "theta_final", tmp_path / "test.json")["checked"]
-    from src.utils.common import UserError
-
     with pytest.raises(UserError, match="1 of 1 test questions"):
         check_no_overlap([{**clean[0], "question": "what is  C++ ?"}], run / "theta_final", tmp_path / "test.json")
+
+
+PARAPHRASES = ["What's a firewall?", "What is a firewal?", "What is the firewall?", "A firewall is what?"]
+
+
+def test_near_duplicates_of_training_questions_are_flagged_and_refused_above_the_share(tmp_path, caplog):
+    """Regression (issue 21.8): exact, case and punctuation variants were refused but these four paraphrases
+    passed silently (0 of 4 flagged)."""
+    run = tmp_path / "models" / RUN
+    run.mkdir(parents=True)
+    answer = "A firewall filters network traffic by ordered rules that allow or deny each connection."
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"records": [{"id": "fw", "question": "What is a firewall?", "answer": answer}]}))
+    (run / "training_config.json").write_text(json.dumps({"args": {"data_path": str(train)}}))
+    clean = [{"id": f"c{i}", "question": f"What does port {i} carry?", "answer": f"Port {i} carries service {i}."}
+             for i in range(40)]
+    leaked = [{"id": f"p{i}", "question": q, "answer": answer} for i, q in enumerate(PARAPHRASES)]
+    with pytest.raises(UserError, match="4 of 44 test questions .*more than 5%"):
+        check_no_overlap(leaked + clean, run / "theta_final", tmp_path / "test.json")
+    # one of 41 (2.4%): evaluated, but counted and shown
+    with caplog.at_level("WARNING"):
+        checked = check_no_overlap(leaked[:1] + clean, run / "theta_final", tmp_path / "test.json")
+    assert checked["near_duplicates"] == 1 and checked["near_duplicate_share"] == round(1 / 41, 4)
+    assert checked["near_duplicate_examples"] == [{"test_id": "p0", "test_question": PARAPHRASES[0],
+                                                   "train_id": "fw", "train_question": "What is a firewall?",
+                                                   "similarity": 1.0}]
+    assert "1 of 41 test questions (2.4%) are near-duplicates" in caplog.text
 
 
 def test_metrics_survive_a_failing_report(tmp_path, run_dir, prepared_data, monkeypatch, capsys):
@@ -205,7 +230,7 @@ def test_metrics_survive_a_failing_report(tmp_path, run_dir, prepared_data, monk
     monkeypatch.setattr(report, "write_report", broken)
     out = tmp_path / "stats" / f"evaluation_{RUN}.json"
     assert main(["--model_path", str(run_dir / "theta_final"), "--test_data", str(prepared_data.parent /
-                 "test_set.json"), "--output_file", str(out), "--max_new_tokens", "2", "--device", "cpu"]) == 0
+                 "enhanced_test_set.json"), "--output_file", str(out), "--max_new_tokens", "2", "--device", "cpu"]) == 0
     r = json.loads(out.read_text())
     assert r["perplexity"] > 1 and "fell over" in r["report_error"] and "report" not in r
     logged = "".join(capsys.readouterr())
@@ -226,7 +251,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, run_dir, capsys):
 
 
 def test_full_run_writes_metrics_report_and_plots(tmp_path, run_dir, prepared_data, capsys):
-    held_out = json.loads((prepared_data.parent / "test_set.json").read_text())
+    held_out = json.loads((prepared_data.parent / "enhanced_test_set.json").read_text())
     nasty = {"id": "html-1", "domain": "networking", "question": "What does <script>alert('x')</script> do?",
              "answer": "It is <b>escaped</b> & shown as text."}
     test = tmp_path / "test_set.json"

@@ -94,15 +94,16 @@ def test_domain_vectors_are_computed_from_the_data(tmp_path):
     assert vectors["networking"]["records"] == 2 and "dns" in vectors["networking"]["vector"]
     norm = sum(v * v for v in vectors["networking"]["vector"].values())
     assert norm == pytest.approx(1.0, abs=1e-3)
-    # Preparation infers a missing domain with these vectors.
-    from src.data_processing.prepare_data_for_training import DomainClassifier
+    # Preparation's classifier labels a record without a domain with the same vectors.
+    from src.data_processing.domains import DomainClassifier
 
-    classify = DomainClassifier({k: v["vector"] for k, v in vectors.items()})
+    classify = DomainClassifier(vectors, {k: v["vector"] for k, v in vectors.items()})
     assert classify("Where do Kubernetes pods run?", "On nodes.") == "cloud_computing"
+    assert DomainClassifier.from_records(records)("Where do Kubernetes pods run?", "On nodes.") == "cloud_computing"
 
 
 def test_shipped_knowledge_folder_and_cli():
-    passages = kb.load_knowledge_passages(PROJECT_ROOT / "Datasets" / "knowledge")
+    passages = kb.load_knowledge_passages(PROJECT_ROOT / "Datasets" / "sample" / "knowledge")
     assert len({p["file"] for p in passages}) >= 10
     index = kb.KnowledgeIndex(passages)
     top = index.search("What is the smallest unit Kubernetes schedules?", k=1)[0][0]

@@ -94,7 +94,7 @@ def _args(model_dir, out, test_set, *extra):
 
 def test_int8_folder_round_trip_and_chat_loads_it(tmp_path, tiny_model_dir, prepared_data, capsys):
     out = tmp_path / "theta_inference"
-    test_set = prepared_data.parent / "test_set.json"
+    test_set = prepared_data.parent / "enhanced_test_set.json"
     assert opt.main(_args(tiny_model_dir, out, test_set, "--quantize", "int8")) == 0
     m = json.loads((out / "optimization_metrics.json").read_text())
     assert m["quantize"] == "int8" and m["quantized_layers"] == N_BLOCK_LAYERS
@@ -130,7 +130,7 @@ def test_worse_perplexity_is_refused_unless_forced(tmp_path, tiny_model_dir, pre
 
     monkeypatch.setattr(opt, "measure_perplexity", fake_perplexity)
     out = tmp_path / "theta_inference"
-    test_set = prepared_data.parent / "test_set.json"
+    test_set = prepared_data.parent / "enhanced_test_set.json"
     args = _args(tiny_model_dir, out, test_set, "--max_perplexity_increase", "0.1", "--quantize", "none")
     assert run_entry_point(opt.main, args) == 2
     err = capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_auto_on_the_cpu(tmp_path, tiny_model_dir, prepared_data, monkeypatch, c
     out = tmp_path / "theta_inference"
     umask = os.umask(0o022)
     try:
-        assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "test_set.json")) == 0
+        assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "enhanced_test_set.json")) == 0
     finally:
         os.umask(umask)
     m = json.loads((out / "optimization_metrics.json").read_text())
@@ -324,7 +324,7 @@ def test_auto_with_a_half_candidate_end_to_end(tmp_path, tiny_model_dir, prepare
 
     monkeypatch.setattr(opt, "measure_generation", rigged)
     out = tmp_path / "theta_inference"
-    assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "test_set.json")) == 0
+    assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "enhanced_test_set.json")) == 0
     m = json.loads((out / "optimization_metrics.json").read_text())
     assert m["chosen"] == "fp16" and m["dtype"] == "fp16" and m["candidates"]["fp16"]["kept"]
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"

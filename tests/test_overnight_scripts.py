@@ -40,8 +40,9 @@ STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_en
 
 
 def copy_project(d: Path, datasets: Path) -> Path:
-    """src/, Datasets/ (the given records plus the repository's knowledge/ folder), the requirements and the
-    scripts in ``d``; .venv is a symlink (the bootstrap sees its stamp and installs nothing).
+    """src/, Datasets/ (the given records as the user's own, the sample's knowledge/ notes as the user's notes,
+    the sample folder as shipped), the requirements and the scripts in ``d``; .venv is a symlink (the bootstrap
+    sees its stamp and installs nothing).
 
     src/ is the committed tree, so that half-saved edits elsewhere in a shared checkout do not break these tests;
     the files under test come from the working tree. Without git: the working tree.
@@ -62,6 +63,8 @@ def copy_project(d: Path, datasets: Path) -> Path:
             f.unlink()
     for f in datasets.iterdir():
         shutil.copy2(f, d / "Datasets" / f.name)
+    if (d / "Datasets" / "sample" / "knowledge").is_dir():
+        shutil.copytree(d / "Datasets" / "sample" / "knowledge", d / "Datasets" / "knowledge")
     for rel in OWN_FILES:
         shutil.copy2(ROOT / rel, d / rel)
     (d / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
@@ -136,9 +139,11 @@ def test_steps_run_in_order_with_the_helpers_flags(stubbed):
                      f"models/{run}", "--resume", "auto", "--epochs", "2", "--note", "a b & c"]
     plan = json.loads((stubbed.project / "models" / run / "overnight.json").read_text())["plan"]
     assert plan["prepare_flags"] == ["--profile", "quick"]
+    # No --test_set: preparation and evaluation agree on the held-out set through src/utils/data_layout.py.
     assert by_module["src.data_processing.prepare_data_for_training"] == [
-        "--datasets_dir", "Datasets", "--output", "Datasets/enhanced_training_data.json", "--test_set",
-        "Datasets/test_set.json", *plan["prepare_flags"]]
+        "--datasets_dir", "Datasets", "--output", "Datasets/enhanced_training_data.json", *plan["prepare_flags"]]
+    assert by_module["src.training.evaluate_model"] == [
+        "--model_path", f"models/{run}/theta_final", "--output_file", f"stats/evaluation_{run}.json"]
     assert plan["optimise_flags"] == ["--quantize", "auto"]
     assert by_module["src.training.optimize_for_inference"] == [
         "--model_path", f"models/{run}/theta_final", "--output_path", f"models/{run}/theta_inference",

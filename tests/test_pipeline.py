@@ -22,7 +22,7 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_datasets_dir, tiny_model_dir):
                        "--min_domain_count", "0", "--synthetic_ratio", "0",
                        "--validation_fraction", "0.2", "--seed", "1"])
     assert prep.returncode == 0, prep.stderr
-    assert (data / "enhanced_training_data.json").exists() and (data / "test_set.json").exists()
+    assert (data / "enhanced_training_data.json").exists() and (data / "enhanced_test_set.json").exists()
 
     train = run_script(["-m", "src.training.train_enhanced", "--profile", "quick", "--model_name", str(tiny_model_dir),
                         "--data_path", str(data / "enhanced_training_data.json"), "--datasets_dir", str(data),
@@ -41,7 +41,7 @@ def test_quick_pipeline_end_to_end(tmp_path, tiny_datasets_dir, tiny_model_dir):
 
     stats = tmp_path / "stats" / f"evaluation_{run.name}.json"
     ev = run_script(["-m", "src.training.evaluate_model", "--model_path", str(run / "theta_final"),
-                     "--test_data", str(data / "test_set.json"), "--output_file", str(stats), "--num_samples", "2"])
+                     "--test_data", str(data / "enhanced_test_set.json"), "--output_file", str(stats), "--num_samples", "2"])
     assert ev.returncode == 0, ev.stderr
     result = json.loads(stats.read_text())
     assert result["perplexity"] > 1 and result["test_records"] >= 1

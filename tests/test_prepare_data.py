@@ -205,17 +205,18 @@ def test_fifty_megabyte_file_streams(tmp_path):
 # Domains, dedup, test set
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_domain_aliases_and_inferred_marker(tmp_path):
+def test_own_domain_names_are_kept_as_written_without_aliases(tmp_path):
     d = tmp_path / "Datasets"
     d.mkdir()
-    write(d, "a.json", [rec(1, domain="Cyber Security"), rec(2, domain="ML"), rec(3, domain=None),
+    write(d, "a.json", [rec(1, domain="Cyber Security"), rec(2, domain="ML"), rec(3, domain="networking"),
                         rec(4, domain="", q="How do I stop phishing?", a="Train people and use MFA against attack.")])
     _, records = run_prepare(d, *OFF)
     by_id = {r["id"]: r for r in records}
-    assert by_id["r1"]["domain"] == "cybersecurity" and "domain_inferred" not in by_id["r1"]
-    assert by_id["r2"]["domain"] == "data_science"
-    assert by_id["r3"]["domain"] == "networking" and by_id["r3"]["domain_inferred"] is True  # "protocol", "network"
-    assert by_id["r4"]["domain"] == "cybersecurity" and by_id["r4"]["domain_inferred"] is True
+    assert by_id["r1"]["domain"] == "cyber_security" and "domain_inferred" not in by_id["r1"]
+    assert by_id["r2"]["domain"] == "ml"
+    # no field and a file name that names nothing: the classifier, among this data's domains
+    assert by_id["r4"]["domain_inferred"] is True and by_id["r4"]["domain_source"] == "classifier"
+    assert by_id["r4"]["domain"] in {"cyber_security", "ml", "networking", "general"}
 
 
 def test_exact_duplicate_keeps_the_better_copy(tmp_path):
@@ -267,8 +268,27 @@ def test_test_set_duplicates_and_near_duplicates_removed(tmp_path):
     assert stats["test_records"] == 2
 
 
+def test_paraphrases_of_a_held_out_question_leave_the_training_data(tmp_path):
+    """The evaluator's near-duplicate measure, applied by preparation: a paraphrase or a typo of a held-out
+    question with its answer is dropped from training, so a held-out set preparation kept apart is never
+    flagged by the evaluator."""
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    answer = "A firewall filters network traffic by ordered rules that allow or deny each connection."
+    write(d, "test_set.json", [rec(100, q="What is a firewall?", a=answer)])
+    paraphrases = ["What's a firewall?", "What is a firewal?", "What is the firewall?", "A firewall is what?"]
+    write(d, "train.json", [rec(i, q=q, a=answer) for i, q in enumerate(paraphrases)] + [rec(9)])
+    stats, records = run_prepare(d, *OFF)
+    assert [r["id"] for r in records] == ["r9"]
+    assert stats["dropped"]["test_set_near_duplicate"]["count"] == 4
+    from src.data_processing.near_duplicates import pair_similarity
+
+    assert all(pair_similarity((q, answer), ("What is a firewall?", answer)) == 1.0 for q in paraphrases)
+    assert pair_similarity(("What is a router?", answer), ("What is a firewall?", answer)) == 0.5  # 2 of 4 words
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Split, balancing, augmentation, curriculum
+# Split, balancing, augmentation
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_split_stable_when_a_file_is_added_and_topped_up_to_the_fraction(tmp_path):
@@ -290,13 +310,10 @@ def test_split_stable_when_a_file_is_added_and_topped_up_to_the_fraction(tmp_pat
     assert len(moved) <= 4  # only top-up records near the threshold may move
 
 
-def test_domain_cap_computed_once_from_real_totals():
-    caps = prep.domain_caps({"a": 1000, "b": 100, "c": 100, "d": 100, "e": 100, "f": 100}, 0.2)
-    assert caps == {"a": 300, "b": 100, "c": 100, "d": 100, "e": 100, "f": 100}  # 300 = 0.2 * 1500, no iteration
-    # 2 domains cannot be under 0.2 each: 1/2 of the 11 records is used.
-    assert prep.domain_caps({"a": 10, "b": 1}, 0.2) == {"a": 5, "b": 1}
+def test_an_impossible_cap_is_raised_to_one_over_the_domain_count():
     cap, note = prep.effective_cap(0.2, 3)
     assert cap == pytest.approx(1 / 3) and "impossible with 3 domains" in note
+    assert prep.effective_cap(0.2, 1) == (1.0, None)  # one domain: nothing to balance, no note
 
 
 def _scored(records):
@@ -381,15 +398,6 @@ def test_synthetic_examples_keep_code_and_are_deterministic():
     assert combos and all(code_answer in c["answer"] or "```" not in c["answer"] for c in combos)
 
 
-def test_curriculum_easy_to_hard_with_domains_interleaved():
-    records = [{"id": f"{d}{k}", "domain": d, "difficulty": 5 - k % 5, "answer": "x"} for d in "ab" for k in range(10)]
-    ordered = prep.apply_curriculum_ordering(records)
-    assert [r["domain"] for r in ordered[:4]] == ["a", "b", "a", "b"]
-    for d in "ab":
-        diffs = [r["difficulty"] for r in ordered if r["domain"] == d]
-        assert diffs == sorted(diffs)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The shipped data and the command line
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,10 +406,13 @@ def test_shipped_datasets_prepare_with_zero_drops(tmp_path):
     d = tmp_path / "Datasets"
     shutil.copytree(PROJECT_ROOT / "Datasets", d, ignore=shutil.ignore_patterns("enhanced_*", "knowledge_base"))
     out = d / "enhanced_training_data.json"
-    assert prep.main(["--datasets_dir", str(d), "--output", str(out), "--test_set", str(d / "test_set.json"),
-                      "--seed", "42", "--validation_fraction", "0.1"]) == 0
+    assert prep.main(["--datasets_dir", str(d), "--output", str(out), "--seed", "42",
+                      "--validation_fraction", "0.1"]) == 0
     stats = json.loads((d / "enhanced_data_stats.json").read_text(encoding="utf-8"))
     assert stats["dropped_total"] == 0 and stats["real_records"] == 450 and stats["test_records"] == 72
+    # no data of one's own: the sample, with its own held-out set, and nothing written next to it
+    assert stats["data"]["read_sample"] and stats["data"]["test_set_kind"] == "sample" and stats["problems"] == []
+    assert not (d / "enhanced_test_set.json").exists() and not (d / "sample" / "enhanced_test_set.json").exists()
     records = json.loads(out.read_text(encoding="utf-8"))["records"]
     assert len({r["id"] for r in records}) == len(records)
     for r in records:

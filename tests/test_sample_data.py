@@ -1,4 +1,5 @@
-"""The shipped sample data: valid, broad enough, in the canonical format, and its test set held out."""
+"""The shipped sample data (Datasets/sample/): valid, broad enough, in the canonical format, its test set held
+out, and its file names giving its domains."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections import Counter
 
 from conftest import PROJECT_ROOT
 
-DATASETS = PROJECT_ROOT / "Datasets"
+DATASETS = PROJECT_ROOT / "Datasets" / "sample"
 FIELDS = {"id", "question", "answer", "domain", "source"}
 
 
@@ -66,8 +67,8 @@ def test_sample_data_prepares_without_losing_a_record(tmp_path):
 
     from src.data_processing.prepare_data_for_training import main
 
-    d = tmp_path / "Datasets"  # the shipped files only: a run elsewhere may have left outputs in Datasets/
-    shutil.copytree(DATASETS, d, ignore=shutil.ignore_patterns("enhanced_*", "knowledge_base"))
+    d = tmp_path / "Datasets"  # the shipped files only, as a folder of one's own
+    shutil.copytree(DATASETS, d, ignore=shutil.ignore_patterns("enhanced_*", "knowledge_base", "knowledge"))
     out = tmp_path / "enhanced_training_data.json"
     assert main(["--datasets_dir", str(d), "--output", str(out), "--test_set", str(d / "test_set.json")]) == 0
     stats = json.loads((tmp_path / "enhanced_data_stats.json").read_text())
@@ -76,3 +77,12 @@ def test_sample_data_prepares_without_losing_a_record(tmp_path):
     source_ids = {r["id"] for f in _training_files() for r in _load(f)}
     assert source_ids <= {r["id"] for r in records}  # every shipped record reaches the prepared file
     assert {r["split"] for r in records} == {"train", "validation"}
+
+
+def test_sample_file_names_give_the_sample_domains():
+    from src.data_processing.domains import DomainResolver
+
+    resolver = DomainResolver()
+    for f in _training_files():
+        records = _load(f)
+        assert {r["domain"] for r in records} == {resolver.resolve(None, f"sample/{f.name}")[0]}, f.name

@@ -44,6 +44,42 @@ def test_tiny_model_is_byte_identical_when_rebuilt(tmp_path, tiny_datasets_dir):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_building_theta_tiny_leaves_the_global_generator_alone(tmp_path, tiny_datasets_dir):
+    """Regression (issue 21.7): the first run on a fresh clone built theta-tiny after the trainer had seeded, and
+    the build's own torch.manual_seed changed every number that run drew next (its weights differed from the
+    same command run again)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = build_tiny_model(tmp_path / "a", tiny_datasets_dir, **TINY_TEST_CONFIG)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(123)  # another global state: the weights do not depend on it either
+    b = build_tiny_model(tmp_path / "b", tiny_datasets_dir, **TINY_TEST_CONFIG)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_theta_tiny_is_rebuilt_once_when_its_data_changed(tmp_path, tiny_records, caplog):
+    import logging
+
+    from src.model.theta_model import corpus_digest, iter_corpus_texts, tiny_model_dir
+
+    d = tmp_path / "Datasets"
+    d.mkdir()
+    (d / "a.json").write_text(json.dumps(tiny_records[:20]), encoding="utf-8")
+    base = tmp_path / "base"
+    with caplog.at_level(logging.INFO, logger="src.model.theta_model"):
+        path = tiny_model_dir(d, base)
+        assert [r.message for r in caplog.records if "theta-tiny: built" in r.message]
+        caplog.clear()
+        assert tiny_model_dir(d, base) == path and caplog.records == []  # same data: silent, no rebuild
+        (d / "b.json").write_text(json.dumps(tiny_records[20:]), encoding="utf-8")
+        tiny_model_dir(d, base)
+        tiny_model_dir(d, base)  # a second caller (the trainer after the pre-flight) finds it rebuilt
+    (line,) = [r.message for r in caplog.records]
+    assert "changed since it was built (40 texts then, 96 now): rebuilt" in line
+    meta = json.loads((path / "theta_tiny.json").read_text(encoding="utf-8"))
+    assert meta["corpus_sha256"] == corpus_digest(list(iter_corpus_texts(d)))
+
+
 def test_new_pad_token_row_is_the_mean_of_existing_rows(tiny_records):
     # a tokenizer whose vocabulary lacks the pad token, as GPT-2's own does
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

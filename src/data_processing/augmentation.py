@@ -3,7 +3,7 @@ combined related records. Nothing is downloaded; every answer is reused byte for
 never touched, and only single-line questions without code are rewritten.
 
     from src.data_processing.augmentation import Augmenter
-    new = Augmenter(records, seed=42).generate({"networking": 10})
+    new = Augmenter(records, seed=42).generate({"helpdesk": 10})
 
 Methods (each output is marked ``synthetic: true`` with ``origin`` = the source record's id and ``augmentation``
 = the method):

@@ -30,8 +30,9 @@ EPS = 1e-12
 
 
 def effective_cap(max_fraction: float, n_domains: int) -> tuple[float, str | None]:
-    """The cap that can hold with ``n_domains`` domains, and a note when the asked one cannot."""
-    if max_fraction >= 1 or n_domains == 0:
+    """The cap that can hold with ``n_domains`` domains, and a note when the asked one cannot (one domain: no
+    cap and no note, there is nothing to balance)."""
+    if max_fraction >= 1 or n_domains <= 1:
         return 1.0, None
     floor = 1.0 / n_domains
     if max_fraction < floor - EPS:
@@ -135,7 +136,6 @@ def balance_domains(records: list[dict], max_fraction: float = 1.0, min_count: i
     """Balance the domains of ``records`` (see the module docstring); returns the records and a report with the
     mix before and after, the per-domain weights or additions/removals, and notes."""
     train = [r for r in records if r.get("split", "train") == "train"]
-    real_before = Counter(r["domain"] for r in train if not r.get("synthetic"))
     train_counts = Counter(r["domain"] for r in train)
     shares, notes = wanted_mix(dict(train_counts), max_fraction, min_count, target, max_repeats)
     report = {"method": "materialised" if materialise else "weights",
@@ -157,7 +157,6 @@ def balance_domains(records: list[dict], max_fraction: float = 1.0, min_count: i
         report.update(after=report["before"], weights=dict(sorted(weights.items())),
                       share_after={d: round(v / total, 4) for d, v in sorted(drawn.items())},
                       capped={}, synthetic_added={}, repeated_added={}, notes=notes + clip_notes)
-        del real_before
         return records, report
     out, extra = _materialise(records, train_counts, shares, max_fraction, min_count, target, seed,
                               allow_synthetic, drops, augmenter, max_repeats, synthetic_ratio)

@@ -4,7 +4,7 @@ and ``history`` (earlier [question, answer] pairs, at most --max_history_turns) 
 preparation (src/data_processing/record_shapes.py).
 
     python src/data_processing/convert_alpaca.py alpaca_data.json --output Datasets/alpaca.json
-    python -m src.data_processing.convert_alpaca data.jsonl --output Datasets/alpaca.json --domain programming
+    python -m src.data_processing.convert_alpaca data.jsonl --output Datasets/alpaca.json --domain sql
 """
 
 from __future__ import annotations

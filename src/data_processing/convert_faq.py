@@ -8,7 +8,7 @@ Two layouts are recognised, in one file or mixed:
   which runs until the next ``Q:`` or heading.
 Fenced code blocks in answers are copied byte for byte, and a ``#`` inside them is never taken for a heading.
 
-    python src/data_processing/convert_faq.py docs/faq.md --output Datasets/faq.json --domain networking
+    python src/data_processing/convert_faq.py docs/faq.md --output Datasets/faq.json --domain helpdesk
     python -m src.data_processing.convert_faq faq.txt --output Datasets/faq.json
 """
 

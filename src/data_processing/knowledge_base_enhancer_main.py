@@ -1,5 +1,10 @@
-"""Knowledge base step: TF-IDF retrieval over Datasets/knowledge/, record contexts, consistency check and
-per-domain term vectors. Optional; prepare_data_for_training.py uses its outputs when they exist.
+"""Knowledge base step: TF-IDF retrieval over the knowledge notes, record contexts, consistency check and
+per-domain term vectors. Optional; prepare_data_for_training.py uses its contexts when they exist.
+
+The notes are ``Datasets/knowledge/`` (yours: Markdown, text or JSON passages to retrieve from, never Q&A records)
+and, when the run reads the sample (no data of your own, or --include_sample), ``Datasets/sample/knowledge/``. The
+records are read with the readers and the validation data preparation uses (src/utils/data_layout.py decides
+which files), so the two steps agree on what is readable.
 
     python src/data_processing/knowledge_base_enhancer_main.py
     python -m src.data_processing.knowledge_base_enhancer_main --datasets_dir Datasets --with_context --top_k 2
@@ -8,11 +13,12 @@ per-domain term vectors. Optional; prepare_data_for_training.py uses its outputs
 Outputs in --output_dir (default Datasets/knowledge_base/), written atomically:
 - ``index.json``: the passages (file, heading, text) and the idf of every term;
 - ``domain_vectors.json``: per domain, its record count, top terms and a TF-IDF term vector computed from the
-  records (each domain's text is one document); preparation uses them to infer missing domains;
+  records (each domain's text is one document; ``domains.domain_vectors``, the vectors preparation's classifier
+  computes from the same records);
 - ``consistency_report.json``: record pairs whose questions nearly match (cosine >= --question_similarity) but
   whose answers disagree (cosine < --answer_similarity);
-- ``contexts.json`` (with --with_context): ``{record id: top-k passages}``; preparation attaches them as
-  ``context``.
+- ``contexts.json`` (with --with_context): ``{record id: top-k passages}`` and the data files they were built
+  from; preparation attaches them as ``context`` when it reads the same files.
 
 TF-IDF here: tokens are lower-case ``[a-z][a-z0-9_]+`` minus stopwords; tf = 1 + ln(count);
 idf = ln((1 + N) / (1 + df)) + 1; vectors are L2-normalised, so a dot product is a cosine. Pure Python with an
@@ -32,10 +38,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.data_processing import prepare_data_for_training as prep
+from src.data_processing.converter_common import write_json_output
+from src.data_processing.domains import DomainClassifier, DomainResolver, assign_missing_domains, domain_vectors
+from src.data_processing.loading import DropLog, iter_all_datasets
 from src.data_processing.text_quality import STOPWORDS
-from src.data_processing.converter_common import write_json_output as atomic_write_json  # atomic, umask mode
+from src.data_processing.validation import validate_record
 from src.utils.common import PROJECT_ROOT, UserError, read_json, run_entry_point, setup_logging
+from src.utils.data_layout import DataSources, resolve_sources
 
 logger = logging.getLogger(__name__)
 
@@ -178,26 +187,6 @@ class KnowledgeIndex:
 # Technical embeddings and consistency
 # ---------------------------------------------------------------------------------------------------------------
 
-def domain_vectors(records: list[dict], top_n: int = 60) -> dict[str, dict]:
-    """Per domain: TF-IDF of its terms with each domain's records as one document, so a term scores high when
-    it is frequent in that domain and rare in the others. Keeps the ``top_n`` terms, L2-normalised."""
-    by_domain: dict[str, Counter] = defaultdict(Counter)
-    counts = Counter()
-    for rec in records:
-        by_domain[rec["domain"]].update(tokenize(f"{rec['question']} {rec['answer']}"))
-        counts[rec["domain"]] += 1
-    n = len(by_domain)
-    df = Counter(t for terms in by_domain.values() for t in terms)
-    out = {}
-    for domain, terms in sorted(by_domain.items()):
-        weights = {t: (1 + math.log(c)) * (math.log((1 + n) / (1 + df[t])) + 1) for t, c in terms.items() if c >= 2}
-        top = sorted(weights.items(), key=lambda tw: (-tw[1], tw[0]))[:top_n]
-        norm = math.sqrt(sum(w * w for _, w in top)) or 1.0
-        out[domain] = {"records": counts[domain], "top_terms": [t for t, _ in top[:15]],
-                       "vector": {t: round(w / norm, 5) for t, w in top}}
-    return out
-
-
 def consistency_check(records: list[dict], question_similarity: float = 0.8,
                       answer_similarity: float = 0.3, max_pairs: int = 500) -> list[dict]:
     """Pairs of records whose questions nearly match but whose answers disagree (TF-IDF cosines).
@@ -234,13 +223,14 @@ def consistency_check(records: list[dict], question_similarity: float = 0.8,
     return found[:max_pairs]
 
 
-def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int) -> tuple[list[dict], prep.DropLog]:
-    """Validated records of the datasets folder, with the same ids preparation gives them."""
-    drops = prep.DropLog()
+def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int,
+                 sources: DataSources | None = None) -> tuple[list[dict], DropLog]:
+    """Validated records of the datasets folder, with the ids and domains preparation gives them."""
+    drops = DropLog()
     records, seen_ids = [], set()
-    resolver = prep.DomainResolver()
-    for rec in prep.iter_all_datasets(datasets_dir, [test_set] if test_set else [], drops):
-        clean = prep.validate_record(rec, drops, max_chars, resolver=resolver)
+    resolver = DomainResolver()
+    for rec in iter_all_datasets(datasets_dir, [test_set] if test_set else [], drops, sources=sources):
+        clean = validate_record(rec, drops, max_chars, resolver=resolver)
         if clean is None:
             continue
         base, n = clean["id"], 1
@@ -249,6 +239,8 @@ def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int) -> t
             clean["id"] = f"{base}~{n}"
         seen_ids.add(clean["id"])
         records.append(clean)
+    if any(r["domain"] is None for r in records):
+        assign_missing_domains(records, DomainClassifier.from_records(records))
     return records, drops
 
 
@@ -261,12 +253,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "consistency report (see documentation/DATA_PROCESSING.md).")
     io = p.add_argument_group("files")
     io.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets", help="records folder")
+    io.add_argument("--include_sample", action=argparse.BooleanOptionalAction, default=False,
+                    help="also read the shipped sample (its records and its knowledge/ notes) next to your own "
+                         "files, as prepare_data_for_training --include_sample does")
     io.add_argument("--knowledge_dir", type=Path, default=None,
-                    help="Markdown/text/JSON knowledge files (default: <datasets_dir>/knowledge)")
+                    help="Markdown/text/JSON knowledge files (default: <datasets_dir>/knowledge, plus the "
+                         "sample's knowledge/ when the sample is read)")
     io.add_argument("--output_dir", type=Path, default=None,
                     help="where the outputs go (default: <datasets_dir>/knowledge_base, which preparation reads)")
     io.add_argument("--test_set", type=Path, default=None,
-                    help="held-out test set, never given contexts (default: <datasets_dir>/test_set.json)")
+                    help="a held-out file inside the datasets folder that is not named test_set.json, never read "
+                         "as records (files named test_set.json never are)")
     rt = p.add_argument_group("retrieval")
     rt.add_argument("--with_context", action=argparse.BooleanOptionalAction, default=False,
                     help="write contexts.json: the top-k passages of each record's question")
@@ -286,35 +283,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1]")
     if args.max_context_chars < 50:
         p.error("--max_context_chars must be at least 50")
-    args.knowledge_dir = args.knowledge_dir or args.datasets_dir / "knowledge"
+    args.sources = resolve_sources(args.datasets_dir, args.include_sample)
+    args.knowledge_dirs = [args.knowledge_dir] if args.knowledge_dir else list(args.sources.knowledge_dirs)
     args.output_dir = args.output_dir or args.datasets_dir / "knowledge_base"
-    args.test_set = args.test_set or args.datasets_dir / "test_set.json"
     return args
 
 
 def run(args: argparse.Namespace) -> dict:
-    if not Path(args.knowledge_dir).is_dir():
-        raise UserError(f"--knowledge_dir {args.knowledge_dir} is not a folder")
-    passages = load_knowledge_passages(args.knowledge_dir)
+    if not args.knowledge_dirs:
+        raise UserError(f"no knowledge notes: {Path(args.datasets_dir) / 'knowledge'} does not exist. Put Markdown, "
+                        "text or JSON notes there (documentation/DATASETS.md, \"knowledge/\"), or give "
+                        "--knowledge_dir")
+    for folder in args.knowledge_dirs:
+        if not Path(folder).is_dir():
+            raise UserError(f"--knowledge_dir {folder} is not a folder")
+    passages = [p for folder in args.knowledge_dirs for p in load_knowledge_passages(folder)]
     if not passages:
-        raise UserError(f"--knowledge_dir {args.knowledge_dir} holds no .md, .txt or .json passage")
+        raise UserError(f"{', '.join(str(f) for f in args.knowledge_dirs)} holds no .md, .txt or .json passage")
     index = KnowledgeIndex(passages)
     if args.query:
         for i, score in index.search(args.query, args.top_k):
             print(f"[{score:.3f}] {passages[i]['file']} / {passages[i]['title']}\n{passages[i]['text']}\n")
         return {"passages": len(passages)}
-    if not Path(args.datasets_dir).is_dir():
+    datasets_dir = Path(args.datasets_dir)
+    if not datasets_dir.is_dir():
         raise UserError(f"--datasets_dir {args.datasets_dir} is not a folder")
-    records, drops = load_records(Path(args.datasets_dir), args.test_set, args.max_answer_chars)
+    logger.info("%s", args.sources.data_line())
+    records, drops = load_records(datasets_dir, args.test_set, args.max_answer_chars, args.sources)
     if not records:
         raise UserError(f"no usable record under {args.datasets_dir}")
     out = Path(args.output_dir)
-    atomic_write_json(out / "index.json", {"format_version": 1, "passages": passages,
+    write_json_output(out / "index.json", {"format_version": 1, "passages": passages,
                                            "idf": {t: round(v, 5) for t, v in sorted(index.idf.items())}})
     vectors = domain_vectors(records)
-    atomic_write_json(out / "domain_vectors.json", {"format_version": 1, "domains": vectors})
+    write_json_output(out / "domain_vectors.json", {"format_version": 1, "domains": vectors})
     conflicts = consistency_check(records, args.question_similarity, args.answer_similarity)
-    atomic_write_json(out / "consistency_report.json", {"format_version": 1, "pairs": conflicts,
+    write_json_output(out / "consistency_report.json", {"format_version": 1, "pairs": conflicts,
                                                         "question_similarity": args.question_similarity,
                                                         "answer_similarity": args.answer_similarity})
     summary = {"passages": len(passages), "files": len({p["file"] for p in passages}), "records": len(records),
@@ -325,8 +329,11 @@ def run(args: argparse.Namespace) -> dict:
             ctx = index.context_for(rec["question"], args.top_k, args.min_score, args.max_context_chars)
             if ctx:
                 contexts[rec["id"]] = ctx
-        atomic_write_json(out / "contexts.json", {"format_version": 1, "top_k": args.top_k,
-                                                  "min_score": args.min_score, "contexts": contexts})
+        # The files the contexts belong to: preparation uses them only when it reads the same files.
+        data_files = [p.relative_to(datasets_dir).as_posix() for p in args.sources.files]
+        write_json_output(out / "contexts.json", {"format_version": 1, "top_k": args.top_k,
+                                                  "min_score": args.min_score, "data_files": data_files,
+                                                  "contexts": contexts})
         summary["with_context"] = len(contexts)
     elif (out / "contexts.json").exists():
         (out / "contexts.json").unlink()  # stale contexts from an earlier --with_context run would still be used

@@ -1,20 +1,32 @@
-"""Near-duplicate detection: MinHash signatures over word 3-gram shingles, LSH banding, exact Jaccard check.
+"""Near-duplicate detection: MinHash signatures over word 3-gram shingles, LSH banding, exact similarity check.
 
-What: two records are near-duplicates when the Jaccard similarity of their sets of word 3-grams (lower-cased
-``\\w+`` words of question + answer; each character of a script without spaces is a word) is at least the
-threshold. Given the question/answer ``pairs``, the check is stricter: the questions' word sets and the answers'
-word 3-grams must both reach the threshold, so a long shared preamble (or one shared answer) alone does not make
-two different tasks duplicates. MinHash (Broder 1997) estimates it from K
-per-record minima; LSH banding (Indyk & Motwani 1998) turns "similar signatures" into "same bucket in one of
-b bands", so candidates are found without comparing all pairs. Every candidate pair is then checked with the
-exact Jaccard similarity, so a reported pair is never a hashing accident.
+What: two records are near-duplicates when their questions say the same and their answers nearly repeat each
+other: ``pair_similarity`` = min(question similarity, answer similarity) is at least the threshold (0.8 by
+default), so a long shared preamble (or one shared answer) alone does not make two different tasks duplicates.
+- answer similarity: the Jaccard similarity of the answers' sets of word 3-grams (lower-cased ``\\w+`` words; each
+  character of a script without spaces is a word);
+- question similarity: a Jaccard similarity of the questions' word sets that forgives what does not change a
+  question: contractions are spelt out ("what's" = "what is"), articles are left out, word order does not count,
+  and two words of 5+ letters without digits one edit apart (a typo, a plural) count as the same word. So "What's a
+  firewall?", "What is a firewal?", "What is the firewall?" and "A firewall is what?" all equal "What is a
+  firewall?" (1.0), while "What does setting 12 control?" and "... setting 13 ..." stay apart.
+Data preparation drops the worse copy of such pairs and every training record near a held-out question; the
+evaluator (src/training/evaluate_model.py) flags test questions near a training record with the same measure
+and the same candidate search (``held_out_overlaps``), so a test set preparation wrote is never flagged.
+
+Candidates: MinHash (Broder 1997) of the answers' 3-gram sets estimates their Jaccard from K per-record minima;
+LSH banding (Indyk & Motwani 1998) turns "similar signatures" into "same bucket in one of b bands", so candidates
+are found without comparing all pairs. An answer similarity at the threshold is required, so candidates from the
+answers alone miss nothing the measure would keep (a pair at the threshold is a candidate with probability >= 0.95).
+Every candidate pair is then checked exactly, so a reported pair is never a hashing accident.
 
 Cost: one regex pass and one dict look-up per word in Python; hashing and minima are vectorised with numpy in
 batches (K multiply-shift hashes per shingle), so a million records of ~80 words take seconds and a few hundred MB.
-Sharp edge: texts of fewer than 3 words have one padded shingle, so two such texts match only when identical.
+Sharp edge: texts of fewer than 3 words have one padded shingle, so two such answers match only when identical.
 
-    from src.data_processing.near_duplicates import find_near_duplicates
+    from src.data_processing.near_duplicates import find_near_duplicates, pair_similarity
     find_near_duplicates(["a b c d", "a b c d e"], [0.9, 0.8], threshold=0.5)  # -> [(1, 0, 0.667)]
+    pair_similarity(("What's a firewall?", "It filters traffic."), ("What is a firewall?", "It filters traffic."))
 """
 
 from __future__ import annotations
@@ -31,9 +43,18 @@ from src.data_processing.text_quality import NO_SPACE
 WORD = re.compile(f"[{NO_SPACE}]|[^\\W{NO_SPACE}]+")
 SHINGLE_WORDS = 3
 DEFAULT_NUM_PERM = 32
+DEFAULT_THRESHOLD = 0.8  # preparation's --near_dup_threshold default and the evaluator's measure
+MINHASH_SEED = 1  # fixed, so preparation and the evaluator draw the same candidates
 MAX_ALL_PAIRS_BUCKET = 50  # bigger LSH buckets are checked as a star around their best member plus a chain
 _P1, _P2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd mixing constants
 _CACHE_LIMIT = 4_000_000
+ARTICLES = frozenset({"a", "an", "the"})
+# The pieces \w+ cuts a contraction into, spelt out ("what's" -> what, s -> what is; "don't" -> do not).
+CONTRACTIONS = {"s": "is", "re": "are", "m": "am", "ve": "have", "ll": "will", "d": "would", "t": "not",
+                "don": "do", "doesn": "does", "didn": "did", "isn": "is", "aren": "are", "wasn": "was",
+                "weren": "were", "haven": "have", "hasn": "has", "shouldn": "should", "couldn": "could",
+                "wouldn": "would"}
+TYPO_MIN_LETTERS = 5  # shorter words one edit apart are often different words (cat / car)
 
 
 class MinHasher:
@@ -107,8 +128,66 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def _pair_sets(pair: tuple[str, str]) -> tuple[set, set]:
-    return word_set(pair[0]), shingle_set(pair[1])
+def question_terms(text: str) -> frozenset[str]:
+    """A question's words as the question measure compares them: contractions spelt out, articles left out."""
+    out = set()
+    for w in WORD.findall(text.lower()):
+        w = CONTRACTIONS.get(w, w)
+        if w not in ARTICLES:
+            out.add(w)
+    return frozenset(out)
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Words of ``TYPO_MIN_LETTERS``+ letters without digits that one insertion, deletion, substitution or swap of
+    two neighbours turns into each other (Damerau-Levenshtein distance 1)."""
+    if min(len(a), len(b)) < TYPO_MIN_LETTERS or abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if any(c.isdigit() for c in a + b):
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return longer[i + 1:] == shorter[i:]
+
+
+def soft_jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard similarity in which words one edit apart (``one_edit_apart``) also count as shared, each word
+    paired at most once."""
+    matched = len(a & b)
+    rest_b = sorted(b - a)
+    for x in sorted(a - b):
+        for k, y in enumerate(rest_b):
+            if one_edit_apart(x, y):
+                matched += 1
+                del rest_b[k]
+                break
+    union = len(a) + len(b) - matched
+    return matched / union if union else 1.0
+
+
+def question_similarity(a: str, b: str) -> float:
+    return soft_jaccard(question_terms(a), question_terms(b))
+
+
+def answer_similarity(a: str, b: str) -> float:
+    return jaccard(shingle_set(a), shingle_set(b))
+
+
+def pair_similarity(first: tuple[str, str], second: tuple[str, str]) -> float:
+    """The near-duplicate measure of two ``(question, answer)`` pairs: min(question, answer similarity)."""
+    return min(question_similarity(first[0], second[0]), answer_similarity(first[1], second[1]))
+
+
+def _pair_sets(pair: tuple[str, str]) -> tuple[frozenset, set]:
+    return question_terms(pair[0]), shingle_set(pair[1])
+
+
+def _pair_sim(si: tuple, sj: tuple) -> float:
+    return min(soft_jaccard(si[0], sj[0]), jaccard(si[1], sj[1]))
 
 
 def choose_bands(num_perm: int, threshold: float, recall: float = 0.95) -> tuple[int, int]:
@@ -148,37 +227,24 @@ def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> set[tuple[int, in
 
 
 def find_near_duplicates(texts: Sequence[str], quality: Sequence[float], threshold: float, protected: int = 0,
-                         num_perm: int = DEFAULT_NUM_PERM, seed: int = 1,
+                         num_perm: int = DEFAULT_NUM_PERM, seed: int = MINHASH_SEED,
                          signatures: np.ndarray | None = None,
                          pairs: Callable[[int], tuple[str, str]] | None = None) -> list[tuple[int, int, float]]:
-    """Which texts to drop as near-duplicates: ``(dropped, kept_instead, jaccard)`` triples.
+    """Which texts to drop as near-duplicates: ``(dropped, kept_instead, similarity)`` triples.
 
-    With ``pairs`` (index -> (question, answer)) the similarity of a candidate is min(Jaccard of the question
-    word sets, Jaccard of the answer 3-gram sets), else the Jaccard of the texts' 3-gram sets.
+    With ``pairs`` (index -> (question, answer)) the similarity of a candidate is ``pair_similarity`` and the
+    candidates come from the answers' signatures (``signatures``, when given, must be those); else it is the
+    Jaccard of the texts' 3-gram sets, candidates from the texts.
     The first ``protected`` texts (the test set) are never dropped and not compared with each other. The others
     are visited best first (quality descending, then input order): one is dropped when it is near a text already
     kept, so of each group the better copy stays.
     """
     if not texts:
         return []
-    sig = signatures if signatures is not None else MinHasher(num_perm, seed).signatures(texts)
-    bands, rows = choose_bands(sig.shape[1], threshold)
-    neighbours: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    sets: dict[int, set] = {}
-    for i, j in candidate_pairs(sig, bands, rows):
-        if j < protected:
-            continue
-        if pairs is not None:
-            si = sets.get(i) or sets.setdefault(i, _pair_sets(pairs(i)))
-            sj = sets.get(j) or sets.setdefault(j, _pair_sets(pairs(j)))
-            sim = min(jaccard(si[0], sj[0]), jaccard(si[1], sj[1]))
-        else:
-            si = sets.get(i) or sets.setdefault(i, shingle_set(texts[i]))
-            sj = sets.get(j) or sets.setdefault(j, shingle_set(texts[j]))
-            sim = jaccard(si, sj)
-        if sim >= threshold:
-            neighbours[i].append((j, sim))
-            neighbours[j].append((i, sim))
+    if signatures is None:
+        hasher = MinHasher(num_perm, seed)
+        signatures = hasher.signatures((pairs(i)[1] for i in range(len(texts))) if pairs is not None else texts)
+    neighbours = _neighbours(signatures, threshold, texts, pairs, lambda i, j: j >= protected)
     if not neighbours:
         return []
     kept: set[int] = set(range(protected))
@@ -192,3 +258,46 @@ def find_near_duplicates(texts: Sequence[str], quality: Sequence[float], thresho
         else:
             kept.add(i)
     return sorted(dropped)
+
+
+def _neighbours(sig: np.ndarray, threshold: float, texts: Sequence[str],
+                pairs: Callable[[int], tuple[str, str]] | None,
+                wanted: Callable[[int, int], bool]) -> dict[int, list[tuple[int, float]]]:
+    """Every candidate pair ``(i, j)`` that ``wanted`` and that reaches the threshold, both ways."""
+    bands, rows = choose_bands(sig.shape[1], threshold)
+    neighbours: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    sets: dict[int, object] = {}
+    for i, j in candidate_pairs(sig, bands, rows):
+        if not wanted(i, j):
+            continue
+        if pairs is not None:
+            si = sets.get(i) or sets.setdefault(i, _pair_sets(pairs(i)))
+            sj = sets.get(j) or sets.setdefault(j, _pair_sets(pairs(j)))
+            sim = _pair_sim(si, sj)
+        else:
+            si = sets.get(i) or sets.setdefault(i, shingle_set(texts[i]))
+            sj = sets.get(j) or sets.setdefault(j, shingle_set(texts[j]))
+            sim = jaccard(si, sj)
+        if sim >= threshold:
+            neighbours[i].append((j, sim))
+            neighbours[j].append((i, sim))
+    return neighbours
+
+
+def held_out_overlaps(test_pairs: Sequence[tuple[str, str]], train_pairs: Sequence[tuple[str, str]],
+                  threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int, float]]:
+    """``(test index, train index, similarity)`` of the closest training record of every test record that has
+    one at ``threshold`` or above: the same measure and candidates as preparation's test-set check."""
+    if not test_pairs or not train_pairs:
+        return []
+    both = list(test_pairs) + list(train_pairs)
+    sig = MinHasher().signatures(a for _, a in both)
+    n = len(test_pairs)
+    neighbours = _neighbours(sig, threshold, [], lambda i: both[i], lambda i, j: i < n <= j)
+    out = []
+    for i in range(n):
+        near = neighbours.get(i)
+        if near:
+            j, sim = max(near, key=lambda js: (js[1], -js[0]))
+            out.append((i, j - n, round(sim, 4)))
+    return out

@@ -1,32 +1,39 @@
-"""Prepare Datasets/ for training: load, validate, normalise, dedup, hold out, score, split, augment, balance, order.
+"""Prepare Datasets/ for training: load, validate, normalise, dedup, hold out, score, split, augment, balance.
 
 Every input record ends up either in the output or in the stats as dropped, with its reason and its place
 (file, record index, line). Balancing speaks through per-record ``sample_weight`` values: no real record is
 deleted or copied to reach a domain mix unless --materialise_balance asks for it.
 
     python src/data_processing/prepare_data_for_training.py --profile quick
-    python -m src.data_processing.prepare_data_for_training --datasets_dir Datasets --seed 42
+    python -m src.data_processing.prepare_data_for_training --datasets_dir Datasets --seed 42 --strict
+    python -m src.data_processing.prepare_data_for_training --columns question=q,answer=a --include_sample
     python -m src.data_processing.prepare_data_for_training --hf_dataset ./my_saved_dataset:train \\
         --domain_map domain_map.json --max_domain_fraction 1 --min_domain_count 0 --synthetic_ratio 0
 
+Which data: the user's files in --datasets_dir, or the shipped sample in its sample/ folder when there are none
+(or with --include_sample); src/utils/data_layout.py decides, and the first line of the output says which.
+
 Stages, in order (documentation/DATA_PROCESSING.md has the details and the formulas):
- 1. load every readable file under --datasets_dir (JSON, JSON Lines, gzipped, CSV, TSV, Parquet) and
-    --hf_dataset, each item read in its shape (documentation/DATASETS.md); other files listed as skipped;
+ 1. load every readable file (JSON, JSON Lines, gzipped, CSV, TSV, Parquet) and --hf_dataset, each item read in
+    its shape (documentation/DATASETS.md), --columns mapping other field names; other files listed as skipped;
  2. validate and normalise (NFC, whitespace; code blocks byte for byte), placeholders and orphan media tokens,
-    domains (record field > --domain_map or file name > classifier), quality and difficulty, exact dedup
-    (on big inputs the per-record work runs on --workers processes);
- 3. the held-out test set is fixed first (read, or created by a stable hash of the question key), then every
+    domains (record field > --domain_map or folder/file name > a classifier over the data's own domains),
+    quality and difficulty, exact dedup (on big inputs the per-record work runs on --workers processes); the
+    problems the user must see (a file that cannot be read, gives nothing or loses over 5% of its records),
+    fatal with --strict;
+ 3. the held-out test set is fixed first (read, or drawn by a stable hash of the question key), then every
     record that repeats or nearly repeats one of its questions is removed; near-duplicates (question and answer
     both close) keep the better copy; --min_quality filter;
  4. split train/validation by a hash of the id, per domain, topped up to --validation_fraction;
  5. synthetic examples (at most --synthetic_ratio of the output), then domain balancing as sample weights;
- 6. curriculum order (easy to hard per domain, domains interleaved), atomic outputs.
+ 6. atomic outputs.
 
-Outputs (written atomically, with the user's umask):
+Outputs (written atomically, with the user's umask; Theta's own files in Datasets/ are all named enhanced_*):
 - ``Datasets/enhanced_training_data.json``: ``{"format_version": N, "records": [...]}``, one record per line.
-- ``Datasets/enhanced_data_stats.json``: counts per file, domain and drop reason (first examples of each), dedup
-  and balancing figures (mix before and after), score histograms, stage timings.
-- ``Datasets/test_set.json``: only when it does not exist yet and --create_test_set is on (the default).
+- ``Datasets/enhanced_data_stats.json``: counts per file, domain and drop reason (first examples of each), the
+  problems, dedup and balancing figures (mix before and after), score histograms, stage timings.
+- ``Datasets/enhanced_test_set.json``: the held-out set drawn from the data, on every run, when there is no
+  ``Datasets/test_set.json`` of the user's (and the sample is not all the data) and --create_test_set is on.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -52,27 +58,26 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 from src.data_processing.augmentation import Augmenter
 from src.data_processing.balancing import balance_domains, effective_cap, water_fill  # noqa: F401 (re-exported)
 from src.data_processing.converter_common import check_output_path, write_json_output
-from src.data_processing.domains import (DOMAIN_ALIASES, GENERAL, DomainClassifier, DomainResolver,  # noqa: F401
+from src.data_processing.domains import (GENERAL, DomainClassifier, DomainResolver, assign_missing_domains,  # noqa
                                          load_domain_map, normalise_domain)
-from src.data_processing.loading import (INPUT_PROBLEMS, OUTPUT_NAMES, SKIPPED_DIRS, DropLog,  # noqa: F401
-                                         dataset_files, iter_all_datasets, iter_file_records, load_all_datasets)
+from src.data_processing.loading import (DROPPED_SHARE_WARNING, INPUT_PROBLEMS, PROBLEM_KINDS,  # noqa: F401
+                                         ColumnMap, DataProblem, DropLog, dataset_files, empty_problem,
+                                         file_problems, iter_all_datasets, iter_file_records, not_read_problems)
 from src.data_processing.near_duplicates import MinHasher, find_near_duplicates
 from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS
-from src.data_processing.text_quality import content_flags, difficulty, normalise_text, quality_score
+from src.data_processing.text_quality import difficulty, quality_score
+from src.data_processing.validation import approx_tokens, validate_record  # noqa: F401 (re-exported)
 from src.utils.common import PROJECT_ROOT, UserError, atomic_open, read_json, run_entry_point, setup_logging, \
     stable_hash
 from src.utils.data_contract import PREPARED_FORMAT_VERSION, has_code, question_key  # noqa: F401 (re-exported)
+from src.utils.data_layout import STATS_NAME, DataSources, resolve_sources
 from src.utils.profiles import PROFILE_NAMES, prepare_values
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = PREPARED_FORMAT_VERSION
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-SURROGATES = re.compile(r"[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or broken \\u escapes
-TOKEN_PIECE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+")  # GPT-2 pre-tokenizer
 OUTPUT_KEYS = ("id", "question", "answer", "domain", "quality_score", "difficulty", "has_code", "source", "split",
                "sample_weight")
-KEPT_INPUT_FIELDS = ("context", "turn", "category", "preference")
 POOL_MIN_BYTES = 64 << 20  # inputs under this are processed in this process: a pool's start-up would cost more
 POOL_CHUNK = 4000  # records per task sent to a worker
 # The data-preparation half of each overnight profile (the scripts pass --profile and nothing else). Both follow
@@ -81,108 +86,9 @@ POOL_CHUNK = 4000  # records per task sent to a worker
 PROFILES = {name: prepare_values(name) for name in PROFILE_NAMES}  # the one table: src/utils/profiles.py
 
 
-def infer_domain(question: str, answer: str) -> str:
-    """The classifier's domain for a record without one (see ``domains.DomainClassifier``)."""
-    return DomainClassifier()(question, answer)
-
-
-def approx_tokens(text: str) -> int:
-    """GPT-2 pre-tokenizer pieces: a lower bound of the BPE token count, computed without a tokenizer."""
-    return len(TOKEN_PIECE.findall(text))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Validation and the per-record stage
+# The per-record stage
 # ---------------------------------------------------------------------------------------------------------------
-
-def _default_id(rec: dict) -> str:
-    rid = rec.get("id")
-    if rid not in (None, "") and not isinstance(rid, (dict, list)):
-        return str(rid)
-    base = f"{rec.get('source', '?')}#{rec.get('source_index')}"
-    return f"{base}-t{rec['turn']}" if isinstance(rec.get("turn"), int) else base
-
-
-class _FunctionClassifier(DomainClassifier):
-    """A plain ``(question, answer) -> domain`` function used as the classifier (no confidence)."""
-
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def classify(self, question: str, answer: str) -> tuple[str, float | None]:
-        return self.fn(question, answer), None
-
-
-def _as_classifier(classify) -> DomainClassifier | None:
-    if classify is None or isinstance(classify, DomainClassifier):
-        return classify
-    return _FunctionClassifier(classify)
-
-
-def validate_record(rec: dict, drops: DropLog, max_chars: int, max_tokens: int = 0,
-                    classify=None, resolver: DomainResolver | None = None,
-                    keep_flagged: bool = False) -> dict | None:
-    """The normalised record, or None after logging the reason it is dropped. ``resolver`` decides the domain
-    (record field > --domain_map / file name > classifier); ``classify`` alone replaces the classifier."""
-    source, index, line = rec.get("source", "?"), rec.get("source_index"), rec.get("source_line")
-    for field in ("question", "answer"):
-        value = rec.get(field)
-        if value is None:
-            drops.drop(f"missing_{field}", source, index, "", line)
-            return None
-        if not isinstance(value, str):
-            drops.drop(f"wrong_type_{field}", source, index, type(value).__name__, line)
-            return None
-        if not value.isascii():
-            if SURROGATES.search(value):
-                drops.drop("invalid_utf8", source, index, f"{field} holds bytes that are not UTF-8", line)
-                return None
-        if CONTROL_CHARS.search(value):
-            drops.drop("control_characters", source, index, field, line)
-            return None
-        if not value.strip():
-            drops.drop(f"empty_{field}", source, index, "", line)
-            return None
-    question, answer = normalise_text(rec["question"]), normalise_text(rec["answer"])
-    longest = max(len(question), len(answer))
-    if longest > max_chars:
-        drops.drop("too_long", source, index, f"{longest} characters > --max_answer_chars {max_chars}", line)
-        return None
-    if max_tokens and max(approx_tokens(question), approx_tokens(answer)) > max_tokens:
-        drops.drop("too_long", source, index, f"over --max_answer_tokens {max_tokens}", line)
-        return None
-    flags = content_flags(question, answer)
-    if flags and not keep_flagged:
-        reason = "placeholder_text" if flags[0] == "placeholder" else "missing_media"
-        detail = "unfilled template slot ({{...}} or [SPECIFIC ...])" if reason == "placeholder_text" else \
-            "an <image>-style token whose media is not in the record"
-        drops.drop(reason, source, index, detail, line)
-        return None
-    if resolver is None:
-        resolver = DomainResolver(classifier=_as_classifier(classify))
-    domain, how, conf = resolver.resolve(rec.get("domain"), source, question, answer)
-    out = {"id": _default_id(rec), "question": question, "answer": answer, "domain": domain,
-           "source": source, "source_index": index, "has_code": has_code(answer) or has_code(question)}
-    if how != "record":
-        out["domain_source"] = how
-    if how == "classifier":
-        out["domain_inferred"] = True
-        if conf is not None:
-            out["domain_confidence"] = conf
-    if flags:
-        out["flags"] = flags
-    for key in KEPT_INPUT_FIELDS:
-        value = rec.get(key)
-        if value in (None, "") or (key == "context" and not isinstance(value, str)):
-            continue  # a context that is not text cannot go into the prompt
-        out[key] = normalise_text(value) if key == "context" else value
-    if rec.get("synthetic") is True:
-        out["synthetic"] = True
-        if rec.get("origin") is not None:
-            out["origin"] = str(rec["origin"])
-    return out
-
 
 class _EventLog:
     """A DropLog stand-in inside a worker: records the drop events, in order, for the parent to replay."""
@@ -195,21 +101,22 @@ class _EventLog:
 
 
 class RecordStage:
-    """The per-record work: validate, normalise, flags, domain, quality, difficulty. Picklable settings, so the
-    same object runs in this process or in a worker of the pool."""
+    """The per-record work: validate, normalise, flags, domain (field, map or name), quality, difficulty. Picklable
+    settings, so the same object runs in this process or in a worker of the pool. Records no field, map or name
+    gives a domain keep ``domain: None``: the classifier labels them once the domains of the whole data are known."""
 
-    def __init__(self, max_chars: int, max_tokens: int, vectors: dict, domain_map: dict, keep_flagged: bool,
-                 minhash_seed: int | None = None):
+    def __init__(self, max_chars: int, max_tokens: int, domain_map: dict, keep_flagged: bool,
+                 near_duplicates: bool = True):
         self.max_chars, self.max_tokens, self.keep_flagged = max_chars, max_tokens, keep_flagged
-        self.vectors, self.domain_map = vectors, domain_map
-        self.minhash_seed = minhash_seed  # None: no near-duplicate stage, no signatures
+        self.domain_map = domain_map
+        self.near_duplicates = near_duplicates  # False: no near-duplicate stage, no signatures
         self._resolver = None
         self._hasher = None
 
     @property
     def resolver(self) -> DomainResolver:
         if self._resolver is None:
-            self._resolver = DomainResolver(self.domain_map, DomainClassifier(self.vectors))
+            self._resolver = DomainResolver(self.domain_map)
         return self._resolver
 
     def __getstate__(self):
@@ -230,9 +137,9 @@ class RecordStage:
         return clean
 
     def chunk(self, recs: list[dict]) -> tuple[list, list]:
-        """``(results, events)``: one result per record (a dict or None) and the drop events in order. With a
-        MinHash seed each clean record also carries its signature (``_sig``, bytes), so the near-duplicate
-        stage does not hash the texts again in one process."""
+        """``(results, events)``: one result per record (a dict or None) and the drop events in order. With the
+        near-duplicate stage on, each clean record also carries the MinHash signature of its answer (``_sig``,
+        bytes), so that stage does not hash the texts again in one process."""
         log = _EventLog()
         out = []
         for rec in recs:
@@ -240,11 +147,11 @@ class RecordStage:
             out.append(self.one(rec, log))
             if out[-1] is None and len(log.events) == start:
                 log.events.append(("invalid_record", rec.get("source"), rec.get("source_index"), "", None))
-        if self.minhash_seed is not None:
+        if self.near_duplicates:
             if self._hasher is None:
-                self._hasher = MinHasher(seed=self.minhash_seed)
+                self._hasher = MinHasher()
             clean = [r for r in out if r is not None]
-            for rec, row in zip(clean, self._hasher.signatures(f"{r['question']} {r['answer']}" for r in clean)):
+            for rec, row in zip(clean, self._hasher.signatures(r["answer"] for r in clean)):
                 rec["_sig"] = row.tobytes()
         return out, log.events
 
@@ -332,7 +239,7 @@ class _PairTexts:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scores, ordering, split
+# Scores, split, augmentation
 # ---------------------------------------------------------------------------------------------------------------
 
 def compute_quality_scores(records: list[dict]) -> list[dict]:
@@ -348,22 +255,6 @@ def compute_difficulty(records: list[dict], only_missing: bool = False) -> list[
         if not only_missing or "difficulty" not in rec:
             rec["difficulty"] = difficulty(rec["question"], rec["answer"], rec["has_code"])
     return records
-
-
-def apply_curriculum_ordering(records: list[dict]) -> list[dict]:
-    """Easy to hard within each domain (difficulty, answer length, id), domains interleaved in proportion:
-    the k-th of n records of a domain sits at position (k + 0.5) / n of the run, so every stretch of the output
-    mixes all domains and moves from easy to hard."""
-    by_domain: dict[str, list[dict]] = defaultdict(list)
-    for rec in records:
-        by_domain[rec["domain"]].append(rec)
-    keyed = []
-    for domain, recs in sorted(by_domain.items()):
-        recs.sort(key=lambda r: (r["difficulty"], len(r["answer"]), r["id"]))
-        n = len(recs)
-        keyed.extend(((k + 0.5) / n, domain, rec) for k, rec in enumerate(recs))
-    keyed.sort(key=lambda t: (t[0], t[1]))
-    return [rec for _, _, rec in keyed]
 
 
 def stable_fraction(key: str) -> float:
@@ -408,16 +299,6 @@ def generate_synthetic_examples(records: list[dict], ratio: float, seed: int,
     return augmenter.generate({d: int(math.floor(ratio * n)) for d, n in counts.items()})
 
 
-def domain_caps(counts: dict[str, int], max_fraction: float) -> dict[str, int]:
-    """The materialised cap, computed once from the real totals: ``floor(cap * total)`` per domain, the cap raised
-    to 1 / (number of domains) when the asked one cannot hold (see ``balancing.effective_cap``)."""
-    if max_fraction >= 1 or not counts:
-        return dict(counts)
-    frac, _ = effective_cap(max_fraction, len(counts))
-    limit = max(1, math.floor(frac * sum(counts.values()) + 1e-9))
-    return {d: min(c, limit) for d, c in counts.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,8 +326,9 @@ def write_prepared(path: Path, records: list[dict]) -> None:
         fh.write("\n]}\n")
 
 
-def load_test_set(path: Path, max_chars: int) -> list[dict]:
-    """Validated records of the held-out test set (problems there are logged, never fatal)."""
+def load_test_set(path: Path, max_chars: int, classifier: "_OnDemand") -> list[dict]:
+    """Validated records of the held-out test set (problems there are logged, never fatal); a record without a
+    domain gets the classifier's label, the classifier of the training data."""
     test_drops = DropLog()
     out = []
     resolver = DomainResolver()
@@ -454,23 +336,42 @@ def load_test_set(path: Path, max_chars: int) -> list[dict]:
         clean = validate_record(rec, test_drops, max_chars, resolver=resolver, keep_flagged=True)
         if clean is not None:
             out.append(clean)
+    if any(r["domain"] is None for r in out):
+        assign_missing_domains(out, classifier())
     if test_drops.counts:
         logger.warning("test set %s: %d unusable records (%s)", path, sum(test_drops.counts.values()),
                        dict(test_drops.counts))
     return out
 
 
-def load_knowledge(kb_dir: Path | None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Contexts by record id and per-domain term vectors written by knowledge_base_enhancer_main.py, if any."""
-    contexts, vectors = {}, {}
-    if kb_dir is None:
-        return contexts, vectors
-    if (kb_dir / "contexts.json").is_file():
-        contexts = read_json(kb_dir / "contexts.json", "knowledge contexts").get("contexts", {})
-    if (kb_dir / "domain_vectors.json").is_file():
-        data = read_json(kb_dir / "domain_vectors.json", "domain vectors")
-        vectors = {d: v.get("vector", {}) for d, v in data.get("domains", {}).items()}
-    return contexts, vectors
+def load_knowledge(kb_dir: Path | None, data_files: list[str]) -> tuple[dict[str, str], str | None]:
+    """Contexts by record id written by knowledge_base_enhancer_main.py ``--with_context``, when they were built
+    from the data files this run reads (else a note why they are not used: stale contexts of other data, the
+    sample's say, must not reach the user's records)."""
+    if kb_dir is None or not (kb_dir / "contexts.json").is_file():
+        return {}, None
+    data = read_json(kb_dir / "contexts.json", "knowledge contexts")
+    if data.get("data_files") != data_files:
+        return {}, (f"{kb_dir / 'contexts.json'} was built from other data files than this run reads: not used "
+                    "(run the knowledge step again with --with_context)")
+    return data.get("contexts", {}), None
+
+
+class _OnDemand:
+    """The classifier for records without a domain, built once, from the training records' domains, and only
+    when a record needs it (building it reads every labelled record's terms)."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.records = records
+        self._classifier: DomainClassifier | None = None
+
+    def __call__(self) -> DomainClassifier:
+        if self._classifier is None:
+            self._classifier = DomainClassifier.from_records(self.records)
+            labels = sorted(self._classifier.labels)
+            logger.info("domain classifier: labels %s plus %s (the domains of this data)",
+                        ", ".join(labels) if labels else "none", GENERAL)
+        return self._classifier
 
 
 class _Timer:
@@ -484,31 +385,31 @@ class _Timer:
         self._t = now
 
 
-def _input_bytes(datasets_dir: Path, exclude: list[Path]) -> int:
-    return sum(p.stat().st_size for p in dataset_files(datasets_dir, exclude))
-
-
-def _load_dedup(args, datasets_dir: Path, test_path: Path | None, stage: RecordStage, drops: DropLog,
-                per_file: dict, skipped: list) -> tuple[list[dict], int]:
+def _load_dedup(args, datasets_dir: Path, sources: DataSources, test_path: Path | None, stage: RecordStage,
+                drops: DropLog, per_file: dict, skipped: list,
+                columns: ColumnMap | None) -> tuple[list[dict], int, Counter]:
     """Stages 1-2 in one streaming pass: records validated, scored and exactly deduplicated (the better copy
-    stays, in the first one's place); returns them and the number of records read."""
+    stays, in the first one's place); returns them, the number of records read and the valid records per file."""
     exclude = [test_path] if test_path else []
     workers = args.workers if args.workers > 0 else min(2, os.cpu_count() or 1)
-    if args.workers == 0 and _input_bytes(datasets_dir, exclude) < POOL_MIN_BYTES:
+    files = dataset_files(datasets_dir, exclude, None, sources)
+    if args.workers == 0 and sum(p.stat().st_size for p in files) < POOL_MIN_BYTES:
         workers = 1
     loaded = [0]
 
     def raw() -> Iterator[dict]:
         for rec in iter_all_datasets(datasets_dir, exclude, drops, per_file, progress=True, skipped=skipped,
                                      max_history_turns=args.max_history_turns, tool_calls=args.tool_calls,
-                                     hf_dataset=args.hf_dataset):
+                                     hf_dataset=args.hf_dataset, sources=sources, columns=columns):
             loaded[0] += 1
             yield rec
 
     records: list[dict] = []
+    valid: Counter = Counter()
     seen: dict[bytes, int] = {}  # dedup key -> position in records
     seen_ids: set[str] = set()
     for clean in process_records(raw(), stage, drops, workers):
+        valid[clean["source"]] += 1
         key = clean["_dk"]
         pos = seen.get(key)
         if pos is not None:
@@ -527,7 +428,7 @@ def _load_dedup(args, datasets_dir: Path, test_path: Path | None, stage: RecordS
         records.append(clean)
     for rec in records:
         rec.pop("source_line", None)
-    return records, loaded[0]
+    return records, loaded[0], valid
 
 
 def _qkey(rec: dict) -> str:
@@ -536,15 +437,17 @@ def _qkey(rec: dict) -> str:
     return key if key is not None else question_key(rec["question"])
 
 
-def hold_out_test_set(args, records: list[dict], test_path: Path | None,
-                      drops: DropLog) -> tuple[list[dict], list[dict], list[dict] | None]:
-    """Stage 3a: ``(records, test_records, created)``. The test set is read, or created from the records by a
-    stable hash of the question key (all copies of a question go to the same side); then every record whose
-    question key or dedup key matches a test record is removed, on this run, whichever way the set came."""
+def hold_out_test_set(args, records: list[dict], test_path: Path | None, drops: DropLog,
+                      classifier: _OnDemand) -> tuple[list[dict], list[dict], list[dict] | None]:
+    """Stage 3a: ``(records, test_records, created)``. The test set is read, or drawn from the records by a
+    stable hash of the question key (all copies of a question go to the same side; a set preparation draws into
+    ``Datasets/enhanced_test_set.json`` is drawn again on every run, so it follows the data); then every record
+    whose question key or dedup key matches a test record is removed, on this run, whichever way the set came."""
     created = None
     test_records: list[dict] = []
-    if test_path is not None and test_path.exists():
-        test_records = load_test_set(test_path, args.max_answer_chars)
+    redraw = getattr(args, "test_set_kind", None) == "generated"
+    if test_path is not None and test_path.exists() and not redraw:
+        test_records = load_test_set(test_path, args.max_answer_chars, classifier)
     elif test_path is not None and args.create_test_set:
         chosen = [r for r in records if stable_fraction(f"test:{args.seed}:{_qkey(r)}") < args.test_fraction]
         chosen_ids = {r["id"] for r in chosen}
@@ -568,7 +471,8 @@ def hold_out_test_set(args, records: list[dict], test_path: Path | None,
 
 def remove_near_duplicates(args, records: list[dict], test_records: list[dict], drops: DropLog) -> tuple:
     """Stage 3b: near-duplicates of test questions, then among the records (the better copy stays). Two
-    records are near-duplicates only when their questions and their answers are both close."""
+    records are near-duplicates only when their questions and their answers are both close
+    (``near_duplicates.pair_similarity``)."""
     near_pairs: list[dict] = []
     if args.near_dup_threshold >= 1 or not records:
         for rec in records:
@@ -578,15 +482,15 @@ def remove_near_duplicates(args, records: list[dict], test_records: list[dict], 
     quality = [1.0] * len(test_records) + [r["quality_score"] for r in records]
     signatures = None
     if all("_sig" in r for r in records):  # computed by the per-record stage (possibly in the pool)
-        hasher = MinHasher(seed=args.seed)
-        parts = [hasher.signatures(f"{r['question']} {r['answer']}" for r in test_records)]
+        hasher = MinHasher()
+        parts = [hasher.signatures(r["answer"] for r in test_records)]
         parts.append(np.frombuffer(b"".join(r.pop("_sig") for r in records), dtype=np.uint32)
                      .reshape(len(records), hasher.num_perm))
         signatures = np.concatenate(parts)
     for rec in records:
         rec.pop("_sig", None)
     found = find_near_duplicates(texts, quality, args.near_dup_threshold, protected=len(test_records),
-                                 seed=args.seed, pairs=texts.pair, signatures=signatures)
+                                 pairs=texts.pair, signatures=signatures)
     offset = len(test_records)
     remove = set()
     for i, j, sim in found:
@@ -603,6 +507,16 @@ def remove_near_duplicates(args, records: list[dict], test_records: list[dict], 
         if len(near_pairs) < 200:
             near_pairs.append({"dropped": rec["id"], "kept": other, "similarity": sim})
     return [r for k, r in enumerate(records) if k not in remove], near_pairs
+
+
+def data_problems(per_file: dict, drops: DropLog, valid: Counter, skipped: list[dict]) -> list[DataProblem]:
+    """The problems of the whole read (``loading.file_problems`` per file, counted over whole files, and the files
+    no reader takes): what the survey of the pre-flight reports from the first records of each file."""
+    problems = []
+    for rel, info in sorted(per_file.items()):
+        problems += file_problems(rel, info, dict(drops.per_file.get(rel, {})), drops.file_examples(rel),
+                                  valid.get(rel, 0))
+    return problems + not_read_problems(skipped)
 
 
 def _check_paths(args) -> None:
@@ -624,28 +538,43 @@ def prepare(args: argparse.Namespace) -> dict:
         raise UserError(f"--datasets_dir {datasets_dir} is not a folder" if datasets_dir.exists() else
                         f"--datasets_dir {datasets_dir} does not exist")
     _check_paths(args)
+    sources = resolve_sources(datasets_dir, args.include_sample)
+    if sources.empty and not args.hf_dataset:
+        raise UserError(str(empty_problem(datasets_dir)))
+    logger.info("%s; %s", sources.data_line(), sources.test_line() if args.test_set_kind != "given" else
+                f"held-out set: {args.test_set} (--test_set)")
     test_path = Path(args.test_set) if args.test_set else None
     kb_dir = Path(args.knowledge_base) if args.knowledge_base else None
-    contexts, vectors = load_knowledge(kb_dir)
+    contexts, kb_note = load_knowledge(kb_dir, [p.relative_to(datasets_dir).as_posix() for p in sources.files])
+    if kb_note:
+        logger.info("%s", kb_note)
     domain_map = {}
     if args.domain_map:
         try:
             domain_map = load_domain_map(args.domain_map)
         except (OSError, ValueError) as err:
             raise UserError(f"--domain_map {args.domain_map}: {err}") from err
-    stage = RecordStage(args.max_answer_chars, args.max_answer_tokens, vectors, domain_map, args.keep_flagged,
-                        minhash_seed=args.seed if args.near_dup_threshold < 1 else None)
+    columns = ColumnMap.parse(args.columns)
+    stage = RecordStage(args.max_answer_chars, args.max_answer_tokens, domain_map, args.keep_flagged,
+                        near_duplicates=args.near_dup_threshold < 1)
     drops, per_file, skipped = DropLog(), {}, []
     drops.strict = args.strict
 
-    records, loaded = _load_dedup(args, datasets_dir, test_path, stage, drops, per_file, skipped)
+    records, loaded, valid = _load_dedup(args, datasets_dir, sources, test_path, stage, drops, per_file, skipped,
+                                         columns)
+    classifier = _OnDemand(records)
+    if any(r["domain"] is None for r in records):
+        assign_missing_domains(records, classifier())
     for rec in records:
         if rec["id"] in contexts and "context" not in rec:
             rec["context"] = contexts[rec["id"]]
     valid_distinct = len(records)
+    problems = data_problems(per_file, drops, valid, skipped)
+    if args.strict and problems:
+        raise UserError("--strict: the data has problems:\n" + "\n".join(f"  - {p}" for p in problems))
     timer.lap("load_validate_dedup")
 
-    records, test_records, created = hold_out_test_set(args, records, test_path, drops)
+    records, test_records, created = hold_out_test_set(args, records, test_path, drops, classifier)
     timer.lap("test_set")
     records, near_pairs = remove_near_duplicates(args, records, test_records, drops)
     timer.lap("near_duplicates")
@@ -660,8 +589,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if not records:
         held = f"; {len(created)} went to the new held-out test set (--no-create_test_set or more data avoids " \
                f"that)" if created else ""
+        found = "; ".join(str(p) for p in problems[:5])
         raise UserError(f"no usable record found under {datasets_dir}: {sum(drops.counts.values())} dropped "
-                        f"({dict(drops.counts)}){held}. See documentation/DATASETS.md for the accepted formats.")
+                        f"({dict(drops.counts)}){held}." + (f" Problems: {found}." if found else "") +
+                        " See documentation/DATASETS.md for the accepted formats.")
     real_count = len(records)
     timer.lap("min_quality")
 
@@ -685,30 +616,33 @@ def prepare(args: argparse.Namespace) -> dict:
     for rec in records:
         if "quality_score" not in rec:
             rec["quality_score"] = quality_score(rec["question"], rec["answer"])
-    timer.lap("split_augment_balance")
-
     compute_difficulty(records, only_missing=True)
-    records = apply_curriculum_ordering(records)
-    timer.lap("difficulty_curriculum")
+    timer.lap("split_augment_balance")
+    # The file's record order carries no meaning: every sampler of the trainer draws its own order (the
+    # curriculum ranks by ``difficulty``). Input order, then the added records, keeps the output repeatable.
     output = Path(args.output)
     write_prepared(output, records)
     if created is not None:
         write_json_output(test_path, created)
-        logger.info("created held-out test set %s with %d records", test_path, len(created))
+        logger.info("held-out test set: %d records drawn from the data -> %s", len(created), test_path)
+    elif test_path is not None and not test_records and args.test_set_kind == "generated" and test_path.exists():
+        test_path.unlink()  # a held-out set drawn on an earlier run: no longer this data's (--no-create_test_set)
     timer.lap("write")
     stats = build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
-                        valid_distinct, real_count, timer, held_out_from_data=len(created) if created else 0)
-    write_json_output(Path(args.stats_output) if args.stats_output else output.with_name("enhanced_data_stats.json"),
-                      stats)
+                        valid_distinct, real_count, timer, held_out_from_data=len(created) if created else 0,
+                        valid=valid, problems=problems, sources=sources)
+    write_json_output(Path(args.stats_output) if args.stats_output else output.with_name(STATS_NAME), stats)
     return stats
 
 
 def build_stats(args, records, test_records, drops, per_file, skipped, balance, near_pairs, loaded,
-                valid_distinct, real_count, timer, held_out_from_data: int = 0) -> dict:
+                valid_distinct, real_count, timer, held_out_from_data: int = 0, valid: Counter | None = None,
+                problems: list[DataProblem] = (), sources: DataSources | None = None) -> dict:
     """The stats file's content (documentation/DATA_PROCESSING.md, "Stats"). ``held_out_from_data``: records
     this run moved into a created test set (they count as kept)."""
     final_by_file = Counter(r["source"] for r in records if not r.get("synthetic"))
     for rel, info in per_file.items():
+        info["valid"] = (valid or {}).get(rel, 0)
         info["kept"] = final_by_file.get(rel, 0)
         info["dropped"] = dict(drops.per_file.get(rel, {}))
     split_counts = Counter((r["domain"], r["split"]) for r in records)
@@ -718,9 +652,7 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
     added = sum(1 for r in records if r.get("synthetic"))
     return {
         "format_version": FORMAT_VERSION,
-        "input_records": loaded + sum(drops.counts[r] for r in ("invalid_json", "unsupported_shape",
-                                                                "pretraining_text", "undesirable_example",
-                                                                "tool_call_conversation", "no_answered_turn")),
+        "input_records": loaded + sum(info.get("unusable_items", 0) for info in per_file.values()),
         "loaded_records": loaded,
         "valid_distinct_records": valid_distinct,
         "output_records": len(records),
@@ -731,6 +663,13 @@ def build_stats(args, records, test_records, drops, per_file, skipped, balance, 
         "train_records": sum(r["split"] == "train" for r in records),
         "validation_records": sum(r["split"] == "validation" for r in records),
         "test_records": len(test_records),
+        "data": {"sources": sources.data_line() if sources else None,
+                 "read_sample": bool(sources and sources.read_sample),
+                 "files": len(per_file),
+                 "test_set": str(args.test_set) if args.test_set else None,
+                 "test_set_kind": getattr(args, "test_set_kind", None)},
+        "problems": [p.as_dict() for p in problems],
+        "problems_rule": {"dropped_share_warning": DROPPED_SHARE_WARNING, "kinds": PROBLEM_KINDS},
         "skipped_files": skipped,
         "per_file": dict(sorted(per_file.items())),
         "per_domain": {d: {"real": split_counts[(d, "train")] + split_counts[(d, "validation")] - synthetic_counts[d],
@@ -784,14 +723,18 @@ def summary_table(stats: dict) -> str:
                  f"synthetic {stats['synthetic_share']:.1%} of the output")
     lines.extend(f"  note: {n}" for n in balance.get("notes", []))
     for s in stats.get("skipped_files", []):
-        lines.append(f"  skipped {s['file']}: read it with {s['converter']}")
+        lines.append(f"  skipped {s['file']}: {s['hint']}")
     if stats["dropped"]:
         lines.append("")
         lines.append("dropped (reason: count, first example)")
         for reason, info in stats["dropped"].items():
             ex = info["examples"][0] if info["examples"] else {}
             where = f"{ex.get('source')}" + (f" #{ex['index']}" if ex.get("index") is not None else "")
-            lines.append(f"  {reason}: {info['count']}  ({where} {ex.get('detail', '')})"[:160])
+            lines.append(f"  {reason}: {info['count']}  ({where} {ex.get('detail', '')})"[:260])
+    if stats.get("problems"):
+        lines.append("")
+        lines.append("problems to fix (the pre-flight shows them too; --strict makes them fatal)")
+        lines.extend(f"  {p['file'] or 'the data folder'}: {p['message']}; fix: {p['fix']}" for p in stats["problems"])
     if stats.get("set_aside"):
         lines.append("set aside (not trained on, not records): " +
                      ", ".join(f"{k} {v}" for k, v in stats["set_aside"].items()))
@@ -811,15 +754,20 @@ def _build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", type=Path, default=None,
                     help="prepared file (default: <datasets_dir>/enhanced_training_data.json)")
     io.add_argument("--stats_output", type=Path, default=None, help="stats file (default: next to --output)")
+    io.add_argument("--include_sample", action=argparse.BooleanOptionalAction, default=False,
+                    help="also read the shipped sample in <datasets_dir>/sample/ next to your own files (without "
+                         "files of your own the sample is read anyway)")
     io.add_argument("--test_set", type=Path, default=None,
-                    help="held-out test set, kept apart (default: <datasets_dir>/test_set.json)")
+                    help="held-out test set, kept apart (default: <datasets_dir>/test_set.json when you wrote one, "
+                         "else the sample's when the sample is all the data, else one drawn from the data into "
+                         "<datasets_dir>/enhanced_test_set.json on every run)")
     io.add_argument("--create_test_set", action=argparse.BooleanOptionalAction, default=True,
-                    help="create the test set from the data when it does not exist (default on; with "
+                    help="draw the test set from the data when there is none (default on; with "
                          "--no-create_test_set a missing test set means no held-out set)")
     io.add_argument("--test_fraction", type=float, default=0.1, help="share of questions for a created test set")
     io.add_argument("--knowledge_base", type=Path, default=None,
-                    help="outputs of knowledge_base_enhancer_main.py (contexts, domain vectors), used when present "
-                         "(default: <datasets_dir>/knowledge_base)")
+                    help="outputs of knowledge_base_enhancer_main.py; its contexts are used when present and built "
+                         "from the same data files (default: <datasets_dir>/knowledge_base)")
     io.add_argument("--workers", type=int, default=0,
                     help="processes for the per-record stage (0 = up to 2, on inputs over 64 MB only; 1 = this "
                          "process)")
@@ -829,11 +777,15 @@ def _build_parser() -> argparse.ArgumentParser:
                          "converters use the same default)")
     rd.add_argument("--tool_calls", choices=("keep", "drop"), default="keep",
                     help="conversations with tool calls: keep (tool turns become context) or drop them whole")
+    rd.add_argument("--columns", type=str, default=None,
+                    help="other names of the fields: question=q,answer=a (also context, domain, id), or a JSON "
+                         "file of {field: column} or of {file-name pattern: {field: column}}")
     rd.add_argument("--domain_map", type=Path, default=None,
                     help='JSON file {"file-name pattern": "domain", ...} for records without a domain field')
     va = p.add_argument_group("validation and dedup")
     va.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                    help="make any unreadable file or invalid record fatal")
+                    help="make every problem fatal (exit 2): an unreadable file or invalid record, a file that gives "
+                         "no record or loses more than 5%% of its records, a file no reader takes")
     va.add_argument("--max_answer_chars", type=int, default=20000,
                     help="drop records whose question or answer is longer (characters)")
     va.add_argument("--max_answer_tokens", type=int, default=0,
@@ -846,7 +798,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "3-grams both at least this Jaccard (1 = off)")
     va.add_argument("--min_quality", type=float, default=0.0, help="drop records scoring below this (0 = off)")
     st = p.add_argument_group("split, balance and augmentation")
-    st.add_argument("--seed", type=int, default=42, help="seed of the split, the MinHash and the augmentation")
+    st.add_argument("--seed", type=int, default=42, help="seed of the test-set draw, the split and the augmentation")
     st.add_argument("--validation_fraction", type=float, default=0.1, help="validation share per domain")
     st.add_argument("--max_domain_fraction", type=float, default=0.2,
                     help="no domain above this share of the training draws (1 = off; raised to 1/#domains when "
@@ -891,6 +843,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--synthetic_ratio must be in [0, 1): it is the largest synthetic share of the output (0 = off)")
     if args.max_repeats < 1:
         p.error("--max_repeats must be at least 1")
+    if args.columns is not None:
+        try:
+            ColumnMap.parse(args.columns)
+        except UserError as err:
+            p.error(str(err))
     if args.max_history_turns < 0:
         p.error("--max_history_turns must be 0 or more")
     if args.workers < 0:
@@ -903,7 +860,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if sum(target.values()) <= 0:
             p.error("--target_distribution weights must not all be 0")
     args.output = args.output or args.datasets_dir / "enhanced_training_data.json"
-    args.test_set = args.test_set or args.datasets_dir / "test_set.json"
+    if args.test_set is None:
+        sources = resolve_sources(args.datasets_dir, args.include_sample)
+        args.test_set, args.test_set_kind = sources.test_set, sources.test_set_kind
+    else:
+        args.test_set_kind = "given"
     if args.knowledge_base is None:
         args.knowledge_base = args.datasets_dir / "knowledge_base"
     return args
@@ -922,6 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("\n%s", summary_table(stats))
     if stats["dropped_total"]:
         logger.warning("dropped %d records; details in the stats file", stats["dropped_total"])
+    if stats["problems"]:
+        logger.warning("%d problem%s in the data, listed above under 'problems to fix' and in the stats file "
+                       "(--strict makes them fatal)", len(stats["problems"]), "s" * (len(stats["problems"]) > 1))
     return 0
 
 

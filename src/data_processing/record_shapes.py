@@ -11,12 +11,15 @@ canonical ``question``/``answer``; Dolly ``instruction``/``context``/``response`
 ``prompt``/``chosen``/``rejected`` (strings or message lists); ShareGPT and OpenAI ``conversations``/``messages``
 (``system``, ``tools``, ``function_call``/``observation`` and ``tool`` turns, content-part lists); ShareGPT
 preference (``conversations`` + ``chosen``/``rejected``); Theta ``conversation``/``exchanges`` lists; a bare list
-of messages; ``text``-only items are refused (pre-training text, not question/answer pairs).
+of messages; ``text``-only items are refused (pre-training text, not question/answer pairs), and so are prompts
+without an answer (``missing_answer``).
 
 Sharp edges, decided once here:
 - A rejected reply and a KTO ``label: false`` completion are never answers (counted, never trained on).
 - Each assistant turn is one record whose context is the system message plus the ``max_history_turns`` exchanges
   before it (and the tool calls and results of its own exchange): a later turn keeps what it depends on.
+- An assistant message with ``weight: 0`` (OpenAI fine-tuning data) is context of the turns after it, never a
+  target.
 - An assistant turn that only calls a tool is context, not a target; with ``tool_calls="drop"`` a conversation
   that uses tools is dropped whole with the reason ``tool_call_conversation``, never re-paired.
 """
@@ -123,7 +126,7 @@ def conversation_records(messages: list, max_history_turns: int, tool_calls: str
     current: list[str] = []  # tool turns and extra assistant turns of the exchange in progress
     question: str | None = None
     exchange: list[str] = []
-    used_tools = False
+    used_tools = weighted_out = False
     tl = tools_line(tools)
     system_parts = [s for s in (system, tl) if s]
     for msg in messages:
@@ -161,6 +164,12 @@ def conversation_records(messages: list, max_history_turns: int, tool_calls: str
             if question is None:
                 result.notes["assistant_turn_without_question"] += 1
                 continue
+            if _weight_zero(msg):  # OpenAI fine-tuning data: a reply the model sees but is not trained to give
+                result.notes["weight_0_reply_as_context"] += 1
+                current.append(f"Assistant: {text.strip()}")
+                exchange.append(f"Assistant: {text.strip()}")
+                weighted_out = True
+                continue
             ctx = build_context("\n".join(system_parts) or None, history, current, max_history_turns)
             rec = {"question": question, "answer": text, "turn": len(result.records)}
             if ctx:
@@ -177,8 +186,16 @@ def conversation_records(messages: list, max_history_turns: int, tool_calls: str
         result.reason, result.detail = "tool_call_conversation", "uses tool calls and --tool_calls is drop"
         return result
     if not result.records and result.reason is None:
-        result.reason, result.detail = "no_answered_turn", "no assistant reply follows a user message"
+        result.reason, result.detail = "no_answered_turn", (
+            "every assistant reply has weight 0 (context, never a target)" if weighted_out else
+            "no assistant reply follows a user message")
     return result
+
+
+def _weight_zero(msg: dict) -> bool:
+    """An OpenAI fine-tuning ``weight`` of 0 (``false`` too); a missing weight, or 1, trains the reply."""
+    weight = msg.get("weight")
+    return weight is not None and not isinstance(weight, str) and weight == 0
 
 
 def _as_messages(value: object, default_role: str) -> list | None:
@@ -305,13 +322,43 @@ def shape_item(item: object, max_history_turns: int = DEFAULT_MAX_HISTORY_TURNS,
     elif isinstance(item.get("conversation") or item.get("exchanges"), list):
         _pairs_records(item.get("conversation") or item.get("exchanges"), max_history_turns, result)
         _number_turns(item, result)
+    elif ("prompt" in item or "instruction" in item) and not any(
+            k in item for k in ("completion", "output", "response", "chosen")):
+        return ShapeResult(reason="missing_answer",
+                           detail=f"a prompt without a completion, output or response (keys: {sorted(item)[:8]}): "
+                                  "nothing to train on")
     elif "text" in item:
         return ShapeResult(reason="pretraining_text",
                            detail="a 'text'-only item is pre-training text, not a question/answer pair; "
                                   "give question/answer fields or use a chat shape")
     else:
-        return ShapeResult(reason="unsupported_shape", detail=f"keys: {sorted(item)[:8]}")
+        keys = [str(k) for k in item]
+        guess = _guess_columns(keys)
+        hint = (f"; if these are the question and the answer, name them: --columns question={guess[0]},"
+                f"answer={guess[1]}" if guess else "")
+        return ShapeResult(reason="unsupported_shape", detail=f"keys: {sorted(keys)[:8]}{hint}")
     return result
+
+
+QUESTION_HINTS = ("quest", "prompt", "ask", "query", "frage", "pregunta", "input")
+ANSWER_HINTS = ("answ", "repl", "resp", "output", "solution", "antwort", "respuesta", "reponse")
+
+
+def _guess_columns(keys: list[str]) -> tuple[str, str] | None:
+    """The item's likeliest question and answer fields, for the ``--columns`` hint: names that start with q / a
+    or hold a question / answer word, else the first two fields in the item's own order."""
+    def first(hints: tuple[str, ...], letter: str, skip: str | None) -> str | None:
+        for k in keys:
+            low = k.lower()
+            if k != skip and (low.startswith(letter) or any(h in low for h in hints)):
+                return k
+        return None
+
+    q = first(QUESTION_HINTS, "q", None)
+    a = first(ANSWER_HINTS, "a", q)
+    if q and a:
+        return q, a
+    return (keys[0], keys[1]) if len(keys) >= 2 else None
 
 
 def _number_turns(item: dict, result: ShapeResult) -> None:

@@ -10,7 +10,8 @@ folders that plain ``transformers`` loads too.
 
 Model sources (``model_name``):
 - ``theta-tiny``: GPT-2 architecture at a small size, seeded random init, with a byte-level BPE tokenizer
-  trained on ``Datasets/``; built once and cached under ``models/base/theta-tiny/``. Needs no download.
+  trained on the data a run reads from ``Datasets/``; built once, cached under ``models/base/theta-tiny/`` and
+  rebuilt when that data changes. Needs no download.
 - a local folder holding a ``save_pretrained`` model and tokenizer (``theta_final/``, ``theta_best/``...).
 - a hub name (``gpt2``, ``gpt2-medium``): the local Hugging Face cache, or a download when online.
 """
@@ -52,11 +53,6 @@ PAD_TOKEN = "<|pad|>"
 TINY_CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1024)
 TINY_SEED = 1234
 
-# Files in Datasets/ that are our own outputs or held out, never training text for the tokenizer.
-NON_TRAINING_FILES = {"enhanced_training_data.json", "enhanced_data_stats.json", "test_set.json"}
-# Keys whose string values are training text, in every input shape documentation/DATASETS.md lists.
-TEXT_KEYS = {"question", "answer", "context", "instruction", "input", "output", "content", "value",
-             "prompt", "chosen"}
 
 
 class ThetaModelError(UserError):
@@ -91,44 +87,21 @@ def format_prompt(question: str, answer: str | None = None, context: str | None 
 # theta-tiny: the offline base model
 # ---------------------------------------------------------------------------------------------------------------
 
-def _strings(value, key: str | None = None) -> Iterator[str]:
-    """Every string under a text key, at any depth of a JSON value."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _strings(v, k)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v, key)
-    elif isinstance(value, str) and key in TEXT_KEYS and value.strip():
-        yield value
-
-
 def iter_corpus_texts(datasets_dir: Path) -> Iterator[str]:
-    """Training text of every ``*.json``/``*.jsonl`` under ``datasets_dir`` in a fixed order (sorted paths).
+    """Training text of the data files a run reads, in a fixed order (sorted paths): each record's question,
+    answer and context, through data preparation's readers, so every format it reads counts (CSV and chats
+    included) and the same files do: the user's, or the shipped sample when ``datasets_dir`` holds none of the
+    user's (src/utils/data_layout.py). Held-out sets and Theta's own outputs are never read.
 
-    Unreadable files and lines are skipped here: data preparation is where they get reported.
+    Unreadable files and records are skipped here: data preparation and the pre-flight report them.
     """
-    files = sorted(p for p in Path(datasets_dir).rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()
-                   and p.name not in NON_TRAINING_FILES)
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if path.suffix == ".jsonl":
-            docs = []
-            for line in text.splitlines():
-                try:
-                    docs.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        else:
-            try:
-                docs = [json.loads(text)]
-            except json.JSONDecodeError:
-                continue
-        for doc in docs:
-            yield from _strings(doc)
+    from src.data_processing.loading import DropLog, iter_all_datasets  # the readers; nothing heavy at import
+
+    for rec in iter_all_datasets(Path(datasets_dir), drops=DropLog()):
+        for key in ("question", "answer", "context"):
+            value = rec.get(key)
+            if isinstance(value, str) and value.strip():
+                yield value
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int) -> GPT2TokenizerFast:
@@ -149,49 +122,64 @@ def build_tiny_model(output_dir: Path, datasets_dir: Path = DEFAULT_DATASETS_DIR
     """Build ``theta-tiny`` into ``output_dir`` (atomically) and return it.
 
     Same data, same config: byte-identical files. ``config_overrides`` (e.g. ``n_layer=2, vocab_size=384``)
-    make the even smaller models the tests use.
+    make the even smaller models the tests use. The global random generator is left as it was (the weights come
+    from a generator of their own), so building it inside a seeded run changes nothing that run draws.
     """
-    cfg = {**TINY_CONFIG, **config_overrides}
     texts = list(iter_corpus_texts(datasets_dir))
-    if not texts:
-        raise ThetaModelError(f"cannot build {TINY_NAME}: no training text found under {datasets_dir}. "
-                              "Put question-answer files (*.json, *.jsonl) there; see Datasets/README.md.")
-    tokenizer = train_tiny_tokenizer(texts, cfg["vocab_size"])
-    torch.manual_seed(TINY_SEED)
-    config = GPT2Config(**{**cfg, "vocab_size": len(tokenizer)}, activation_function="gelu_pytorch_tanh",
-                        bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(config)
-    digest = corpus_digest(texts)
-    meta = {"name": TINY_NAME, "config": cfg, "seed": TINY_SEED, "datasets_dir": str(datasets_dir),
-            "corpus_texts": len(texts), "corpus_sha256": digest}
-    ThetaModel.from_parts(model, tokenizer).save(output_dir, extra_files={"theta_tiny.json": meta})
+    model, tokenizer = _build_tiny(output_dir, datasets_dir, texts, {**TINY_CONFIG, **config_overrides})
     logger.info("built %s (%.2fM parameters, vocabulary %d) from %d texts in %s into %s", TINY_NAME,
                 model.num_parameters() / 1e6, len(tokenizer), len(texts), datasets_dir, output_dir)
     return Path(output_dir)
 
 
+def _build_tiny(output_dir: Path, datasets_dir: Path, texts: list[str], cfg: dict):
+    if not texts:
+        raise ThetaModelError(f"cannot build {TINY_NAME}: no training text found under {datasets_dir}. "
+                              "Put question-answer files (*.json, *.jsonl, *.csv...) there; see Datasets/README.md.")
+    tokenizer = train_tiny_tokenizer(texts, cfg["vocab_size"])
+    config = GPT2Config(**{**cfg, "vocab_size": len(tokenizer)}, activation_function="gelu_pytorch_tanh",
+                        bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # The weights' init draws from the global generator: fork it, so a run that seeded before loading theta-tiny
+    # draws the same numbers afterwards whether this build happened (a fresh clone) or not (issue 21.7).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = GPT2LMHeadModel(config)
+    meta = {"name": TINY_NAME, "config": cfg, "seed": TINY_SEED, "datasets_dir": str(datasets_dir),
+            "corpus_texts": len(texts), "corpus_sha256": corpus_digest(texts)}
+    ThetaModel.from_parts(model, tokenizer).save(output_dir, extra_files={"theta_tiny.json": meta})
+    return model, tokenizer
+
+
 def corpus_digest(texts: list[str]) -> str:
-    return hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
+    return hashlib.sha256("\0".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def tiny_model_dir(datasets_dir: Path = DEFAULT_DATASETS_DIR, base_dir: Path = BASE_MODELS_DIR) -> Path:
-    """The cached ``theta-tiny`` folder, built on first use.
+    """The cached ``theta-tiny`` folder, built on first use and rebuilt, once, when the data it was built from
+    changed (its tokenizer is trained on that data), with one line saying so.
 
-    A cache built from other data is kept (a run being resumed needs the same tokenizer) with a warning that
-    says how to rebuild it.
+    A run resumed by the overnight script started from the same data (its fingerprint), so it finds the same
+    tokenizer here.
     """
     path = Path(base_dir) / TINY_NAME
-    if not (path / "config.json").exists():
-        build_tiny_model(path, datasets_dir)
-        return path
-    try:
-        built_from = json.loads((path / "theta_tiny.json").read_text(encoding="utf-8")).get("corpus_sha256")
-    except (OSError, json.JSONDecodeError):
-        built_from = None
-    if built_from != corpus_digest(list(iter_corpus_texts(datasets_dir))):
-        logger.warning("%s in %s was built from other data than %s now holds; using it as it is. To rebuild it "
-                       "(new runs only): python -m src.model.theta_model build-tiny", TINY_NAME, path, datasets_dir)
+    texts = list(iter_corpus_texts(datasets_dir))
+    digest = corpus_digest(texts)
+    meta = {}
+    if (path / "config.json").exists():
+        try:
+            meta = json.loads((path / "theta_tiny.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        if meta.get("corpus_sha256") == digest:
+            return path
+    _build_tiny(path, datasets_dir, texts, dict(TINY_CONFIG))
+    if meta:
+        logger.info("%s: the data in %s changed since it was built (%s texts then, %d now): rebuilt its tokenizer "
+                    "and weights in %s", TINY_NAME, datasets_dir, meta.get("corpus_texts", "?"), len(texts), path)
+    else:
+        logger.info("%s: built from the %d texts in %s into %s (a tokenizer of its own, seeded weights)", TINY_NAME,
+                    len(texts), datasets_dir, path)
     return path
 
 

@@ -197,15 +197,24 @@ def training_data_path(run_dir: Path | None) -> Path | None:
     return None
 
 
+NEAR_DUPLICATE_REFUSE_SHARE = 0.05  # a test set with more of its questions near a training record is refused
+NEAR_DUPLICATE_EXAMPLES = 5
+
+
 def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path) -> dict:
-    """Refuse (UserError) a test set that shares a question with the model's training data.
+    """Refuse (UserError) a test set that shares a question with the model's training data, or of which more
+    than ``NEAR_DUPLICATE_REFUSE_SHARE`` of the questions are near-duplicates of training records.
 
     Questions are compared through ``question_key`` (src/utils/data_contract.py), the one key data preparation
     uses to keep the test set apart, so a test set preparation wrote is never refused for a question that only
-    looks the same under a cruder key ("C#" and "C++"). Shared ids alone are reported but not
-    refused: ids from different files can coincide without the text being the same.
-    Returns what was checked, for the results file.
+    looks the same under a cruder key ("C#" and "C++"). Near-duplicates (a paraphrase or a typo of a trained
+    question with its answer: "What's a firewall?", "What is a firewal?") are found with the measure and the
+    candidate search preparation drops them with (``near_duplicates.held_out_overlaps``): counted, shown with
+    examples, and refused above the share. Shared ids alone are reported but not refused: ids from different
+    files can coincide without the text being the same. Returns what was checked, for the results file.
     """
+    from src.data_processing.near_duplicates import DEFAULT_THRESHOLD, held_out_overlaps
+
     data_path = training_data_path(run_folder(model_path))
     if data_path is None:
         logger.warning("no training data found for %s (no run folder training_config.json with args.data_path): "
@@ -213,24 +222,45 @@ def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path
         return {"checked": False}
     data = read_json(data_path, "training data")
     train = data.get("records", []) if isinstance(data, dict) else data if isinstance(data, list) else []
-    train_questions = {question_key(r["question"]): r.get("id") for r in train
-                       if isinstance(r, dict) and isinstance(r.get("question"), str)}
-    train_ids = {str(r.get("id")) for r in train if isinstance(r, dict) and r.get("id") not in (None, "")}
+    train = [r for r in train if isinstance(r, dict) and isinstance(r.get("question"), str)]
+    train_questions = {question_key(r["question"]): r.get("id") for r in train}
+    train_ids = {str(r.get("id")) for r in train if r.get("id") not in (None, "")}
     overlap = [r for r in test_records if question_key(r["question"]) in train_questions]
     if overlap:
         shown = "; ".join(f"{r.get('id', '?')}: {r['question'][:60]!r}" for r in overlap[:5])
         raise UserError(
             f"--test_data {test_path} overlaps the training data of this model ({data_path}): {len(overlap)} of "
             f"{len(test_records)} test questions were trained on (e.g. {shown}). Metrics on them would be "
-            "inflated. Use the held-out set data preparation wrote (Datasets/test_set.json) or remove those "
-            "records, then evaluate again.")
+            "inflated. Use the held-out set data preparation used (python -m src.utils.data_layout names it) or "
+            "remove those records, then evaluate again.")
+    with_answers = [r for r in train if isinstance(r.get("answer"), str)]
+    near = held_out_overlaps([(r["question"], r["answer"]) for r in test_records],
+                             [(r["question"], r["answer"]) for r in with_answers], DEFAULT_THRESHOLD)
+    examples = [{"test_id": test_records[i].get("id"), "test_question": test_records[i]["question"][:200],
+                 "train_id": with_answers[j].get("id"), "train_question": with_answers[j]["question"][:200],
+                 "similarity": sim} for i, j, sim in near[:NEAR_DUPLICATE_EXAMPLES]]
+    share = len(near) / len(test_records) if test_records else 0.0
+    if near:
+        shown = "; ".join(f"{e['test_question'][:50]!r} ~ {e['train_question'][:50]!r} ({e['similarity']})"
+                          for e in examples[:3])
+        logger.warning("%d of %d test questions (%.1f%%) are near-duplicates of training records (question and "
+                       "answer both at least %.2f similar, the measure data preparation uses), e.g. %s",
+                       len(near), len(test_records), 100 * share, DEFAULT_THRESHOLD, shown)
+    if share > NEAR_DUPLICATE_REFUSE_SHARE:
+        raise UserError(
+            f"--test_data {test_path}: {len(near)} of {len(test_records)} test questions ({share:.0%}, more than "
+            f"{NEAR_DUPLICATE_REFUSE_SHARE:.0%}) nearly repeat a training record of this model ({data_path}), "
+            f"e.g. {shown}. Metrics on them would be inflated. Remove or rewrite those records, or use the held-out "
+            "set data preparation used (python -m src.utils.data_layout names it), then evaluate again.")
     shared_ids = sorted(str(r["id"]) for r in test_records
                         if r.get("id") not in (None, "") and str(r["id"]) in train_ids)
     if shared_ids:
         logger.warning("%d test record id(s) also occur in the training data with other questions (e.g. %s); "
                        "not an overlap of text, evaluating", len(shared_ids), ", ".join(shared_ids[:5]))
     return {"checked": True, "training_data": str(data_path), "training_records": len(train),
-            "overlapping_questions": 0, "shared_ids": len(shared_ids)}
+            "overlapping_questions": 0, "shared_ids": len(shared_ids), "near_duplicates": len(near),
+            "near_duplicate_share": round(share, 4), "near_duplicate_threshold": DEFAULT_THRESHOLD,
+            "near_duplicate_refused_above": NEAR_DUPLICATE_REFUSE_SHARE, "near_duplicate_examples": examples}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,8 +397,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a Theta model on the held-out test set and write a report.")
     io = p.add_argument_group("input and output")
     io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
-    io.add_argument("--test_data", type=Path, default=PROJECT_ROOT / "Datasets" / "test_set.json",
-                    help="held-out test set (default Datasets/test_set.json)")
+    io.add_argument("--test_data", type=Path, default=None,
+                    help="held-out test set (default: the one data preparation uses: Datasets/test_set.json when "
+                         "you wrote one, else the sample's, else Datasets/enhanced_test_set.json)")
     io.add_argument("--output_file", type=Path, default=None,
                     help="metrics file (default stats/evaluation_<run>.json); the report goes to <its folder>/<run>/")
     io.add_argument("--baseline_model", type=str, default=None,
@@ -400,6 +431,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(message)
     if args.output_file is None:
         args.output_file = PROJECT_ROOT / "stats" / f"evaluation_{run_name(args.model_path)}.json"
+    if args.test_data is None:
+        from src.utils.data_layout import resolve_test_set
+
+        args.test_data = resolve_test_set(PROJECT_ROOT / "Datasets")
     return args
 
 

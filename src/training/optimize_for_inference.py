@@ -367,8 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io = p.add_argument_group("input and output")
     io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
     io.add_argument("--output_path", type=Path, default=None, help="default: theta_inference/ next to the model")
-    io.add_argument("--test_data", type=Path, default=PROJECT_ROOT / "Datasets" / "test_set.json",
-                    help="test set for perplexity before/after (default Datasets/test_set.json)")
+    io.add_argument("--test_data", type=Path, default=None,
+                    help="test set for perplexity before/after (default: the held-out set data preparation uses, "
+                         "see python -m src.utils.data_layout)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
                      help="auto (default): try int8 on the CPU, fp16/bf16 on CUDA, keep one only when measured "
@@ -413,6 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "--quantize int8 runs on the CPU only: use --device cpu")]:
         if bad:
             p.error(message)
+    if args.test_data is None:
+        from src.utils.data_layout import resolve_test_set
+
+        args.test_data = resolve_test_set(PROJECT_ROOT / "Datasets")
     return args
 
 

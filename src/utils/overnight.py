@@ -58,6 +58,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, UserError, atomic_write_json, new_run_id
+from src.utils.data_layout import GENERATED_TEST_NAME, KNOWLEDGE_DIR, resolve_sources
 from src.utils.profiles import CPU_DEFAULT_PROFILE, GPU_DEFAULT_PROFILE, PROFILE_NAMES, profiles_help
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ KEEP_LOGS = 5  # the overnight logs kept, this run's own included
 TENSORBOARD_PORT = 6006
 PREPARED_REL = "Datasets/enhanced_training_data.json"
 # What data preparation writes, and the knowledge step's output folder: not inputs of the fingerprint.
-PREPARE_OUTPUTS = {"enhanced_training_data.json", "enhanced_data_stats.json"}
+PREPARE_OUTPUTS = {"enhanced_training_data.json", "enhanced_data_stats.json", GENERATED_TEST_NAME}
 DERIVED_DIRS = {"knowledge_base", "__pycache__"}
-DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet"}  # what preparation reads (knowledge/: every file)
+DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet"}  # what preparation reads (knowledge folders: every file)
 KB_MODULE_REL = "src/data_processing/knowledge_base_enhancer_main.py"
 FINGERPRINT_VERSION = 1
 
@@ -174,7 +175,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def datasets_fingerprint(datasets_dir: Path) -> dict[str, str]:
     """``{relative path: SHA-256}`` of every input file under ``datasets_dir``: data files anywhere, every file
-    under ``knowledge/``.
+    under a ``knowledge/`` folder (``Datasets/knowledge/``, ``Datasets/sample/knowledge/``).
 
     Left out: preparation's own outputs, the knowledge step's output folder, hidden files and the rest (a
     README). The test set is in:
@@ -190,7 +191,7 @@ def datasets_fingerprint(datasets_dir: Path) -> dict[str, str]:
             continue
         if rel.parts[0] in DERIVED_DIRS or (len(rel.parts) == 1 and rel.name in PREPARE_OUTPUTS):
             continue
-        if rel.parts[0] != "knowledge" and path.suffix.lower() not in DATA_SUFFIXES:
+        if KNOWLEDGE_DIR not in rel.parts[:-1] and path.suffix.lower() not in DATA_SUFFIXES:
             continue
         out[rel.as_posix()] = sha256_file(path)
     return out
@@ -388,13 +389,14 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
         state = {"run_id": choice.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "fingerprint": fingerprint, "prepared_sha256": None, "events": []}
     prepare, prepare_why = _prepare_decision(choice, state, prepared)
-    kb_on = (root / KB_MODULE_REL).is_file() and (root / "Datasets" / "knowledge").is_dir()
+    notes = resolve_sources(root / "Datasets").knowledge_dirs  # the knowledge folders this run's data uses
+    kb_on = (root / KB_MODULE_REL).is_file() and bool(notes)
     if not prepare:
         kb_why = "skipped: resuming"
     elif kb_on:
-        kb_why = "on (Datasets/knowledge/ found)"
+        kb_why = "on (" + ", ".join(f"{p.relative_to(root).as_posix()}/" for p in notes) + " found)"
     elif (root / KB_MODULE_REL).is_file():
-        kb_why = "skipped (no Datasets/knowledge/ folder)"
+        kb_why = "skipped (no knowledge/ folder for this run's data)"
     else:
         kb_why = "skipped (knowledge_base_enhancer_main.py not installed)"
     log_name = f"training_enhanced_{choice.run_id}.log"

@@ -1,6 +1,6 @@
 """Generation benchmark: tokens per second of ThetaModel.generate against plain model.generate, same settings.
 
-Both sides decode greedily with the KV cache on, the same prompts (questions of Datasets/test_set.json in the
+Both sides decode greedily with the KV cache on, the same prompts (questions of the held-out set in the
 prompt format), the same new-token limit and repetition penalty, and stop at the end-of-text token; runs are
 interleaved (Theta, plain, plain without cache, Theta, ...) and the median over rounds is reported. Timings are of the
 whole call: tokenising, generating and decoding, so the wrapper's own overhead is in the figure. The texts of
@@ -33,14 +33,17 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import SHAPES, build_shape  # noqa: E402
 
+from src.utils.data_layout import resolve_test_set  # noqa: E402
+
 
 def load_questions(datasets_dir: Path, n: int) -> list[str]:
     """The first ``n`` questions of the held-out test set (any of the accepted record wrappers)."""
-    data = json.loads((datasets_dir / "test_set.json").read_text(encoding="utf-8"))
+    path = resolve_test_set(datasets_dir)
+    data = json.loads(path.read_text(encoding="utf-8"))
     records = data.get("records") or data.get("qa_pairs") if isinstance(data, dict) else data
     questions = [r["question"] for r in records if isinstance(r, dict) and r.get("question")]
     if not questions:
-        raise SystemExit(f"no questions in {datasets_dir / 'test_set.json'}")
+        raise SystemExit(f"no questions in {path}")
     return (questions * (n // len(questions) + 1))[:n]
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = PROJECT_ROOT / "Datasets"
         data = work / "enhanced.json"
         prepare_main(["--datasets_dir", str(data_dir), "--output", str(data), "--stats_output",
-                      str(work / "stats.json"), "--test_set", str(data_dir / "test_set.json"),
+                      str(work / "stats.json"),
                       "--min_domain_count", "0", "--synthetic_ratio", "0"])
         model_dir = build_tiny_model(work / "theta-tiny", data_dir)
         results: dict[str, list[dict]] = {n: [] for n in names}

@@ -211,7 +211,7 @@ def prepare_data(work: Path, datasets_dir: Path, records: int = 0, val_records: 
     (a seeded sample in file order; 0 = all) and the first ``val_records`` validation records."""
     prepared = work / "enhanced.json"
     cmd = [sys.executable, "-m", "src.data_processing.prepare_data_for_training", "--datasets_dir", str(datasets_dir),
-           "--output", str(prepared), "--test_set", str(datasets_dir / "test_set.json")]
+           "--output", str(prepared)]
     how = "prepared now from " + str(datasets_dir)
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not prepared.is_file():
