@@ -129,6 +129,18 @@ def test_expected_run_bytes_is_the_peak_by_hand():
     assert pf.expected_run_bytes(1000, 3, False)["peak"] == 4 * 12000 + 4000 == 3 * 12000 + 4 * 4000
 
 
+def test_check_disk_counts_what_a_resumed_run_already_holds(tmp_path, monkeypatch):
+    targs = SimpleNamespace(keep_last_n_checkpoints=2, use_ema=False, use_cpu_offload=False, cpu_offload_fraction=0.5)
+    peak = pf.expected_run_bytes(10 ** 6, 2, False)["peak"]  # 3 x 12 MB + 4 MB = 40 MB
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: Usage(10 * peak, 9 * peak, peak - 10 ** 6))
+    assert pf.check_disk(run_dir, 10 ** 6, targs).level == "fatal"  # a new run: 1 MB short
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "state.pt").write_bytes(b"\0" * 2 * 10 ** 6)  # a resumed run's 2 MB are counted
+    check = pf.check_disk(run_dir, 10 ** 6, targs)
+    assert check.level == "warn" and "2 MB of it already there" in check.message, check.message
+
+
 def test_duration_estimate_by_hand():
     targs = SimpleNamespace(batch_size=8, gradient_accumulation_steps=2, epochs=3, max_steps=0)
     # 100 records: 13 micro-batches -> 7 optimizer steps x 2 micro-steps x 3 epochs x 0.5 s = 21 s; validation
