@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,11 @@ def load_checkpoint_file(path: Path, model: torch.nn.Module | None = None) -> di
     except Exception as err:
         text = str(err)
         if "Weights only load failed" in text:  # the safe unpickler met a global it does not build
-            # its message starts with advice to load the file unsafely; keep only what it found
-            found = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+            # its message is mostly advice on loading the file anyway; keep only what it would have called
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             raise UnusableCheckpoint(f"{STATE_FILE} holds more than tensors and plain values"
-                                     f"{' (' + found + ')' if found else ''}: refused unread, nothing in it ran. "
+                                     f"{' (it would call ' + found[1] + ')' if found else ''}: refused unread, "
+                                     "nothing in it ran. "
                                      "Theta never writes such a file: it was planted or altered; delete it") \
                 from None
         first = text.splitlines()[0] if text else ""
