@@ -55,7 +55,8 @@ def write_failure_cause(err: BaseException) -> str | None:
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return f"{e.strerror or e} (errno {e.errno})"
         if _WRITE_WORDS.search(str(e)):
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            gloss = " (torch could not write the file to its end)" if "inline_container" in str(e) else ""
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{gloss}"
     return None
 
 
