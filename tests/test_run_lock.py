@@ -72,7 +72,32 @@ def test_a_second_taker_is_refused_naming_the_holder_and_a_killed_holder_blocks_
     assert holder_of(folder) is None  # ...and holds nothing
     with RunLock(folder, "training") as lock:
         assert lock.mode == "own" and json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert "released" in json.loads((folder / LOCK_NAME).read_text())
+    assert not (folder / LOCK_NAME).exists()  # a clean release leaves nothing behind
+
+
+def test_a_taker_that_opened_a_lock_file_being_removed_starts_over(tmp_path, monkeypatch):
+    """The race of removing lock files: A releases (removes, unlocks) while B has the old file open; B must not
+    hold the removed file while a third process locks a new one under the same name."""
+    from src.utils import run_lock
+
+    folder = tmp_path / "run"
+    first = RunLock(folder, "training").acquire()
+    run_lock._HELD.clear()  # the second taker must not share it, as another process would not
+    real_open, opened = os.open, []
+
+    def open_then_release_the_first(path, *args):
+        fd = real_open(path, *args)
+        if not opened:  # B has the old file open; now A releases and removes it
+            opened.append(fd)
+            first.release()
+        return fd
+
+    monkeypatch.setattr(run_lock.os, "open", open_then_release_the_first)
+    second = RunLock(folder, "training").acquire()
+    monkeypatch.undo()
+    assert second.mode == "own" and run_lock._same_file(second.fd, folder / LOCK_NAME)
+    assert holder_of(folder)["pid"] == os.getpid()
+    second.release()
 
 
 def test_hold_hands_its_lock_to_its_command_and_keeps_it_while_the_command_runs(tmp_path):

@@ -5,8 +5,9 @@ the lock of the run folder their model comes from (and of the file or folder the
 refused at once (exit 2) with the holder's pid, host, start time and command. The lock is the operating system's
 (``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows), not the file's existence: the kernel drops it when the
 holder dies, however it dies (kill -9, a crash, a power cut), so a stale ``run.lock`` never blocks anyone; its
-text then only says who held the folder last. ``run.lock`` is never deleted (deleting a locked file would let a
-second process lock a new file of the same name).
+text then only says who held the folder last. A clean release removes the file while still holding the lock, and
+a taker checks, once it holds a lock, that the name still leads to the file it locked (else it starts over), so
+the removal never lets two processes in.
 
     python -m src.utils.run_lock check --dir models/<run>     # exit 0 when free, 2 naming the holder
     python -m src.utils.run_lock hold --dir models/<run> --what "overnight run" -- ./train_overnight_enhanced.sh
@@ -68,15 +69,18 @@ class _Handle:
         self.shares, self.closed = 0, False
 
     def close(self) -> None:
-        """Note the release in the file (for people), then give the OS lock back. Idempotent: the descriptor's
-        number may be reused once it is closed, so it is never touched again."""
+        """Remove the lock file while still holding it, then give the OS lock back. A taker that opened the file
+        just before sees, once it has the lock, that the name no longer leads to its file, and starts over
+        (``_same_file``); so no two processes ever hold it. Where an open file cannot be removed (Windows) it stays
+        and means nothing. Idempotent: the descriptor's number may be reused once closed, so it is never touched
+        again."""
         if self.closed:
             return
         self.closed = True
         try:
-            holder = read_holder(self.lock_file) or {}
-            _write_description(self.fd, {**holder, "released": time.strftime("%Y-%m-%d %H:%M:%S")})
-        except OSError:  # the note is for people; the lock itself goes either way
+            if _same_file(self.fd, self.lock_file):
+                os.unlink(self.lock_file)
+        except OSError:
             pass
         try:
             _os_unlock(self.fd)
@@ -119,6 +123,15 @@ def _os_unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """``path`` still names the file open as ``fd`` (not removed or replaced since it was opened)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _write_description(fd: int, data: dict) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
@@ -150,7 +163,8 @@ class RunLock:
     """The exclusive lock of one run folder (``<folder>/run.lock``), or of one output (``RunLock.beside``).
 
     ``acquire()`` takes it or raises ``RunLocked`` (a UserError: exit 2) naming the holder and what to do;
-    ``release()`` gives it back (also on leaving a ``with`` block). ``mode`` says how it is held: ``own`` (this
+    ``release()`` gives it back and removes the file (also on leaving a ``with`` block); a file left behind by a
+    holder that died means nothing. ``mode`` says how it is held: ``own`` (this
     process holds the OS lock, its description in the file), ``inherited`` (an ancestor's ``hold`` holds it, its
     token is in our environment) or ``unguarded`` (the filesystem cannot lock, e.g. some network mounts answer
     ENOLCK: a warning, and the run goes on without the guard rather than not at all).
@@ -191,15 +205,19 @@ class RunLock:
         return self
 
     def _lock_new(self, key: str) -> _Handle | None:
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            locked = _try_os_lock(fd)
-        except OSError as err:
+        for _ in range(100):  # a releasing holder removes the file: lock the one the name leads to now
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                locked = _try_os_lock(fd)
+            except OSError as err:
+                os.close(fd)
+                logger.warning("could not lock %s (%s): running without the one-process-per-folder guard",
+                               self.lock_file, err)
+                self.mode = "unguarded"
+                return None
+            if not locked or _same_file(fd, self.lock_file):
+                break
             os.close(fd)
-            logger.warning("could not lock %s (%s): running without the one-process-per-folder guard",
-                           self.lock_file, err)
-            self.mode = "unguarded"
-            return None
         if not locked:
             os.close(fd)
             holder = read_holder(self.lock_file)
@@ -234,8 +252,9 @@ class RunLock:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": command[:_MAX_COMMAND_CHARS] + ("..." if len(command) > _MAX_COMMAND_CHARS else ""),
                 "token": token,
-                "note": "The folder is locked while this process holds an OS lock on this file; after it ends "
-                        "this text stays and means nothing (python -m src.utils.run_lock check --dir FOLDER)."}
+                "note": "The folder is locked while this process holds an OS lock on this file. A clean exit "
+                        "removes the file; one left by a process that died means nothing (python -m "
+                        "src.utils.run_lock check --dir FOLDER asks the OS)."}
 
     def _refusal(self, holder: dict | None) -> str:
         same_host = holder is not None and holder.get("host") == socket.gethostname()
