@@ -117,10 +117,28 @@ def test_simulated_probe_formula():
         pf.SimulatedProbe(16_000, 1000, 2, 8, 50)(1, 1)
 
 
-def test_expected_run_bytes_by_hand():
+def test_expected_run_bytes_is_the_peak_by_hand():
+    # 1000 parameters, 2 kept, EMA: a checkpoint is 1000 x (4 weights + 8 Adam + 4 EMA) = 16000 B, a model 4000 B.
+    # Writing the third checkpoint beside two, with theta_best/: 3 x 16000 + 4000 = 52000; the end: 2 x 16000 +
+    # 4 x 4000 = 48000.
     assert pf.expected_run_bytes(1000, keep_checkpoints=2, use_ema=True) == {
-        "checkpoints": 3 * 1000 * 16, "models": 3 * 4 * 1000, "per_checkpoint": 16000}
-    assert pf.expected_run_bytes(1000, 1, False)["checkpoints"] == 2 * 12000
+        "per_checkpoint": 16000, "model": 4000, "peak": 52000, "phase": "while a checkpoint is written"}
+    # CPU offload of half the parameters adds their fp32 masters: 1000 x (12 + 2) = 14000 B a checkpoint.
+    assert pf.expected_run_bytes(1000, 1, False, offload_fraction=0.5)["peak"] == 2 * 14000 + 4000
+    # No EMA: a checkpoint is 3 models, so the end (3 x 12000 + 4 x 4000 = 52000) ties the last checkpoint's write.
+    assert pf.expected_run_bytes(1000, 3, False)["peak"] == 4 * 12000 + 4000 == 3 * 12000 + 4 * 4000
+
+
+def test_check_disk_counts_what_a_resumed_run_already_holds(tmp_path, monkeypatch):
+    targs = SimpleNamespace(keep_last_n_checkpoints=2, use_ema=False, use_cpu_offload=False, cpu_offload_fraction=0.5)
+    peak = pf.expected_run_bytes(10 ** 6, 2, False)["peak"]  # 3 x 12 MB + 4 MB = 40 MB
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: Usage(10 * peak, 9 * peak, peak - 10 ** 6))
+    assert pf.check_disk(run_dir, 10 ** 6, targs).level == "fatal"  # a new run: 1 MB short
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "state.pt").write_bytes(b"\0" * 2 * 10 ** 6)  # a resumed run's 2 MB are counted
+    check = pf.check_disk(run_dir, 10 ** 6, targs)
+    assert check.level == "warn" and "2 MB of it already there" in check.message, check.message
 
 
 def test_duration_estimate_by_hand():

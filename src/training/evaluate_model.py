@@ -38,7 +38,9 @@ from transformers.utils import logging as hf_logging
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
-from src.utils.common import PROJECT_ROOT, UserError, atomic_write_json, read_json, run_entry_point, setup_logging
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, read_json, remove_stale_temporaries,
+                              run_entry_point, setup_logging)
+from src.utils.run_lock import lock_outputs, release_locks
 from src.utils.data_contract import question_key
 
 logger = logging.getLogger(__name__)
@@ -467,6 +469,17 @@ def _signed(value: float, digits: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    # Not while the run is training (or being evaluated or optimised), and one writer per metrics file.
+    locks = lock_outputs("evaluation", reads=[args.model_path], writes=[args.output_file])
+    try:
+        output = Path(args.output_file)
+        remove_stale_temporaries(output.parent, names=[output.name])  # what a killed evaluation left
+        return _evaluate_and_write(args)
+    finally:
+        release_locks(locks)
+
+
+def _evaluate_and_write(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     result = evaluate_model(args)
     # The metrics first: whatever happens to the report (a plot that cannot be drawn, a full disk), the

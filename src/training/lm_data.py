@@ -101,7 +101,9 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def load_prepared_records(path: Path) -> list[dict]:
-    """Records of the prepared file; the format version and every ``sample_weight`` are checked (with a hint)."""
+    """Records of the prepared file, checked (each refusal names the file and the record, with a hint): the format
+    version, question/answer strings, ``sample_weight``, ``quality_score`` and ``difficulty`` finite numbers, and
+    at least one training record with a non-empty answer."""
     data = read_json(path, "prepared data file (--data_path)")
     if not isinstance(data, dict) or "records" not in data:
         raise UserError(f"--data_path {path} is not a prepared file (no 'records'). {PREPARE_HINT}")
@@ -114,11 +116,25 @@ def load_prepared_records(path: Path) -> list[dict]:
                 or not isinstance(rec.get("answer"), str):
             raise UserError(f"--data_path {path}: record {i} has no question/answer strings. {PREPARE_HINT}")
         weight = rec.get("sample_weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight < 0:
+        if not _finite_number(weight) or weight < 0:
             raise UserError(f"--data_path {path}: record {i} (id {rec.get('id')!r}) has sample_weight {weight!r}; "
                             f"it must be a finite number >= 0. {PREPARE_HINT}")
+        # the dataset turns these into numbers: a string or a nan here was a ValueError deep in start-up
+        for name, default in (("quality_score", 1.0), ("difficulty", 1)):
+            value = rec.get(name, default)
+            if not _finite_number(value):
+                raise UserError(f"--data_path {path}: record {i} (id {rec.get('id')!r}) has {name} {value!r}; it "
+                                f"must be a finite number. {PREPARE_HINT}")
+    training = [rec for rec in records if rec.get("split", "train") == "train"]
+    if training and not any(rec["answer"].strip() for rec in training):
+        raise UserError(f"--data_path {path}: every one of its {len(training)} training records has an empty "
+                        "answer, so there is nothing to learn but the end-of-text token; fill in the answers "
+                        f"(preparation drops empty ones). {PREPARE_HINT}")
     return records
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,9 @@ from transformers.utils import logging as hf_logging
 
 from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
-from src.utils.common import PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, run_entry_point, setup_logging
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, remove_stale_temporaries,
+                              run_entry_point, setup_logging)
+from src.utils.run_lock import lock_outputs, release_locks
 
 logger = logging.getLogger(__name__)
 
@@ -424,6 +426,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    # Not while the run is training (or being evaluated or optimised), and one writer per output folder.
+    output = Path(args.output_path or Path(args.model_path).parent / "theta_inference")
+    locks = lock_outputs("optimisation", reads=[args.model_path], writes=[output])
+    try:
+        remove_stale_temporaries(output.parent, names=[output.name])  # what a killed optimisation left
+        return _optimize_and_log(args)
+    finally:
+        release_locks(locks)
+
+
+def _optimize_and_log(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     m = optimize(args)
     g, s, ppl = m["generation"], m["size_bytes"], m["perplexity"]

@@ -109,28 +109,40 @@ def human_duration(seconds: float) -> str:
 # Disk
 # ---------------------------------------------------------------------------------------------------------------
 
-def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool) -> dict[str, int]:
-    """What a run writes, by part (fp32 everywhere, the trainer's format).
+def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool, offload_fraction: float = 0.0
+                       ) -> dict[str, int | str]:
+    """What a run holds on disk at its peak, and when (fp32 everywhere, the trainer's formats).
 
-    A checkpoint holds the weights (4 B/parameter), AdamW's two moments (8 B) and the EMA shadow (4 B when on);
-    ``keep_checkpoints`` are kept and one more exists while the next is written (old ones go after the new one
-    is complete). theta_best/, theta_final/ and theta_inference/ are a model each (4 B/parameter at most).
+    A checkpoint holds the weights (4 B/parameter), AdamW's two moments (8 B), the EMA shadow (4 B when on) and
+    CPU offload's fp32 masters (4 B x the offloaded fraction). A model folder (theta_best/, theta_final/,
+    theta_inference/) is at most 4 B/parameter. Every save writes the new copy beside the old one and removes the
+    old one only afterwards (atomic_dir), and the saves come one after another, so the peak is the larger of:
+    - a checkpoint being written: ``keep_checkpoints + 1`` checkpoints, and theta_best/;
+    - the end: ``keep_checkpoints`` checkpoints, theta_best/, theta_final/, theta_inference/ and a new copy of one
+      of them being written (a rerun replaces them).
     """
-    per_checkpoint = n_params * (4 + 8 + (4 if use_ema else 0))
-    return {"checkpoints": (keep_checkpoints + 1) * per_checkpoint, "models": 3 * 4 * n_params,
-            "per_checkpoint": per_checkpoint}
+    per_checkpoint = int(n_params * (4 + 8 + (4 if use_ema else 0) + 4 * offload_fraction))
+    model = 4 * n_params
+    phases = {"while a checkpoint is written": (keep_checkpoints + 1) * per_checkpoint + model,
+              "at the end, with the three model folders": keep_checkpoints * per_checkpoint + 4 * model}
+    phase = max(phases, key=phases.get)
+    return {"per_checkpoint": per_checkpoint, "model": model, "peak": phases[phase], "phase": phase}
 
 
 def check_disk(run_dir: Path, n_params: int, targs: argparse.Namespace) -> Check:
-    need = expected_run_bytes(n_params, targs.keep_last_n_checkpoints, targs.use_ema)
-    total = need["checkpoints"] + need["models"]
+    need = expected_run_bytes(n_params, targs.keep_last_n_checkpoints, targs.use_ema,
+                              targs.cpu_offload_fraction if getattr(targs, "use_cpu_offload", False) else 0.0)
     where = Path(run_dir)
+    # a resumed run's checkpoints and models are already part of its peak
+    already = sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) if where.is_dir() else 0
+    total = max(need["peak"] - already, 0)
     while not where.exists() and where != where.parent:  # the folder may not exist yet: ask its filesystem
         where = where.parent
     free = shutil.disk_usage(where).free
-    detail = (f"{human_bytes(free)} free in {where}; the run writes about {human_bytes(total)} "
-              f"({targs.keep_last_n_checkpoints}+1 checkpoints x {human_bytes(need['per_checkpoint'])}, "
-              f"3 model folders x {human_bytes(4 * n_params)})")
+    detail = (f"{human_bytes(free)} free in {where}; the run needs about {human_bytes(total)} more at its peak "
+              f"({need['phase']}: {human_bytes(need['peak'])} with {targs.keep_last_n_checkpoints} checkpoints kept "
+              f"x {human_bytes(need['per_checkpoint'])} and model folders of {human_bytes(need['model'])}"
+              + (f", {human_bytes(already)} of it already there" if already else "") + ")")
     if free < total:
         fix = "free some space there, or keep fewer checkpoints (--keep_last_n_checkpoints 1" + \
               (", --no_ema" if targs.use_ema else "") + "), or pass --output_dir on a larger disk"

@@ -15,9 +15,13 @@ technique is one ``Technique`` class (flags, checks, state, hooks, summary): see
     torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 1 \\
         -m src.training.train_enhanced --profile quick --output_dir /shared/models/run1   # node_rank 1 on the other
 
-Exit codes: 0 done, 2 a user error (the message names the flag or file), 3 interrupted by SIGINT/SIGTERM or
-``--stop_after_step`` after saving a checkpoint (run the same command again to resume), 4 too many non-finite
-steps in a row.
+Exit codes: 0 done, 2 a user error (the message names the flag or file; also: another process holds the run
+folder's lock), 3 interrupted by SIGINT/SIGTERM or ``--stop_after_step`` after saving a checkpoint (run the same
+command again to resume), 4 the numbers went non-finite: too many non-finite steps in a row, or no epoch reached a
+finite validation loss (nothing is published as theta_best/ or theta_final/; the checkpoints are kept), 5 a write
+failed for want of room (full disk, quota, ``ulimit -f``): the message names the path, the cause and the free
+space; the previous checkpoint is intact, and the same command resumes once there is room.
+See documentation/RESILIENCE.md for every fault a run survives.
 """
 
 from __future__ import annotations
@@ -49,19 +53,21 @@ import torch
 import torch.nn.functional as F
 
 from src.model.theta_model import ThetaModel, check_model_folder
+from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
+                                        find_resume_checkpoint, list_checkpoints, load_checkpoint_file, rng_state,
+                                        save_checkpoint, set_rng_state)
 from src.training.lm_loss import TargetIndex, step_losses
 from src.training.packing import pack_batch
 from src.training.lm_data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate,  # noqa: F401
                                   domain_summary, evaluate, load_prepared_records, safe_exp, token_losses)
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id, run_entry_point,
-                              setup_logging, stable_hash)
+from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
+                              remove_stale_temporaries, run_entry_point, setup_logging, stable_hash)
 from src.utils.email_notifier import NullNotifier
+from src.utils.run_lock import claim_run_folder, release_all
 from src.utils.profiles import PROFILE_NAMES, profiles_help, train_values
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 2  # 2: technique states in one "techniques" entry, the epoch's batch plan in run_state
-COMPLETE_MARKER = "COMPLETE"
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 
@@ -899,62 +905,6 @@ def build_scheduler(optimizer, args: argparse.Namespace, total_steps: int):
                          scheduler_specific_kwargs=kwargs)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir: Path, state: dict, keep_last: int) -> Path:
-    """``checkpoints/step_<N>/state.pt`` through ``atomic_dir``: temp folder, fsync, rename, then the marker.
-
-    A folder without the marker is an interrupted save: resume skips it. The newest ``keep_last`` are kept.
-    """
-    final = ckpt_dir / f"step_{state['global_step']}"
-    with atomic_dir(final, marker=COMPLETE_MARKER) as tmp:
-        torch.save(state, tmp / "state.pt")
-    complete = sorted(list_checkpoints(ckpt_dir), key=lambda p: int(p.name.split("_")[1]))
-    for old in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    if not ckpt_dir.is_dir():
-        return []
-    return [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and p.name.split("_")[1].isdigit()]
-
-
-def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete, loadable checkpoint; incomplete or corrupt ones are skipped with a warning."""
-    for path in sorted(list_checkpoints(ckpt_dir), key=lambda p: int(p.name.split("_")[1]), reverse=True):
-        if not (path / COMPLETE_MARKER).exists():
-            logger.warning("skipping incomplete checkpoint %s (no %s marker)", path, COMPLETE_MARKER)
-            continue
-        try:
-            return path, load_checkpoint_file(path)
-        except Exception as err:  # a torn or corrupt file: fall back to an older one
-            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
-    return None
-
-
-def load_checkpoint_file(path: Path) -> dict:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint version {state.get('version')} (expected {CHECKPOINT_VERSION})")
-    return state
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The technique protocol: each technique in one class (flags, checks, set-up, state, hooks, summary, history)
 # ---------------------------------------------------------------------------------------------------------------
@@ -1715,6 +1665,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if pre.profile:
         parser.set_defaults(**PROFILES[pre.profile])
     args = parser.parse_args(argv)
+    # Every float flag, the techniques' included: inf and nan parse as floats and pass a "> 0" check
+    # (--learning_rate inf trained to exit 0 and published a NaN model).
+    nonfinite = [f"--{a.dest} {getattr(args, a.dest)}" for a in parser._actions
+                 if a.type is float and isinstance(getattr(args, a.dest, None), float)
+                 and not math.isfinite(getattr(args, a.dest))]
+    if nonfinite:
+        parser.error(f"{', '.join(nonfinite)}: must be a finite number (not inf or nan)")
     checks = [
         (args.epochs < 1, "--epochs must be at least 1"),
         (args.batch_size < 1, "--batch_size must be at least 1"),
@@ -1987,13 +1944,27 @@ def start_run(args: argparse.Namespace, notifier: Any = None) -> Run:
     rank, world, device = _setup_distributed(args)
     run = Run(args=args, rank=rank, world=world, device=device, out=Path(args.output_dir),
               notifier=(notifier if notifier is not None and rank == 0 else NullNotifier()))
+    problem = None
+    if run.is_main and not args.dry_run:  # one writer per run folder: locked before anything is written there
+        try:
+            claim_run_folder(run.out, "training")  # released in finish (src/utils/run_lock.py)
+        except UserError as err:
+            problem = str(err)
+    if world > 1:  # rank 0 alone writes the folder, but every rank must stop with it, not wait for it for good
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise UserError(problem)
     if run.is_main and not args.dry_run:
-        run.out.mkdir(parents=True, exist_ok=True)
         setup_logging(run.out / "train.log")
         if args.log_file:
             extra = logging.FileHandler(args.log_file, encoding="utf-8")
             extra.setFormatter(logging.getLogger().handlers[-1].formatter)
             logging.getLogger().addHandler(extra)
+        # what saves of this run left when it was killed (never another run's: the folder is ours now)
+        for stale in remove_stale_temporaries(run.out) + remove_stale_temporaries(run.out / "checkpoints"):
+            logger.info("removed %s, left by an interrupted save", stale)
     elif run.is_main:
         setup_logging(None)
     else:
@@ -2046,7 +2017,7 @@ def setup_run(run: Run) -> None:
     run.techniques = [cls(args) for cls in TECHNIQUE_TYPES if getattr(args, f"use_{cls.name}")]
     for t in run.techniques:
         t.configure(run)
-    run.checkpoint = find_checkpoint(args, run.out / "checkpoints")
+    run.checkpoint = find_checkpoint(args, run.out / "checkpoints", run.model)
     if run.checkpoint:
         load_weights_and_state(run, run.checkpoint[1])
     elif args.warm_start:
@@ -2113,16 +2084,21 @@ def configure_speed(run: Run) -> None:
                     "on" if run.compiled else "off")
 
 
-def find_checkpoint(args: argparse.Namespace, ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The checkpoint ``--resume`` asks for: the newest complete one (auto), none (never) or a given folder."""
+def find_checkpoint(args: argparse.Namespace, ckpt_dir: Path, model: torch.nn.Module | None = None
+                    ) -> tuple[Path, dict] | None:
+    """The checkpoint ``--resume`` asks for: the newest usable one (auto), none (never) or a given folder.
+
+    Every candidate is loaded safely and checked against ``model`` (src/training/checkpointing.py): auto skips an
+    unusable one with a warning and falls back to an older one; a given folder that is unusable is refused."""
     if args.resume == "auto":
-        return find_resume_checkpoint(ckpt_dir)
+        return find_resume_checkpoint(ckpt_dir, model)
     if args.resume == "never":
         return None
     try:
-        return Path(args.resume), load_checkpoint_file(Path(args.resume))
-    except Exception as err:
-        raise UserError(f"--resume {args.resume}: not a loadable checkpoint ({err})") from err
+        return Path(args.resume), load_checkpoint_file(Path(args.resume), model)
+    except UnusableCheckpoint as err:
+        raise UserError(f"--resume {args.resume}: not a usable checkpoint: {err}. Give another checkpoint "
+                        "folder, --resume auto (the newest usable one) or --resume never (start over)") from err
 
 
 def load_weights_and_state(run: Run, ckpt: dict) -> None:
@@ -2515,7 +2491,11 @@ def end_epoch(run: Run) -> bool:
     with run.eval_weights():
         m = validate(run)
         entry = epoch_entry(run, m)
-        improved = m["loss"] < state.best_val_loss - args.min_delta
+        # a nan or inf loss never improves (nan compares False, but say so): it must not become theta_best/
+        improved = math.isfinite(m["loss"]) and m["loss"] < state.best_val_loss - args.min_delta
+        if not math.isfinite(m["loss"]) and run.is_main:
+            logger.error("epoch %d: validation loss %s is not finite; this epoch's weights are not kept as "
+                         "theta_best/", state.epoch + 1, m["loss"])
         if improved:
             state.best_val_loss, state.best_epoch, state.bad_epochs = m["loss"], state.epoch + 1, 0
             if run.is_main:
@@ -2561,7 +2541,10 @@ def ema_active(run: Run) -> bool:
 
 
 def save_best(run: Run, val_loss: float) -> None:
-    """theta_best/ (atomically, through ThetaModel.save), with the weights validation saw."""
+    """theta_best/ (atomically, through ThetaModel.save), with the weights validation saw; never for a
+    non-finite validation loss (its callers test that first; this is the last guard)."""
+    if not math.isfinite(val_loss):
+        raise ValueError(f"save_best: validation loss {val_loss} is not finite; theta_best/ is not replaced")
     run.tm.save(run.out / "theta_best", extra_files={"theta_run.json": {
         "epoch": run.state.epoch + 1, "step": run.state.global_step, "val_loss": val_loss,
         "ema_weights": ema_active(run)}})
@@ -2628,14 +2611,25 @@ def finish(run: Run) -> dict:
                "seconds": time.time() - run.started, "final_model": str(run.out / "theta_final"),
                "ema_weights": ema_active(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
                "exit_code": run.exit_code}
-    if run.exit_code == 0:
-        if state.best_epoch < 0:  # --max_steps ended before any validation: validate now
-            with run.eval_weights():
-                m = validate(run)
-                if run.is_main:
-                    save_best(run, m["loss"])
-            state.best_val_loss, state.best_epoch = m["loss"], state.epoch + 1  # the epoch it stopped in
+    last_loss = state.history[-1]["val_loss"] if state.history else None
+    if run.exit_code == 0 and state.best_epoch < 0:  # --max_steps ended before any validation: validate now
+        with run.eval_weights():
+            last_loss = validate(run)["loss"]
+            if run.is_main and math.isfinite(last_loss):
+                save_best(run, last_loss)
+        if math.isfinite(last_loss):
+            state.best_val_loss, state.best_epoch = last_loss, state.epoch + 1  # the epoch it stopped in
             summary.update(best_epoch=state.best_epoch, best_val_loss=state.best_val_loss)
+    if run.exit_code == 0 and state.best_epoch < 0:  # no finite validation loss: nothing worth publishing
+        run.exit_code, run.status = EXIT_NONFINITE, "failed: no finite validation loss"
+        summary.update(exit_code=run.exit_code, status=run.status)
+        message = (f"no validation reached a finite loss (the last: {last_loss}), so neither theta_best/ nor "
+                   "theta_final/ was written; the checkpoints are kept. Lower --learning_rate (or check the data), "
+                   "then start over with --resume never")
+        if run.is_main:
+            logger.error("%s", message)
+        run.notifier.failed(message, "train")
+    if run.exit_code == 0:
         if run.is_main:
             with atomic_dir(run.out / "theta_final") as tmp:  # never absent, not even for a moment
                 shutil.copytree(run.out / "theta_best", tmp, dirs_exist_ok=True)
@@ -2650,6 +2644,7 @@ def finish(run: Run) -> dict:
                                                               "status": run.status, "summary": summary})
     if run.world > 1:
         torch.distributed.barrier()
+    release_all(run.out)  # the run folder's lock (rank 0), taken in start_run
     return summary
 
 
