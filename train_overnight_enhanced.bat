@@ -42,6 +42,26 @@ if not defined PY (echo error: the virtual environment could not be set up, see 
 if not exist "%PY%" (echo error: bootstrap_env.py printed "%PY%", which does not exist 1>&2 & exit /b 2)
 :have_python
 
+rem --- one overnight run per project folder ---------------------------------------------------------------------
+rem Runs share Datasets\ and its prepared files, so a second script here (a double-click, or the same command typed
+rem again while the night runs) is refused at once, exit 2, naming the running one. cmd cannot hold a lock itself:
+rem this script runs again under "run_lock hold", which holds the OS lock on models\.overnight.lock until the inner
+rem run ends (THETA_OVERNIGHT_HELD marks the inner one). --help and --preflight write nothing and need no lock.
+if defined THETA_OVERNIGHT_HELD goto lock_done
+set "NEEDS_LOCK=1"
+for %%A in (%*) do (
+  if "%%~A"=="-h" set "NEEDS_LOCK=0"
+  if "%%~A"=="--help" set "NEEDS_LOCK=0"
+  if "%%~A"=="--preflight" set "NEEDS_LOCK=0"
+)
+if "%NEEDS_LOCK%"=="0" goto lock_done
+set "THETA_OVERNIGHT_HELD=1"
+if not exist models mkdir models
+call "%PY%" -m src.utils.run_lock hold --dir models --lock_file models\.overnight.lock --what "overnight run" ^
+  --hint "one overnight run per project folder (they share Datasets\ and its prepared files)" -- "%~f0" %*
+exit /b %ERRORLEVEL%
+:lock_done
+
 rem --- the plan: arguments, profile, run id, resume or not (and why), the flags of each step -------------------------
 set "PLAN=%TEMP%\theta_plan_%RANDOM%%RANDOM%.cmd"
 call "%PY%" -m src.utils.overnight plan --out "%PLAN%" --format cmd --script "%~nx0" -- %*

@@ -33,6 +33,22 @@ else
   PY="$("$PY_SYS" src/utils/bootstrap_env.py --requirements requirements.txt | tail -n 1)"
 fi
 
+# --- one overnight run per project folder ---------------------------------------------------------------------
+# Runs share Datasets/ and its prepared files, so a second script here (a double-click, or the same command typed
+# again while the night runs) is refused at once, exit 2, naming the running one. The lock is an OS lock on the
+# open file descriptor 9: it goes when this script and every step it started have ended, however they end.
+# --help and --preflight write nothing and need no lock.
+NEEDS_LOCK=1
+for arg in "$@"; do
+  case "$arg" in --) break ;; -h|--help|--preflight) NEEDS_LOCK=0 ;; esac
+done
+if [ "$NEEDS_LOCK" = 1 ]; then
+  mkdir -p models
+  exec 9>>models/.overnight.lock
+  "$PY" -m src.utils.run_lock take --fd 9 --lock_file models/.overnight.lock --what "overnight run" \
+    --hint "one overnight run per project folder (they share Datasets/ and its prepared files)" || exit $?
+fi
+
 # --- the plan: arguments, profile, run id, resume or not (and why), the flags of each step -----------------------
 PLAN="$("$PY" -m src.utils.overnight plan --format sh --script "$(basename "$0")" -- "$@")" || exit $?
 eval "$PLAN"
@@ -113,7 +129,7 @@ STEP="start"
 "$PY" -m src.utils.overnight banner --run_dir "$RUN_DIR" --python "$PY"
 
 if [ "$TENSORBOARD" = 1 ]; then
-  "$PY" -m tensorboard.main --logdir models --host 127.0.0.1 --port "$TB_PORT" >/dev/null 2>&1 &
+  "$PY" -m tensorboard.main --logdir models --host 127.0.0.1 --port "$TB_PORT" >/dev/null 2>&1 9>&- &  # not the lock
   TB_PID=$!
   say "tensorboard: http://127.0.0.1:$TB_PORT/ (stops when this run ends)"
   trap 'kill "$TB_PID" 2>/dev/null || true' EXIT

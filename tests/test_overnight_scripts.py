@@ -31,7 +31,7 @@ SH = ROOT / "train_overnight_enhanced.sh"
 BAT = ROOT / "train_overnight_enhanced.bat"
 STUB = ROOT / "tests" / "overnight_stub" / "python_stub.py"
 # Files under test come from the working tree; the rest of src/ from the last commit (see copy_project).
-OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/utils/step_runner.py", "src/training/preflight.py",
+OWN_FILES = [SH.name, BAT.name, "src/utils/overnight.py", "src/utils/step_runner.py", "src/utils/run_lock.py", "src/training/preflight.py",
              "src/training/run_emails.py", "src/training/report.py", "src/utils/email_notifier.py",
              "src/utils/gpu_info.py"]
 STEP_MODULES = ["src.training.preflight", "src.data_processing.knowledge_base_enhancer_main",
@@ -99,7 +99,7 @@ class StubbedRun:
         """The script, started in a session of its own: its pid is its process group's id."""
         self.log.write_text("")
         env = clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(self.log), STUB_REAL_PYTHON=sys.executable,
-                        STUB_REAL=",".join(["src.utils.overnight", *real]),
+                        STUB_REAL=",".join(["src.utils.overnight", "src.utils.run_lock", *real]),
                         STUB_EXIT=json.dumps(exit_codes or {}), **(env or {}))
         return subprocess.Popen([str(self.project / SH.name), *args], cwd=self.project.parent, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -113,8 +113,9 @@ class StubbedRun:
 
 def step_calls(calls: list[list[str]]) -> list[list[str]]:
     """The calls of the steps and of the helper's subcommands, as ``[module, args...]``; the step runner's own
-    calls (``overnight step``) are left out: the step's call follows each."""
-    return [c[1:] for c in calls if c[:1] == ["-m"] and c[1:3] != ["src.utils.overnight", "step"]]
+    calls (``overnight step``) are left out: the step's call follows each; so is the script's lock."""
+    return [c[1:] for c in calls if c[:1] == ["-m"] and c[1:3] != ["src.utils.overnight", "step"]
+            and c[1:2] != ["src.utils.run_lock"]]
 
 
 @pytest.fixture
@@ -295,6 +296,31 @@ def test_sigterm_during_evaluation_leaves_nothing_running_reports_once_and_the_r
     modules = [c[0] for c in step_calls(calls)]
     assert "src.training.train_enhanced" not in modules and "src.training.evaluate_model" in modules
     assert (stubbed.project / "models" / run / "DONE").is_file()
+
+
+def test_a_second_script_in_the_same_project_is_refused_naming_the_first(stubbed):
+    """Regression (two runs in one folder): the script started twice (a double-click, or the same command typed
+    again) ran twice over the same run, writing over each other. The second now exits 2 at once, naming the first;
+    the first runs on to the end untouched; once it has ended, the lock is free again (nothing to clean up)."""
+    hold = stubbed.project.parent / "release_training"
+    first = stubbed.start("--profile", "quick", env={"STUB_HOLD": f"src.training.train_enhanced={hold}"})
+    held_step(hold, first)
+    second = subprocess.run([str(stubbed.project / SH.name), "--profile", "quick"], cwd=stubbed.project.parent,
+                            env=clean_env(THETA_PYTHON=str(STUB), STUB_LOG=str(stubbed.project.parent / "second"),
+                                          STUB_REAL_PYTHON=sys.executable,
+                                          STUB_REAL="src.utils.overnight,src.utils.run_lock"),
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stdout + second.stderr
+    message = second.stdout + second.stderr
+    assert f"overnight run by pid {first.pid} on " in message and "one overnight run per project folder" in message
+    assert "Traceback" not in message
+    hold.write_text("go")
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out
+    (run,) = stubbed.runs()
+    assert (stubbed.project / "models" / run / "DONE").is_file()
+    code, out, _ = stubbed("--profile", "quick")  # the lock went with the first script
+    assert code == 0, out
 
 
 def test_sigint_during_training_stops_it_and_the_rerun_trains_again(stubbed):

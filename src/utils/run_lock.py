@@ -11,6 +11,7 @@ the removal never lets two processes in.
 
     python -m src.utils.run_lock check --dir models/<run>     # exit 0 when free, 2 naming the holder
     python -m src.utils.run_lock hold --dir models/<run> --what "overnight run" -- ./train_overnight_enhanced.sh
+    exec 9>>models/.overnight.lock; python -m src.utils.run_lock take --fd 9 --lock_file models/.overnight.lock
     from src.utils.run_lock import RunLock
     with RunLock(run_dir, "training", hint="use another --output_dir"):
         ...
@@ -353,7 +354,39 @@ def release_locks(locks: list[RunLock]) -> None:
 # Command line: check a folder, or hold its lock while a command runs
 # ---------------------------------------------------------------------------------------------------------------
 
-def hold(folder: Path, what: str, command: list[str]) -> int:
+def take_inherited(fd: int, lock_file: Path, what: str, holder_pid: int, hint: str = "") -> None:
+    """Lock the open file ``fd`` that this process inherited from its parent (a shell's ``exec 9>>FILE``), on the
+    parent's behalf: a ``flock`` belongs to the open file, not to the process, so the lock stays with the parent
+    (and whatever it starts) after this process exits, and goes when the last of them closes it. The description
+    names ``holder_pid`` (the shell). POSIX only; refused with ``RunLocked`` when another open file holds it."""
+    if os.name == "nt":
+        raise UserError("take: only on POSIX (the .bat holds its lock with `hold`)")
+    lock_file = Path(lock_file)
+    if not _same_file(fd, lock_file):
+        raise UserError(f"take: descriptor {fd} is not {lock_file} (open it first: exec {fd}>>{lock_file})")
+    lock = RunLock(lock_file.parent, what, hint, lock_file=lock_file)
+    if not _try_os_lock(fd):
+        holder = read_holder(lock_file)
+        if holder and holder.get("token") in _inherited_tokens():
+            return
+        raise RunLocked(lock._refusal(holder), holder)
+    description = lock._description(secrets.token_hex(8))
+    description.update(pid=holder_pid, command=description["command"] if holder_pid == os.getpid() else
+                       _parent_command(holder_pid))
+    _write_description(fd, description)
+
+
+def _parent_command(pid: int) -> str:
+    """The command line of process ``pid`` (for the lock's description), or ``pid N`` where it cannot be read."""
+    try:
+        import psutil
+
+        return shlex.join(psutil.Process(pid).cmdline())[:_MAX_COMMAND_CHARS]
+    except Exception:  # psutil missing, the process gone, no permission: the pid alone still says who
+        return f"pid {pid}"
+
+
+def hold(folder: Path, what: str, command: list[str], lock_file: Path | None = None, hint: str = "") -> int:
     """Run ``command`` holding ``folder``'s lock; returns its exit code (128 + N when signal N ended it).
 
     ``hold`` waits for the command whatever happens, so the lock is never given back while it runs: SIGTERM sent
@@ -363,7 +396,7 @@ def hold(folder: Path, what: str, command: list[str]) -> int:
     """
     if not command:
         raise UserError("hold: give the command to run after --, e.g. hold --dir models/<run> -- ./train.sh")
-    lock = RunLock(folder, what).acquire()
+    lock = RunLock(folder, what, hint, lock_file=lock_file).acquire()
     try:
         env = {**os.environ, TOKENS_ENV: ",".join(sorted(_inherited_tokens() | {lock.token} - {None}))}
         extra = {"pass_fds": (lock.fd,)} if os.name != "nt" and lock.fd is not None else {}
@@ -394,8 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hold", help="hold the folder's lock while the command after -- runs (exit: its code)")
     h.add_argument("--dir", type=Path, required=True, help="the run folder, e.g. models/<run> (created if absent)")
     h.add_argument("--what", type=str, default="overnight run", help="what the holder does, for the messages")
+    h.add_argument("--lock_file", type=Path, default=None, help="the lock file (default: <dir>/run.lock)")
+    h.add_argument("--hint", type=str, default="", help="added to the refusal")
     h.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    t = sub.add_parser("take", help="lock an inherited open file for the parent shell (POSIX): the overnight .sh")
+    t.add_argument("--fd", type=int, required=True, help="the descriptor the shell opened on --lock_file")
+    t.add_argument("--lock_file", type=Path, required=True, help="the lock file, e.g. models/.overnight.lock")
+    t.add_argument("--what", type=str, default="overnight run", help="what the holder does, for the messages")
+    t.add_argument("--hint", type=str, default="", help="added to the refusal")
     args = p.parse_args(argv)
+    if args.action == "take":
+        take_inherited(args.fd, args.lock_file, args.what, os.getppid(), args.hint)
+        return 0
     if args.action == "check":
         holder = holder_of(args.dir)
         if holder is None:
@@ -405,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise UserError(f"--dir {args.dir} is a file, not a folder")
-    return hold(args.dir, args.what, command)
+    return hold(args.dir, args.what, command, args.lock_file, args.hint)
 
 
 if __name__ == "__main__":
