@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import PROJECT_ROOT, run_script
 import src.training.train_enhanced as te
-from src.training.lm_data import TokenizedDataset, collate, token_losses
+from full_logits import full_logits_token_losses
+from src.training.lm_data import TokenizedDataset, collate
+from src.training.lm_loss import TargetIndex, head_loss
 from src.utils.email_notifier import EmailConfig, TrainingEmailNotifier
 
 def _args(model_dir, data, out, *extra):
@@ -34,15 +36,18 @@ def _weights(run: Path, folder: str = "theta_final") -> dict[str, torch.Tensor]:
 # --- loss maths ------------------------------------------------------------------------------------------------
 
 def test_loss_is_shifted_masked_cross_entropy_by_hand():
+    """The trainer's loss at the target positions (lm_loss.head_loss, what step_losses calls) against a loop by hand
+    over the full logits ``hidden @ weight.T``."""
     torch.manual_seed(0)
-    B, T, V = 3, 7, 11
-    logits = torch.randn(B, T, V)
+    B, T, C, V = 3, 7, 5, 11
+    hidden, weight = torch.randn(B, T, C), torch.randn(V, C)
+    logits = hidden @ weight.T
     labels = torch.randint(0, V, (B, T))
     labels[0, :3] = -100  # a prompt
     labels[1, 5:] = -100  # padding
     labels[2, :] = -100
     labels[2, 4] = 5      # a single target
-    loss, mask = token_losses(logits, labels)
+    out = head_loss(hidden, weight, TargetIndex.from_labels(labels), chunk_rows=4)
     total, count = 0.0, 0
     for b in range(B):
         for t in range(T - 1):
@@ -52,9 +57,8 @@ def test_loss_is_shifted_masked_cross_entropy_by_hand():
             log_probs = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)  # position t predicts token t + 1
             total -= float(log_probs[target])
             count += 1
-    assert int(mask.sum()) == count == te.LossSetup().normaliser([{"input_ids": labels, "labels": labels}])
-    assert float(loss.sum()) / int(mask.sum()) == pytest.approx(total / count, rel=1e-6)
-    assert float(loss[~mask].abs().sum()) == 0.0
+    assert len(out.token_loss) == count == te.LossSetup().normaliser([{"input_ids": labels, "labels": labels}])
+    assert float(out.loss) / count == pytest.approx(total / count, rel=1e-5)
 
 
 def test_dataset_masks_prompt_and_appends_eos(tiny_model_dir, tiny_records):
@@ -107,7 +111,7 @@ def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(tiny_model_no_
     tm.model.zero_grad(set_to_none=True)
     for ex in ds.examples:
         b = collate([ex], pad)
-        loss, mask = token_losses(tm.model(input_ids=b["input_ids"]).logits, b["labels"])
+        loss, mask = full_logits_token_losses(tm.model(input_ids=b["input_ids"]).logits, b["labels"])
         (loss.sum() / mask.sum() / 4).backward()
     wrong = _grads(tm.model)
     assert max((wrong[n] - whole[n]).abs().max() for n in whole) > 1e-4
