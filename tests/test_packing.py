@@ -73,7 +73,7 @@ def test_packed_loss_and_gradients_match_padded(attn):
     ref_loss, ref_rec, ref_g = _loss_and_grads(model, final_hidden(model, input_ids=ids, attention_mask=mask), labels)
 
     packed = pack_examples(examples, max_length=16, pad_id=0)
-    assert packed.input_ids.shape[0] == 4 and packed.n_records == 6 and packed.useful_tokens == 46
+    assert packed.input_ids.shape[0] == 4 and packed.n_records == 6 and sum(map(sum, packed.lengths)) == 46
     assert packed.position_ids[0, :9].tolist() == list(range(9)) and packed.position_ids[0, 9:14].tolist() == list(range(5))
     hidden = final_hidden(model, **packed.model_inputs(attn))
     loss, rec, grads = _loss_and_grads(model, hidden, packed.labels, packed.record_ids, packed.n_records)
