@@ -68,6 +68,7 @@ EXIT_NONFINITE = 4
 
 # Profiles: the one table in src/utils/profiles.py (HYPERPARAMETERS.md shows it). Explicit flags override them.
 COMPILE_MIN_STEPS = 300  # --compile's default: only runs this long win back the first step's compilation
+SAMPLE_TOKENS = 48  # new tokens of each epoch's greedy validation samples (log_epoch)
 PROFILES: dict[str, dict[str, Any]] = {name: train_values(name) for name in PROFILE_NAMES}  # src/utils/profiles.py
 
 
@@ -2694,7 +2695,8 @@ def log_epoch(run: Run, entry: dict, m: dict) -> None:
     run.writer.add_scalar("epoch/train_loss", entry["train_loss"], state.epoch + 1)
     run.writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
     examples = run.val_ds.examples[:run.args.num_samples]
-    answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=48, temperature=0.0)  # no RNG
+    answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=SAMPLE_TOKENS,
+                                    temperature=0.0)  # greedy: no RNG
     for ex, answer in zip(examples, (a["text"] for a in answers)):
         logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
         run.writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
