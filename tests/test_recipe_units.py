@@ -73,7 +73,8 @@ def test_rdrop_kl_with_quality_weighting_is_logged_with_the_loss_normaliser(tiny
                                    reduction="none").view_as(targets) for lp in (lp1, lp2))
     expected_kl = float((w * mask * kl).sum()) / weighted_tokens
     expected_loss = float((w * mask * (ce + 0.5 * kl)).sum()) / weighted_tokens
-    assert float(result["sums"]["kl"]) / norm == pytest.approx(expected_kl, rel=1e-4)  # was 1.3x: unweighted KL / weighted count
+    # was 1.3x: unweighted KL / weighted count
+    assert float(result["sums"]["kl"]) / norm == pytest.approx(expected_kl, rel=1e-4)
     assert float(result["loss"]) / norm == pytest.approx(expected_loss, rel=1e-5)
 
 

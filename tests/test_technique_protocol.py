@@ -134,5 +134,6 @@ def test_the_recipe_names_no_technique():
         if fn.__doc__:
             source = source.replace(fn.__doc__, "")
         code = "\n".join(line.split("#")[0] for line in source.splitlines())
-        mentioned = [n for n in names if f'"{n}"' in code or f".{n}" in code or n == "CPUOffloadOptimizer" and n in code]
+        mentioned = [n for n in names if f'"{n}"' in code or f".{n}" in code
+                     or n == "CPUOffloadOptimizer" and n in code]
         assert not mentioned, f"{fn.__qualname__} names {mentioned}"

@@ -410,7 +410,8 @@ def estimate_run(run, gpus: int, budget_s: float = TIMING_BUDGET_S) -> dict:
     with run.eval_weights():
         evaluate(run.model, [run.collate_fn([run.val_ds[i] for i in bt]) for bt in share], run.device,
                  run.precision.autocast, run.domain_names)
-    val_once = (time.perf_counter() - t0) * padded_tokens(rank0, val_lengths) / max(1, padded_tokens(share, val_lengths))
+    val_s = time.perf_counter() - t0
+    val_once = val_s * padded_tokens(rank0, val_lengths) / max(1, padded_tokens(share, val_lengths))
     validations = epochs_validated(steps_in_epoch, total) + (total // args.eval_every_steps if args.eval_every_steps
                                                              else 0)
     # what the end of an epoch generates: the domain check every --domain_eval_frequency epochs, the samples

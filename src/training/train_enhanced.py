@@ -271,7 +271,6 @@ def wait_for_device_to_host(sources: list[torch.Tensor], targets: list[torch.Ten
         torch.cuda.synchronize(device)
 
 
-
 class ExponentialMovingAverage:
     """An fp32 exponential moving average of the model's parameters, used for validation and the saved model.
 
@@ -368,7 +367,6 @@ class ExponentialMovingAverage:
         self.shadow = [s.to(d) for s, d in zip(state["shadow"], devices)]
 
 
-
 class EMATechnique(Technique):
     name = "ema"
     switch_help = "exponential moving average of the weights for validation and the saved model"
@@ -419,7 +417,6 @@ class EMATechnique(Technique):
 
     def swaps_eval_weights(self, run) -> bool:
         return self.ema.active
-
 
 
 class LabelSmoothingTechnique(Technique):
@@ -571,7 +568,6 @@ def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight
     return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["name"]))
 
 
-
 class LLRDTechnique(Technique):
     name = "llrd"
     switch_help = "layer-wise learning-rate decay"
@@ -594,7 +590,6 @@ class LLRDTechnique(Technique):
                 f"tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
 
 
-
 def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Generator) -> float:
     """Add Gaussian noise of variance ``eta / (1 + step) ** 0.55`` to every gradient; returns the std used.
 
@@ -612,7 +607,6 @@ def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Gener
             noise = torch.randn(p.grad.shape, generator=generator, device=generator.device, dtype=torch.float32)
             p.grad.add_(noise.to(p.grad.device, p.grad.dtype), alpha=std)
     return std
-
 
 
 class GradientNoiseTechnique(Technique):
@@ -647,15 +641,14 @@ class GradientNoiseTechnique(Technique):
                            self.generator)
 
 
-
 class CPUOffloadOptimizer(torch.optim.Optimizer):
     """AdamW with the state of a fraction of the parameters kept, and updated, in CPU memory.
 
     What: the largest parameters, up to ``fraction`` of the parameter count, get an fp32 master copy and their
     two Adam moments in (pinned) host memory; ``step()`` starts copying their gradients to the host
     (non-blocking), runs AdamW for the rest on the device and for them on the CPU, and copies the updated weights
-    back (non-blocking): a plain ``optimizer.step()`` for the caller. On a 12 GB card, offloading half of gpt2-medium's optimizer
-    state frees about 1.4 GB.
+    back (non-blocking): a plain ``optimizer.step()`` for the caller. On a 12 GB card, offloading half of
+    gpt2-medium's optimizer state frees about 1.4 GB.
     Paper: ZeRO-Offload, Ren et al. 2021.
     Cost: PCIe traffic of two copies of the offloaded parameters per step and a CPU AdamW over them; on a CPU-only
     run nothing is saved (the "device" is the host).
@@ -753,7 +746,6 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             g.update(saved)
 
 
-
 class CPUOffloadTechnique(Technique):
     name = "cpu_offload"
     switch_help = "keep and update part of the AdamW state on the CPU"
@@ -778,7 +770,6 @@ class CPUOffloadTechnique(Technique):
         return (f"CPU offload: {100 * run.optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
                 f"update on the CPU (asked {100 * self.args.cpu_offload_fraction:.0f}%); built after the weights "
                 "were loaded, so its fp32 masters hold the weights training starts from")
-
 
 
 class CodeContrastiveLoss(torch.nn.Module):
@@ -852,7 +843,6 @@ class CodeContrastiveLoss(torch.nn.Module):
         return {"loss_sum": loss_sum, "q": q.detach(), "a": a.detach(), "index": index[keep].detach()}
 
 
-
 class CodeContrastiveTechnique(Technique):
     name = "code_contrastive"
     switch_help = "InfoNCE between question and answer representations"
@@ -879,7 +869,10 @@ class CodeContrastiveTechnique(Technique):
             (args.use_code_contrastive and args.loss_on == "all",
              "--use_code_contrastive cannot run with --loss_on all: it pools the question over the prompt tokens, "
              "which --loss_on all makes targets (every question vector would be zero); use --loss_on answer or "
-             "--no_code_contrastive")] if bad]
+             "--no_code_contrastive"),
+            (args.use_code_contrastive and args.packing,
+             "--packing cannot be combined with --use_code_contrastive (its question/answer pooling reads padded "
+             "rows); drop one of them")] if bad]
 
     def configure(self, run) -> None:
         a = self.args
@@ -927,7 +920,6 @@ class CodeContrastiveTechnique(Technique):
         self.bank = {k: torch.cat([self.bank[k], new[k]])[-keep:] for k in self.bank}
 
 
-
 class CurriculumSampler(SamplerPart):
     """Which records an epoch may draw from: the easiest first, growing to the whole set.
 
@@ -959,7 +951,6 @@ class CurriculumSampler(SamplerPart):
     def pool(self, epoch: int) -> list[int]:
         n = max(1, math.ceil(self.fraction(epoch) * len(self.order)))
         return sorted(self.order[:n])
-
 
 
 class CurriculumTechnique(Technique):
@@ -994,7 +985,6 @@ class CurriculumTechnique(Technique):
 
     def epoch_fields(self, run) -> dict:
         return {"curriculum_fraction": self.curriculum.fraction(run.state.epoch)}
-
 
 
 class DynamicCurriculumTracker(SamplerPart):
@@ -1043,7 +1033,6 @@ class DynamicCurriculumTracker(SamplerPart):
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = np.array(state["losses"], dtype=float)
-
 
 
 class DynamicCurriculumTechnique(Technique):
@@ -1101,7 +1090,6 @@ class DynamicCurriculumTechnique(Technique):
 
     def epoch_fields(self, run) -> dict:
         return {"difficult_ratio": self.tracker.difficult_ratio()}
-
 
 
 class DomainStratifiedSampler(SamplerPart):
@@ -1169,7 +1157,6 @@ class DomainStratifiedSampler(SamplerPart):
         return out
 
 
-
 class DomainStratifiedTechnique(Technique):
     name = "domain_stratified"
     switch_help = "every batch follows a target domain mix"
@@ -1207,7 +1194,6 @@ class DomainStratifiedTechnique(Technique):
         return ("domain stratification: every batch follows the mix "
                 + (self.args.domain_stratified_mix or "uniform over domains")
                 + ", spread over the domains each epoch's pool holds")
-
 
 
 # Every technique, in the order of the run summary. Adding one: a Technique subclass and an entry here.
@@ -1261,7 +1247,6 @@ class WeightedRecordSampler:
         picks = torch.multinomial(torch.tensor(w, dtype=torch.float64), len(pool), replacement=True,
                                   generator=generator)
         return [pool[i] for i in picks.tolist()]
-
 
 
 class TrainingSampler:
@@ -1372,7 +1357,6 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
     full = len(units) - (1 if units and len(units[-1]) < unit else 0)
     perm = torch.randperm(full, generator=generator).tolist() + list(range(full, len(units)))
     return [idx for p in perm for idx in units[p]]
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1668,7 +1652,8 @@ class StepResult:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], counts: dict[str, float], setup: LossSetup,
-                         device: torch.device, autocast_ctx, world: int = 1, scaler=None, no_sync=None) -> dict[str, Any]:
+                         device: torch.device, autocast_ctx, world: int = 1, scaler=None,
+                         no_sync=None) -> dict[str, Any]:
     """Forward and backward over the micro-batches of one optimizer step.
 
     ``model`` is the TrainModule (DDP-wrapped under torchrun); a bare LM is wrapped here. ``counts`` are the step's
@@ -1863,9 +1848,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.warm_start is not None and not Path(args.warm_start).is_dir(),
          f"--warm_start {args.warm_start}: not a model folder")] if bad]
     problems += [m for cls in TECHNIQUE_TYPES for m in cls.check(args)]  # each technique checks its own flags
-    if args.packing and args.use_code_contrastive:
-        problems.append("--packing cannot be combined with --use_code_contrastive (its question/answer pooling "
-                        "reads padded rows); drop one of them")
     if args.compile and sys.platform == "win32":
         problems.append("--compile: torch.compile is not supported on Windows; drop --compile")
     if problems:
@@ -2403,7 +2385,8 @@ def next_window(run: Run) -> list[dict]:
 
 
 def optimizer_step(run: Run, window: list[dict]) -> StepResult:
-    """One optimizer step: forward/backward over the window, (noise), clip, update, EMA, schedule."""
+    """One optimizer step: forward/backward over the window, the techniques' hooks before clipping, clip, update
+    (the optimizer's own step: CPU offload's does its copies), the hooks after it, schedule."""
     result = forward_backward(run, window)
     if run.precision.scaler is not None:
         run.precision.scaler.unscale_(run.optimizer)
