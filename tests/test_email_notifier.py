@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
 from src.utils import email_notifier as en
 from src.utils.email_notifier import Email, EmailSender, Section, resolve_email_config
 
@@ -32,12 +33,6 @@ RECIPIENTS = "me@example.com, team@example.org"
 # ---------------------------------------------------------------------------------------------------------------
 # A real SMTP server
 # ---------------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def tls_cert(tmp_path_factory) -> tuple[Path, Path]:

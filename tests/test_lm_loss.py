@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.training.lm_loss import (IGNORE_INDEX, TargetIndex, final_hidden, full_logits_token_losses, head_loss,
-                                  output_weight, rdrop_head_loss)
+from full_logits import full_logits_rdrop, full_logits_token_losses
+from src.training.lm_loss import IGNORE_INDEX, TargetIndex, final_hidden, head_loss, output_weight, rdrop_head_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_weighted_per_record_loss_and_its_gradients():
 
 
 def _rdrop_full(l1, l2, labels, alpha, smoothing):
-    """R-Drop over full logits, written out with autograd (the formula of train_enhanced.compute_rdrop_loss)."""
+    """R-Drop over full logits, written out with autograd (the formula of tests/full_logits.py)."""
     ce1, mask = full_logits_token_losses(l1, labels, smoothing)
     ce2, _ = full_logits_token_losses(l2, labels, smoothing)
     lp1, lp2 = torch.log_softmax(l1[:, :-1], -1), torch.log_softmax(l2[:, :-1], -1)
@@ -184,10 +184,11 @@ def _batch():
 
 @pytest.mark.parametrize("rdrop", [None, "doubled", "two_pass"])
 def test_step_losses_match_the_full_logits_step_loss(rdrop):
-    """Against the loop's full-logits step loss (train_enhanced's token_losses / LabelSmoothingLoss /
-    compute_rdrop_loss): the weighted sums, the KL, per-record means and every gradient; dropout on, the same
-    seed before each so both draw the same masks."""
+    """The trainer's step loss (lm_loss.step_losses, or R-Drop's train_enhanced.rdrop_step_losses) against the
+    full-logits oracle (tests/full_logits.py): the weighted sums, the KL, per-record means and every gradient;
+    dropout on, the same seed before each so both draw the same masks."""
     from src.training import train_enhanced as te
+    from src.training.lm_loss import step_losses
 
     lm = _tiny_lm(dropout=0.1).train()
     batch, w = _batch(), torch.tensor([1.0, 0.5, 0.75])
@@ -196,25 +197,26 @@ def test_step_losses_match_the_full_logits_step_loss(rdrop):
     torch.manual_seed(11)
     if rdrop is None:
         logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        tok, mask = te.LabelSmoothingLoss(eps)(logits, batch["labels"])
+        tok, mask = full_logits_token_losses(logits, batch["labels"], eps)
         ref_kl = None
     else:
-        out = te.compute_rdrop_loss(lm, batch["input_ids"], batch["attention_mask"], batch["labels"], alpha,
-                                    te.LabelSmoothingLoss(eps), rdrop == "doubled")
+        out = full_logits_rdrop(lm, batch["input_ids"], batch["attention_mask"], batch["labels"], alpha, eps,
+                                rdrop == "doubled")
         tok, mask, ref_kl = out["token_loss"], out["mask"], (out["token_kl"] * w[:, None]).sum()
     ref = (tok * w[:, None]).sum()
     ref_g = torch.autograd.grad(ref, params)
     ref_rec = (tok.detach().sum(1) / mask.sum(1)).detach()
 
     torch.manual_seed(11)
-    from src.training.lm_loss import step_losses
-
-    got = step_losses(lm, batch, w, smoothing=eps, rdrop_alpha=None if rdrop is None else alpha,
-                      rdrop_doubled=rdrop == "doubled", per_record=True)
+    if rdrop is None:
+        got = step_losses(lm, batch, w, smoothing=eps)
+    else:
+        got = te.rdrop_step_losses(lm, batch, w, smoothing=eps, alpha=alpha, doubled=rdrop == "doubled")
     torch.testing.assert_close(got["loss_sum"], ref, **TOL)
     if ref_kl is not None:
-        torch.testing.assert_close(got["kl_sum"], ref_kl.detach(), **TOL)
-    torch.testing.assert_close(got["per_record"], ref_rec, **TOL)
+        torch.testing.assert_close(got["sums"]["kl"], ref_kl.detach(), **TOL)
+    per_record = got["targets"].per_record(got["token_loss"]) / got["targets"].counts()
+    torch.testing.assert_close(per_record, ref_rec, **TOL)
     for a, b in zip(torch.autograd.grad(got["loss_sum"], params), ref_g):
         torch.testing.assert_close(a, b, **TOL)
 

@@ -19,9 +19,14 @@ import os
 import subprocess
 import sys
 
-from recipe_harness.common import (PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, free_port, max_difference, parse)
+import pytest
+
+from helpers import free_port
+from recipe_harness.common import PROJECT_ROOT, QUIET_ENV, SMALL_LR, final_weights, max_difference, parse
 from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te
+
+pytestmark = pytest.mark.slow  # two torchrun launches (about a minute); the default run and CI still run it
 
 
 def plain_argv(env: dict, out, batch: int) -> list[str]:

@@ -73,7 +73,7 @@ def test_packed_loss_and_gradients_match_padded(attn):
     ref_loss, ref_rec, ref_g = _loss_and_grads(model, final_hidden(model, input_ids=ids, attention_mask=mask), labels)
 
     packed = pack_examples(examples, max_length=16, pad_id=0)
-    assert packed.input_ids.shape[0] == 4 and packed.n_records == 6 and packed.useful_tokens == 46
+    assert packed.input_ids.shape[0] == 4 and packed.n_records == 6 and sum(map(sum, packed.lengths)) == 46
     assert packed.position_ids[0, :9].tolist() == list(range(9)) and packed.position_ids[0, 9:14].tolist() == list(range(5))
     hidden = final_hidden(model, **packed.model_inputs(attn))
     loss, rec, grads = _loss_and_grads(model, hidden, packed.labels, packed.record_ids, packed.n_records)
@@ -106,8 +106,11 @@ def test_position_ids_packing_of_transformers_matches_padded():
 def test_packed_step_losses_match_padded_batch_with_weights_and_rdrop():
     """The loop's step loss on a packed batch (pack_batch) equals it on the padded batch: weighted sums,
     per-record means, R-Drop's KL (two passes: dropout off, so the KL is 0 on both) and the gradients."""
+    import functools
+
     from src.training.lm_loss import step_losses
     from src.training.packing import pack_batch
+    from src.training.train_enhanced import rdrop_step_losses
 
     examples = _examples(seed=2)
     model = _model("sdpa")
@@ -117,11 +120,12 @@ def test_packed_step_losses_match_padded_batch_with_weights_and_rdrop():
     packed = pack_batch(padded, max_length=16, pad_id=0)
     assert packed["input_ids"].shape[0] < ids.shape[0] and packed["attention_mask"].dim() == 4
     params = list(model.parameters())
-    for kw in ({}, {"rdrop_alpha": 0.5, "rdrop_doubled": True}):
-        ref = step_losses(model, padded, w, smoothing=0.1, per_record=True, **kw)
-        got = step_losses(model, packed, w, smoothing=0.1, per_record=True, **kw)
+    per_record = lambda out: out["targets"].per_record(out["token_loss"]) / out["targets"].counts()  # noqa: E731
+    for loss in (step_losses, functools.partial(rdrop_step_losses, alpha=0.5, doubled=True)):
+        ref = loss(model, padded, w, smoothing=0.1)
+        got = loss(model, packed, w, smoothing=0.1)
         torch.testing.assert_close(got["loss_sum"], ref["loss_sum"], **TOL)
-        torch.testing.assert_close(got["per_record"], ref["per_record"], **TOL)
+        torch.testing.assert_close(per_record(got), per_record(ref), **TOL)
         for a, b in zip(torch.autograd.grad(got["loss_sum"], params), torch.autograd.grad(ref["loss_sum"], params)):
             torch.testing.assert_close(a, b, **TOL)
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from recipe_harness.fixtures import one_thread  # noqa: F401 (fixture: torch on one thread, the tiny model's speed)
 from src.training import preflight as pf
 from test_email_notifier import SmtpServer, email_env, tls_cert  # noqa: F401 (fixture)
 
@@ -141,13 +142,55 @@ def test_check_disk_counts_what_a_resumed_run_already_holds(tmp_path, monkeypatc
     assert check.level == "warn" and "2 MB of it already there" in check.message, check.message
 
 
-def test_duration_estimate_by_hand():
-    targs = SimpleNamespace(batch_size=8, gradient_accumulation_steps=2, epochs=3, max_steps=0)
-    # 100 records: 13 micro-batches -> 7 optimizer steps x 2 micro-steps x 3 epochs x 0.5 s = 21 s; validation
-    # 10 records: 2 batches x 3 epochs x 0.5 s / 3 = 1 s.
-    assert pf.estimate_duration(0.5, targs, 100, 10, world=1) == pytest.approx(22.0)
-    targs.max_steps = 5
-    assert pf.estimate_duration(0.5, targs, 100, 10, world=1) == pytest.approx(5 * 2 * 0.5 + 1.0)
+def test_step_time_fit_and_counts_by_hand():
+    # seconds = 0.5 + 0.01 x tokens exactly: least squares finds it
+    assert pf.fit_step_time([(100, 1.5), (200, 2.5), (400, 4.5)]) == (pytest.approx(0.5), pytest.approx(0.01))
+    # a negative intercept falls back to seconds proportional to tokens: 7 s over 700 tokens
+    assert pf.fit_step_time([(100, 0.1), (600, 6.9)]) == (0.0, pytest.approx(7.0 / 700))
+    assert pf.fit_step_time([(300, 3.0)]) == (0.0, pytest.approx(0.01))  # one size: proportional
+    lengths = [5, 9, 3, 7]
+    assert pf.padded_tokens([[0, 1], [2], [3, 2]], lengths) == 2 * 9 + 1 * 3 + 2 * 7  # each batch at its longest
+    assert pf.padded_tokens([[0, 1], [2]], lengths, packed=True) == 5 + 9 + 3
+    # --max_steps 10 of epochs of 4, 4, 4, 4: three epochs start (the third is cut short and validated at the end)
+    assert pf.epochs_validated([4, 4, 4, 4], 10) == 3 and pf.epochs_validated([4, 4], 8) == 2
+
+
+def test_the_estimate_plans_the_steps_the_trainer_runs_and_leaves_nothing_behind(capsys, base, tmp_path):
+    """Oracle: the trainer itself. With the curriculum's smaller first pools (--profile quick has it), the planned
+    steps the pre-flight reports are the summary's planned_steps and the steps the run took; the pre-flight writes
+    nothing into the run folder but preflight.json and leaves the global random state as it was."""
+    import torch
+
+    import src.training.train_enhanced as te
+
+    run_dir = Path(base[3])
+    flags = base[base.index("--") + 1:] + ["--epochs", "3"]
+    rng = torch.get_rng_state()
+    code, out = run(capsys, *base, "--epochs", "3", "--domain_eval_frequency", "0")
+    assert code == 0, out
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["preflight.json"]
+    plan = json.loads((run_dir / "preflight.json").read_text())["plan"]
+    summary = te.train(te.parse_args(["--profile", "quick", "--data_path", base[5], "--output_dir", str(run_dir),
+                                      "--no_progress_bar", "--num_samples", "0", "--domain_eval_frequency", "0",
+                                      *flags]))
+    assert summary["exit_code"] == 0 and summary["global_step"] == summary["planned_steps"], summary
+    assert plan["planned_steps"] == summary["planned_steps"]
+    assert plan["steps_in_epoch"][0] < plan["steps_in_epoch"][-1]  # the curriculum's smaller first pool is seen
+    assert len(plan["steps_in_epoch"]) == 3 and plan["timed_steps"] >= 1 and plan["train_s"] > 0
+    assert f"training about {json.loads((run_dir / 'preflight.json').read_text())['estimate']}" in out
+
+
+def test_a_set_up_the_trainer_would_refuse_is_fatal(capsys, base, tmp_path, tiny_records):
+    """A prepared file with no validation record passes the data counts, but the trainer's set-up refuses it."""
+    from src.utils.data_contract import PREPARED_FORMAT_VERSION
+
+    data = tmp_path / "no_validation.json"
+    data.write_text(json.dumps({"format_version": PREPARED_FORMAT_VERSION,
+                                "records": [{**r, "split": "train"} for r in tiny_records]}))
+    argv = base[:4] + ["--data_path", str(data)] + base[6:]
+    code, out = run(capsys, *argv)
+    assert code == 2 and "FATAL setup" in out and "no validation records" in out
 
 
 def test_data_counts_match_a_count_by_hand(capsys, base, tmp_path, tiny_model_dir):

@@ -426,7 +426,7 @@ def test_shipped_datasets_prepare_with_zero_drops(tmp_path):
 
 
 def test_trainer_reads_the_output(prepared_data):
-    from src.training.train_enhanced import load_prepared_records
+    from src.training.lm_data import load_prepared_records
 
     records = load_prepared_records(prepared_data)
     assert records and {r["split"] for r in records} == {"train", "validation"}

@@ -40,6 +40,7 @@ from recipe_harness.common import (CONFIGS, PROFILE_FLAGS, SMALL_LR, TECHNIQUE_F
 from recipe_harness.fixtures import env, one_thread  # noqa: F401 (pytest fixtures)
 import src.training.train_enhanced as te
 
+pytestmark = pytest.mark.slow  # the whole matrix (a torchrun launch included); the default run and CI still run it
 NOT_SPLIT_INVARIANT = {
     "domain_stratified": "the domain mix is allotted per micro-batch (batch_size x world records), so another "
                          "split fills the optimizer step with other records",

@@ -1,8 +1,9 @@
-"""The recipe's pieces: regression tests for bugs 5-8 of issue 12, weighted sampling, atomic folders, --dry_run.
+"""The recipe's pieces: the logged R-Drop KL, the contrastive term under any split, EMA's host reads, theta_final/
+never absent, weighted sampling, atomic folders, --dry_run.
 
-Each ``test_bugN_*`` reproduces one problem of the issue and fails on the code before the fix; the oracles are
-independent computations (torch's KL and cross-entropy, hand-computed frequencies, spies on the file system and
-on CUDA synchronisation).
+The first four hold problems that once shipped (issue 12's bugs 5-8; each test failed on the code before its fix);
+the oracles are independent computations (torch's KL and cross-entropy, hand-computed frequencies, spies on the
+file system and on CUDA synchronisation).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from helpers import loss_setup
 from src.model.theta_model import ThetaModel, split_prompt
+from src.training.lm_data import TokenizedDataset, collate, load_prepared_records
 from src.utils.common import UserError, atomic_dir
 import src.training.train_enhanced as te
 
@@ -38,19 +41,20 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-# --- bug 5: the logged R-Drop KL with quality weighting ------------------------------------------------------
+# --- the logged R-Drop KL with quality weighting (issue 12, bug 5) ---------------------------------------------
 
-def test_bug5_rdrop_kl_with_quality_weighting_is_logged_with_the_loss_normaliser(tiny_model_dir, tiny_records):
+def test_rdrop_kl_with_quality_weighting_is_logged_with_the_loss_normaliser(tiny_model_dir, tiny_records):
     tm = ThetaModel.load(tiny_model_dir, device="cpu")
     tm.model.train()  # dropout on: the two passes differ
     recs = [dict(tiny_records[0], quality_score=1.0), dict(tiny_records[1], quality_score=0.1),
             dict(tiny_records[20], quality_score=0.4)]
-    ds = te.TokenizedDataset(recs, tm.tokenizer, max_length=96)
-    batch = te.collate(ds.examples, tm.tokenizer.pad_token_id)
-    setup = te.LossSetup(rdrop_alpha=0.5, quality_floor=0.2)
+    ds = TokenizedDataset(recs, tm.tokenizer, max_length=96)
+    batch = collate(ds.examples, tm.tokenizer.pad_token_id)
+    setup = loss_setup("--use_rdrop", "--rdrop_alpha", "0.5", "--use_quality_weighting", "--quality_weighting_floor",
+                       "0.2")
     norm = setup.normaliser([batch])
     torch.manual_seed(0)
-    result = te.accumulate_gradients(tm.model, [batch], torch.tensor(norm), setup, torch.device("cpu"), nullcontext())
+    result = te.accumulate_gradients(tm.model, [batch], {"targets": norm}, setup, torch.device("cpu"), nullcontext())
     # oracle: the same doubled forward (same dropout masks), KL and CE from torch, weights and counts by hand
     torch.manual_seed(0)
     with torch.no_grad():
@@ -69,18 +73,19 @@ def test_bug5_rdrop_kl_with_quality_weighting_is_logged_with_the_loss_normaliser
                                    reduction="none").view_as(targets) for lp in (lp1, lp2))
     expected_kl = float((w * mask * kl).sum()) / weighted_tokens
     expected_loss = float((w * mask * (ce + 0.5 * kl)).sum()) / weighted_tokens
-    assert float(result["kl"]) / norm == pytest.approx(expected_kl, rel=1e-4)  # was 1.3x: unweighted KL / weighted count
+    # was 1.3x: unweighted KL / weighted count
+    assert float(result["sums"]["kl"]) / norm == pytest.approx(expected_kl, rel=1e-4)
     assert float(result["loss"]) / norm == pytest.approx(expected_loss, rel=1e-5)
 
 
-# --- bug 6: the contrastive term and how a step is split ------------------------------------------------------
+# --- the contrastive term and how a step is split (issue 12, bug 6) --------------------------------------------
 
 CONTRASTIVE = ["--use_code_contrastive", "--code_contrastive_scope", "all", "--code_contrastive_weight", "1.0",
                "--max_steps", "3"]
 
 
-def test_bug6_contrastive_term_does_not_change_with_micro_batch_split_or_oom_halving(tmp_path, tiny_model_no_dropout,
-                                                                                      prepared_data, monkeypatch):
+def test_contrastive_term_does_not_change_with_micro_batch_split_or_oom_halving(tmp_path, tiny_model_no_dropout,
+                                                                                 prepared_data, monkeypatch):
     te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "4x1", *CONTRASTIVE))
     te.train(_args(tiny_model_no_dropout, prepared_data, tmp_path / "1x4", *CONTRASTIVE, "--batch_size", "1",
                    "--gradient_accumulation_steps", "4"))
@@ -107,7 +112,7 @@ def test_bug6_contrastive_term_does_not_change_with_micro_batch_split_or_oom_hal
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
-def test_bug6_loss_on_all_with_the_contrastive_loss_is_refused_naming_both_flags(capsys):
+def test_loss_on_all_with_the_contrastive_loss_is_refused_naming_both_flags(capsys):
     with pytest.raises(SystemExit):
         te.parse_args(["--use_code_contrastive", "--loss_on", "all"])
     err = capsys.readouterr().err
@@ -115,7 +120,7 @@ def test_bug6_loss_on_all_with_the_contrastive_loss_is_refused_naming_both_flags
     assert te.parse_args(["--use_code_contrastive", "--loss_on", "all", "--ablation_mode", "code_contrastive"])
 
 
-# --- bug 7: EMA reads of a non-blocking device-to-host copy -----------------------------------------------------
+# --- EMA reads of a non-blocking device-to-host copy (issue 12, bug 7) ------------------------------------------
 
 class _CudaParam:
     """A parameter that says it lives on CUDA; its copies to the host log themselves (no GPU needed)."""
@@ -141,7 +146,7 @@ class _CudaModel:
         return iter(self.params.items())
 
 
-def test_bug7_ema_host_read_waits_for_its_non_blocking_copies(monkeypatch):
+def test_ema_host_read_waits_for_its_non_blocking_copies(monkeypatch):
     events: list[str] = []
     model = _CudaModel({"a": _CudaParam(events, torch.ones(3)), "b": _CudaParam(events, torch.full((2,), 2.0))})
     ema = te.ExponentialMovingAverage(model, decay=0.5, device="cpu")
@@ -157,11 +162,10 @@ def test_bug7_ema_host_read_waits_for_its_non_blocking_copies(monkeypatch):
     assert ema.shadow[0].tolist() == [2.0, 2.0, 2.0]  # 0.5 x 1 + 0.5 x 3
 
 
-# --- bug 8: theta_final/ never absent; atomic_dir ----------------------------------------------------------------
+# --- theta_final/ never absent (issue 12, bug 8); atomic_dir ----------------------------------------------------
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the atomic swap (RENAME_EXCHANGE) is Linux's")
-def test_bug8_theta_final_is_never_absent_while_it_is_replaced(tmp_path, tiny_model_dir, prepared_data,
-                                                                monkeypatch):
+def test_theta_final_is_never_absent_while_it_is_replaced(tmp_path, tiny_model_dir, prepared_data, monkeypatch):
     run = tmp_path / "run"
     args = ("--max_steps", "2", "--resume", "never")
     assert te.train(_args(tiny_model_dir, prepared_data, run, *args))["exit_code"] == 0
@@ -203,7 +207,7 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
 
 def test_weighted_draw_frequencies_follow_sample_weight_times_tracker_weight():
     base = [1.0, 2.0, 3.0, 4.0, 0.0]
-    sampler = te.DynamicWeightedSampler(None, base)
+    sampler = te.WeightedRecordSampler(base)
     draws = Counter()
     for seed in range(400):
         draws.update(sampler.draw([0, 1, 2, 3, 4], 0, torch.Generator().manual_seed(seed)))
@@ -212,13 +216,13 @@ def test_weighted_draw_frequencies_follow_sample_weight_times_tracker_weight():
     assert np.allclose([draws[i] / total for i in range(4)], [0.1, 0.2, 0.3, 0.4], atol=0.02)  # w / sum(w)
     tracker = te.DynamicCurriculumTracker(5, warmup_epochs=0, momentum=0.5)
     tracker.update([0, 1, 2, 3, 4], [1.0, 2.0, 4.0, 6.0, 3.0])  # median 3: weights 1/3->0.5, 2/3, 4/3, 2, 1
-    both = te.DynamicWeightedSampler(tracker, base)
+    both = te.WeightedRecordSampler(base, [tracker])
     draws = Counter()
     for seed in range(400):
         draws.update(both.draw([0, 1, 2, 3], 1, torch.Generator().manual_seed(seed)))  # a pool without record 4
     product = np.array([1 * 0.5, 2 * 2 / 3, 3 * 4 / 3, 4 * 2.0])
     assert np.allclose([draws[i] / 1600 for i in range(4)], product / product.sum(), atol=0.02)
-    assert te.DynamicWeightedSampler(None, [2.0] * 4).draw([0, 1, 2, 3], 0, torch.Generator().manual_seed(0)) \
+    assert te.WeightedRecordSampler([2.0] * 4).draw([0, 1, 2, 3], 0, torch.Generator().manual_seed(0)) \
         in [list(p) for p in itertools.permutations(range(4))]  # equal weights: a permutation
 
 
@@ -227,11 +231,10 @@ def test_sample_weight_composes_with_curriculum_and_stratification():
     diffs = [1 + i % 3 for i in range(n)]
     domains = [i % 2 for i in range(n)]
     weights = [0.0 if i % 4 == 0 else 1.0 + i % 3 for i in range(n)]
-    sampler = te.TrainingSampler(n, 4, seed=1, curriculum=te.CurriculumSampler(diffs, [str(i) for i in range(n)],
-                                                                               0.5, 4),
-                                 weighted=te.DynamicWeightedSampler(None, weights),
-                                 stratified=te.DomainStratifiedSampler(domains))
-    pool = set(sampler.curriculum.pool(0))
+    curriculum = te.CurriculumSampler(diffs, [str(i) for i in range(n)], 0.5, 4)
+    sampler = te.TrainingSampler(n, 4, seed=1, parts=[curriculum, te.DomainStratifiedSampler(domains)],
+                                 base_weights=weights)
+    pool = set(curriculum.pool(0))
     batches = sampler.batches(0)
     drawn = [i for b in batches for i in b]
     assert all(i in pool and weights[i] > 0 for i in drawn)  # the pool, weight 0 never
@@ -245,7 +248,7 @@ def test_sample_weight_is_checked_and_reported(tmp_path, tiny_model_dir, prepare
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(UserError, match="record 3 .*sample_weight"):
-        te.load_prepared_records(bad)
+        load_prepared_records(bad)
 
 
 # --- the stratified sampler and the planned step count (the fix behind bug 4) -------------------------------------

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from full_logits import full_logits_rdrop, full_logits_token_losses
+from helpers import loss_setup
+from recipe_harness.common import TECHNIQUE_FLAGS
 import src.training.train_enhanced as te
 
 
@@ -71,64 +74,85 @@ def test_ema_applied_swaps_in_and_restores():
 
 # --- label smoothing and quality weighting ----------------------------------------------------------------------
 
+def _lm_batch():
+    """Three records of a toy vocabulary: a prompt (labels -100), one padded, as collate makes them."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (3, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels[2, 7:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "quality": torch.tensor([1.0, 0.2, 0.6]),
+            "index": torch.arange(3), "has_code": torch.zeros(3, dtype=torch.bool), "domain": torch.zeros(3).long()}
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.05, 0.2])
 def test_label_smoothing_matches_torch_cross_entropy(eps):
-    torch.manual_seed(1)
-    logits = torch.randn(3, 6, 13)
-    labels = torch.randint(0, 13, (3, 6))
-    labels[0, :2] = -100
-    labels[2, 4:] = -100
-    loss, mask = te.LabelSmoothingLoss(eps)(logits, labels)
-    oracle = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), label_smoothing=eps,
+    """The trainer's loss with --use_label_smoothing (the recipe's one module) against F.cross_entropy over the
+    model's full logits with label_smoothing=eps."""
+    model = _toy_model(dropout=0.0).eval()
+    batch = _lm_batch()
+    setup = loss_setup("--use_label_smoothing", "--label_smoothing_epsilon", str(eps))
+    out = te.TrainModule(model, setup)(batch, setup.record_weights(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    oracle = F.cross_entropy(logits[:, :-1].reshape(-1, 50), batch["labels"][:, 1:].reshape(-1), label_smoothing=eps,
                              ignore_index=-100)
-    assert float(loss.sum() / mask.sum()) == pytest.approx(float(oracle), rel=1e-6)
+    assert float(out["loss_sum"]) / setup.normaliser([batch]) == pytest.approx(float(oracle), rel=1e-5)
 
 
 def test_quality_weighting_multiplies_the_smoothed_per_record_loss():
-    setup = te.LossSetup(loss_fn=te.LabelSmoothingLoss(0.1), quality_floor=0.5)
+    setup = loss_setup("--use_label_smoothing", "--label_smoothing_epsilon", "0.1", "--use_quality_weighting",
+                       "--quality_weighting_floor", "0.5")
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "quality": torch.tensor([1.0, 0.2]),
              "labels": torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, -100, -100]])}
     w = setup.record_weights(batch)
     assert w.tolist() == pytest.approx([1.0, 0.6])
     assert setup.normaliser([batch]) == pytest.approx(3 * 1.0 + 1 * 0.6)  # shifted target tokens x weight
     assert te.LossSetup().normaliser([batch]) == 4
+    model = _toy_model(dropout=0.0).eval()  # and the loss: each record's smoothed token losses x its weight
+    full = _lm_batch()
+    out = te.TrainModule(model, setup)(full, setup.record_weights(full))
+    tok, mask = full_logits_token_losses(model(input_ids=full["input_ids"],
+                                               attention_mask=full["attention_mask"]).logits, full["labels"], 0.1)
+    weights = 0.5 + 0.5 * full["quality"]
+    assert float(out["loss_sum"]) == pytest.approx(float((tok * mask * weights[:, None]).sum()), rel=1e-5)
 
 
 # --- R-Drop ------------------------------------------------------------------------------------------------------
 
-def _batch():
-    ids = torch.randint(0, 50, (3, 10))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    labels[2, 7:] = -100
-    return ids, mask, labels
+def _rdrop(model, batch, alpha, doubled=True):
+    """R-Drop's step loss as the trainer computes it: its sums, and its KL and CE as means over the targets."""
+    ones = torch.ones(batch["input_ids"].shape[0])
+    out = te.rdrop_step_losses(model, batch, ones, alpha=alpha, doubled=doubled)
+    n = len(out["targets"])
+    return {"total": float(out["loss_sum"]) / n, "kl": float(out["sums"]["kl"]) / n}
 
 
 def test_rdrop_kl_is_zero_without_dropout_and_forms_agree():
-    torch.manual_seed(2)
     model = _toy_model(dropout=0.1)
-    ids, mask, labels = _batch()
+    batch = _lm_batch()
     model.eval()  # dropout off
-    a = te.compute_rdrop_loss(model, ids, mask, labels, alpha=1.0, doubled=True)
-    b = te.compute_rdrop_loss(model, ids, mask, labels, alpha=1.0, doubled=False)
-    assert float(a["kl"]) == pytest.approx(0.0, abs=1e-6) and float(b["kl"]) == pytest.approx(0.0, abs=1e-6)
-    assert float(a["ce"]) == pytest.approx(float(b["ce"]), rel=1e-5)
-    plain, pmask = te.token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
-    assert float(a["ce"]) == pytest.approx(float(plain.detach().sum() / pmask.sum()), rel=1e-5)
+    a = _rdrop(model, batch, alpha=1.0, doubled=True)
+    b = _rdrop(model, batch, alpha=1.0, doubled=False)
+    assert a["kl"] == pytest.approx(0.0, abs=1e-6) and b["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+    plain, pmask = full_logits_token_losses(model(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert a["total"] == pytest.approx(float(plain.detach().sum() / pmask.sum()), rel=1e-5)  # KL 0: the plain CE
 
 
 def test_rdrop_total_is_ce_plus_alpha_kl_with_dropout():
-    torch.manual_seed(3)
     model = _toy_model(dropout=0.3)
     model.train()
-    ids, mask, labels = _batch()
-    out = te.compute_rdrop_loss(model, ids, mask, labels, alpha=0.5)
-    assert float(out["kl"]) > 1e-4
-    assert float(out["total"]) == pytest.approx(float(out["ce"] + 0.5 * out["kl"]), rel=1e-5)
-    assert float(out["token_loss"][~out["mask"]].abs().sum()) == 0.0
-    assert out["per_record"].shape == (3,)
+    batch = _lm_batch()
+    torch.manual_seed(3)
+    out = _rdrop(model, batch, alpha=0.5)
+    torch.manual_seed(3)  # the oracle draws the same two dropout masks
+    oracle = full_logits_rdrop(model, batch["input_ids"], batch["attention_mask"], batch["labels"], alpha=0.5)
+    assert out["kl"] > 1e-4 and out["kl"] == pytest.approx(float(oracle["kl"]), rel=1e-4)
+    assert out["total"] == pytest.approx(float(oracle["ce"] + 0.5 * oracle["kl"]), rel=1e-5)
+    assert float(oracle["token_loss"][~oracle["mask"]].abs().sum()) == 0.0
 
 
 # --- LLRD --------------------------------------------------------------------------------------------------------
@@ -149,13 +173,14 @@ def test_llrd_table_for_a_four_layer_model():
     assert set(scale_of) == {n for n, _ in model.named_parameters()}  # every parameter once (lm_head is tied)
     # the scheduler honours lr_scale, and the log reports the head's rate
     args = te.parse_args(["--use_llrd", "--llrd_factor", "0.5", "--learning_rate", "1e-3", "--warmup_proportion", "0"])
-    opt = te.build_optimizer(model, args)
+    opt = te.build_optimizer(model, args, te.techniques_on(args))
     sched = te.build_scheduler(opt, args, total_steps=10)
     rates = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert te.head_lr(opt) == pytest.approx(1e-3)
+    assert len(rates) == len(opt.param_groups)  # every group named apart
+    assert te.output_lr(opt, model) == pytest.approx(1e-3)
     assert min(rates.values()) == pytest.approx(1e-3 * 0.0625)
     sched.step()
-    assert te.head_lr(opt) == pytest.approx(1e-3 * (0.5 * (1 + math.cos(math.pi * 1 / 10))))
+    assert te.output_lr(opt, model) == pytest.approx(1e-3 * (0.5 * (1 + math.cos(math.pi * 1 / 10))))
 
 
 # --- gradient noise -----------------------------------------------------------------------------------------------
@@ -178,8 +203,9 @@ def test_gradient_noise_variance_and_seed():
 def test_cpu_offload_updates_equal_plain_adamw(fraction):
     a, b = _toy_model(seed=5), _toy_model(seed=5)
     args = te.parse_args(["--use_llrd", "--llrd_factor", "0.8", "--learning_rate", "1e-2", "--weight_decay", "0.1"])
-    plain = torch.optim.AdamW(te.build_param_groups(a, args), lr=1e-2, foreach=False)
-    offload = te.CPUOffloadOptimizer(te.build_param_groups(b, args), fraction=fraction, lr=1e-2)
+    llrd = te.techniques_on(args)
+    plain = torch.optim.AdamW(te.build_param_groups(a, args, llrd), lr=1e-2, foreach=False)
+    offload = te.CPUOffloadOptimizer(te.build_param_groups(b, args, llrd), fraction=fraction, lr=1e-2)
     for opt in (plain, offload):
         for g in opt.param_groups:
             g["lr"] = 1e-2 * g["lr_scale"]
@@ -191,14 +217,12 @@ def test_cpu_offload_updates_equal_plain_adamw(fraction):
             for p, gr in zip(model.parameters(), g):
                 p.grad = gr.clone()
         plain.step()
-        offload.pre_step()
-        offload.step()
-        offload.post_step()
+        offload.step()  # a plain step() for the caller: the host copies are its own business
         offload.zero_grad()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), n
     # state round trip
-    again = te.CPUOffloadOptimizer(te.build_param_groups(b, args), fraction=fraction, lr=1e-2)
+    again = te.CPUOffloadOptimizer(te.build_param_groups(b, args, llrd), fraction=fraction, lr=1e-2)
     again.load_state_dict(offload.state_dict())
     assert all(torch.equal(x, y) for xs, ys in zip(again.masters, offload.masters) for x, y in zip(xs, ys))
 
@@ -273,7 +297,7 @@ def test_dynamic_tracker_weights_and_weighted_draws():
     # median of [1, 2, 4, 6] = 3 -> 1/3, 2/3, 4/3, 2 (clipped to [0.5, 2])
     assert tracker.weights(1).tolist() == pytest.approx([0.5, 2 / 3, 4 / 3, 2.0])
     draws = Counter()
-    sampler = te.DynamicWeightedSampler(tracker)
+    sampler = te.WeightedRecordSampler(None, [tracker])
     for seed in range(300):
         draws.update(sampler.draw([0, 1, 2, 3], 1, torch.Generator().manual_seed(seed)))
     total = sum(draws.values())
@@ -303,10 +327,9 @@ def test_training_sampler_composes_and_shards_like_one_process():
 
     def make(rank, world, batch):
         return te.TrainingSampler(n, batch, seed=7, rank=rank, world=world,
-                                  curriculum=te.CurriculumSampler(diffs, ids, 0.5, 4),
-                                  stratified=te.DomainStratifiedSampler(domains))
+                                  parts=[te.CurriculumSampler(diffs, ids, 0.5, 4), te.DomainStratifiedSampler(domains)])
     one = make(0, 1, 4)
-    pool = set(one.curriculum.pool(0))
+    pool = set(one.pool(0))
     assert all(i in pool for b in one.batches(0) for i in b)  # the curriculum picks the pool
     assert len(one.batches(0)) == one.num_batches(0) == 5
     for b in one.batches(0):
@@ -320,7 +343,7 @@ def test_training_sampler_composes_and_shards_like_one_process():
 # --- validation metrics -------------------------------------------------------------------------------------------
 
 def test_generation_scores_by_hand():
-    s = te.ValidationMetrics.score_answer("What does a firewall filter?",
+    s = te.GenerationCheck.score_answer("What does a firewall filter?",
                                           "A firewall filters network traffic using rules.",
                                           "A firewall filters traffic traffic traffic")
     assert s["length"] == 6
@@ -341,9 +364,9 @@ def test_domain_check_scores_equal_one_question_at_a_time(tiny_model_dir):
         ("networking", "What is DNS?", "DNS maps host names to addresses."),
         ("networking", "What is a subnet mask used for?", "It splits an address into network and host parts."),
         ("programming", "Was ist eine Liste?", "Eine geordnete Folge von Werten.")]]
-    out = te.ValidationMetrics(per_domain=2, max_new_tokens=12).run(tm, recs)
+    out = te.GenerationCheck(per_domain=2, max_new_tokens=12).run(tm, recs)
     for domain, chosen in (("networking", recs[0:3:2]), ("programming", [recs[1], recs[4]])):
-        scores = [te.ValidationMetrics.score_answer(r["question"], r["answer"], tm.generate_with_stats(
+        scores = [te.GenerationCheck.score_answer(r["question"], r["answer"], tm.generate_with_stats(
             r["question"], max_length=12, temperature=0.0)["text"]) for r in chosen]
         for key in ("length", "distinct_2", "keyword_recall", "coherence"):
             assert out[domain][key] == pytest.approx(float(np.mean([s[key] for s in scores]))), (domain, key)
@@ -352,11 +375,10 @@ def test_domain_check_scores_equal_one_question_at_a_time(tiny_model_dir):
 
 # --- everything together ------------------------------------------------------------------------------------------
 
-ALL_ON = ["--use_ema", "--ema_decay", "0.9", "--ema_warmup_epochs", "1", "--use_label_smoothing",
-          "--use_quality_weighting", "--use_rdrop", "--use_llrd", "--use_gradient_noise", "--use_cpu_offload",
-          "--use_code_contrastive", "--code_contrastive_scope", "all", "--use_curriculum",
-          "--use_dynamic_curriculum", "--dynamic_curriculum_warmup", "1", "--use_domain_stratified",
-          "--domain_eval_frequency", "1", "--domain_eval_per_domain", "1"]
+# Every technique at the interaction matrix's settings (the one table, recipe_harness/common.py), contrastive on
+# every record, and the generation check each epoch.
+ALL_ON = [flag for flags in TECHNIQUE_FLAGS.values() for flag in flags] + [
+    "--code_contrastive_scope", "all", "--domain_eval_frequency", "1", "--domain_eval_per_domain", "1"]
 
 
 def _args(model_dir, data, out, *extra):
@@ -369,7 +391,7 @@ def test_all_techniques_resume_equals_uninterrupted(tmp_path, tiny_model_dir, pr
     full = te.train(_args(tiny_model_dir, prepared_data, tmp_path / "full"))
     assert full["exit_code"] == 0 and full["ema_weights"]
     log = (tmp_path / "full" / "train.log").read_text()
-    for line in ("EMA: decay 0.9", "label smoothing", "R-Drop", "LLRD", "gradient noise", "CPU offload",
+    for line in ("EMA: decay 0.8", "label smoothing", "R-Drop", "LLRD", "gradient noise", "CPU offload",
                  "code-contrastive", "curriculum:", "dynamic curriculum", "domain stratification"):
         assert line in log, line
     history = json.loads((tmp_path / "full" / "loss_history.json").read_text())
@@ -393,7 +415,7 @@ def test_length_grouping_keeps_records_and_mix_and_cuts_padding():
     domains = [i % 3 for i in range(n)]
 
     def make(group):
-        return te.TrainingSampler(n, 4, seed=1, stratified=te.DomainStratifiedSampler(domains),
+        return te.TrainingSampler(n, 4, seed=1, parts=[te.DomainStratifiedSampler(domains)],
                                   lengths=lengths if group else None, group_chunk=8)
     plain, grouped = make(False).batches(0), make(True).batches(0)
     assert sorted(i for b in plain for i in b) == sorted(i for b in grouped for i in b)  # same records

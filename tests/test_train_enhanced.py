@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import PROJECT_ROOT, run_script
 import src.training.train_enhanced as te
+from full_logits import full_logits_token_losses
+from src.training.lm_data import TokenizedDataset, collate
+from src.training.lm_loss import TargetIndex, head_loss
 from src.training.run_emails import TrainingEmailNotifier
 from src.utils.email_notifier import EmailConfig, EmailSender
 
@@ -34,15 +37,18 @@ def _weights(run: Path, folder: str = "theta_final") -> dict[str, torch.Tensor]:
 # --- loss maths ------------------------------------------------------------------------------------------------
 
 def test_loss_is_shifted_masked_cross_entropy_by_hand():
+    """The trainer's loss at the target positions (lm_loss.head_loss, what step_losses calls) against a loop by hand
+    over the full logits ``hidden @ weight.T``."""
     torch.manual_seed(0)
-    B, T, V = 3, 7, 11
-    logits = torch.randn(B, T, V)
+    B, T, C, V = 3, 7, 5, 11
+    hidden, weight = torch.randn(B, T, C), torch.randn(V, C)
+    logits = hidden @ weight.T
     labels = torch.randint(0, V, (B, T))
     labels[0, :3] = -100  # a prompt
     labels[1, 5:] = -100  # padding
     labels[2, :] = -100
     labels[2, 4] = 5      # a single target
-    loss, mask = te.token_losses(logits, labels)
+    out = head_loss(hidden, weight, TargetIndex.from_labels(labels), chunk_rows=4)
     total, count = 0.0, 0
     for b in range(B):
         for t in range(T - 1):
@@ -52,9 +58,8 @@ def test_loss_is_shifted_masked_cross_entropy_by_hand():
             log_probs = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)  # position t predicts token t + 1
             total -= float(log_probs[target])
             count += 1
-    assert int(mask.sum()) == count == te.LossSetup().normaliser([{"input_ids": labels, "labels": labels}])
-    assert float(loss.sum()) / int(mask.sum()) == pytest.approx(total / count, rel=1e-6)
-    assert float(loss[~mask].abs().sum()) == 0.0
+    assert len(out.token_loss) == count == te.LossSetup().normaliser([{"input_ids": labels, "labels": labels}])
+    assert float(out.loss) / count == pytest.approx(total / count, rel=1e-5)
 
 
 def test_dataset_masks_prompt_and_appends_eos(tiny_model_dir, tiny_records):
@@ -62,17 +67,17 @@ def test_dataset_masks_prompt_and_appends_eos(tiny_model_dir, tiny_records):
 
     tm = ThetaModel.load(tiny_model_dir, device="cpu")
     rec = tiny_records[0]
-    ds = te.TokenizedDataset([rec], tm.tokenizer, max_length=256)
+    ds = TokenizedDataset([rec], tm.tokenizer, max_length=256)
     ex = ds[0]
     n_prompt = len(tm.tokenizer(split_prompt(rec["question"])[0])["input_ids"])
     assert ex["input_ids"][-1] == tm.tokenizer.eos_token_id
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
-    all_ds = te.TokenizedDataset([rec], tm.tokenizer, max_length=256, loss_on="all")
+    all_ds = TokenizedDataset([rec], tm.tokenizer, max_length=256, loss_on="all")
     assert all_ds[0]["labels"] == all_ds[0]["input_ids"]
-    short = te.TokenizedDataset([rec], tm.tokenizer, max_length=n_prompt + 2)
+    short = TokenizedDataset([rec], tm.tokenizer, max_length=n_prompt + 2)
     assert short.truncated == 1 and len(short[0]["input_ids"]) == n_prompt + 2
-    batch = te.collate([ex, short[0]], pad_id=tm.tokenizer.pad_token_id)
+    batch = collate([ex, short[0]], pad_id=tm.tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, len(ex["input_ids"]))  # padded to the longest, not max_length
     assert (batch["labels"][1, n_prompt + 2:] == -100).all() and (batch["attention_mask"][1, n_prompt + 2:] == 0).all()
 
@@ -87,28 +92,27 @@ def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(tiny_model_no_
 
     tm = ThetaModel.load(tiny_model_no_dropout, device="cpu")
     recs = [tiny_records[0], tiny_records[1], tiny_records[17], tiny_records[30]]  # different lengths
-    ds = te.TokenizedDataset(recs, tm.tokenizer, max_length=96)
+    ds = TokenizedDataset(recs, tm.tokenizer, max_length=96)
     pad = tm.tokenizer.pad_token_id
     setup = te.LossSetup()
     cpu = torch.device("cpu")
 
     def run(window):
         tm.model.zero_grad(set_to_none=True)
-        norm = torch.tensor(setup.normaliser(window))
-        te.accumulate_gradients(tm.model, window, norm, setup, cpu, nullcontext())
+        te.accumulate_gradients(tm.model, window, {"targets": setup.normaliser(window)}, setup, cpu, nullcontext())
         return _grads(tm.model)
 
-    whole = run([te.collate(ds.examples, pad)])
-    halves = run([te.collate(ds.examples[:2], pad), te.collate(ds.examples[2:], pad)])
-    singles = run([te.collate([ex], pad) for ex in ds.examples])
+    whole = run([collate(ds.examples, pad)])
+    halves = run([collate(ds.examples[:2], pad), collate(ds.examples[2:], pad)])
+    singles = run([collate([ex], pad) for ex in ds.examples])
     for name in whole:
         assert torch.allclose(whole[name], halves[name], atol=1e-7, rtol=1e-4), name
         assert torch.allclose(whole[name], singles[name], atol=1e-7, rtol=1e-4), name
     # the common bug, a mean of micro-batch means, gives a different gradient on uneven lengths
     tm.model.zero_grad(set_to_none=True)
     for ex in ds.examples:
-        b = te.collate([ex], pad)
-        loss, mask = te.token_losses(tm.model(input_ids=b["input_ids"]).logits, b["labels"])
+        b = collate([ex], pad)
+        loss, mask = full_logits_token_losses(tm.model(input_ids=b["input_ids"]).logits, b["labels"])
         (loss.sum() / mask.sum() / 4).backward()
     wrong = _grads(tm.model)
     assert max((wrong[n] - whole[n]).abs().max() for n in whole) > 1e-4
@@ -203,22 +207,22 @@ def _run_at_epoch_start(args):
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_model_dir, prepared_data):
     run = _run_at_epoch_start(_args(tiny_model_dir, prepared_data, tmp_path / "run", "--max_nonfinite_steps", "2"))
-    real = run.loss.loss_fn
+    real = run.loss.lm_loss  # the LM-loss hook of the recipe's one loss (R-Drop's door): NaN comes in through it
 
-    def nan_loss(logits, labels):
-        loss, mask = real(logits, labels)
-        return loss * float("nan"), mask
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "loss_sum": out["loss_sum"] * float("nan")}
 
     weights = lambda: {n: p.detach().clone() for n, p in run.model.named_parameters()}  # noqa: E731
     before = weights()
-    run.loss.loss_fn = nan_loss
+    run.loss.lm_loss = nan_loss
     result = te.optimizer_step(run, te.next_window(run))
     assert not result.finite and run.state.nonfinite_total == 1 and run.state.global_step == 1
     assert all(torch.equal(before[n], p) for n, p in weights().items())  # skipped: no update at all
-    run.loss.loss_fn = real
+    run.loss.lm_loss = real
     assert te.optimizer_step(run, te.next_window(run)).finite and run.state.nonfinite_in_row == 0
     assert any(not torch.equal(before[n], p) for n, p in weights().items())
-    run.loss.loss_fn = nan_loss
+    run.loss.lm_loss = nan_loss
     te.optimizer_step(run, te.next_window(run))
     with pytest.raises(te.StopTraining) as stop:  # the second in a row: --max_nonfinite_steps 2
         te.optimizer_step(run, te.next_window(run))

@@ -1,7 +1,7 @@
 """What training and evaluation share: prepared records, the tokenised dataset, padding, teacher-forced loss.
 
-Both ``train_enhanced.py`` and ``evaluate_model.py`` import this module (and ``train_enhanced`` re-exports its
-names), so neither imports the other for data handling.
+The trainer, ``evaluate_model.py`` and the pre-flight import these names from here (their owner), so none of
+them imports another for data handling.
 
     from src.training.lm_data import TokenizedDataset, collate, evaluate, load_prepared_records
     python -c "from src.training.lm_data import load_prepared_records; print(len(load_prepared_records(
@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from src.model.theta_model import split_prompt
@@ -137,19 +136,6 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token cross-entropy and the target mask, both (B, T-1).
-
-    Position t predicts token t+1: logits[:, :-1] against labels[:, 1:]. Masked positions carry 0 loss.
-    """
-    logits = logits[:, :-1, :].float()  # (B, T-1, V); fp32 for a stable log-softmax under autocast
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
-    return loss, mask
-
-
 def safe_exp(x: float) -> float:
     """Perplexity without overflow: exp capped at exp(50)."""
     return math.exp(min(x, 50.0))
@@ -166,12 +152,6 @@ def domain_summary(sums: torch.Tensor, domain_names: list[str]) -> dict[str, dic
     return out
 
 
-def _target_head_ok(model) -> bool:
-    """A Hugging Face causal LM with a bias-free linear head: its loss can be taken at the targets only."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "base_model")
-
-
 @torch.no_grad()
 def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_ctx, domain_names: list[str],
              world: int = 1) -> dict:
@@ -183,22 +163,16 @@ def evaluate(model, loader_batches: list[dict], device: torch.device, autocast_c
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(domain_names), 3, dtype=torch.float64)  # loss, tokens, correct per domain
-    head = _target_head_ok(model)
     for batch in loader_batches:
-        if head:  # target positions found on the host (no device sync), the head only there: no [B, T, V]
-            batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
+        # target positions found on the host (no device sync), the head only there: no [B, T, V] logits (every
+        # model we load, int8 folders included, has the bias-free linear head this needs; lm_loss.output_weight
+        # refuses any other by name)
+        batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if head:
-            with autocast_ctx:
-                loss, correct, tgt = eval_losses(model, batch)
-            rows = torch.stack([tgt.per_record(loss), tgt.counts().to(loss.dtype),
-                                tgt.per_record(correct.to(loss.dtype))], 1)
-        else:  # any other head (e.g. int8 inference folders): full logits
-            with autocast_ctx:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, mask = token_losses(logits, batch["labels"])
-            correct = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
-            rows = torch.stack([loss.sum(1), mask.sum(1).to(loss.dtype), correct.sum(1).to(loss.dtype)], 1)
+        with autocast_ctx:
+            loss, correct, tgt = eval_losses(model, batch)
+        rows = torch.stack([tgt.per_record(loss), tgt.counts().to(loss.dtype),
+                            tgt.per_record(correct.to(loss.dtype))], 1)
         sums.index_add_(0, batch["domain"].cpu(), rows.double().cpu())  # (B, 3) rows into their domains
     if world > 1:
         torch.distributed.all_reduce(sums)

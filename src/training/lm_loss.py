@@ -28,7 +28,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: 334 rows at vocabulary 50,257
@@ -287,26 +286,6 @@ def rdrop_head_loss(hidden1: torch.Tensor, hidden2: torch.Tensor, weight: torch.
     return HeadLoss(total, ce + alpha * kl, ce, kl, hits)
 
 
-def full_logits_token_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0):
-    """The reference computation over full [B, T, V] logits: per-token (smoothed) CE (B, T-1) and the mask.
-
-    What ``head_loss`` replaces; kept for benchmarks and as a readable statement of the maths.
-    """
-    z = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="none", label_smoothing=smoothing).view_as(targets)
-    return loss, mask
-
-
-def head_flops(n_targets: int, hidden: int, vocab: int, train: bool = True) -> float:
-    """Matmul FLOPs of the head at ``n_targets`` rows: 2 N C V forward, plus 4 N C V for the two gradients."""
-    return (6.0 if train else 2.0) * n_targets * hidden * vocab
-
-
-
-
 def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
     """The last hidden states (B, T, C) of a Hugging Face causal LM, after its final norm, without its head.
 
@@ -336,49 +315,38 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "c
               "max_length_k")  # what the model's forward gets from a (packed) batch
 
 
-def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothing: float = 0.0,
-                rdrop_alpha: float | None = None, rdrop_doubled: bool = True, want_hidden: bool = False,
-                per_record: bool = False, body=None) -> dict:
-    """A micro-batch's weighted loss sums at the target positions: what the loop's step loss needs.
+def step_inputs(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, body=None):
+    """What every training loss of a micro-batch starts from: ``(targets, inputs, run_body, weight, coef)``.
 
-    ``batch`` holds ``input_ids`` and ``labels`` (B, T), optionally ``attention_mask`` (2-D padding or a
-    packed 4-D mask), ``position_ids`` and ``targets`` (a ``TargetIndex`` built on the host; built here from the
-    labels otherwise, which waits for a CUDA device). ``weights`` (B,) or (records,) weights each record's
-    tokens. ``body`` is what to call instead of ``lm`` itself (the same model compiled, for ``--compile``); the
-    hidden states come from its forward with no logits kept (``final_hidden``). Returns ``loss_sum`` (differentiable: sum of weight x token loss, the token loss being
-    the (smoothed) cross-entropy plus alpha x KL under R-Drop), ``kl_sum`` (weighted, detached; None without
-    R-Drop), ``per_record`` ((records,) mean token loss, detached, when asked), ``hidden`` (the first pass's
-    last hidden states, when asked) and ``targets``.
+    ``targets`` is the batch's ``TargetIndex`` (``batch["targets"]``, built on the host; built here from the labels
+    otherwise, which waits for a CUDA device); ``inputs`` what the model's forward gets (``MODEL_KEYS``, no cache);
+    ``run_body(**inputs)`` gives the last hidden states through ``body`` (the same model compiled, for
+    ``--compile``) or ``lm``, with no logits kept (``final_hidden``); ``weight`` the head's (V, C) weight; ``coef``
+    (N,) each target's record weight, from ``weights`` (B,) or (records,).
     """
     targets = batch.get("targets")
     if targets is None:
         targets = TargetIndex.from_labels(batch["labels"], batch.get("record_ids"))
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
-    if "cu_seq_lens_q" in inputs:  # FlashAttention's one flat row cannot be doubled along the batch
-        rdrop_doubled = False
     inputs["use_cache"] = False  # training keeps no cache; packed boundaries are read only without one
     run_body = functools.partial(final_hidden, body if body is not None else lm)
-    weight = output_weight(lm)
-    coef = weights.to(torch.float32)[targets.record]
-    kl_sum = None
-    if rdrop_alpha is None:
-        hidden = run_body(**inputs)  # (B, T, C)
-        out = head_loss(hidden, weight, targets, coef=coef, smoothing=smoothing)
-    else:
-        B = inputs["input_ids"].shape[0]
-        if rdrop_doubled:  # one forward over the doubled batch: two dropout masks, one kernel launch each
-            both = run_body(**{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in inputs.items()})
-            hidden, second = both[:B], both[B:]
-        else:
-            hidden = run_body(**inputs)
-            second = run_body(**inputs)
-        out = rdrop_head_loss(hidden, second, weight, targets, rdrop_alpha, coef=coef, smoothing=smoothing)
-        kl_sum = (out.kl * coef).sum()
-    result = {"loss_sum": out.loss, "kl_sum": kl_sum, "per_record": None, "targets": targets,
-              "hidden": hidden if want_hidden else None}
-    if per_record:
-        result["per_record"] = targets.per_record(out.token_loss) / targets.counts().clamp(min=1)
-    return result
+    return targets, inputs, run_body, output_weight(lm), weights.to(torch.float32)[targets.record]
+
+
+def step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothing: float = 0.0,
+                body=None) -> dict:
+    """A micro-batch's weighted loss sum at the target positions: the training loss of the LM.
+
+    ``batch`` holds ``input_ids`` and ``labels`` (B, T), optionally ``attention_mask`` (2-D padding or a packed 4-D
+    mask), ``position_ids`` and ``targets``; ``weights`` (B,) or (records,) weights each record's tokens; see
+    ``step_inputs`` for ``body``. Returns ``loss_sum`` (differentiable: sum of weight x (smoothed) cross-entropy),
+    ``token_loss`` (N,) per target (detached), ``targets``, ``hidden`` (the last hidden states, (B, T, C)) and
+    ``sums`` (detached figures to log; none here: a replacement such as R-Drop's adds its own).
+    """
+    targets, inputs, run_body, weight, coef = step_inputs(lm, batch, weights, body)
+    hidden = run_body(**inputs)  # (B, T, C)
+    out = head_loss(hidden, weight, targets, coef=coef, smoothing=smoothing)
+    return {"loss_sum": out.loss, "token_loss": out.token_loss, "targets": targets, "hidden": hidden, "sums": {}}
 
 
 @torch.no_grad()

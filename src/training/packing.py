@@ -69,14 +69,6 @@ class PackedBatch:
     def n_records(self) -> int:
         return sum(len(r) for r in self.lengths)
 
-    @property
-    def useful_tokens(self) -> int:
-        return sum(sum(r) for r in self.lengths)
-
-    def padding_mask(self) -> torch.Tensor:
-        """(R, L) 1 on record tokens, 0 on padding (for counting; the model gets the 4-D mask)."""
-        return (self.record_ids >= 0).long()
-
     def block_causal_mask(self, float_dtype: torch.dtype | None = None) -> torch.Tensor:
         """(R, 1, L, L) True where query i may attend key j: same record and j <= i.
 

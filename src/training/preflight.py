@@ -11,17 +11,24 @@ Checks, in order (each prints one line: ok, warn, skip or FATAL with the fix):
   tokens    the end-of-text token is a trained target (it ends every answer's labels) and pad != end-of-text;
   disk      free space where the run folder goes against what the run writes: checkpoints kept (+1 being
             written; each holds the fp32 weights, the AdamW moments and the EMA copy) and three model folders;
-  memory    CUDA only: one forward+backward+AdamW step of the profile's micro-batch at its longest sequence; when
-            it does not fit, the largest micro-batch that does and the flags to use (same effective batch);
+  memory    CUDA only: one forward+backward+AdamW step of the profile's micro-batch at its longest sequence, through
+            the trainer's loss (lm_loss.step_losses); when it does not fit, the largest micro-batch that does and
+            the flags to use (same effective batch);
   data      records of the prepared file with no target token left after truncation (the trainer skips them),
             and the share of answers cut by --max_length;
-  duration  a few timed steps of the profile's micro-batch give the whole run's training time;
+  setup     the trainer's own set-up (start_run, load_data, setup_run) in a scratch folder: what would stop the
+            run at its start (no validation records, a domain mix naming absent domains, ...) stops it now;
+  duration  the whole run's training time from that set-up: the sampler's planned steps of every epoch (the
+            curriculum's smaller pools included), a few timed optimizer steps of the real recipe (model, techniques,
+            optimizer; each after an untimed one of the same shape) fitted as seconds = a + b x padded tokens, a
+            timed share of the validation batches, and one timed generation check and sample generation per epoch;
   email     the configuration (and with --email_test a test message, as ``--preflight`` alone sends).
 Fatal problems exit 2 (a user error: the overnight scripts stop before any step and never resume that run);
 warnings go into the banner and the start email through ``<run_dir>/preflight.json``.
 
-The timed steps are our own minimal loop (forward, backward, torch.optim.AdamW), independent of the trainer's
-internals: plain steps, so techniques that add work beyond R-Drop's doubled batch are not in the estimate.
+The set-up and the timed steps leave nothing in the run folder (a temporary folder, removed after), and the global
+random state is put back afterwards (the pre-flight runs in its own process anyway). Not counted: checkpoint and
+model writes, torch.compile's speed-up (the timed steps run eager) and the data loader's workers.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +50,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from src.training.checkpointing import rng_state, set_rng_state
 from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -49,8 +58,9 @@ logger = logging.getLogger(__name__)
 PREFLIGHT_FILE = "preflight.json"
 TRUNCATION_WARN_SHARE = 0.10   # more answers cut than this: a warning naming --max_length
 DISK_MARGIN = 1.2              # want 20% more free space than the estimate
-TIMED_STEPS = 3
+TIMED_STEPS = 5                # the shortest, quartiles and longest steps of a plan, each after an untimed twin
 TIMING_BUDGET_S = 20.0         # stop timing early on slow set-ups (gpt2-medium on a CPU)
+VALIDATION_SHARE_BATCHES = 16  # validation batches timed (spread over the lengths), the rest by their tokens
 GB = 1024 ** 3
 MB = 1024 ** 2
 
@@ -73,6 +83,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
     estimate: str = ""
+    plan: dict = field(default_factory=dict)  # the duration's figures: planned steps, seconds by part
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
@@ -90,7 +101,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"seconds": round(self.seconds, 2), "fatal": self.fatal, "warnings": self.warnings,
-                "estimate": self.estimate, "checks": [asdict(c) for c in self.checks]}
+                "estimate": self.estimate, "plan": self.plan, "checks": [asdict(c) for c in self.checks]}
 
 
 def human_bytes(n: float) -> str:
@@ -98,6 +109,8 @@ def human_bytes(n: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -160,12 +173,36 @@ class ProbeOutOfMemory(Exception):
     """The probed micro-batch did not fit."""
 
 
-class CudaProbe:
-    """One real forward+backward+AdamW step on the GPU; returns the peak allocated bytes, or raises
-    ProbeOutOfMemory. Cost: a few seconds; the optimizer is thrown away afterwards."""
+def probe_step(model, batch: int, seq: int, device, autocast_ctx) -> None:
+    """One forward+backward+AdamW step of ``batch`` random sequences of ``seq`` tokens, every token a target,
+    through the trainer's loss (``lm_loss.step_losses``: the head at the target positions, no [B, T, V] logits)
+    and a fused AdamW as the trainer builds it. The optimizer is thrown away afterwards."""
+    import torch
 
-    def __init__(self, model, device, autocast_dtype):
-        self.model, self.device, self.dtype = model, device, autocast_dtype
+    from src.training.lm_loss import step_losses
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-12, fused=device.type == "cuda")
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=1e-12, foreach=True)
+    model.train()
+    with autocast_ctx:
+        out = step_losses(model, {"input_ids": ids, "labels": ids}, torch.ones(batch, device=device))
+    out["loss_sum"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CudaProbe:
+    """One real forward+backward+AdamW step on the GPU (``probe_step``); returns the peak allocated bytes, or raises
+    ProbeOutOfMemory. Cost: a few seconds."""
+
+    def __init__(self, model, device, autocast_ctx):
+        self.model, self.device, self.autocast = model, device, autocast_ctx
         import torch
         self.capacity = torch.cuda.get_device_properties(device).total_memory
 
@@ -174,7 +211,7 @@ class CudaProbe:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            timed_step(self.model, batch, seq, self.device, self.dtype, steps=1)
+            probe_step(self.model, batch, seq, self.device, self.autocast)
             return torch.cuda.max_memory_allocated(self.device)
         except torch.cuda.OutOfMemoryError as err:
             raise ProbeOutOfMemory(str(err).splitlines()[0]) from None
@@ -257,49 +294,157 @@ def check_memory(probe, targs: argparse.Namespace, seq: int, device_name: str) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Timed steps
+# Duration: the trainer's own set-up, plan and steps
 # ---------------------------------------------------------------------------------------------------------------
 
-def timed_step(model, batch: int, seq: int, device, autocast_dtype=None, steps: int = TIMED_STEPS,
-               budget_s: float = TIMING_BUDGET_S) -> list[float]:
-    """Seconds of each of ``steps`` forward+backward+AdamW steps on random tokens (the first one, warm-up, not
-    returned when more than one ran). Our own loop: only the model's forward is shared with training."""
-    import torch
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
-    model.train()
-    times, start_all = [], time.perf_counter()
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else \
-            contextlib.nullcontext()
-        with ctx:
-            logits = model(input_ids=ids).logits  # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start_all > budget_s:
+def fit_step_time(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(a, b)`` of seconds = a + b x tokens, by least squares over ``(tokens, seconds)`` points; both >= 0 (a
+    negative intercept or too few distinct sizes fall back to seconds proportional to tokens)."""
+    n = len(points)
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    if n >= 2 and max(xs) > min(xs):
+        mx, my = sum(xs) / n, sum(ys) / n
+        b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+        a = my - b * mx
+        if a >= 0 and b >= 0:
+            return a, b
+        if b < 0:
+            return my, 0.0
+    return 0.0, (sum(ys) / sum(xs) if sum(xs) > 0 else 0.0)
+
+
+def padded_tokens(batches: list[list[int]], lengths: list[int], packed: bool = False) -> int:
+    """Tokens the model processes for these micro-batches: each padded to its longest record (``collate``), or,
+    packed, the records' own tokens."""
+    if packed:
+        return sum(lengths[i] for b in batches for i in b)
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+
+
+def epochs_validated(steps_in_epoch: list[int], total_steps: int) -> int:
+    """Epochs that end with a validation: every epoch that starts before --max_steps (the last one, cut short,
+    validates in ``finish``)."""
+    done, epochs = 0, 0
+    for steps in steps_in_epoch:
+        if done >= total_steps:
             break
-    del opt
-    return times[1:] if len(times) > 1 else times
+        done, epochs = done + steps, epochs + 1
+    return epochs
 
 
-def estimate_duration(step_s: float, targs: argparse.Namespace, n_train: int, n_val: int, world: int) -> float:
-    """Training time of the whole run: micro-steps per epoch x epochs (capped by --max_steps) plus validation
-    (a forward is about a third of a training step)."""
-    micro_per_epoch = math.ceil(n_train / max(1, targs.batch_size * world))
-    optimizer_steps = math.ceil(micro_per_epoch / targs.gradient_accumulation_steps) * targs.epochs
-    if targs.max_steps:
-        optimizer_steps = min(optimizer_steps, targs.max_steps)
-    train_s = optimizer_steps * targs.gradient_accumulation_steps * step_s
-    val_s = math.ceil(n_val / max(1, targs.batch_size * world)) * targs.epochs * step_s / 3
-    return train_s + val_s
+@contextlib.contextmanager
+def scratch_run(targs: argparse.Namespace):
+    """The run the trainer would build from ``targs``, built by its own ``start_run``, ``load_data`` and
+    ``setup_run`` in a temporary folder (removed after), eager (no torch.compile), its log quiet; the global random
+    state and the logging set-up are put back afterwards."""
+    from src.training import train_enhanced as te
+    root = logging.getLogger()
+    handlers, level, rng = list(root.handlers), root.level, rng_state()
+    run = None
+    with tempfile.TemporaryDirectory(prefix="theta_preflight_") as tmp:
+        args = argparse.Namespace(**{**vars(targs), "output_dir": Path(tmp) / "run", "resume": "never",
+                                     "log_file": None, "progress_bar": False, "stop_after_step": 0, "compile": False})
+        try:
+            run = te.start_run(args)
+            root.setLevel(logging.WARNING)  # the run summary and step lines are the trainer's to print, not ours
+            te.load_data(run)
+            te.setup_run(run)
+            yield run
+        finally:
+            if run is not None and run.stop is not None:
+                te.close_outputs(run)
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
+                handler.close()
+            for handler in handlers:
+                if handler not in root.handlers:
+                    root.addHandler(handler)
+            root.setLevel(level)
+            set_rng_state(rng)
+
+
+def time_steps(run, windows: list[list[list[int]]], lengths: list[int], budget_s: float) -> list[tuple[int, float]]:
+    """``(padded tokens, seconds)`` of the recipe's ``optimizer_step`` on each window of record indices, until
+    ``budget_s`` is spent. Each window runs twice and the second is timed: the first step at a new shape pays for
+    its allocations (measured on the 2-core CPU, quick profile: 2.08 s, then 1.05 s at 1552 tokens), which a run
+    pays once per shape, not per step."""
+    import torch
+
+    from src.training import train_enhanced as te
+
+    def step(window):
+        batch = [run.collate_fn([run.train_ds[i] for i in b]) for b in window]
+        t0 = time.perf_counter()
+        te.optimizer_step(run, batch)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        return time.perf_counter() - t0
+
+    start, points = time.perf_counter(), []
+    for window in windows:
+        step(window)  # untimed: this shape's first step
+        points.append((padded_tokens(window, lengths, bool(run.args.packing)), step(window)))
+        if time.perf_counter() - start > budget_s:
+            break
+    return points
+
+
+def estimate_run(run, gpus: int, budget_s: float = TIMING_BUDGET_S) -> dict:
+    """The whole run's training time from its own set-up: the sampler's plan of every epoch for ``gpus`` processes
+    (rank 0's micro-batches), timed optimizer steps of the recipe (a late epoch's, when every warm-up is over),
+    a timed share of the validation batches, and one timed generation check and sample generation per epoch."""
+    from src.training import train_enhanced as te
+    from src.training.lm_data import evaluate
+
+    args, accum = run.args, run.args.gradient_accumulation_steps
+    lengths = [len(e["input_ids"]) for e in run.train_ds.examples]
+    sampler = te.build_train_sampler(run, world=gpus)
+    steps_in_epoch = te.planned_steps(sampler, args)
+    total = min(sum(steps_in_epoch), args.max_steps or sum(steps_in_epoch))
+    tokens, left = [], total  # every planned step's padded tokens
+    for epoch, steps in enumerate(steps_in_epoch):
+        batches = sampler.shard(sampler.global_order(epoch))
+        windows = [batches[k:k + accum] for k in range(0, len(batches), accum)][:max(0, left)]
+        tokens += [padded_tokens(w, lengths, bool(args.packing)) for w in windows]
+        left -= len(windows)
+    # time a late epoch's steps (the EMA started, the tracker's weights in use): its plan, shortest to longest
+    run.state.epoch = args.epochs - 1
+    te.begin_epoch(run)
+    plan = sorted((run.batches[k:k + accum] for k in range(0, len(run.batches), accum)),
+                  key=lambda w: padded_tokens(w, lengths))
+    picks = sorted({round(q * (len(plan) - 1)) for q in (0, 0.25, 0.5, 0.75, 1.0)})[:TIMED_STEPS]
+    points = time_steps(run, [plan[i] for i in picks], lengths, budget_s)
+    a, b = fit_step_time(points)
+    train_s = a * len(tokens) + b * sum(tokens)
+    # validation: a spread share of the batches timed, the rest by their tokens, once per validated epoch
+    val_lengths = [len(e["input_ids"]) for e in run.val_ds.examples]
+    rank0 = te.validation_batches(val_lengths, args.batch_size, 0, gpus)
+    share = rank0[::max(1, len(rank0) // VALIDATION_SHARE_BATCHES)]
+    t0 = time.perf_counter()
+    with run.eval_weights():
+        evaluate(run.model, [run.collate_fn([run.val_ds[i] for i in bt]) for bt in share], run.device,
+                 run.precision.autocast, run.domain_names)
+    val_s = time.perf_counter() - t0
+    val_once = val_s * padded_tokens(rank0, val_lengths) / max(1, padded_tokens(share, val_lengths))
+    validations = epochs_validated(steps_in_epoch, total) + (total // args.eval_every_steps if args.eval_every_steps
+                                                             else 0)
+    # what the end of an epoch generates: the domain check every --domain_eval_frequency epochs, the samples
+    t0 = time.perf_counter()
+    if args.domain_eval_frequency:
+        te.GenerationCheck(args.domain_eval_per_domain).run(run.tm, run.val_recs)
+    check_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.num_samples:
+        run.tm.generate_batch([ex["question"] for ex in run.val_ds.examples[:args.num_samples]],
+                              max_length=te.SAMPLE_TOKENS, temperature=0.0)
+    samples_s = time.perf_counter() - t0
+    epochs = epochs_validated(steps_in_epoch, total)
+    generation_s = check_s * (epochs // args.domain_eval_frequency if args.domain_eval_frequency else 0) \
+        + samples_s * epochs
+    return {"planned_steps": total, "steps_in_epoch": steps_in_epoch, "timed_steps": len(points),
+            "step_model": {"a_s": a, "b_s_per_token": b}, "points": points, "train_s": train_s,
+            "validation_s": val_once * validations, "validations": validations, "generation_s": generation_s,
+            "total_s": train_s + val_once * validations + generation_s}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,7 +453,7 @@ def estimate_duration(step_s: float, targs: argparse.Namespace, n_train: int, n_
 
 def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
     """End-of-text must be a trained target (it ends each answer's labels) and pad must differ from it."""
-    from src.training.train_enhanced import IGNORE_INDEX, TokenizedDataset
+    from src.training.lm_data import IGNORE_INDEX, TokenizedDataset
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     probe = [{"id": "preflight", "question": "What is a test?", "answer": "A check.", "domain": "general"}]
     ds = TokenizedDataset(probe, tokenizer, max(targs.max_length, 64), targs.loss_on)
@@ -327,7 +472,7 @@ def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
 
 def check_data(records: list[dict], tokenizer, targs: argparse.Namespace) -> tuple[list[Check], dict]:
     """Records left without a target token after truncation, and the share of answers cut by --max_length."""
-    from src.training.train_enhanced import TokenizedDataset
+    from src.training.lm_data import TokenizedDataset
     ds = TokenizedDataset(records, tokenizer, targs.max_length, targs.loss_on)
     n = len(records)
     lengths = sorted(len(ex["input_ids"]) for ex in ds.examples)
@@ -373,15 +518,6 @@ def trainer_args(opts: argparse.Namespace) -> tuple[argparse.Namespace | None, s
             return None, (lines[-1].split("error: ", 1)[-1] if lines else "the trainer flags do not parse")
 
 
-def _autocast_dtype(precision: str, device):
-    import torch
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
 def _email_check(send_test: bool) -> Check:
     from src.utils.email_notifier import resolve_email_config, send_test_email
     config, level, message = resolve_email_config()
@@ -407,6 +543,31 @@ def _email_check(send_test: bool) -> Check:
                                   "this is fixed: documentation/EMAIL_NOTIFICATIONS.md")
 
 
+def check_duration(report: Report, targs: argparse.Namespace, gpus: int, device) -> Check:
+    """The set-up as the trainer makes it, then the duration from its plan and its timed steps (``estimate_run``);
+    a user error of the set-up is the run's, so it is fatal here too."""
+    from src.training import train_enhanced as te
+    try:
+        with scratch_run(targs) as run:
+            est = estimate_run(run, gpus)
+    except UserError as err:
+        return Check("setup", "fatal", f"the trainer's set-up stops: {err}", "correct the data or the flag it names")
+    except Exception as err:  # the estimate is information: a failure here must not stop the night
+        return Check("duration", "warn", f"could not time the trainer's steps ({type(err).__name__}: {err})")
+    report.estimate = human_duration(est["total_s"])
+    report.plan = {k: v for k, v in est.items() if k != "points"}
+    epochs = ", ".join(map(str, est["steps_in_epoch"][:8])) + ("..." if len(est["steps_in_epoch"]) > 8 else "")
+    compiled = te.compile_wanted(targs.compile, device, est["planned_steps"])
+    return Check("duration", "ok", f"training about {report.estimate}: {est['planned_steps']} optimizer steps as the "
+                                   f"trainer plans them (per epoch {epochs}; {human_duration(est['train_s'])} from "
+                                   f"{est['timed_steps']} timed steps of its recipe), {est['validations']} "
+                                   f"validations ({human_duration(est['validation_s'])}), generation "
+                                   f"({human_duration(est['generation_s'])}); start-up and checkpoint writes not "
+                                   "counted"
+                                   + ("; the run compiles the model, so expect its steps faster after a slow first "
+                                      "one" if compiled else ""))
+
+
 def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | None = None) -> Report:
     """Every check of the module docstring; ``probe_factory(model, device, targs)`` replaces the memory probe
     (tests simulate a GPU with it)."""
@@ -429,9 +590,15 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
     import transformers
 
     from src.model.theta_model import ThetaModel
+    from src.training import train_enhanced as te
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the overnight log
-    device = torch.device("cuda" if targs.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if targs.device == "auto" else targs.device))
+    try:  # the trainer's own decisions: its device, its precision (autocast dtype, scaler)
+        device = te.resolve_device(targs.device)
+        precision = te.resolve_precision(targs.precision, device)
+    except UserError as err:
+        report.add(Check("flags", "fatal", str(err), "correct --device / --precision after --"))
+        report.seconds = time.perf_counter() - t0
+        return report
     try:
         load_start = time.perf_counter()
         tm = ThetaModel(targs.model_name, device=device, datasets_dir=targs.datasets_dir)
@@ -463,7 +630,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
     if opts.no_data:
         report.add(Check("data", "skip", "checked after the prepare step (the run prepares its data first)"))
     else:
-        from src.training.train_enhanced import load_prepared_records
+        from src.training.lm_data import load_prepared_records
         try:
             records = load_prepared_records(Path(targs.data_path))
         except UserError as err:
@@ -478,7 +645,6 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     longest = min(targs.max_length, info["longest"]) if info and info["longest"] else targs.max_length
-    dtype = _autocast_dtype(targs.precision, device)
     if not only_data:
         probe, where = None, ""
         if probe_factory is not None:
@@ -488,7 +654,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
                                    model.config.n_embd, model.config.vocab_size, targs.gradient_checkpointing)
             where = f"a simulated {opts.simulate_gpu_memory_gb:g} GB GPU"
         elif device.type == "cuda":
-            probe, where = CudaProbe(model, device, dtype), torch.cuda.get_device_name(device)
+            probe, where = CudaProbe(model, device, precision.autocast), torch.cuda.get_device_name(device)
         if probe is None:
             report.add(Check("memory", "skip", "no CUDA GPU: the memory probe runs on CUDA only "
                                                "(--simulate_gpu_memory_gb N estimates one)"))
@@ -496,16 +662,10 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
             report.add(check_memory(probe, targs, longest, where))
 
     if info is not None and not report.fatal:
-        seq = max(8, round(info["mean_length"]))
-        factor = 2 if targs.use_rdrop and getattr(targs, "rdrop_doubled_batch", True) else 1
-        times = timed_step(model, targs.batch_size * factor, seq, device, dtype)
-        step_s = sorted(times)[len(times) // 2]
-        total = estimate_duration(step_s, targs, info["n_train"], info["n_val"], opts.gpus)
-        report.estimate = human_duration(total)
-        report.add(Check("duration", "ok", f"training about {report.estimate} ({len(times)} timed step{'s' * (len(times) != 1)} of "
-                                           f"{step_s:.3f} s at micro-batch {targs.batch_size} x {seq} tokens; "
-                                           f"{info['n_train']} training records, {targs.epochs} epochs; "
-                                           "generation samples and evaluation not counted)"))
+        del tm, model  # the set-up loads its own copy (one model on the GPU at a time)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report.add(check_duration(report, targs, opts.gpus, device))
     if not only_data:
         report.add(_email_check(opts.email_test))
     report.seconds = time.perf_counter() - t0
@@ -521,8 +681,8 @@ def write_report(run_dir: Path, report: Report, merge: bool) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
             names = {c.name for c in report.checks}
             checks = [Check(**c) for c in old.get("checks", []) if c["name"] not in names] + report.checks
-            data = Report(checks, old.get("seconds", 0) + report.seconds,
-                          report.estimate or old.get("estimate", "")).to_json()
+            data = Report(checks, old.get("seconds", 0) + report.seconds, report.estimate or old.get("estimate", ""),
+                          report.plan or old.get("plan", {})).to_json()
         except (OSError, ValueError, TypeError, KeyError):
             pass
     atomic_write_json(path, data)

@@ -6,7 +6,9 @@ shifted next-token cross-entropy on answer tokens, normalised by the target toke
 (global) batch; AdamW without decay on biases and norms; warmup then a linear, cosine or restarting-cosine
 schedule; validation every epoch; early stopping; atomic resumable checkpoints that hold the epoch's batch plan;
 tensorboard, ``metrics.jsonl``, ``loss_history.json`` and ``train.log`` in the run folder. Each training
-technique is one ``Technique`` class (flags, checks, state, hooks, summary): see documentation/ARCHITECTURE.md.
+technique is one ``Technique`` subclass beside its algorithm, plugged in through the protocol's hooks (loss terms
+and logged sums, parameter groups and optimizer, sampler parts, step and epoch hooks, state); the recipe names
+none of them: see documentation/ARCHITECTURE.md, "The protocol".
 
     python src/training/train_enhanced.py --profile quick
     python -m src.training.train_enhanced --model_name gpt2 --data_path Datasets/enhanced_training_data.json \\
@@ -43,7 +45,7 @@ import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -56,10 +58,9 @@ from src.model.theta_model import ThetaModel, check_model_folder
 from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
                                         find_resume_checkpoint, list_checkpoints, load_checkpoint_file, rng_state,
                                         save_checkpoint, set_rng_state)
-from src.training.lm_loss import TargetIndex, step_losses
+from src.training.lm_data import IGNORE_INDEX, TokenizedDataset, collate, evaluate, load_prepared_records
+from src.training.lm_loss import TargetIndex, rdrop_head_loss, step_inputs, step_losses
 from src.training.packing import pack_batch
-from src.training.lm_data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedDataset, collate,  # noqa: F401
-                                  domain_summary, evaluate, load_prepared_records, safe_exp, token_losses)
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
                               remove_stale_temporaries, run_entry_point, setup_logging, stable_hash)
 from src.utils.email_notifier import NullNotifier
@@ -73,11 +74,196 @@ EXIT_NONFINITE = 4
 
 # Profiles: the one table in src/utils/profiles.py (HYPERPARAMETERS.md shows it). Explicit flags override them.
 COMPILE_MIN_STEPS = 300  # --compile's default: only runs this long win back the first step's compilation
+SAMPLE_TOKENS = 48  # new tokens of each epoch's greedy validation samples (log_epoch)
 PROFILES: dict[str, dict[str, Any]] = {name: train_values(name) for name in PROFILE_NAMES}  # src/utils/profiles.py
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimization techniques: EMA, label smoothing, CPU offload, code-contrastive loss, R-Drop, LLRD, gradient noise
+# The technique protocol: the hooks a technique plugs into, the figures it logs, the sampler stages it adds
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoggedSum:
+    """A figure a technique logs: the sum of ``key`` over a step's micro-batches divided by the step's count ``count``.
+
+    ``count`` is ``"targets"`` (the weighted target tokens, the LM loss's normaliser) or one of the technique's own
+    ``step_counts``. metrics.jsonl and tensorboard (``train/<key>``) get it every step; the epoch's sums add it up
+    over the finite steps and loss_history.json shows it as ``epoch_key`` (none when empty). Sums and counts are
+    this rank's: a count is summed over the ranks, so a rank divides by its share (count / world).
+    """
+    key: str
+    count: str = "targets"
+    epoch_key: str = ""
+
+
+@dataclass
+class StepPart:
+    """What a technique adds to one micro-batch, made inside the one wrapped module's forward (so under DDP).
+
+    ``loss_sum`` is an extra loss term summed over the micro-batch (None: none); the step's loss gets
+    ``weight x loss_sum / (the step's count `count`)``, so the term is the step's mean however the step is split.
+    ``sums`` are detached figures for the technique's ``LoggedSum``s; ``keep`` is anything detached that its
+    ``after_optimizer_step`` reads (``result.kept[name]``, one entry per micro-batch).
+    """
+    loss_sum: torch.Tensor | None = None
+    weight: float = 1.0
+    count: str = "targets"
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep: Any = None
+
+
+class SamplerPart:
+    """One stage of an epoch's draw that a technique adds; ``TrainingSampler`` composes the parts by ``stage``:
+
+    - ``"pool"``: ``pool(epoch)`` gives the sorted records the epoch may draw from (several parts intersect);
+    - ``"weights"``: ``weights(epoch)`` gives (n,) factors on every record's draw weight (times ``sample_weight``);
+    - ``"arrange"``: ``arrange(order, global_batch)`` makes the drawn order into whole global batches,
+      ``arranged_len(n, global_batch)`` says how long that order is for ``n`` records, and ``group_keys`` (per
+      record) is the key whose per-batch mix length grouping must keep.
+
+    ``name`` is the part's name in the run summary's ``sampling`` line (and the summary's ``sampling`` key).
+    """
+    name = ""
+    stage = ""
+    group_keys: list | None = None
+
+
+class Technique:
+    """One training technique as the recipe sees it; the base class does nothing at every hook.
+
+    The one door: a technique is one subclass and its entry in ``TECHNIQUE_TYPES``. The recipe calls these hooks on
+    every technique that is on and names none of them (documentation/ARCHITECTURE.md, "The protocol"):
+
+    - set-up: ``add_flags`` (its flags; the ``--use_<name>`` / ``--no_<name>`` switch is added for it), ``check``
+      (start-up problems naming the flags), ``configure`` (before weights load and the model is wrapped: the
+      ``LossSetup``'s knobs, ``run.extra_modules`` (trainable, inside the one DDP wrapper), ``run.sampler_parts``),
+      ``summary`` (its run-summary line), ``state_dict`` / ``load_state_dict`` (checkpoints loop over techniques);
+    - the loss of a micro-batch: ``record_weights`` (a factor on each record's loss and on the normaliser),
+      ``step_counts`` (its own per-step normaliser counts, summed over ranks), ``micro_batch`` (its ``StepPart``:
+      an extra loss term, logged sums, what it keeps), ``logged_sums`` (the figures it logs);
+    - the optimizer: ``param_groups`` (edit or replace the LM's groups), ``build_optimizer`` (build it, or None);
+    - the step and the epoch: ``on_epoch_start``, ``before_clip``, ``after_update`` (after a real optimizer step),
+      ``after_optimizer_step`` (after every step, finite or not), ``step_fields``, ``epoch_fields``;
+    - validation and saving: ``eval_weights`` and ``swaps_eval_weights``.
+    Adding one: documentation/TRAINING_TECHNIQUES.md, "Adding a technique".
+    """
+
+    name = ""  # the switch is --use_<name>; also an --ablation_mode value
+    switch_help = ""
+    logged_sums: tuple[LoggedSum, ...] = ()
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    # --- set-up, summary, state ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def add_flags(group) -> None:
+        """Its own flags besides the switch."""
+
+    @staticmethod
+    def check(args: argparse.Namespace) -> list[str]:
+        """Start-up problems with its flags, each naming the flags involved. Asked of every technique, on or off:
+        value checks always apply, combinations with other flags only when the technique is on."""
+        return []
+
+    def configure(self, run: "Run") -> None:
+        """Plug into the run before weights are loaded and the model is wrapped."""
+
+    def summary(self, run: "Run") -> str:
+        return self.name
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint must hold to resume it exactly (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict, run: "Run") -> None:
+        pass
+
+    # --- the loss of a micro-batch --------------------------------------------------------------------------------
+
+    def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B,) factors on each record's loss, also in the step's normaliser (None: all 1)."""
+        return None
+
+    def step_counts(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Its own counts over a step's micro-batches (host values, no device sync), summed over ranks: what its
+        loss terms and logged sums are divided by."""
+        return {}
+
+    def micro_batch(self, batch: dict[str, torch.Tensor], lm_out: dict) -> StepPart | None:
+        """Inside the wrapped module's forward, after the LM loss (``lm_out``: ``loss_sum``, ``token_loss``,
+        ``targets``, ``hidden``, ``sums``): an extra term, logged sums and what to keep, or None."""
+        return None
+
+    # --- the optimizer ----------------------------------------------------------------------------------------------
+
+    def param_groups(self, model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+        """The LM's parameter groups, edited or replaced (each with ``lr_scale``; the extra modules' follow)."""
+        return groups
+
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer | None:
+        """An optimizer of its own over ``groups`` (None: AdamW). It does any pre/post work in its ``step``."""
+        return None
+
+    # --- the step and the epoch ---------------------------------------------------------------------------------
+
+    def on_epoch_start(self, run: "Run") -> None:
+        pass
+
+    def before_clip(self, run: "Run") -> None:
+        """After backward (and unscaling), before gradient clipping."""
+
+    def after_update(self, run: "Run") -> None:
+        """After a real optimizer step (not after a skipped non-finite one)."""
+
+    def after_optimizer_step(self, run: "Run", result: "StepResult") -> None:
+        """After every optimizer step, finite or not (``result.finite`` says)."""
+
+    def step_fields(self, run: "Run", result: "StepResult") -> dict:
+        """Fields for the step's metrics.jsonl line besides its ``logged_sums``."""
+        return {}
+
+    def epoch_fields(self, run: "Run") -> dict:
+        """Fields for the epoch's loss_history.json entry besides its ``logged_sums``."""
+        return {}
+
+    # --- validation and saving ------------------------------------------------------------------------------------
+
+    def eval_weights(self, run: "Run"):
+        """A context in which validation and saving see the weights this technique wants them to see."""
+        return nullcontext()
+
+    def swaps_eval_weights(self, run: "Run") -> bool:
+        """Whether ``eval_weights`` swaps other weights in now (the run summary and theta_run.json say so)."""
+        return False
+
+
+def gather_rows(x: torch.Tensor, world: int, interleave: bool = False) -> torch.Tensor:
+    """Every rank's rows of ``x`` (N, C), on every rank; ``x`` itself when world is 1.
+
+    ``interleave`` (equal N on every rank) puts row j of rank r at ``j * world + r``: rank r holds every
+    ``world``-th record of each global batch (TrainingSampler.shard), so this restores the global order one
+    process would have seen. Otherwise the rows follow in rank order (sizes may differ).
+    """
+    if world == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    if interleave:
+        return torch.stack(parts, 1).reshape(-1, *x.shape[1:])  # (N, world, C) -> (N * world, C)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Techniques, each algorithm followed by its Technique: EMA, label smoothing, quality weighting, R-Drop,
+# LLRD, gradient noise, CPU offload, code-contrastive loss, curriculum, dynamic curriculum, domain stratification
 # ---------------------------------------------------------------------------------------------------------------
 
 def wait_for_device_to_host(sources: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
@@ -187,39 +373,288 @@ class ExponentialMovingAverage:
         self.shadow = [s.to(d) for s, d in zip(state["shadow"], devices)]
 
 
-class LabelSmoothingLoss(torch.nn.Module):
-    """Next-token cross-entropy with label smoothing, per target token.
+class EMATechnique(Technique):
+    name = "ema"
+    switch_help = "exponential moving average of the weights for validation and the saved model"
 
-    What: the target distribution puts ``1 - s`` on the true token and spreads ``s`` evenly over the vocabulary,
-    so per token ``loss = (1 - s) * nll + s * mean_v(-log p_v)``; on shifted logits, ignoring -100.
-    Paper: Szegedy et al. 2016 (Inception v3); Müller et al. 2019 ("When does label smoothing help?").
-    Cost: one extra mean over the vocabulary of the log-softmax: negligible.
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
+        t.add_argument("--ema_warmup_epochs", type=int, default=0,
+                       help="epochs before the EMA starts, from the weights of that moment")
+        t.add_argument("--ema_device", choices=["cpu", "device"], default="cpu",
+                       help="where the fp32 shadow lives: host memory or the training device")
+        add_switch(t, "ema_decay_warmup", False, "ramp the decay as min(decay, (1+n)/(10+n)) over the first updates")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [(not 0 < args.ema_decay < 1, "--ema_decay must be in (0, 1)"),
+                                 (args.ema_warmup_epochs < 0, "--ema_warmup_epochs must be >= 0")] if bad]
+
+    def configure(self, run) -> None:
+        a = self.args
+        self.ema = ExponentialMovingAverage(run.model, a.ema_decay, a.ema_warmup_epochs, a.ema_device,
+                                            a.ema_decay_warmup)
+
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"EMA: decay {a.ema_decay}, starts after {a.ema_warmup_epochs} epoch(s) from the weights of then, "
+                f"shadow on {a.ema_device}{', decay warmup' if a.ema_decay_warmup else ''}; validation and "
+                "theta_best/ use the EMA weights")
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state, run) -> None:
+        self.ema.load_state_dict(state, run.model)
+
+    def on_epoch_start(self, run) -> None:
+        if self.ema.maybe_start(run.model, run.state.epoch) and run.is_main:
+            logger.info("EMA starts now (epoch %d) from the current weights", run.state.epoch + 1)
+
+    def after_update(self, run) -> None:
+        self.ema.update(run.model)
+
+    def epoch_fields(self, run) -> dict:
+        return {"ema": {"active": self.ema.active, "decay": self.ema.current_decay(), "updates": self.ema.updates}}
+
+    def eval_weights(self, run):
+        return self.ema.applied(run.model)
+
+    def swaps_eval_weights(self, run) -> bool:
+        return self.ema.active
+
+
+class LabelSmoothingTechnique(Technique):
+    """Label smoothing: the target distribution puts ``1 - s`` on the true token and spreads ``s`` evenly over the
+    vocabulary, so per target token ``loss = (1 - s) * nll + s * mean_v(-log p_v)``.
+
+    Where: the target-position head computes it (``lm_loss.head_loss`` and R-Drop's pair head, ``smoothing``),
+    fused with the cross-entropy; this class sets it. Paper: Szegedy et al. 2016 (Inception v3); Müller et al.
+    2019 ("When does label smoothing help?"). Cost: one mean over the vocabulary per target: negligible.
     Sharp edge: the smoothed loss never reaches 0 and is not the model's likelihood: perplexity and validation
-    loss are computed without smoothing. Oracle: ``F.cross_entropy(..., label_smoothing=s)`` (tested).
+    loss are computed without smoothing. Oracle: ``F.cross_entropy(..., label_smoothing=s)`` over the model's full
+    logits (tested).
     """
+    name = "label_smoothing"
+    switch_help = "label smoothing on the training loss"
 
-    def __init__(self, smoothing: float):
-        super().__init__()
-        self.smoothing = smoothing
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--label_smoothing_epsilon", type=float, default=0.1,
+                       help="smoothing mass spread over the vocabulary")
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
-        targets = labels[:, 1:]  # (B, T-1)
-        mask = targets != IGNORE_INDEX
-        nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        smooth = -logp.mean(dim=-1)  # (B, T-1)
-        loss = (1.0 - self.smoothing) * nll + self.smoothing * smooth
-        return loss * mask, mask
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 <= args.label_smoothing_epsilon < 1 else ["--label_smoothing_epsilon must be in [0, 1)"]
+
+    def configure(self, run) -> None:
+        run.loss.smoothing = self.args.label_smoothing_epsilon
+
+    def summary(self, run) -> str:
+        return f"label smoothing: epsilon {self.args.label_smoothing_epsilon} (validation loss is unsmoothed)"
+
+
+class QualityWeightingTechnique(Technique):
+    """Quality weighting: each record's token losses count ``floor + (1 - floor) x quality_score`` times, and the
+    step's normaliser counts its target tokens with the same weight (so the loss stays a weighted mean).
+    Cost: none. Sharp edge: a floor of 0 lets records of quality 0 drop out of training altogether.
+    """
+    name = "quality_weighting"
+    switch_help = "weigh each record's loss by its quality_score"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--quality_weighting_floor", type=float, default=0.5,
+                       help="weight = floor + (1 - floor) x quality_score")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 <= args.quality_weighting_floor <= 1 else ["--quality_weighting_floor must be in [0, 1]"]
+
+    def record_weights(self, batch) -> torch.Tensor:
+        floor = self.args.quality_weighting_floor
+        return floor + (1 - floor) * batch["quality"].clamp(0, 1)
+
+    def summary(self, run) -> str:
+        floor = self.args.quality_weighting_floor
+        return (f"quality weighting: record weight {floor} + {1 - floor:g} x quality_score; the loss and every "
+                "logged figure are normalised by the weighted target-token count")
+
+
+def rdrop_step_losses(lm: torch.nn.Module, batch: dict, weights: torch.Tensor, smoothing: float = 0.0, body=None, *,
+                      alpha: float, doubled: bool = True) -> dict:
+    """R-Drop: two dropout passes, their (smoothed) cross-entropies averaged, plus ``alpha`` x their symmetric KL.
+
+    What: the same batch goes through the model twice with different dropout masks (one forward over the
+    doubled batch when ``doubled``, two forwards otherwise); per target token,
+    ``loss = (ce1 + ce2) / 2 + alpha * (KL(p1 || p2) + KL(p2 || p1)) / 2``, computed at the target positions only
+    (``lm_loss.rdrop_head_loss``: no [B, T, V] logits). It replaces ``lm_loss.step_losses`` (same arguments, same
+    result) and adds ``sums["kl"]``, the record-weighted KL sum, logged over the loss's own normaliser.
+    Paper: Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks".
+    Cost: about 2x the forward and backward of the plain step (the doubled batch also doubles activation memory;
+    ``doubled=False`` trades that for a second, sequential forward).
+    Sharp edges: with dropout off (eval mode, or p = 0) both passes agree and the KL term is exactly 0; packed
+    FlashAttention rows (one flat row) cannot be doubled along the batch, so they take two forwards.
+    """
+    targets, inputs, run_body, weight, coef = step_inputs(lm, batch, weights, body)
+    if "cu_seq_lens_q" in inputs:
+        doubled = False
+    B = inputs["input_ids"].shape[0]
+    if doubled:  # one forward over the doubled batch: two dropout masks, one kernel launch each
+        both = run_body(**{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        hidden, second = both[:B], both[B:]
+    else:
+        hidden = run_body(**inputs)
+        second = run_body(**inputs)
+    out = rdrop_head_loss(hidden, second, weight, targets, alpha, coef=coef, smoothing=smoothing)
+    return {"loss_sum": out.loss, "token_loss": out.token_loss, "targets": targets, "hidden": hidden,
+            "sums": {"kl": (out.kl * coef).sum()}}
+
+
+class RDropTechnique(Technique):
+    name = "rdrop"
+    switch_help = "R-Drop: two dropout passes with a symmetric KL term"
+    logged_sums = (LoggedSum("kl", "targets", "train_kl"),)
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--rdrop_alpha", type=float, default=0.1, help="weight of the R-Drop KL term")
+        add_switch(t, "rdrop_doubled_batch", True,
+                   "one forward over the doubled batch (else two forwards: less memory)", off="rdrop_two_pass")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if args.rdrop_alpha >= 0 else ["--rdrop_alpha must be >= 0"]
+
+    def configure(self, run) -> None:
+        run.loss.lm_loss = functools.partial(rdrop_step_losses, alpha=self.args.rdrop_alpha,
+                                             doubled=self.args.rdrop_doubled_batch)
+
+    def summary(self, run) -> str:
+        return (f"R-Drop: alpha {self.args.rdrop_alpha}, "
+                + ("one forward over the doubled batch" if self.args.rdrop_doubled_batch else "two forwards"))
+
+
+def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight_decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay groups for GPT-2, each with an ``lr_scale`` the scheduler multiplies in.
+
+    What: the top block learns at the base rate and each block below at ``llrd_factor`` times the one above
+    (block i of L: ``factor ** (L - 1 - i)``); the position embeddings sit below block 0 (``factor ** L``). The
+    token embedding, which GPT-2 ties to the LM head, and the final layer norm learn at the base rate: the head
+    must adapt to the new domain's vocabulary (the original gave it about 1e-7 and never noticed). Biases and
+    norms (every 1-D parameter) get no weight decay.
+    Paper: Howard & Ruder 2018 (ULMFiT, "discriminative fine-tuning"); Clark et al. 2020 (ELECTRA).
+    Cost: none at run time. Sharp edge: with a small factor and many layers the bottom blocks barely move.
+    """
+    blocks = model.transformer.h
+    n_layer = len(blocks)
+    scales: dict[str, float] = {}
+    for name, _ in model.named_parameters():
+        if ".h." in f".{name}":
+            layer = int(name.split(".h.")[1].split(".")[0])
+            scales[name] = llrd_factor ** (n_layer - 1 - layer)
+        elif "wpe" in name:
+            scales[name] = llrd_factor ** n_layer
+        else:  # wte (tied LM head), ln_f
+            scales[name] = 1.0
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2
+        key = (scales[name], decay)
+        if key not in groups:
+            # named by what they are ("decay"/"no_decay" sort in the order the optimizer has always seen)
+            label = f"{'decay' if decay else 'no_decay'} x{scales[name]:.4g}"
+            groups[key] = {"params": [], "names": [], "lr_scale": scales[name],
+                           "weight_decay": weight_decay if decay else 0.0, "name": label}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["name"]))
+
+
+class LLRDTechnique(Technique):
+    name = "llrd"
+    switch_help = "layer-wise learning-rate decay"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--llrd_factor", type=float, default=0.85, help="each block's rate over the block above it")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if 0 < args.llrd_factor <= 1 else ["--llrd_factor must be in (0, 1]"]
+
+    def param_groups(self, model, groups) -> list[dict]:
+        return get_llrd_optimizer_groups(model, self.args.llrd_factor, self.args.weight_decay)
+
+    def summary(self, run) -> str:
+        groups = run.optimizer.param_groups
+        scales = sorted({round(g["lr_scale"], 6) for g in groups}, reverse=True)
+        return (f"LLRD: factor {self.args.llrd_factor}, {len(groups)} groups, rate scales {scales[0]:g} (top block, "
+                f"tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
+
+
+def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Generator) -> float:
+    """Add Gaussian noise of variance ``eta / (1 + step) ** 0.55`` to every gradient; returns the std used.
+
+    What: annealed gradient noise, applied after unscaling and before clipping.
+    Paper: Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very Deep Networks".
+    Cost: one random tensor per parameter per step (a few percent). Sharp edges: the variance is per element,
+    so the noise's norm grows with the square root of the parameter count: the paper's eta = 0.01 gives a
+    noise norm near 190 on a 3.4M-parameter model (gradient norm about 3), which clipping then turns into a
+    mostly random step; our default 1e-8 keeps it near 0.2 there (and about 1 on gpt2-medium). Seeded by its
+    own generator, whose state is checkpointed, so a resumed run draws the same noise.
+    """
+    std = math.sqrt(eta / (1 + step) ** 0.55)
+    for p in parameters:
+        if p.grad is not None:
+            noise = torch.randn(p.grad.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            p.grad.add_(noise.to(p.grad.device, p.grad.dtype), alpha=std)
+    return std
+
+
+class GradientNoiseTechnique(Technique):
+    name = "gradient_noise"
+    switch_help = "annealed Gaussian gradient noise"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--gradient_noise_eta", type=float, default=1e-8,
+                       help="noise variance eta / (1 + t)^0.55 per element (its norm grows with sqrt(parameters))")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [] if args.gradient_noise_eta >= 0 else ["--gradient_noise_eta must be >= 0"]
+
+    def configure(self, run) -> None:
+        # the same seed on every rank: the gradients are already all-reduced, so the noise keeps replicas equal
+        self.generator = torch.Generator(device=run.device).manual_seed(self.args.seed + 1)
+
+    def summary(self, run) -> str:
+        return (f"gradient noise: variance {self.args.gradient_noise_eta} / (1 + t)^0.55, after unscaling, "
+                "before clipping")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state, run) -> None:
+        self.generator.set_state(state["generator"])
+
+    def before_clip(self, run) -> None:
+        add_gradient_noise(run.module.parameters(), run.state.global_step, self.args.gradient_noise_eta,
+                           self.generator)
 
 
 class CPUOffloadOptimizer(torch.optim.Optimizer):
     """AdamW with the state of a fraction of the parameters kept, and updated, in CPU memory.
 
     What: the largest parameters, up to ``fraction`` of the parameter count, get an fp32 master copy and their
-    two Adam moments in (pinned) host memory; ``pre_step()`` starts copying their gradients to the host
-    (non-blocking), ``step()`` runs AdamW for them on the CPU and for the rest on the device, and ``post_step()``
-    copies the updated weights back (non-blocking). On a 12 GB card, offloading half of gpt2-medium's optimizer
-    state frees about 1.4 GB.
+    two Adam moments in (pinned) host memory; ``step()`` starts copying their gradients to the host
+    (non-blocking), runs AdamW for the rest on the device and for them on the CPU, and copies the updated weights
+    back (non-blocking): a plain ``optimizer.step()`` for the caller. On a 12 GB card, offloading half of
+    gpt2-medium's optimizer state frees about 1.4 GB.
     Paper: ZeRO-Offload, Ren et al. 2021.
     Cost: PCIe traffic of two copies of the offloaded parameters per step and a CPU AdamW over them; on a CPU-only
     run nothing is saved (the "device" is the host).
@@ -268,7 +703,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             for k in ("lr", "betas", "eps", "weight_decay"):
                 cg[k] = dg[k] = g[k]
 
-    def pre_step(self) -> None:
+    def _gradients_to_host(self) -> None:
         """Start the device-to-host copies of the offloaded gradients."""
         for params, grads in zip(self.host_params, self.host_grads):
             for p, g in zip(params, grads):
@@ -277,6 +712,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._gradients_to_host()
         self._sync_hyperparameters()
         self.device_optimizer.step()
         if torch.cuda.is_available():
@@ -285,9 +721,10 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             for p, m, g in zip(params, masters, grads):
                 m.grad = g if p.grad is not None else None
         self.cpu_optimizer.step()
+        self._weights_to_device()
         return None
 
-    def post_step(self) -> None:
+    def _weights_to_device(self) -> None:
         """Copy the updated master weights back to the device (non-blocking)."""
         with torch.no_grad():
             for params, masters in zip(self.host_params, self.masters):
@@ -313,6 +750,32 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 m.copy_(s)
         for g, saved in zip(self.param_groups, state["groups"]):
             g.update(saved)
+
+
+class CPUOffloadTechnique(Technique):
+    name = "cpu_offload"
+    switch_help = "keep and update part of the AdamW state on the CPU"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--cpu_offload_fraction", type=float, default=0.5,
+                       help="share of parameters offloaded (by count)")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (not 0 <= args.cpu_offload_fraction <= 1, "--cpu_offload_fraction must be in [0, 1]"),
+            (args.use_cpu_offload and args.precision == "fp16",
+             "--use_cpu_offload cannot run with --precision fp16 (the GradScaler needs a plain optimizer): use "
+             "--precision bf16 or fp32, or --no_cpu_offload")] if bad]
+
+    def build_optimizer(self, groups) -> CPUOffloadOptimizer:  # once the weights are final (setup_run)
+        return CPUOffloadOptimizer(groups, self.args.cpu_offload_fraction, lr=self.args.learning_rate)
+
+    def summary(self, run) -> str:
+        return (f"CPU offload: {100 * run.optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
+                f"update on the CPU (asked {100 * self.args.cpu_offload_fraction:.0f}%); built after the weights "
+                "were loaded, so its fp32 masters hold the weights training starts from")
 
 
 class CodeContrastiveLoss(torch.nn.Module):
@@ -386,109 +849,84 @@ class CodeContrastiveLoss(torch.nn.Module):
         return {"loss_sum": loss_sum, "q": q.detach(), "a": a.detach(), "index": index[keep].detach()}
 
 
-def compute_rdrop_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                       alpha: float, loss_fn=None, doubled: bool = True, output_hidden_states: bool = False) -> dict:
-    """R-Drop: two dropout passes, their cross-entropies averaged, plus ``alpha`` x their symmetric KL.
+class CodeContrastiveTechnique(Technique):
+    name = "code_contrastive"
+    switch_help = "InfoNCE between question and answer representations"
+    logged_sums = (LoggedSum("contrastive", "contrastive_count", "contrastive_loss"),)
 
-    What: the same batch goes through the model twice with different dropout masks (one forward over the
-    doubled batch when ``doubled``, two forwards otherwise); per target token,
-    ``total = (ce1 + ce2) / 2 + alpha * (KL(p1 || p2) + KL(p2 || p1)) / 2``. Padding and prompt tokens carry 0.
-    Paper: Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks".
-    Cost: about 2x the forward and backward of the plain step (the doubled batch also doubles activation memory;
-    ``doubled=False`` trades that for a second, sequential forward).
-    Sharp edge: with dropout off (eval mode, or p = 0) both passes agree and the KL term is exactly 0.
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--code_contrastive_weight", type=float, default=0.02, help="weight of the contrastive loss")
+        t.add_argument("--code_contrastive_temperature", type=float, default=0.1, help="InfoNCE temperature")
+        t.add_argument("--code_contrastive_scope", choices=["code", "all"], default="code",
+                       help="records with code only, or all records")
+        t.add_argument("--code_contrastive_dim", type=int, default=128,
+                       help="projection size of the contrastive head")
+        t.add_argument("--code_contrastive_bank", type=int, default=64,
+                       help="negatives: pooled vectors of this many recent records of earlier steps")
 
-    Returns ``{"total", "ce", "kl"}`` as means over this batch's target tokens, and per-token tensors
-    ``token_loss`` (B, T-1) (what the loop sums and normalises), ``token_kl`` (B, T-1), ``mask``,
-    ``per_record`` (B,) summed total
-    losses, plus ``logits`` (first pass) and ``hidden`` (last hidden states of the first pass, when asked).
-    """
-    loss_fn = loss_fn or token_losses
-    B = input_ids.shape[0]
-    kw = {"output_hidden_states": True} if output_hidden_states else {}
-    if doubled:
-        out = model(input_ids=torch.cat([input_ids, input_ids]), attention_mask=torch.cat([attention_mask,
-                                                                                         attention_mask]), **kw)
-        logits1, logits2 = out.logits[:B], out.logits[B:]
-        hidden = out.hidden_states[-1][:B] if output_hidden_states else None
-    else:
-        out1 = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        logits1, hidden = out1.logits, (out1.hidden_states[-1] if output_hidden_states else None)
-        logits2 = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    ce1, mask = loss_fn(logits1, labels)
-    ce2, _ = loss_fn(logits2, labels)
-    lp1 = torch.log_softmax(logits1[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    lp2 = torch.log_softmax(logits2[:, :-1].float(), dim=-1)
-    kl = 0.5 * ((lp1.exp() * (lp1 - lp2)).sum(-1) + (lp2.exp() * (lp2 - lp1)).sum(-1))  # (B, T-1)
-    kl = kl * mask
-    ce = 0.5 * (ce1 + ce2)
-    token_loss = ce + alpha * kl
-    n = mask.sum().clamp(min=1)
-    return {"total": token_loss.sum() / n, "ce": ce.sum() / n, "kl": kl.sum() / n, "token_loss": token_loss,
-            "token_kl": kl, "mask": mask, "per_record": token_loss.sum(1), "logits": logits1, "hidden": hidden}
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (args.code_contrastive_weight < 0, "--code_contrastive_weight must be >= 0"),
+            (args.code_contrastive_temperature <= 0, "--code_contrastive_temperature must be > 0"),
+            (args.code_contrastive_dim < 1, "--code_contrastive_dim must be at least 1"),
+            (args.code_contrastive_bank < 1, "--code_contrastive_bank must be at least 1"),
+            (args.use_code_contrastive and args.loss_on == "all",
+             "--use_code_contrastive cannot run with --loss_on all: it pools the question over the prompt tokens, "
+             "which --loss_on all makes targets (every question vector would be zero); use --loss_on answer or "
+             "--no_code_contrastive"),
+            (args.use_code_contrastive and args.packing,
+             "--packing cannot be combined with --use_code_contrastive (its question/answer pooling reads padded "
+             "rows); drop one of them")] if bad]
 
+    def configure(self, run) -> None:
+        a = self.args
+        self.loss = CodeContrastiveLoss(run.model.config.n_embd, a.code_contrastive_dim,
+                                        a.code_contrastive_temperature, a.code_contrastive_scope,
+                                        a.code_contrastive_bank).to(run.device)
+        run.extra_modules[self.name] = self.loss  # inside the one TrainModule, so inside DDP
+        width = run.model.config.n_embd
+        self.bank = {"q": torch.zeros(0, width, device=run.device), "a": torch.zeros(0, width, device=run.device),
+                     "index": torch.zeros(0, dtype=torch.long, device=run.device)}
 
-def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight_decay: float) -> list[dict]:
-    """Layer-wise learning-rate decay groups for GPT-2, each with an ``lr_scale`` the scheduler multiplies in.
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"code-contrastive loss: weight {a.code_contrastive_weight}, temperature "
+                f"{a.code_contrastive_temperature}, records: {a.code_contrastive_scope}; negatives from a bank of "
+                f"the last {a.code_contrastive_bank} records of earlier steps (the same at any micro-batch split)")
 
-    What: the top block learns at the base rate and each block below at ``llrd_factor`` times the one above
-    (block i of L: ``factor ** (L - 1 - i)``); the position embeddings sit below block 0 (``factor ** L``). The
-    token embedding, which GPT-2 ties to the LM head, and the final layer norm learn at the base rate: the head
-    must adapt to the new domain's vocabulary (the original gave it about 1e-7 and never noticed). Biases and
-    norms (every 1-D parameter) get no weight decay.
-    Paper: Howard & Ruder 2018 (ULMFiT, "discriminative fine-tuning"); Clark et al. 2020 (ELECTRA).
-    Cost: none at run time. Sharp edge: with a small factor and many layers the bottom blocks barely move.
-    """
-    blocks = model.transformer.h
-    n_layer = len(blocks)
-    scales: dict[str, float] = {}
-    for name, _ in model.named_parameters():
-        if ".h." in f".{name}":
-            layer = int(name.split(".h.")[1].split(".")[0])
-            scales[name] = llrd_factor ** (n_layer - 1 - layer)
-        elif "wpe" in name:
-            scales[name] = llrd_factor ** n_layer
-        else:  # wte (tied LM head), ln_f
-            scales[name] = 1.0
-    groups: dict[tuple[float, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2
-        key = (scales[name], decay)
-        if key not in groups:
-            label = "head" if name.endswith("wte.weight") else name.rsplit(".", 1)[0]
-            groups[key] = {"params": [], "names": [], "lr_scale": scales[name],
-                           "weight_decay": weight_decay if decay else 0.0, "name": label}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["name"]))
+    def state_dict(self) -> dict:
+        return {"head": self.loss.state_dict(), "bank": {k: v.cpu() for k, v in self.bank.items()}}
+
+    def load_state_dict(self, state, run) -> None:
+        self.loss.load_state_dict(state["head"])
+        self.bank = {k: v.to(run.device) for k, v in state["bank"].items()}
+
+    def step_counts(self, window) -> dict[str, float]:
+        """The records taking part in the whole step (its term is their mean, however the step is split)."""
+        return {"contrastive_count": float(sum(int(self.loss.eligible(b["has_code"]).sum()) for b in window))}
+
+    def micro_batch(self, batch, lm_out) -> StepPart:
+        out = self.loss(lm_out["hidden"], batch["labels"], batch["attention_mask"], batch["has_code"], batch["index"],
+                        self.bank)
+        return StepPart(loss_sum=out["loss_sum"], weight=self.args.code_contrastive_weight, count="contrastive_count",
+                        sums={"contrastive": out["loss_sum"].detach()}, keep={k: out[k] for k in ("q", "a", "index")})
+
+    def after_optimizer_step(self, run, result) -> None:
+        """Every rank pushes the whole step's vectors (all ranks') into its bank: the banks stay equal."""
+        items = result.kept.get(self.name)
+        if not result.finite or not items:
+            return
+        q, a, idx = (torch.cat([item[k] for item in items]) for k in ("q", "a", "index"))
+        rows = gather_rows(torch.cat([q.float(), a.float(), idx.unsqueeze(1).float()], 1), run.world)
+        width = q.shape[1]
+        new = {"q": rows[:, :width], "a": rows[:, width:2 * width], "index": rows[:, -1].round().long()}
+        keep = self.args.code_contrastive_bank
+        self.bank = {k: torch.cat([self.bank[k], new[k]])[-keep:] for k in self.bank}
 
 
-def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Generator) -> float:
-    """Add Gaussian noise of variance ``eta / (1 + step) ** 0.55`` to every gradient; returns the std used.
-
-    What: annealed gradient noise, applied after unscaling and before clipping.
-    Paper: Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very Deep Networks".
-    Cost: one random tensor per parameter per step (a few percent). Sharp edges: the variance is per element,
-    so the noise's norm grows with the square root of the parameter count: the paper's eta = 0.01 gives a
-    noise norm near 190 on a 3.4M-parameter model (gradient norm about 3), which clipping then turns into a
-    mostly random step; our default 1e-8 keeps it near 0.2 there (and about 1 on gpt2-medium). Seeded by its
-    own generator, whose state is checkpointed, so a resumed run draws the same noise.
-    """
-    std = math.sqrt(eta / (1 + step) ** 0.55)
-    for p in parameters:
-        if p.grad is not None:
-            noise = torch.randn(p.grad.shape, generator=generator, device=generator.device, dtype=torch.float32)
-            p.grad.add_(noise.to(p.grad.device, p.grad.dtype), alpha=std)
-    return std
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: curriculum, dynamic weighting, domain stratification
-# ---------------------------------------------------------------------------------------------------------------
-
-class CurriculumSampler:
+class CurriculumSampler(SamplerPart):
     """Which records an epoch may draw from: the easiest first, growing to the whole set.
 
     What: records are ranked by the ``difficulty`` data preparation gave them (ties broken by a stable hash of
@@ -499,6 +937,8 @@ class CurriculumSampler:
     Cost: a sort once. Sharp edge: early epochs are shorter, so the step count differs from a plain run
     (the run summary states it).
     """
+
+    name, stage = "curriculum", "pool"
 
     def __init__(self, difficulties: list[int], ids: list[str], start_fraction: float, epochs: int,
                  full_at: float = 0.5, pacing: str = "linear"):
@@ -519,7 +959,41 @@ class CurriculumSampler:
         return sorted(self.order[:n])
 
 
-class DynamicCurriculumTracker:
+class CurriculumTechnique(Technique):
+    name = "curriculum"
+    switch_help = "easy-to-hard curriculum by difficulty"
+
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--curriculum_start_fraction", type=float, default=0.7, help="share of records in epoch 1")
+        t.add_argument("--curriculum_pacing", choices=["linear", "root", "step"], default="linear",
+                       help="how the share grows")
+        t.add_argument("--curriculum_full_at", type=float, default=0.5,
+                       help="share of the epochs after which all records are used")
+
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (not 0 < args.curriculum_start_fraction <= 1, "--curriculum_start_fraction must be in (0, 1]"),
+            (not 0 < args.curriculum_full_at <= 1, "--curriculum_full_at must be in (0, 1]")] if bad]
+
+    def configure(self, run) -> None:
+        ex, a = run.train_ds.examples, self.args
+        self.curriculum = CurriculumSampler([e["difficulty"] for e in ex], [e["id"] for e in ex],
+                                            a.curriculum_start_fraction, a.epochs, a.curriculum_full_at,
+                                            a.curriculum_pacing)
+        run.sampler_parts.append(self.curriculum)
+
+    def summary(self, run) -> str:
+        fractions = ", ".join(f"{self.curriculum.fraction(e):.2f}" for e in range(min(self.args.epochs, 6)))
+        return (f"curriculum: {self.args.curriculum_pacing} pacing, share of records per epoch {fractions}"
+                f"{'...' if self.args.epochs > 6 else ''}; {run.total_steps} steps in all")
+
+    def epoch_fields(self, run) -> dict:
+        return {"curriculum_fraction": self.curriculum.fraction(run.state.epoch)}
+
+
+class DynamicCurriculumTracker(SamplerPart):
     """Per-record training loss, averaged over time, turned into sampling weights.
 
     What: after each step the loss of every record in the batch updates its running average (``momentum``);
@@ -529,6 +1003,8 @@ class DynamicCurriculumTracker:
     Cost: one host sync per step for the per-record losses. Sharp edge: noisy records (wrong answers) keep a high
     loss and get drawn more: the bound ``max_weight`` limits that.
     """
+
+    name, stage = "dynamic_curriculum", "weights"
 
     def __init__(self, n: int, warmup_epochs: int = 3, momentum: float = 0.9, min_weight: float = 0.5,
                  max_weight: float = 2.0):
@@ -565,42 +1041,64 @@ class DynamicCurriculumTracker:
         self.losses = np.array(state["losses"], dtype=float)
 
 
-class DynamicWeightedSampler:
-    """Draws an epoch's records in proportion to their weights (with replacement): the default sampler's weights.
+class DynamicCurriculumTechnique(Technique):
+    name = "dynamic_curriculum"
+    switch_help = "sample records by their running training loss"
 
-    What: a record's weight is its ``sample_weight`` from data preparation (balancing speaks through it; missing
-    = 1) times the dynamic-curriculum tracker's weight when that is on; the epoch draws ``len(pool)`` records
-    from the pool with probability proportional to the weight, so record i is drawn ``len(pool) * w_i / sum(w)``
-    times on average.
-    Cost: one multinomial draw per epoch. Sharp edge: with replacement some records repeat within an epoch and
-    some are not seen; equal weights fall back to a plain permutation (every record once, as without weights).
-    """
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--dynamic_curriculum_warmup", type=int, default=3, help="epochs of uniform sampling first")
+        t.add_argument("--dynamic_curriculum_momentum", type=float, default=0.9, help="running-average momentum")
+        t.add_argument("--dynamic_curriculum_min_weight", type=float, default=0.5, help="lowest sampling weight")
+        t.add_argument("--dynamic_curriculum_max_weight", type=float, default=2.0, help="highest sampling weight")
 
-    def __init__(self, tracker: DynamicCurriculumTracker | None = None, base_weights: list[float] | None = None):
-        self.tracker = tracker
-        self.base = np.asarray(base_weights, dtype=float) if base_weights is not None else None
+    @staticmethod
+    def check(args) -> list[str]:
+        return [m for bad, m in [
+            (args.dynamic_curriculum_warmup < 0, "--dynamic_curriculum_warmup must be >= 0"),
+            (not 0 <= args.dynamic_curriculum_momentum < 1, "--dynamic_curriculum_momentum must be in [0, 1)"),
+            (not 0 < args.dynamic_curriculum_min_weight <= 1 <= args.dynamic_curriculum_max_weight,
+             "--dynamic_curriculum_min_weight must be in (0, 1] and --dynamic_curriculum_max_weight >= 1")] if bad]
 
-    def weights(self, pool: list[int], epoch: int) -> np.ndarray:
-        w = np.ones(len(pool))
-        if self.base is not None:
-            w = w * self.base[pool]
-        if self.tracker is not None:
-            w = w * self.tracker.weights(epoch)[pool]
-        return w
+    def configure(self, run) -> None:
+        a = self.args
+        self.tracker = DynamicCurriculumTracker(len(run.train_ds), a.dynamic_curriculum_warmup,
+                                                a.dynamic_curriculum_momentum, a.dynamic_curriculum_min_weight,
+                                                a.dynamic_curriculum_max_weight)
+        run.sampler_parts.append(self.tracker)
 
-    def draw(self, pool: list[int], epoch: int, generator: torch.Generator) -> list[int]:
-        w = self.weights(pool, epoch)
-        if not w.sum() > 0:
-            raise UserError(f"epoch {epoch + 1}: every record it may draw has sample_weight 0; give some records "
-                            "a positive weight (data preparation) or widen --curriculum_start_fraction")
-        if np.allclose(w, w[0]):
-            return [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
-        picks = torch.multinomial(torch.tensor(w, dtype=torch.float64), len(pool), replacement=True,
-                                  generator=generator)
-        return [pool[i] for i in picks.tolist()]
+    def summary(self, run) -> str:
+        a = self.args
+        return (f"dynamic curriculum: uniform for {a.dynamic_curriculum_warmup} epoch(s), then weights "
+                f"{a.dynamic_curriculum_min_weight}-{a.dynamic_curriculum_max_weight} x from the running loss over "
+                "its median (every rank's records, so all ranks draw the same epoch)")
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state, run) -> None:
+        self.tracker.load_state_dict(state)
+
+    def micro_batch(self, batch, lm_out) -> StepPart:
+        """Each record's mean token loss (detached), by record index."""
+        targets = lm_out["targets"]
+        return StepPart(keep=(batch["index"], targets.per_record(lm_out["token_loss"]) / targets.counts().clamp(min=1)))
+
+    def after_optimizer_step(self, run, result) -> None:
+        """The step's per-record losses of every rank, in the global batch order (a host sync per step)."""
+        items = result.kept.get(self.name)
+        if not result.finite or not items:
+            return
+        idx = torch.cat([i for i, _ in items]).double()
+        losses = torch.cat([v for _, v in items]).double()
+        rows = gather_rows(torch.stack([idx, losses], 1), run.world, interleave=True)
+        self.tracker.update(rows[:, 0].round().long().tolist(), rows[:, 1].tolist())
+
+    def epoch_fields(self, run) -> dict:
+        return {"difficult_ratio": self.tracker.difficult_ratio()}
 
 
-class DomainStratifiedSampler:
+class DomainStratifiedSampler(SamplerPart):
     """Shapes every (global) batch to a target domain mix.
 
     What: slot counts per domain are allotted batch by batch with a running largest-remainder rule, so each batch
@@ -616,8 +1114,10 @@ class DomainStratifiedSampler:
     Sharp edge: small domains repeat within an epoch when the mix asks more of them than exist.
     """
 
+    name, stage = "domain_stratified", "arrange"
+
     def __init__(self, domains: list[int], mix: dict[int, float] | None = None):
-        self.domains = domains
+        self.domains = self.group_keys = domains  # length grouping keeps each batch's domain mix
         present = sorted(set(domains))
         mix = mix or {d: 1.0 for d in present}
         total = sum(mix.get(d, 0.0) for d in present)
@@ -628,6 +1128,10 @@ class DomainStratifiedSampler:
         present = {self.domains[i] for i in order}
         total = sum(w for d, w in self.mix.items() if d in present)
         return {d: w / total for d, w in self.mix.items() if d in present} if total > 0 else {}
+
+    def arranged_len(self, n: int, batch_size: int) -> int:
+        """Records of the arranged order of ``n``: whole batches only, at least one."""
+        return max(1, n // batch_size) * batch_size
 
     def arrange(self, order: list[int], batch_size: int) -> list[int]:
         """``order`` rearranged into ``max(1, len(order) // batch_size)`` full batches that follow the mix."""
@@ -659,47 +1163,163 @@ class DomainStratifiedSampler:
         return out
 
 
-class TrainingSampler:
-    """The epoch's batches for this rank, composed from the techniques that are on, resumable at a batch.
+class DomainStratifiedTechnique(Technique):
+    name = "domain_stratified"
+    switch_help = "every batch follows a target domain mix"
 
-    Order of composition: the curriculum picks the pool, ``weighted`` draws from it in proportion to each record's
-    ``sample_weight`` x tracker weight (equal weights: a seeded permutation), stratification shapes each global
-    batch, length grouping sorts within steps. The global order depends only on
-    ``(seed, epoch, tracker state)``; each rank takes every ``world``-th record of each global batch, so DDP
-    sees the same global batches as one process with ``batch_size x world``.
+    @staticmethod
+    def add_flags(t) -> None:
+        t.add_argument("--domain_stratified_mix", type=str, default=None,
+                       help='target mix as JSON, e.g. \'{"programming": 2, "networking": 1}\' (default uniform)')
+
+    @staticmethod
+    def check(args) -> list[str]:
+        if not args.domain_stratified_mix:
+            return []
+        try:
+            mix = json.loads(args.domain_stratified_mix)
+            ok = isinstance(mix, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) \
+                and sum(mix.values()) > 0
+        except json.JSONDecodeError:
+            ok = False
+        return [] if ok else ["--domain_stratified_mix must be a JSON object of domain: non-negative weight"]
+
+    def configure(self, run) -> None:
+        names, mix = run.domain_names, None
+        if self.args.domain_stratified_mix:
+            named = json.loads(self.args.domain_stratified_mix)
+            unknown = sorted(set(named) - set(names))
+            if unknown:
+                raise UserError(f"--domain_stratified_mix names domains the data does not have: {unknown}; "
+                                f"known: {names}")
+            mix = {names.index(d): float(w) for d, w in named.items()}
+        self.stratified = DomainStratifiedSampler([e["domain"] for e in run.train_ds.examples], mix)
+        run.sampler_parts.append(self.stratified)
+
+    def summary(self, run) -> str:
+        return ("domain stratification: every batch follows the mix "
+                + (self.args.domain_stratified_mix or "uniform over domains")
+                + ", spread over the domains each epoch's pool holds")
+
+
+# Every technique, in the order of the run summary. Adding one: a Technique subclass and an entry here.
+TECHNIQUE_TYPES: list[type[Technique]] = [
+    EMATechnique, LabelSmoothingTechnique, QualityWeightingTechnique, RDropTechnique, LLRDTechnique,
+    GradientNoiseTechnique, CPUOffloadTechnique, CodeContrastiveTechnique, CurriculumTechnique,
+    DynamicCurriculumTechnique, DomainStratifiedTechnique]
+# Techniques by name: the --use_X switch of each (the command line reads TECHNIQUE_TYPES itself, at parse time).
+TECHNIQUES = [t.name for t in TECHNIQUE_TYPES]
+
+
+def techniques_on(args: argparse.Namespace) -> list[Technique]:
+    """The techniques ``args`` switches on, in ``TECHNIQUE_TYPES`` order (not yet configured)."""
+    return [cls(args) for cls in TECHNIQUE_TYPES if getattr(args, f"use_{cls.name}")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: the sample_weight draw, the composed sampler (the techniques' parts by stage), length grouping
+# ---------------------------------------------------------------------------------------------------------------
+
+class WeightedRecordSampler:
+    """Draws an epoch's records in proportion to their weights (with replacement): the default sampler's weights.
+
+    What: a record's weight is its ``sample_weight`` from data preparation (balancing speaks through it; missing
+    = 1) times every ``factors`` part's weight (the dynamic curriculum's tracker, when on); the epoch draws
+    ``len(pool)`` records from the pool with probability proportional to the weight, so record i is drawn
+    ``len(pool) * w_i / sum(w)`` times on average.
+    Cost: one multinomial draw per epoch. Sharp edge: with replacement some records repeat within an epoch and
+    some are not seen; equal weights fall back to a plain permutation (every record once, as without weights).
     """
 
+    def __init__(self, base_weights: list[float] | None = None, factors: list[SamplerPart] | tuple = ()):
+        self.base = np.asarray(base_weights, dtype=float) if base_weights is not None else None
+        self.factors = list(factors)
+
+    def weights(self, pool: list[int], epoch: int) -> np.ndarray:
+        w = np.ones(len(pool))
+        if self.base is not None:
+            w = w * self.base[pool]
+        for part in self.factors:
+            w = w * part.weights(epoch)[pool]
+        return w
+
+    def draw(self, pool: list[int], epoch: int, generator: torch.Generator) -> list[int]:
+        w = self.weights(pool, epoch)
+        if not w.sum() > 0:
+            raise UserError(f"epoch {epoch + 1}: every record it may draw has sample_weight 0; give some records "
+                            "a positive weight (data preparation) or widen --curriculum_start_fraction")
+        if np.allclose(w, w[0]):
+            return [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        picks = torch.multinomial(torch.tensor(w, dtype=torch.float64), len(pool), replacement=True,
+                                  generator=generator)
+        return [pool[i] for i in picks.tolist()]
+
+
+class TrainingSampler:
+    """The epoch's batches for this rank, composed from the sampler parts of the techniques that are on.
+
+    Order of composition, by the parts' stage (``SamplerPart``): the "pool" parts pick the records the epoch may
+    draw from (the curriculum), the draw takes them in proportion to each record's ``sample_weight`` x every
+    "weights" part (the dynamic curriculum's tracker; equal weights: a seeded permutation), the "arrange" parts
+    shape each global batch (domain stratification), and length grouping sorts within optimizer steps. The global
+    order depends only on ``(seed, epoch, the parts' state)``; each rank takes every ``world``-th record of each
+    global batch, so DDP sees the same global batches as one process with ``batch_size x world``.
+    """
+
+    STAGES = ("pool", "weights", "arrange")
+
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 curriculum: CurriculumSampler | None = None, weighted: DynamicWeightedSampler | None = None,
-                 stratified: DomainStratifiedSampler | None = None, shuffle: bool = True,
+                 parts: list[SamplerPart] | tuple = (), base_weights: list[float] | None = None, shuffle: bool = True,
                  lengths: list[int] | None = None, accumulation: int = 1, group_chunk: int = 32):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.curriculum, self.weighted, self.stratified, self.shuffle = curriculum, weighted, stratified, shuffle
-        self.lengths, self.accumulation, self.group_chunk = lengths, accumulation, group_chunk
-        self.epoch, self.start_batch = 0, 0
+        unknown = [type(p).__name__ for p in parts if p.stage not in self.STAGES]
+        if unknown:
+            raise ValueError(f"sampler parts without a stage of {self.STAGES}: {unknown}")
+        self.pools = [p for p in parts if p.stage == "pool"]
+        self.arrangers = [p for p in parts if p.stage == "arrange"]
+        factors = [p for p in parts if p.stage == "weights"]
+        uniform = base_weights is None or all(w == base_weights[0] for w in base_weights)
+        self.weighted = WeightedRecordSampler(None if uniform else base_weights, factors) \
+            if factors or not uniform else None
+        self.shuffle, self.lengths, self.accumulation, self.group_chunk = shuffle, lengths, accumulation, group_chunk
+        keyed = [p.group_keys for p in self.arrangers if p.group_keys is not None]
+        self.group_keys = keyed[0] if len(keyed) == 1 else (list(zip(*keyed)) if keyed else None)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def in_effect(self) -> list[str]:
+        """What shapes the epochs' draws, in the order they compose (the run summary's ``sampling``)."""
+        names = [p.name for p in self.pools]
+        if self.weighted is not None:
+            names += ["sample_weight"] * (self.weighted.base is not None) + [p.name for p in self.weighted.factors]
+        names += [p.name for p in self.arrangers]
+        return names + ["group_by_length"] * (self.lengths is not None)
+
+    def pool(self, epoch: int) -> list[int]:
+        """The records epoch ``epoch`` may draw from, sorted: every "pool" part's, intersected."""
+        pool = list(range(self.n))
+        for part in self.pools:
+            allowed = set(part.pool(epoch))
+            pool = [i for i in pool if i in allowed]
+        return pool
 
     def global_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
-        pool = self.curriculum.pool(epoch) if self.curriculum else list(range(self.n))
+        pool = self.pool(epoch)
         if self.weighted is not None:
             order = self.weighted.draw(pool, epoch, g)
         elif self.shuffle:
             order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
         else:
             order = pool
-        if self.stratified is not None:
-            order = self.stratified.arrange(order, self.batch_size * self.world)
+        for part in self.arrangers:
+            order = part.arrange(order, self.batch_size * self.world)
         if self.lengths is not None:
             order = group_by_length(order, self.lengths, self.batch_size * self.world * self.accumulation,
-                                    self.group_chunk, g, self.stratified.domains if self.stratified else None)
+                                    self.group_chunk, g, self.group_keys)
         return order
 
-    def batches(self, epoch: int | None = None) -> list[list[int]]:
+    def batches(self, epoch: int = 0) -> list[list[int]]:
         """This rank's batches of an epoch (drawn now: the trainer draws once per epoch and keeps the plan)."""
-        return self.shard(self.global_order(self.epoch if epoch is None else epoch))
+        return self.shard(self.global_order(epoch))
 
     def shard(self, order: list[int]) -> list[list[int]]:
         """This rank's batches of a global order: every ``world``-th record, cut into ``batch_size`` batches."""
@@ -709,19 +1329,13 @@ class TrainingSampler:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def num_batches(self, epoch: int) -> int:
-        """Batches of an epoch without drawing it (the tracker's weights do not change the count)."""
-        n = len(self.curriculum.pool(epoch)) if self.curriculum else self.n
-        if self.stratified is not None:
-            n = max(1, n // (self.batch_size * self.world)) * self.batch_size * self.world
+        """Batches of an epoch without drawing it (the weights do not change the count)."""
+        n = len(self.pool(epoch))
+        for part in self.arrangers:
+            n = part.arranged_len(n, self.batch_size * self.world)
         if self.world > 1:
             n = n // self.world
         return math.ceil(n / self.batch_size)
-
-    def __len__(self) -> int:
-        return self.num_batches(self.epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
 
 
 def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units: int, generator: torch.Generator,
@@ -752,25 +1366,10 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Metrics: per-domain validation, generation-based domain checks
+# Metrics: the generation-based domain check
 # ---------------------------------------------------------------------------------------------------------------
 
-class DomainMetrics:
-    """Token-weighted loss, perplexity and token accuracy per domain, filled batch by batch during validation."""
-
-    def __init__(self, domain_names: list[str]):
-        self.names = domain_names
-        self.sums = torch.zeros(len(domain_names), 3, dtype=torch.float64)  # loss, tokens, correct
-
-    def add(self, domain: torch.Tensor, loss_sum: torch.Tensor, tokens: torch.Tensor, correct: torch.Tensor) -> None:
-        rows = torch.stack([loss_sum, tokens, correct], 1).double().cpu()  # (B, 3)
-        self.sums.index_add_(0, domain.cpu(), rows)
-
-    def summary(self) -> dict[str, dict]:
-        return domain_summary(self.sums, self.names)
-
-
-class ValidationMetrics:
+class GenerationCheck:
     """Generation-based domain check: answer a few validation questions per domain and score the answers.
 
     Measures, each in [0, 1] except length (documented in TRAINING_TECHNIQUES.md):
@@ -845,46 +1444,58 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(name, ctx, scaler)
 
 
-def build_param_groups(model: torch.nn.Module, args: argparse.Namespace, extra: torch.nn.Module | None = None):
-    """Parameter groups: LLRD groups when ``--use_llrd``, else decay / no-decay (no decay on 1-D parameters).
+def resolve_device(requested: str) -> torch.device:
+    """``--device`` for one process: auto is CUDA when there is a GPU, else the CPU; a missing GPU is a user error."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" \
+        else torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is available; use --device cpu")
+    return device
 
-    ``extra`` (the code-contrastive head) learns at the base rate in groups of its own.
+
+def build_param_groups(model: torch.nn.Module, args: argparse.Namespace, techniques: list[Technique] | tuple = (),
+                       extra_modules: dict[str, torch.nn.Module] | None = None) -> list[dict]:
+    """Parameter groups, each with an ``lr_scale``: the LM's as the techniques make them (by default decay /
+    no-decay: no weight decay on 1-D parameters), then each extra module's decay / no-decay groups at the base rate.
     """
-    if args.use_llrd:
-        groups = get_llrd_optimizer_groups(model, args.llrd_factor, args.weight_decay)
-    else:
-        groups = [{"params": [], "names": [], "weight_decay": args.weight_decay, "lr_scale": 1.0, "name": "head"},
-                  {"params": [], "names": [], "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"}]
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                g = groups[0] if p.dim() >= 2 else groups[1]
-                g["params"].append(p)
-                g["names"].append(name)
-    if extra is not None:
+    groups = [{"params": [], "names": [], "weight_decay": args.weight_decay, "lr_scale": 1.0, "name": "decay"},
+              {"params": [], "names": [], "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"}]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = groups[0] if p.dim() >= 2 else groups[1]
+            g["params"].append(p)
+            g["names"].append(name)
+    for t in techniques:
+        groups = t.param_groups(model, groups)
+    for key, module in (extra_modules or {}).items():
         for decay in (True, False):
-            params = [(n, p) for n, p in extra.named_parameters() if (p.dim() >= 2) == decay]
+            params = [(n, p) for n, p in module.named_parameters() if (p.dim() >= 2) == decay]
             if params:
-                groups.append({"params": [p for _, p in params], "names": [f"extra.{n}" for n, _ in params],
-                               "weight_decay": args.weight_decay if decay else 0.0, "lr_scale": 1.0,
-                               "name": "contrastive_head"})
+                groups.append({"params": [p for _, p in params], "names": [f"{key}.{n}" for n, _ in params],
+                               "weight_decay": args.weight_decay if decay else 0.0, "lr_scale": 1.0, "name": key})
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, extra: torch.nn.Module | None = None):
-    """AdamW (fused kernels where available, foreach otherwise), or the CPU-offload AdamW."""
-    groups = build_param_groups(model, args, extra)
-    if args.use_cpu_offload:
-        return CPUOffloadOptimizer(groups, args.cpu_offload_fraction, lr=args.learning_rate)
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, techniques: list[Technique] | tuple = (),
+                    extra_modules: dict[str, torch.nn.Module] | None = None) -> torch.optim.Optimizer:
+    """The first technique's own optimizer (CPU offload's), else AdamW (fused kernels where available)."""
+    groups = build_param_groups(model, args, techniques, extra_modules)
+    for t in techniques:
+        optimizer = t.build_optimizer(groups)
+        if optimizer is not None:
+            return optimizer
     try:
         return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
-def head_lr(optimizer) -> float:
-    """The learning rate of the group holding the (tied) LM head: the one worth watching under LLRD."""
+def output_lr(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
+    """The learning rate of the group that holds the output embedding (the tied LM head), found by identity: the
+    base rate times the schedule (LLRD keeps the head at scale 1), what the logs report."""
+    head = model.get_output_embeddings().weight
     for g in optimizer.param_groups:
-        if g.get("name") == "head":
+        if any(p is head for p in g["params"]):
             return g["lr"]
     return optimizer.param_groups[0]["lr"]
 
@@ -906,651 +1517,133 @@ def build_scheduler(optimizer, args: argparse.Namespace, total_steps: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The technique protocol: each technique in one class (flags, checks, set-up, state, hooks, summary, history)
-# ---------------------------------------------------------------------------------------------------------------
-
-class Technique:
-    """One training technique as the recipe sees it; the base class does nothing at every hook.
-
-    A technique owns: its flags (``add_flags``; the ``--use_<name>`` / ``--no_<name>`` switch is added for it),
-    its start-up checks (``check``: messages naming the flags, refused before anything loads), how it plugs into
-    the run (``configure``: the loss set-up, the sampler's parts, extra trainable modules), its run-summary line
-    (``summary``), its resumable state (``state_dict`` / ``load_state_dict``: checkpoints are one loop over the
-    techniques that are on), its hooks in the step and the epoch, the fields it adds to ``metrics.jsonl``
-    (``step_fields``) and to the epoch's history (``epoch_fields``), and the weights validation sees
-    (``eval_weights``). Adding a technique is one subclass plus its entry in ``TECHNIQUE_TYPES``
-    (documentation/TRAINING_TECHNIQUES.md, "Adding a technique").
-    """
-
-    name = ""  # the switch is --use_<name>; also an --ablation_mode value
-    switch_help = ""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-
-    @staticmethod
-    def add_flags(group) -> None:
-        """Its own flags besides the switch."""
-
-    @staticmethod
-    def check(args: argparse.Namespace) -> list[str]:
-        """Start-up problems with its flags, each naming the flags involved. Asked of every technique, on or off:
-        value checks always apply, combinations with other flags only when the technique is on."""
-        return []
-
-    def configure(self, run: "Run") -> None:
-        """Plug into the run before weights are loaded and the model is wrapped."""
-
-    def summary(self, run: "Run") -> str:
-        return self.name
-
-    def state_dict(self) -> dict | None:
-        """What a checkpoint must hold to resume it exactly (None: nothing)."""
-        return None
-
-    def load_state_dict(self, state: dict, run: "Run") -> None:
-        pass
-
-    def on_epoch_start(self, run: "Run") -> None:
-        pass
-
-    def before_clip(self, run: "Run") -> None:
-        """After backward (and unscaling), before gradient clipping."""
-
-    def after_update(self, run: "Run") -> None:
-        """After a real optimizer step (not after a skipped non-finite one)."""
-
-    def after_step(self, run: "Run", result: "StepResult") -> None:
-        """After every step, finite or not (``result.finite`` says)."""
-
-    def step_fields(self, run: "Run", result: "StepResult") -> dict:
-        return {}
-
-    def epoch_fields(self, run: "Run") -> dict:
-        return {}
-
-    def eval_weights(self, run: "Run"):
-        """A context in which validation and saving see the weights this technique wants them to see."""
-        return nullcontext()
-
-
-class EMATechnique(Technique):
-    name = "ema"
-    switch_help = "exponential moving average of the weights for validation and the saved model"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step")
-        t.add_argument("--ema_warmup_epochs", type=int, default=0,
-                       help="epochs before the EMA starts, from the weights of that moment")
-        t.add_argument("--ema_device", choices=["cpu", "device"], default="cpu",
-                       help="where the fp32 shadow lives: host memory or the training device")
-        add_switch(t, "ema_decay_warmup", False, "ramp the decay as min(decay, (1+n)/(10+n)) over the first updates")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [m for bad, m in [(not 0 < args.ema_decay < 1, "--ema_decay must be in (0, 1)"),
-                                 (args.ema_warmup_epochs < 0, "--ema_warmup_epochs must be >= 0")] if bad]
-
-    def configure(self, run) -> None:
-        a = self.args
-        self.ema = ExponentialMovingAverage(run.model, a.ema_decay, a.ema_warmup_epochs, a.ema_device,
-                                            a.ema_decay_warmup)
-
-    def summary(self, run) -> str:
-        a = self.args
-        return (f"EMA: decay {a.ema_decay}, starts after {a.ema_warmup_epochs} epoch(s) from the weights of then, "
-                f"shadow on {a.ema_device}{', decay warmup' if a.ema_decay_warmup else ''}; validation and "
-                "theta_best/ use the EMA weights")
-
-    def state_dict(self) -> dict:
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state, run) -> None:
-        self.ema.load_state_dict(state, run.model)
-
-    def on_epoch_start(self, run) -> None:
-        if self.ema.maybe_start(run.model, run.state.epoch) and run.is_main:
-            logger.info("EMA starts now (epoch %d) from the current weights", run.state.epoch + 1)
-
-    def after_update(self, run) -> None:
-        self.ema.update(run.model)
-
-    def epoch_fields(self, run) -> dict:
-        return {"ema": {"active": self.ema.active, "decay": self.ema.current_decay(), "updates": self.ema.updates}}
-
-    def eval_weights(self, run):
-        return self.ema.applied(run.model)
-
-
-class LabelSmoothingTechnique(Technique):
-    name = "label_smoothing"
-    switch_help = "label smoothing on the training loss"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--label_smoothing_epsilon", type=float, default=0.1,
-                       help="smoothing mass spread over the vocabulary")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [] if 0 <= args.label_smoothing_epsilon < 1 else ["--label_smoothing_epsilon must be in [0, 1)"]
-
-    def configure(self, run) -> None:
-        run.loss.loss_fn = LabelSmoothingLoss(self.args.label_smoothing_epsilon)
-
-    def summary(self, run) -> str:
-        return f"label smoothing: epsilon {self.args.label_smoothing_epsilon} (validation loss is unsmoothed)"
-
-
-class QualityWeightingTechnique(Technique):
-    name = "quality_weighting"
-    switch_help = "weigh each record's loss by its quality_score"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--quality_weighting_floor", type=float, default=0.5,
-                       help="weight = floor + (1 - floor) x quality_score")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [] if 0 <= args.quality_weighting_floor <= 1 else ["--quality_weighting_floor must be in [0, 1]"]
-
-    def configure(self, run) -> None:
-        run.loss.quality_floor = self.args.quality_weighting_floor
-
-    def summary(self, run) -> str:
-        floor = self.args.quality_weighting_floor
-        return (f"quality weighting: record weight {floor} + {1 - floor:g} x quality_score; the loss and every "
-                "logged figure are normalised by the weighted target-token count")
-
-
-class RDropTechnique(Technique):
-    name = "rdrop"
-    switch_help = "R-Drop: two dropout passes with a symmetric KL term"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--rdrop_alpha", type=float, default=0.1, help="weight of the R-Drop KL term")
-        add_switch(t, "rdrop_doubled_batch", True,
-                   "one forward over the doubled batch (else two forwards: less memory)", off="rdrop_two_pass")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [] if args.rdrop_alpha >= 0 else ["--rdrop_alpha must be >= 0"]
-
-    def configure(self, run) -> None:
-        run.loss.rdrop_alpha, run.loss.rdrop_doubled = self.args.rdrop_alpha, self.args.rdrop_doubled_batch
-
-    def summary(self, run) -> str:
-        return (f"R-Drop: alpha {self.args.rdrop_alpha}, "
-                + ("one forward over the doubled batch" if self.args.rdrop_doubled_batch else "two forwards"))
-
-    def step_fields(self, run, result) -> dict:
-        return {"kl": float(result.kl_sum) / max(result.targets, 1e-12)}
-
-    def epoch_fields(self, run) -> dict:
-        sums = run.state.epoch_sums
-        return {"train_kl": sums["kl"] / sums["tokens"]} if sums.get("tokens") else {}
-
-
-class LLRDTechnique(Technique):
-    name = "llrd"
-    switch_help = "layer-wise learning-rate decay"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--llrd_factor", type=float, default=0.85, help="each block's rate over the block above it")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [] if 0 < args.llrd_factor <= 1 else ["--llrd_factor must be in (0, 1]"]
-
-    def summary(self, run) -> str:  # the groups themselves: build_param_groups
-        groups = run.optimizer.param_groups
-        scales = sorted({round(g["lr_scale"], 6) for g in groups}, reverse=True)
-        return (f"LLRD: factor {self.args.llrd_factor}, {len(groups)} groups, rate scales {scales[0]:g} (top block, "
-                f"tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
-
-
-class GradientNoiseTechnique(Technique):
-    name = "gradient_noise"
-    switch_help = "annealed Gaussian gradient noise"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--gradient_noise_eta", type=float, default=1e-8,
-                       help="noise variance eta / (1 + t)^0.55 per element (its norm grows with sqrt(parameters))")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [] if args.gradient_noise_eta >= 0 else ["--gradient_noise_eta must be >= 0"]
-
-    def configure(self, run) -> None:
-        # the same seed on every rank: the gradients are already all-reduced, so the noise keeps replicas equal
-        self.generator = torch.Generator(device=run.device).manual_seed(self.args.seed + 1)
-
-    def summary(self, run) -> str:
-        return (f"gradient noise: variance {self.args.gradient_noise_eta} / (1 + t)^0.55, after unscaling, "
-                "before clipping")
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state, run) -> None:
-        self.generator.set_state(state["generator"])
-
-    def before_clip(self, run) -> None:
-        add_gradient_noise(run.module.parameters(), run.state.global_step, self.args.gradient_noise_eta,
-                           self.generator)
-
-
-class CPUOffloadTechnique(Technique):
-    name = "cpu_offload"
-    switch_help = "keep and update part of the AdamW state on the CPU"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--cpu_offload_fraction", type=float, default=0.5,
-                       help="share of parameters offloaded (by count)")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [m for bad, m in [
-            (not 0 <= args.cpu_offload_fraction <= 1, "--cpu_offload_fraction must be in [0, 1]"),
-            (args.use_cpu_offload and args.precision == "fp16",
-             "--use_cpu_offload cannot run with --precision fp16 (the GradScaler needs a plain optimizer): use "
-             "--precision bf16 or fp32, or --no_cpu_offload")] if bad]
-
-    def summary(self, run) -> str:  # the optimizer itself: build_optimizer, once the weights are final
-        return (f"CPU offload: {100 * run.optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
-                f"update on the CPU (asked {100 * self.args.cpu_offload_fraction:.0f}%); built after the weights "
-                "were loaded, so its fp32 masters hold the weights training starts from")
-
-
-class CodeContrastiveTechnique(Technique):
-    name = "code_contrastive"
-    switch_help = "InfoNCE between question and answer representations"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--code_contrastive_weight", type=float, default=0.02, help="weight of the contrastive loss")
-        t.add_argument("--code_contrastive_temperature", type=float, default=0.1, help="InfoNCE temperature")
-        t.add_argument("--code_contrastive_scope", choices=["code", "all"], default="code",
-                       help="records with code only, or all records")
-        t.add_argument("--code_contrastive_dim", type=int, default=128,
-                       help="projection size of the contrastive head")
-        t.add_argument("--code_contrastive_bank", type=int, default=64,
-                       help="negatives: pooled vectors of this many recent records of earlier steps")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [m for bad, m in [
-            (args.code_contrastive_weight < 0, "--code_contrastive_weight must be >= 0"),
-            (args.code_contrastive_temperature <= 0, "--code_contrastive_temperature must be > 0"),
-            (args.code_contrastive_dim < 1, "--code_contrastive_dim must be at least 1"),
-            (args.code_contrastive_bank < 1, "--code_contrastive_bank must be at least 1"),
-            (args.use_code_contrastive and args.loss_on == "all",
-             "--use_code_contrastive cannot run with --loss_on all: it pools the question over the prompt tokens, "
-             "which --loss_on all makes targets (every question vector would be zero); use --loss_on answer or "
-             "--no_code_contrastive")] if bad]
-
-    def configure(self, run) -> None:
-        a = self.args
-        self.loss = CodeContrastiveLoss(run.model.config.n_embd, a.code_contrastive_dim,
-                                        a.code_contrastive_temperature, a.code_contrastive_scope,
-                                        a.code_contrastive_bank).to(run.device)
-        run.extra_modules["contrastive"] = self.loss  # inside the one TrainModule, so inside DDP
-        run.loss.contrastive_weight = a.code_contrastive_weight
-        width = run.model.config.n_embd
-        self.bank = {"q": torch.zeros(0, width, device=run.device), "a": torch.zeros(0, width, device=run.device),
-                     "index": torch.zeros(0, dtype=torch.long, device=run.device)}
-
-    def summary(self, run) -> str:
-        a = self.args
-        return (f"code-contrastive loss: weight {a.code_contrastive_weight}, temperature "
-                f"{a.code_contrastive_temperature}, records: {a.code_contrastive_scope}; negatives from a bank of "
-                f"the last {a.code_contrastive_bank} records of earlier steps (the same at any micro-batch split)")
-
-    def state_dict(self) -> dict:
-        return {"head": self.loss.state_dict(), "bank": {k: v.cpu() for k, v in self.bank.items()}}
-
-    def load_state_dict(self, state, run) -> None:
-        self.loss.load_state_dict(state["head"])
-        self.bank = {k: v.to(run.device) for k, v in state["bank"].items()}
-
-    def after_step(self, run, result) -> None:
-        """Every rank pushes the whole step's vectors (all ranks') into its bank: the banks stay equal."""
-        if not result.finite or not result.bank_items:
-            return
-        q, a, idx = (torch.cat([item[k] for item in result.bank_items]) for k in ("q", "a", "index"))
-        rows = gather_rows(torch.cat([q.float(), a.float(), idx.unsqueeze(1).float()], 1), run.world)
-        width = q.shape[1]
-        new = {"q": rows[:, :width], "a": rows[:, width:2 * width], "index": rows[:, -1].round().long()}
-        keep = self.args.code_contrastive_bank
-        self.bank = {k: torch.cat([self.bank[k], new[k]])[-keep:] for k in self.bank}
-
-    def step_fields(self, run, result) -> dict:
-        return {"contrastive": float(result.contrastive_sum) / max(result.contrastive_count, 1.0)}
-
-    def epoch_fields(self, run) -> dict:
-        sums = run.state.epoch_sums
-        return {"contrastive_loss": sums["contrastive"] / max(sums["contrastive_count"], 1.0)}
-
-
-class CurriculumTechnique(Technique):
-    name = "curriculum"
-    switch_help = "easy-to-hard curriculum by difficulty"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--curriculum_start_fraction", type=float, default=0.7, help="share of records in epoch 1")
-        t.add_argument("--curriculum_pacing", choices=["linear", "root", "step"], default="linear",
-                       help="how the share grows")
-        t.add_argument("--curriculum_full_at", type=float, default=0.5,
-                       help="share of the epochs after which all records are used")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [m for bad, m in [
-            (not 0 < args.curriculum_start_fraction <= 1, "--curriculum_start_fraction must be in (0, 1]"),
-            (not 0 < args.curriculum_full_at <= 1, "--curriculum_full_at must be in (0, 1]")] if bad]
-
-    def configure(self, run) -> None:
-        ex, a = run.train_ds.examples, self.args
-        self.curriculum = CurriculumSampler([e["difficulty"] for e in ex], [e["id"] for e in ex],
-                                            a.curriculum_start_fraction, a.epochs, a.curriculum_full_at,
-                                            a.curriculum_pacing)
-        run.sampler_parts["curriculum"] = self.curriculum
-
-    def summary(self, run) -> str:
-        fractions = ", ".join(f"{self.curriculum.fraction(e):.2f}" for e in range(min(self.args.epochs, 6)))
-        return (f"curriculum: {self.args.curriculum_pacing} pacing, share of records per epoch {fractions}"
-                f"{'...' if self.args.epochs > 6 else ''}; {run.total_steps} steps in all")
-
-    def epoch_fields(self, run) -> dict:
-        return {"curriculum_fraction": self.curriculum.fraction(run.state.epoch)}
-
-
-class DynamicCurriculumTechnique(Technique):
-    name = "dynamic_curriculum"
-    switch_help = "sample records by their running training loss"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--dynamic_curriculum_warmup", type=int, default=3, help="epochs of uniform sampling first")
-        t.add_argument("--dynamic_curriculum_momentum", type=float, default=0.9, help="running-average momentum")
-        t.add_argument("--dynamic_curriculum_min_weight", type=float, default=0.5, help="lowest sampling weight")
-        t.add_argument("--dynamic_curriculum_max_weight", type=float, default=2.0, help="highest sampling weight")
-
-    @staticmethod
-    def check(args) -> list[str]:
-        return [m for bad, m in [
-            (args.dynamic_curriculum_warmup < 0, "--dynamic_curriculum_warmup must be >= 0"),
-            (not 0 <= args.dynamic_curriculum_momentum < 1, "--dynamic_curriculum_momentum must be in [0, 1)"),
-            (not 0 < args.dynamic_curriculum_min_weight <= 1 <= args.dynamic_curriculum_max_weight,
-             "--dynamic_curriculum_min_weight must be in (0, 1] and --dynamic_curriculum_max_weight >= 1")] if bad]
-
-    def configure(self, run) -> None:
-        a = self.args
-        self.tracker = DynamicCurriculumTracker(len(run.train_ds), a.dynamic_curriculum_warmup,
-                                                a.dynamic_curriculum_momentum, a.dynamic_curriculum_min_weight,
-                                                a.dynamic_curriculum_max_weight)
-        run.sampler_parts["tracker"] = self.tracker
-        run.loss.per_record = True
-
-    def summary(self, run) -> str:
-        a = self.args
-        return (f"dynamic curriculum: uniform for {a.dynamic_curriculum_warmup} epoch(s), then weights "
-                f"{a.dynamic_curriculum_min_weight}-{a.dynamic_curriculum_max_weight} x from the running loss over "
-                "its median (every rank's records, so all ranks draw the same epoch)")
-
-    def state_dict(self) -> dict:
-        return self.tracker.state_dict()
-
-    def load_state_dict(self, state, run) -> None:
-        self.tracker.load_state_dict(state)
-
-    def after_step(self, run, result) -> None:
-        """The step's per-record losses of every rank, in the global batch order (a host sync per step)."""
-        if not result.finite or not result.records:
-            return
-        idx = torch.cat([i for i, _ in result.records]).double()
-        losses = torch.cat([v for _, v in result.records]).double()
-        rows = gather_rows(torch.stack([idx, losses], 1), run.world, interleave=True)
-        self.tracker.update(rows[:, 0].round().long().tolist(), rows[:, 1].tolist())
-
-    def epoch_fields(self, run) -> dict:
-        return {"difficult_ratio": self.tracker.difficult_ratio()}
-
-
-class DomainStratifiedTechnique(Technique):
-    name = "domain_stratified"
-    switch_help = "every batch follows a target domain mix"
-
-    @staticmethod
-    def add_flags(t) -> None:
-        t.add_argument("--domain_stratified_mix", type=str, default=None,
-                       help='target mix as JSON, e.g. \'{"programming": 2, "networking": 1}\' (default uniform)')
-
-    @staticmethod
-    def check(args) -> list[str]:
-        if not args.domain_stratified_mix:
-            return []
-        try:
-            mix = json.loads(args.domain_stratified_mix)
-            ok = isinstance(mix, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) \
-                and sum(mix.values()) > 0
-        except json.JSONDecodeError:
-            ok = False
-        return [] if ok else ["--domain_stratified_mix must be a JSON object of domain: non-negative weight"]
-
-    def configure(self, run) -> None:
-        names, mix = run.domain_names, None
-        if self.args.domain_stratified_mix:
-            named = json.loads(self.args.domain_stratified_mix)
-            unknown = sorted(set(named) - set(names))
-            if unknown:
-                raise UserError(f"--domain_stratified_mix names domains the data does not have: {unknown}; "
-                                f"known: {names}")
-            mix = {names.index(d): float(w) for d, w in named.items()}
-        self.stratified = DomainStratifiedSampler([e["domain"] for e in run.train_ds.examples], mix)
-        run.sampler_parts["stratified"] = self.stratified
-
-    def summary(self, run) -> str:
-        return ("domain stratification: every batch follows the mix "
-                + (self.args.domain_stratified_mix or "uniform over domains")
-                + ", spread over the domains each epoch's pool holds")
-
-
-# Every technique, in the order of the run summary. Adding one: a Technique subclass and an entry here.
-TECHNIQUE_TYPES: list[type[Technique]] = [
-    EMATechnique, LabelSmoothingTechnique, QualityWeightingTechnique, RDropTechnique, LLRDTechnique,
-    GradientNoiseTechnique, CPUOffloadTechnique, CodeContrastiveTechnique, CurriculumTechnique,
-    DynamicCurriculumTechnique, DomainStratifiedTechnique]
-# Techniques by name: the --use_X switch of each (for --ablation_mode and the run summary).
-TECHNIQUES = [t.name for t in TECHNIQUE_TYPES]
-
-
-def gather_rows(x: torch.Tensor, world: int, interleave: bool = False) -> torch.Tensor:
-    """Every rank's rows of ``x`` (N, C), on every rank; ``x`` itself when world is 1.
-
-    ``interleave`` (equal N on every rank) puts row j of rank r at ``j * world + r``: rank r holds every
-    ``world``-th record of each global batch (TrainingSampler.shard), so this restores the global order one
-    process would have seen. Otherwise the rows follow in rank order (sizes may differ).
-    """
-    if world == 1:
-        return x
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[:x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    if interleave:
-        return torch.stack(parts, 1).reshape(-1, *x.shape[1:])  # (N, world, C) -> (N * world, C)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loss of a step: LossSetup, compute_step_loss, TrainModule (everything trainable, for DDP), accumulation
+# The loss of a step: LossSetup, TrainModule (everything trainable, for DDP; its forward is the loss), accumulation
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class LossSetup:
-    """How a micro-batch's loss is made: the token loss, R-Drop, quality weights, the contrastive weight."""
-    loss_fn: Any = None  # (logits, labels) -> (per-token loss, mask); None: token_losses
-    rdrop_alpha: float | None = None  # None: R-Drop off
-    rdrop_doubled: bool = True
-    quality_floor: float | None = None  # None: quality weighting off
-    contrastive_weight: float = 0.0
-    per_record: bool = False  # also return each record's mean loss (the dynamic curriculum needs them)
-    target_head: bool = True  # the head and loss at target positions only (src/training/lm_loss.py)
+    """How a micro-batch's loss is made: the LM's loss (``lm_loss``, at the target positions) and its knobs, and
+    the techniques whose hooks add to it (record weights, step counts, extra terms, logged sums)."""
+    lm_loss: Callable = step_losses  # (lm, batch, weights, smoothing, body) -> dict; R-Drop puts its own here
+    smoothing: float = 0.0  # label smoothing of the target-position cross-entropy (0 = off)
+    techniques: list = field(default_factory=list)  # the techniques that are on (their loss hooks)
     body: Any = None  # what to call instead of the LM for the hidden states: None = the LM; --compile: a compiled copy
     packing: int | None = None  # --packing: pack each micro-batch into rows of this many tokens
     pad_id: int = 0
     attn_implementation: str = "sdpa"
 
-    def __post_init__(self):
-        self.loss_fn = self.loss_fn or token_losses
-
-    @property
-    def smoothing(self) -> float | None:
-        """Label smoothing of the target-position loss; None when ``loss_fn`` is neither of ours (a custom loss
-        then gets full logits)."""
-        if self.loss_fn is token_losses:
-            return 0.0
-        return self.loss_fn.smoothing if isinstance(self.loss_fn, LabelSmoothingLoss) else None
-
     def record_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) loss weight per record: floor + (1 - floor) x quality_score, or 1."""
-        if self.quality_floor is None:
-            return torch.ones(batch["input_ids"].shape[0])
-        return self.quality_floor + (1 - self.quality_floor) * batch["quality"].clamp(0, 1)
+        """(B,) loss weight per record: the product of the techniques' factors (quality weighting's), or 1."""
+        weights = None
+        for t in self.techniques:
+            w = t.record_weights(batch)
+            if w is not None:
+                weights = w if weights is None else weights * w
+        return weights if weights is not None else torch.ones(batch["input_ids"].shape[0])
 
     def normaliser(self, window: list[dict[str, torch.Tensor]]) -> float:
         """Weighted count of the target tokens of a whole accumulated batch (on the host: no device sync).
 
-        The loss and every logged figure that comes from it (loss, R-Drop KL) divide by this same count.
+        The loss and every logged figure divided by ``"targets"`` (loss, R-Drop KL) use this same count.
         """
         return float(sum(((b["labels"][:, 1:] != IGNORE_INDEX).sum(1) * self.record_weights(b)).sum()
                          for b in window))
 
-
-def compute_step_loss(lm, batch: dict[str, torch.Tensor], weights: torch.Tensor, setup: LossSetup,
-                      contrastive: CodeContrastiveLoss | None = None, bank: dict | None = None) -> dict:
-    """The training loss of one micro-batch, as sums: the one place the loss is computed.
-
-    Returns ``loss_sum`` = sum over target tokens of record weight x token loss (cross-entropy, smoothed when
-    label smoothing is on, plus alpha x KL under R-Drop), ``kl_sum`` (the same weighting: None without R-Drop),
-    ``per_record`` ((B,) mean token loss, when ``setup.per_record``) and ``contrastive`` (the contrastive
-    term's sums and the vectors for its bank, when it is on). The caller divides by the step's normalisers.
-    """
-    want_hidden = contrastive is not None
-    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    kl_sum = None
-    if setup.target_head and setup.smoothing is not None:  # no [B, T, V] logits anywhere (lm_loss.py)
-        out = step_losses(lm, batch, weights, setup.smoothing, setup.rdrop_alpha, setup.rdrop_doubled, want_hidden,
-                          setup.per_record, setup.body)
-        result = {"loss_sum": out["loss_sum"], "kl_sum": out["kl_sum"], "per_record": out["per_record"],
-                  "contrastive": None}
-        if contrastive is not None:
-            result["contrastive"] = contrastive(out["hidden"], labels, attn, batch["has_code"], batch["index"], bank)
-        return result
-    if setup.rdrop_alpha is not None:
-        out = compute_rdrop_loss(lm, ids, attn, labels, setup.rdrop_alpha, setup.loss_fn, setup.rdrop_doubled,
-                                 want_hidden)
-        tok_loss, mask, hidden = out["token_loss"], out["mask"], out["hidden"]
-        kl_sum = (out["token_kl"] * weights[:, None]).sum()  # (B, T-1) weighted like the loss
-    else:
-        out = lm(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
-        tok_loss, mask = setup.loss_fn(out.logits, labels)  # (B, T-1) each
-        hidden = out.hidden_states[-1] if want_hidden else None
-    result = {"loss_sum": (tok_loss * weights[:, None]).sum(), "kl_sum": kl_sum, "per_record": None,
-              "contrastive": None}
-    if setup.per_record:
-        result["per_record"] = tok_loss.detach().sum(1) / mask.sum(1).clamp(min=1)
-    if contrastive is not None:
-        result["contrastive"] = contrastive(hidden, labels, attn, batch["has_code"], batch["index"], bank)
-    return result
+    def logged_keys(self) -> list[str]:
+        return [s.key for t in self.techniques for s in t.logged_sums]
 
 
 class TrainModule(torch.nn.Module):
-    """Every module with trainable parameters, the LM and the contrastive head, as one module.
+    """Every module with trainable parameters, the LM and the techniques' extra modules, as one module.
 
     DDP wraps this one module, so every trainable parameter's gradient is all-reduced before clipping and each
     rank clips by the same factor (a head outside the wrapper kept per-rank gradients and let replicas drift).
-    Its forward is ``compute_step_loss``.
+    Its forward is the one place a micro-batch's loss is computed.
     """
 
-    def __init__(self, lm: torch.nn.Module, setup: LossSetup, contrastive: CodeContrastiveLoss | None = None):
+    def __init__(self, lm: torch.nn.Module, setup: LossSetup, extra_modules: dict[str, torch.nn.Module] | None = None):
         super().__init__()
-        self.lm, self.contrastive = lm, contrastive
+        self.lm = lm
+        self.extras = torch.nn.ModuleDict(extra_modules or {})
         self.setup = setup
 
-    def forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor, bank: dict | None = None) -> dict:
-        return compute_step_loss(self.lm, batch, weights, self.setup, self.contrastive, bank)
+    def forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> dict:
+        """The LM's ``loss_sum`` (sum over target tokens of record weight x token loss), its logged ``sums``, and
+        each technique's ``StepPart`` by name (``parts``). The caller divides by the step's counts."""
+        setup = self.setup
+        out = setup.lm_loss(self.lm, batch, weights, setup.smoothing, setup.body)
+        parts = {}
+        for t in setup.techniques:
+            part = t.micro_batch(batch, out)
+            if part is not None:
+                parts[t.name] = part
+        return {"loss_sum": out["loss_sum"], "sums": out["sums"], "parts": parts}
 
 
 @dataclass
 class StepResult:
     """What one optimizer step produced; tensors stay on the device until logging reads them."""
     loss_sum: torch.Tensor  # this rank's weighted token-loss sum
-    targets: float  # this rank's share of the step's weighted target tokens (global count / world)
-    kl_sum: torch.Tensor
-    contrastive_sum: torch.Tensor
-    contrastive_count: float  # records taking part in the contrastive term, over all ranks
-    records: list = field(default_factory=list)  # (index, mean loss) tensors per micro-batch
-    bank_items: list = field(default_factory=list)  # detached contrastive vectors per micro-batch
+    counts: dict[str, float]  # the step's counts over all ranks: "targets" (weighted target tokens), the techniques'
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # the techniques' logged sums (this rank's)
+    kept: dict[str, list] = field(default_factory=dict)  # per technique, what its micro_batch kept, per micro-batch
+    world: int = 1
     tokens: int = 0  # attended tokens of this rank's micro-batches (for tokens/s)
     grad_norm: torch.Tensor | None = None
     finite: bool = True
 
+    def share(self, count: str) -> float:
+        """This rank's share of one of the step's counts (what its own sums are divided by)."""
+        return self.counts.get(count, 0.0) / self.world
 
-def accumulate_gradients(model, micro_batches: list[dict], norm: torch.Tensor, setup: LossSetup, device: torch.device,
-                         autocast_ctx, world: int = 1, scaler=None, no_sync=None, contrastive_count: float = 0.0,
-                         bank: dict | None = None) -> dict[str, Any]:
+    @property
+    def targets(self) -> float:
+        return self.share("targets")
+
+
+def accumulate_gradients(model, micro_batches: list[dict], counts: dict[str, float], setup: LossSetup,
+                         device: torch.device, autocast_ctx, world: int = 1, scaler=None,
+                         no_sync=None) -> dict[str, Any]:
     """Forward and backward over the micro-batches of one optimizer step.
 
-    ``model`` is the TrainModule (DDP-wrapped under torchrun); a bare LM is wrapped here. Each micro-batch
-    contributes ``loss_sum / norm`` (x ``world``, as DDP averages gradients over ranks), where ``norm`` counts the
-    (weighted) target tokens of the whole step on every rank, and ``weight x contrastive sum / contrastive_count``
-    with the records taking part over the whole step: the gradient is that of the step's mean, however the step is
-    split into micro-batches (accumulation, DDP, out-of-memory halving).
-    Returns the summed loss, KL and contrastive tensors, per-record losses and bank vectors; no host sync here.
+    ``model`` is the TrainModule (DDP-wrapped under torchrun); a bare LM is wrapped here. ``counts`` are the step's
+    counts on every rank (``step_counts``). Each micro-batch contributes ``loss_sum / counts["targets"]`` (x
+    ``world``, as DDP averages gradients over ranks), and each technique's term ``weight x its sum / its count``
+    (x ``world``): the gradient is that of the step's means, however the step is split into micro-batches
+    (accumulation, DDP, out-of-memory halving). Returns the summed loss, the techniques' summed ``sums`` and
+    ``kept`` items per technique; no host sync here.
     """
     if not isinstance(model, (TrainModule, torch.nn.parallel.DistributedDataParallel)):
         model = TrainModule(model, setup)
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "kl", "contrastive")}
-    records, bank_items = [], []
+    norm = torch.tensor(counts["targets"], device=device)
+    sums = {k: torch.zeros((), device=device) for k in ("loss", *setup.logged_keys())}
+    kept: dict[str, list] = {}
     for k, batch in enumerate(micro_batches):
         weights = setup.record_weights(batch).to(device)
         if setup.packing:  # host work, before the copy: packed rows, a 4-D mask, the target index
             batch = pack_batch(batch, setup.packing, setup.pad_id, setup.attn_implementation)
-        elif setup.target_head:  # the target positions found on the host: no device sync for nonzero()
+        else:  # the target positions found on the host: no device sync for nonzero()
             batch = {**batch, "targets": TargetIndex.from_labels(batch["labels"])}
         batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
         sync = nullcontext() if no_sync is None or k == len(micro_batches) - 1 else no_sync()
         with sync:
             with autocast_ctx:
-                out = model(batch, weights, bank)
+                out = model(batch, weights)
                 loss = out["loss_sum"] * world / norm
-                if out["contrastive"] is not None:
-                    cl = out["contrastive"]
-                    loss = loss + setup.contrastive_weight * cl["loss_sum"] * world / max(contrastive_count, 1.0)
+                for part in out["parts"].values():
+                    if part.loss_sum is not None:
+                        loss = loss + part.weight * part.loss_sum * world / max(counts[part.count], 1.0)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         sums["loss"] += out["loss_sum"].detach()
-        if out["kl_sum"] is not None:
-            sums["kl"] += out["kl_sum"].detach()
-        if out["contrastive"] is not None:
-            sums["contrastive"] += out["contrastive"]["loss_sum"].detach()
-            bank_items.append({k: out["contrastive"][k] for k in ("q", "a", "index")})
-        if out["per_record"] is not None:
-            records.append((batch["index"], out["per_record"]))
-    return {"loss": sums["loss"], "kl": sums["kl"], "contrastive": sums["contrastive"], "records": records,
-            "bank_items": bank_items}
+        logged = [out["sums"], *(part.sums for part in out["parts"].values())]
+        for key, value in ((key, v) for figures in logged for key, v in figures.items()):
+            if key not in sums:
+                sums[key] = torch.zeros((), device=device)
+            sums[key] += value.detach()
+        for name, part in out["parts"].items():
+            if part.keep is not None:
+                kept.setdefault(name, []).append(part.keep)
+    return {"loss": sums.pop("loss"), "sums": sums, "kept": kept}
 
 
 def _split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -1643,7 +1736,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation-based domain check every N epochs (0 = off)")
     t.add_argument("--domain_eval_per_domain", type=int, default=2, help="questions per domain in that check")
     t.add_argument("--ablation_mode", type=str, default="none",
-                   help=f"switch one technique off after the profile: none, all, or one of {', '.join(TECHNIQUES)}")
+                   help="switch one technique off after the profile: none, all, or one of "
+                        + ", ".join(cls.name for cls in TECHNIQUE_TYPES))
     t.add_argument("--warm_start", type=Path, default=None,
                    help="start from the weights of this model folder (fresh optimizer and schedule)")
     c = p.add_argument_group("checkpoints")
@@ -1699,20 +1793,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for bad, message in checks:
         if bad:
             parser.error(message)
-    for name in (TECHNIQUES if args.ablation_mode == "all" else [args.ablation_mode]):
-        if name in TECHNIQUES:
+    names = [cls.name for cls in TECHNIQUE_TYPES]  # read now: a test may register a technique of its own
+    for name in (names if args.ablation_mode == "all" else [args.ablation_mode]):
+        if name in names:
             setattr(args, f"use_{name}", False)
     problems = [m for bad, m in [
         (args.domain_eval_frequency < 0, "--domain_eval_frequency must be >= 0"),
         (args.domain_eval_per_domain < 1, "--domain_eval_per_domain must be at least 1"),
-        (args.ablation_mode not in ["none", "all", *TECHNIQUES],
-         f"--ablation_mode must be none, all or one of: {', '.join(TECHNIQUES)}"),
+        (args.ablation_mode not in ["none", "all", *names],
+         f"--ablation_mode must be none, all or one of: {', '.join(names)}"),
         (args.warm_start is not None and not Path(args.warm_start).is_dir(),
          f"--warm_start {args.warm_start}: not a model folder")] if bad]
     problems += [m for cls in TECHNIQUE_TYPES for m in cls.check(args)]  # each technique checks its own flags
-    if args.packing and args.use_code_contrastive:
-        problems.append("--packing cannot be combined with --use_code_contrastive (its question/answer pooling "
-                        "reads padded rows); drop one of them")
     if args.compile and sys.platform == "win32":
         problems.append("--compile: torch.compile is not supported on Windows; drop --compile")
     if problems:
@@ -1766,11 +1858,7 @@ def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device
         if use_cuda:
             torch.cuda.set_device(device)
         return rank, world, device
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
-    return 0, 1, device
+    return 0, 1, resolve_device(args.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1778,7 +1866,9 @@ def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device
 # ---------------------------------------------------------------------------------------------------------------
 
 def _new_epoch_sums() -> dict[str, float]:
-    return {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "contrastive": 0.0, "contrastive_count": 0.0, "steps": 0}
+    """The epoch's sums: the loss, its targets, the finite steps; the techniques' logged sums and counts join them
+    by name as they come (``add_epoch_sums``)."""
+    return {"loss": 0.0, "tokens": 0.0, "steps": 0}
 
 
 @dataclass
@@ -1852,7 +1942,7 @@ class Run:
     collate_fn: Any = None
     techniques: list = field(default_factory=list)
     loss: LossSetup = field(default_factory=LossSetup)
-    sampler_parts: dict = field(default_factory=dict)  # curriculum, tracker, stratified (set by techniques)
+    sampler_parts: list = field(default_factory=list)  # SamplerParts (set by techniques)
     extra_modules: dict = field(default_factory=dict)  # trainable modules besides the LM (set by techniques)
     sampler: Any = None
     module: Any = None  # TrainModule
@@ -1892,9 +1982,6 @@ class Run:
     def color(self) -> bool:
         return self.args.color and sys.stdout.isatty()
 
-    def technique(self, name: str) -> Technique | None:
-        return next((t for t in self.techniques if t.name == name), None)
-
     def eval_weights(self) -> ExitStack:
         """Validation and saving see the weights the techniques want (EMA's once it has started)."""
         stack = ExitStack()
@@ -1922,7 +2009,7 @@ def train(args: argparse.Namespace, notifier: Any = None) -> dict:
             begin_epoch(run)
             while run.state.batch_in_epoch < len(run.batches) and not run.step_limit_reached():
                 result = optimizer_step(run, next_window(run))
-                after_step(run, result)
+                log_and_checkpoint(run, result)
             if run.state.batch_in_epoch < len(run.batches):
                 break  # --max_steps ended the run mid-epoch
             if end_epoch(run):
@@ -2013,8 +2100,8 @@ def setup_run(run: Run) -> None:
         run.model.gradient_checkpointing_enable()
         run.model.config.use_cache = False
     run.precision = resolve_precision(args.precision, run.device)
-    run.loss = LossSetup()
-    run.techniques = [cls(args) for cls in TECHNIQUE_TYPES if getattr(args, f"use_{cls.name}")]
+    run.techniques = techniques_on(args)
+    run.loss = LossSetup(techniques=run.techniques)
     for t in run.techniques:
         t.configure(run)
     run.checkpoint = find_checkpoint(args, run.out / "checkpoints", run.model)
@@ -2022,17 +2109,16 @@ def setup_run(run: Run) -> None:
         load_weights_and_state(run, run.checkpoint[1])
     elif args.warm_start:
         warm_start(run.model, Path(args.warm_start), args.model_name)
-    run.module = TrainModule(run.model, run.loss, run.extra_modules.get("contrastive")).train()  # dropout on
+    run.module = TrainModule(run.model, run.loss, run.extra_modules).train()  # dropout on
     run.ddp = run.module
     if run.world > 1:
         run.ddp = torch.nn.parallel.DistributedDataParallel(
             run.module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     run.sampler = build_train_sampler(run)
-    accum = args.gradient_accumulation_steps
-    run.steps_in_epoch = [math.ceil(run.sampler.num_batches(e) / accum) for e in range(args.epochs)]
+    run.steps_in_epoch = planned_steps(run.sampler, args)
     run.total_steps = min(sum(run.steps_in_epoch), args.max_steps or sum(run.steps_in_epoch))
     configure_speed(run)
-    run.optimizer = build_optimizer(run.model, args, run.extra_modules.get("contrastive"))
+    run.optimizer = build_optimizer(run.model, args, run.techniques, run.extra_modules)
     run.scheduler = build_scheduler(run.optimizer, args, run.total_steps)
     if run.checkpoint:
         load_optimizer_state(run, *run.checkpoint)
@@ -2146,18 +2232,19 @@ def warm_start(model: torch.nn.Module, folder: Path, model_name: str) -> None:
     logger.info("warm start from %s (fresh optimizer and schedule)", folder)
 
 
-def build_train_sampler(run: Run) -> TrainingSampler:
-    """The composed sampler: curriculum pool, weighted draw (sample_weight x tracker), stratification, lengths."""
-    ex, args, parts = run.train_ds.examples, run.args, run.sampler_parts
-    sample_weights = [e["sample_weight"] for e in ex]
-    uniform = all(w == sample_weights[0] for w in sample_weights)
-    weighted = None
-    if parts.get("tracker") is not None or not uniform:
-        weighted = DynamicWeightedSampler(parts.get("tracker"), None if uniform else sample_weights)
-    return TrainingSampler(len(ex), args.batch_size, args.seed, run.rank, run.world, parts.get("curriculum"),
-                           weighted, parts.get("stratified"),
+def build_train_sampler(run: Run, world: int | None = None) -> TrainingSampler:
+    """The composed sampler: the techniques' parts, the ``sample_weight`` draw, length grouping. ``world`` plans
+    for another number of processes than this run's (the pre-flight plans a torchrun launch from one process)."""
+    ex, args = run.train_ds.examples, run.args
+    return TrainingSampler(len(ex), args.batch_size, args.seed, run.rank, run.world if world is None else world,
+                           run.sampler_parts, [e["sample_weight"] for e in ex],
                            lengths=[len(e["input_ids"]) for e in ex] if args.group_by_length else None,
                            accumulation=args.gradient_accumulation_steps, group_chunk=args.group_by_length_chunk)
+
+
+def planned_steps(sampler: TrainingSampler, args: argparse.Namespace) -> list[int]:
+    """Optimizer steps of every epoch, from the sampler's batch counts: what the schedule is sized for."""
+    return [math.ceil(sampler.num_batches(e) / args.gradient_accumulation_steps) for e in range(args.epochs)]
 
 
 def validation_batches(lengths: list[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -2171,17 +2258,7 @@ def validation_batches(lengths: list[int], batch_size: int, rank: int = 0, world
 
 def sampling_in_effect(run: Run) -> list[str]:
     """What shapes the epochs' draws, in the order they compose (for the run summary)."""
-    s = run.sampler
-    names = ["curriculum"] if s.curriculum else []
-    if s.weighted is not None and s.weighted.base is not None:
-        names.append("sample_weight")
-    if s.weighted is not None and s.weighted.tracker is not None:
-        names.append("dynamic_curriculum")
-    if s.stratified is not None:
-        names.append("domain_stratified")
-    if s.lengths is not None:
-        names.append("group_by_length")
-    return names
+    return run.sampler.in_effect()
 
 
 def open_outputs(run: Run) -> None:
@@ -2284,7 +2361,8 @@ def next_window(run: Run) -> list[dict]:
 
 
 def optimizer_step(run: Run, window: list[dict]) -> StepResult:
-    """One optimizer step: forward/backward over the window, (noise), clip, update, EMA, schedule."""
+    """One optimizer step: forward/backward over the window, the techniques' hooks before clipping, clip, update
+    (the optimizer's own step: CPU offload's does its copies), the hooks after it, schedule."""
     result = forward_backward(run, window)
     if run.precision.scaler is not None:
         run.precision.scaler.unscale_(run.optimizer)
@@ -2295,11 +2373,7 @@ def optimizer_step(run: Run, window: list[dict]) -> StepResult:
     # the step's one host sync: whether to update at all (inf + anything and nan stay non-finite)
     result.finite = bool(torch.isfinite(result.grad_norm.float() + result.loss_sum.float()))
     if result.finite:
-        if isinstance(run.optimizer, CPUOffloadOptimizer):
-            run.optimizer.pre_step()
-            run.optimizer.step()
-            run.optimizer.post_step()
-        elif run.precision.scaler is not None:
+        if run.precision.scaler is not None:
             run.precision.scaler.step(run.optimizer)
         else:
             run.optimizer.step()
@@ -2312,7 +2386,7 @@ def optimizer_step(run: Run, window: list[dict]) -> StepResult:
     run.state.global_step += 1
     run.state.batch_in_epoch += len(window)
     for t in run.techniques:
-        t.after_step(run, result)
+        t.after_optimizer_step(run, result)
     count_nonfinite(run, result.finite)
     return result
 
@@ -2320,20 +2394,12 @@ def optimizer_step(run: Run, window: list[dict]) -> StepResult:
 def forward_backward(run: Run, window: list[dict]) -> StepResult:
     """The step's gradients, normalised over the whole global step; a CUDA OOM halves the micro-batch and
     retries (the same objective: the normalisers are the step's, not the micro-batch's)."""
-    contrastive = run.technique("code_contrastive")
-    eligible = sum(int(contrastive.loss.eligible(b["has_code"]).sum()) for b in window) if contrastive else 0
-    counts = torch.tensor([run.loss.normaliser(window), float(eligible)], dtype=torch.float64)
-    if run.world > 1:  # the global batch's counts, on every rank
-        counts = counts.to(run.device)
-        torch.distributed.all_reduce(counts)
-    norm_host, eligible_host = counts.tolist()
-    norm = torch.tensor(norm_host, device=run.device)
+    counts = step_counts(run, window)
     while True:
         try:
             micro = [m for b in window for m in _split_batch(b, run.state.micro_split)]
-            out = accumulate_gradients(run.ddp, micro, norm, run.loss, run.device, run.precision.autocast, run.world,
-                                       run.precision.scaler, run.ddp.no_sync if run.world > 1 else None,
-                                       eligible_host, contrastive.bank if contrastive else None)
+            out = accumulate_gradients(run.ddp, micro, counts, run.loss, run.device, run.precision.autocast, run.world,
+                                       run.precision.scaler, run.ddp.no_sync if run.world > 1 else None)
             break
         except torch.cuda.OutOfMemoryError:
             run.optimizer.zero_grad(set_to_none=True)
@@ -2344,9 +2410,21 @@ def forward_backward(run: Run, window: list[dict]) -> StepResult:
             logger.warning("CUDA out of memory: micro-batch now %d x %d accumulation (same effective batch)",
                            math.ceil(run.args.batch_size / run.state.micro_split),
                            run.args.gradient_accumulation_steps * run.state.micro_split)
-    return StepResult(loss_sum=out["loss"], targets=norm_host / run.world, kl_sum=out["kl"],
-                      contrastive_sum=out["contrastive"], contrastive_count=eligible_host, records=out["records"],
-                      bank_items=out["bank_items"], tokens=sum(int(b["attention_mask"].sum()) for b in window))
+    return StepResult(loss_sum=out["loss"], counts=counts, sums=out["sums"], kept=out["kept"], world=run.world,
+                      tokens=sum(int(b["attention_mask"].sum()) for b in window))
+
+
+def step_counts(run: Run, window: list[dict]) -> dict[str, float]:
+    """The step's counts over every rank, on the host: the weighted target tokens (``"targets"``) and each
+    technique's own (``Technique.step_counts``); one all-reduce under DDP."""
+    counts = {"targets": run.loss.normaliser(window)}
+    for t in run.techniques:
+        counts.update(t.step_counts(window))
+    if run.world > 1:  # the global batch's counts, on every rank
+        values = torch.tensor(list(counts.values()), dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(values)
+        counts = dict(zip(counts, values.tolist()))
+    return counts
 
 
 def count_nonfinite(run: Run, finite: bool) -> None:
@@ -2365,7 +2443,7 @@ def count_nonfinite(run: Run, finite: bool) -> None:
                            f"{run.out / 'checkpoints'}. Lower --learning_rate or use --precision fp32.")
 
 
-def after_step(run: Run, result: StepResult) -> None:
+def log_and_checkpoint(run: Run, result: StepResult) -> None:
     """Queue the step's log line; validate / checkpoint every N steps; stop when asked.
 
     Nothing here reads the device: the step's loss, gradient norm and technique figures stay tensors in
@@ -2376,7 +2454,7 @@ def after_step(run: Run, result: StepResult) -> None:
     run.tokens_since_log += result.tokens
     now = time.perf_counter()
     dt = now - run.t_log
-    meta = {"step": state.global_step, "epoch": state.epoch + 1, "lr": head_lr(run.optimizer), "dt": dt,
+    meta = {"step": state.global_step, "epoch": state.epoch + 1, "lr": output_lr(run.optimizer, run.model), "dt": dt,
             "tps": run.tokens_since_log * run.world / dt if dt > 0 else 0.0,
             "gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None}
     run.tokens_since_log, run.t_log = 0, now
@@ -2415,28 +2493,24 @@ def flush_logs(run: Run) -> None:
 def log_step(run: Run, result: StepResult, meta: dict) -> None:
     """One queued step: the epoch's sums, then (rank 0) its metrics.jsonl line, tensorboard, the bar's figures
     and every --log_every_steps a console line."""
-    sums, step = run.state.epoch_sums, meta["step"]
+    step = meta["step"]
     loss_sum = float(result.loss_sum)
     mean_loss = loss_sum / max(result.targets, 1e-12)
     if result.finite:
-        sums["loss"] += loss_sum
-        sums["tokens"] += result.targets
-        sums["kl"] += float(result.kl_sum) if run.technique("rdrop") else 0.0
-        if run.technique("code_contrastive"):
-            sums["contrastive"] += float(result.contrastive_sum)
-            sums["contrastive_count"] += result.contrastive_count
-        sums["steps"] += 1
+        add_epoch_sums(run, result, loss_sum)
     if not run.is_main:
         return
     lr, tps, dt, grad = meta["lr"], meta["tps"], meta["dt"], float(result.grad_norm)
     line = {"step": step, "epoch": meta["epoch"], "loss": mean_loss, "lr": lr, "grad_norm": grad,
             "tokens_per_sec": tps, "ms": dt * 1000, "skipped": not result.finite}
     for t in run.techniques:
+        for s in t.logged_sums:
+            line[s.key] = float(result.sums[s.key]) / max(result.share(s.count), 1e-12)
         line.update(t.step_fields(run, result))
     run.metrics_file.write(json.dumps(line) + "\n")
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "kl", "contrastive"):
-        if key in line:
-            run.writer.add_scalar(f"train/{key}", line[key], step)
+    for key, value in line.items():
+        if key not in ("step", "epoch", "ms", "skipped"):
+            run.writer.add_scalar(f"train/{key}", value, step)
     if meta["gpu_gb"] is not None:
         run.writer.add_scalar("system/gpu_memory_gb", meta["gpu_gb"], step)
     run.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}", refresh=False)
@@ -2444,6 +2518,25 @@ def log_step(run: Run, result: StepResult, meta: dict) -> None:
         msg = (f"step {step:5d}/{run.total_steps} | epoch {meta['epoch']} | loss {mean_loss:.4f} | "
                f"lr {lr:.2e} | grad {grad:.3f} | {tps:.0f} tok/s | {dt * 1000:.0f} ms")
         run.bar.write(msg) if not run.bar.disable else logger.info("%s", msg)
+
+
+def _epoch_count_key(count: str) -> str:
+    """Where the epoch's sums keep a step count: the targets as "tokens", a technique's count by its name."""
+    return "tokens" if count == "targets" else count
+
+
+def add_epoch_sums(run: Run, result: StepResult, loss_sum: float) -> None:
+    """A finite step into the epoch's sums: the loss and its targets, each technique's logged sums and counts."""
+    sums = run.state.epoch_sums
+    sums["loss"] += loss_sum
+    sums["tokens"] += result.targets
+    counts = {s.count for t in run.techniques for s in t.logged_sums} - {"targets"}
+    for t in run.techniques:
+        for s in t.logged_sums:
+            sums[s.key] = sums.get(s.key, 0.0) + float(result.sums[s.key])
+    for count in sorted(counts):
+        sums[count] = sums.get(count, 0.0) + result.share(count)
+    sums["steps"] += 1
 
 
 def stop_requested(run: Run) -> bool:
@@ -2525,19 +2618,22 @@ def epoch_entry(run: Run, m: dict) -> dict:
              "val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_token_accuracy": m["token_accuracy"],
              "domains": {d: {k: v[k] for k in ("loss", "perplexity", "token_accuracy")}
                          for d, v in m["domains"].items()},
-             "learning_rate": head_lr(run.optimizer), "seconds": time.time() - run.epoch_started}
+             "learning_rate": output_lr(run.optimizer, run.model), "seconds": time.time() - run.epoch_started}
     for t in run.techniques:
+        for s in t.logged_sums:
+            if s.epoch_key:
+                entry[s.epoch_key] = sums.get(s.key, 0.0) / max(sums.get(_epoch_count_key(s.count), 0.0), 1e-12)
         entry.update(t.epoch_fields(run))
     if run.is_main and run.args.domain_eval_frequency and (state.epoch + 1) % run.args.domain_eval_frequency == 0:
-        entry["domain_eval"] = ValidationMetrics(run.args.domain_eval_per_domain).run(run.tm, run.val_recs)
+        entry["domain_eval"] = GenerationCheck(run.args.domain_eval_per_domain).run(run.tm, run.val_recs)
         for d, v in entry["domain_eval"].items():
             run.writer.add_scalar(f"domain_eval/{d}_score", v["score"], state.global_step)
     return entry
 
 
-def ema_active(run: Run) -> bool:
-    ema = run.technique("ema")
-    return bool(ema is not None and ema.ema.active)
+def eval_weights_swapped(run: Run) -> bool:
+    """Whether validation and saving see weights a technique swapped in (the EMA's, once it has started)."""
+    return any(t.swaps_eval_weights(run) for t in run.techniques)
 
 
 def save_best(run: Run, val_loss: float) -> None:
@@ -2547,9 +2643,9 @@ def save_best(run: Run, val_loss: float) -> None:
         raise ValueError(f"save_best: validation loss {val_loss} is not finite; theta_best/ is not replaced")
     run.tm.save(run.out / "theta_best", extra_files={"theta_run.json": {
         "epoch": run.state.epoch + 1, "step": run.state.global_step, "val_loss": val_loss,
-        "ema_weights": ema_active(run)}})
+        "ema_weights": eval_weights_swapped(run)}})
     logger.info(_color(f"new best validation loss {val_loss:.4f}: saved theta_best/"
-                       + (" (EMA weights)" if ema_active(run) else ""), "GREEN", run.color))
+                       + (" (EMA weights)" if eval_weights_swapped(run) else ""), "GREEN", run.color))
 
 
 def log_epoch(run: Run, entry: dict, m: dict) -> None:
@@ -2565,7 +2661,8 @@ def log_epoch(run: Run, entry: dict, m: dict) -> None:
     run.writer.add_scalar("epoch/train_loss", entry["train_loss"], state.epoch + 1)
     run.writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
     examples = run.val_ds.examples[:run.args.num_samples]
-    answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=48, temperature=0.0)  # no RNG
+    answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=SAMPLE_TOKENS,
+                                    temperature=0.0)  # greedy: no RNG
     for ex, answer in zip(examples, (a["text"] for a in answers)):
         logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
         run.writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
@@ -2609,7 +2706,7 @@ def finish(run: Run) -> dict:
                "planned_steps": run.total_steps, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
                "best_val_loss": state.best_val_loss, "nonfinite_steps": state.nonfinite_total,
                "seconds": time.time() - run.started, "final_model": str(run.out / "theta_final"),
-               "ema_weights": ema_active(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
+               "ema_weights": eval_weights_swapped(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
                "exit_code": run.exit_code}
     last_loss = state.history[-1]["val_loss"] if state.history else None
     if run.exit_code == 0 and state.best_epoch < 0:  # --max_steps ended before any validation: validate now

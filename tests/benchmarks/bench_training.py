@@ -301,7 +301,7 @@ def technique_flags() -> dict:
 
 
 def _val_examples(job: Job, tokenizer):
-    from src.training.train_enhanced import TokenizedDataset  # re-exported by the trainer (interface 4)
+    from src.training.lm_data import TokenizedDataset
 
     records = json.loads(Path(job.data_path).read_text(encoding="utf-8"))["records"]
     split = lambda s: [r for r in records if r.get("split", "train") == s]  # noqa: E731
@@ -759,7 +759,11 @@ def measure(config: str, job: Job, steps: int, seed: int = 42, warmup: int = 1,
 def head_case(kind: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> float:
     """Forward and backward of the head and loss, ``kind`` "full" (logits at every position, the shifted
     cross-entropy as the loop computed it) or "targets" (src/training/lm_loss.py); returns the loss."""
-    from src.training.lm_loss import TargetIndex, full_logits_token_losses, head_loss
+    from src.training.lm_loss import TargetIndex, head_loss
+
+    if str(PROJECT_ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT / "tests"))
+    from full_logits import full_logits_token_losses  # the tests' oracle: the loss as the loop once computed it
 
     hidden.grad = weight.grad = None
     if kind == "full":

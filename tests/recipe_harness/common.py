@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -172,12 +171,6 @@ def metrics(run: Path) -> list[dict]:
 
 
 # --- launches --------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def write_spec(path: Path, runs: dict[str, list[str]]) -> Path:
     path.write_text(json.dumps({"runs": [{"name": n, "argv": argv} for n, argv in runs.items()]}, indent=1),
