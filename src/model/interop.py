@@ -7,17 +7,24 @@ the fp16/bf16 inference copies), so that the folder opens, unchanged, in:
   ``hparams["n_ctx"]``, which transformers 5 no longer writes (``KeyError: 'n_ctx'``); for a sentencepiece model
   such as Phi-3-mini it opens ``tokenizer.model``, which a transformers-5 tokenizer save does not write.
 - tools on transformers 4 (lm-evaluation-harness or vLLM installed against it; the converter's own pinned
-  environment). transformers 5 writes the RoPE settings as ``rope_parameters`` only, a key transformers 4 does not
-  read: it then builds the model with its default ``rope_theta`` of 10000 and no scaling, which for Llama-3
-  (500000, "llama3" scaling) or Qwen2.5 (1000000) is silently another model. The legacy ``rope_theta``,
-  ``rope_scaling`` and ``partial_rotary_factor`` are written beside ``rope_parameters``; transformers 5 reads the
-  folder exactly as without them (tested: same config, same logits).
+  environment, transformers 4.57). transformers 5 writes the RoPE settings as ``rope_parameters`` only, a key
+  transformers 4 does not read: it then builds the model with its default ``rope_theta`` of 10000 and no scaling,
+  which for Llama-3 (500000, "llama3" scaling) or Qwen2.5 (1000000) is silently another model. The legacy
+  ``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor`` are written beside ``rope_parameters``. In
+  tokenizer_config.json, transformers 5's ``TokenizersBackend`` class and its list-valued ``extra_special_tokens``
+  stop transformers 4's AutoTokenizer; they are written as ``PreTrainedTokenizerFast`` and
+  ``additional_special_tokens``. transformers 5 reads every such folder exactly as without these fields (tested:
+  same config, token ids, chat template, logits); transformers 4.57.6 then reads the same token ids, template
+  and logits (checked by hand, documentation/INTEROP.md).
+- llama.cpp's converter for ``phi3`` takes the vocabulary from ``tokenizer.model`` unless tokenizer_config.json
+  names ``GPT2Tokenizer`` (as Phi-4-mini does): a byte-level BPE tokenizer without ``tokenizer.model`` is named
+  so.
 
 :func:`keep_source_tokenizer` gives an inference copy the tokenizer files (and chat template) of the folder it was
-made from, byte for byte. documentation/INTEROP.md has the commands.
+made from. documentation/INTEROP.md has the commands.
 
     from src.model.interop import export_compat_fields, finish_saved_folder
-    config = export_compat_fields(json.loads(text), "gpt2")                 # + n_ctx
+    config = export_compat_fields(json.loads(Path("config.json").read_text()), "gpt2")      # + n_ctx
     finish_saved_folder(Path("models/<run>/theta_final"), source="HuggingFaceTB/SmolLM2-360M-Instruct")
 """
 
@@ -70,8 +77,9 @@ def export_compat_fields(config: dict, model_type: str) -> dict:
     return out
 
 
-def _source_file(source: Path | str | None, name: str) -> Path | None:
-    """``name`` in the model ``source`` (a folder, or a hub id's local cache; never a download), or None."""
+def _source_file(source: Path | str | None, name: str, cache_dir: Path | None = None) -> Path | None:
+    """``name`` in the model ``source`` (a folder, or a hub id's local cache, ``cache_dir`` or the default one;
+    never a download), or None."""
     if source is None:
         return None
     folder = Path(source)
@@ -80,26 +88,72 @@ def _source_file(source: Path | str | None, name: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(str(source), name)
+        found = try_to_load_from_cache(str(source), name, cache_dir=cache_dir)
     except Exception:  # not a valid hub id (a path that does not exist): nothing to copy
         return None
     return Path(found) if isinstance(found, str) else None
 
 
+def export_tokenizer_fields(tokenizer_config: dict, model_type: str, byte_level_bpe: bool = False,
+                            sentencepiece: bool = False) -> dict:
+    """``tokenizer_config`` (a tokenizer_config.json's dict) with the fields transformers 4 and llama.cpp's
+    converter read: ``TokenizersBackend`` (transformers 5's generic fast tokenizer, unknown to 4) becomes
+    ``PreTrainedTokenizerFast``; a list of ``extra_special_tokens`` (5's name) becomes
+    ``additional_special_tokens`` (4 reads ``extra_special_tokens`` as a dict and fails on a list); a ``phi3``
+    folder whose tokenizer is a byte-level BPE (``byte_level_bpe``) without a ``tokenizer.model``
+    (``sentencepiece``) names ``GPT2Tokenizer``. Returns a new dict; running it again changes nothing."""
+    out = dict(tokenizer_config)
+    if out.get("tokenizer_class") == "TokenizersBackend":
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(out.get("extra_special_tokens"), list):
+        extra = out.pop("extra_special_tokens")
+        out["additional_special_tokens"] = list(dict.fromkeys(out.get("additional_special_tokens", []) + extra))
+    if model_type == "phi3" and byte_level_bpe and not sentencepiece:
+        out["tokenizer_class"] = "GPT2Tokenizer"
+    return out
+
+
+def is_byte_level_bpe(tokenizer_json: dict) -> bool:
+    """Whether a tokenizer.json describes a GPT-2-style tokenizer: a BPE model behind a ByteLevel pre-tokenizer."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return (tokenizer_json.get("model") or {}).get("type") == "BPE" and \
+        any((step or {}).get("type") == "ByteLevel" for step in steps)
+
+
+def _rewrite_json(path: Path, update) -> None:
+    """``path``'s JSON through ``update`` (dict -> dict), written back only when it changed, in transformers' own
+    layout (indent 2, sorted keys)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    new = update(data)
+    if new != data:
+        path.write_text(json.dumps(new, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export_tokenizer_config(folder: Path, model_type: str) -> None:
+    """:func:`export_tokenizer_fields` applied to ``folder``'s tokenizer_config.json (when there is one)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    tok_json = Path(folder) / "tokenizer.json"
+    bpe = tok_json.is_file() and is_byte_level_bpe(json.loads(tok_json.read_text(encoding="utf-8")))
+    sentencepiece = (Path(folder) / "tokenizer.model").is_file()
+    _rewrite_json(path, lambda c: export_tokenizer_fields(c, model_type, bpe, sentencepiece))
+
+
 def finish_saved_folder(folder: Path, source: Path | str | None = None) -> None:
     """Make a just-written model ``folder`` open in other tools: the compat fields in its config.json
-    (:func:`export_compat_fields`), and the tokenizer files of ``source`` (the folder or hub id the model was
-    loaded from) that the tokenizer save did not write (``tokenizer.model``).
+    (:func:`export_compat_fields`), the tokenizer files of ``source`` (the folder or hub id the model was loaded
+    from) that the tokenizer save did not write (``tokenizer.model``), and the tokenizer_config.json fields
+    (:func:`export_tokenizer_fields`).
 
     Called inside ``ThetaModel.save``'s temporary folder (atomic as a whole), so the files are written in place.
     """
     folder = Path(folder)
-    path = folder / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    updated = export_compat_fields(config, config.get("model_type", ""))
-    if updated != config:  # transformers' own layout: indent 2, sorted keys
-        path.write_text(json.dumps(updated, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    _rewrite_json(folder / "config.json", lambda c: export_compat_fields(c, model_type))
     _copy_source_only_files(source, folder)
+    export_tokenizer_config(folder, model_type)
 
 
 def _copy_source_only_files(source: Path | str | None, folder: Path) -> None:
@@ -115,8 +169,9 @@ def _same_tokenizer(tokenizer, other) -> bool:
 
 
 def keep_source_tokenizer(source: Path, folder: Path, tokenizer) -> bool:
-    """Give ``folder`` the tokenizer files of the model folder ``source`` it was made from, byte for byte (chat
-    template included; files ``source`` lacks removed), when ``tokenizer`` (the one in memory, already saved into
+    """Give ``folder`` the tokenizer files of the model folder ``source`` it was made from (chat template
+    included; files ``source`` lacks removed; byte for byte when ``source`` was written by Theta, else with the
+    fields of :func:`export_tokenizer_fields`), when ``tokenizer`` (the one in memory, already saved into
     ``folder``) is the same tokenizer as ``source``'s; returns whether it did.
 
     When the loader changed the tokenizer (a pad token added to a folder that had none), the files just saved
@@ -132,12 +187,15 @@ def keep_source_tokenizer(source: Path, folder: Path, tokenizer) -> bool:
         logger.warning("could not read the tokenizer of %s (%s): %s keeps the tokenizer as saved", source, err,
                        folder)
         same = False
-    if not same:
+    if same:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
+            elif (folder / name).exists():
+                (folder / name).unlink()
+    else:
         _copy_source_only_files(source, folder)
-        return False
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
-        elif (folder / name).exists():
-            (folder / name).unlink()
-    return True
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "") if config.is_file() else ""
+    export_tokenizer_config(folder, model_type)
+    return same
