@@ -130,8 +130,9 @@ def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool, offl
     config, or the loaded model's count); ``trainable`` those the optimizer trains (default: all of them; adapters
     on a frozen base: the adapters). A checkpoint holds the trainable weights (4 B/parameter), AdamW's two moments
     (8 B), the EMA shadow (4 B when on) and CPU offload's fp32 masters (4 B x the offloaded fraction). A model
-    folder (theta_best/, theta_final/, theta_inference/: the whole model) is at most 4 B/parameter. Every save writes the new copy beside the old one and removes the
-    old one only afterwards (atomic_dir), and the saves come one after another, so the peak is the larger of:
+    folder (theta_best/, theta_final/, theta_inference/: the whole model) is at most 4 B/parameter. Every save
+    writes the new copy beside the old one and removes the old one only afterwards (atomic_dir), and the saves
+    come one after another, so the peak is the larger of:
     - a checkpoint being written: ``keep_checkpoints + 1`` checkpoints, and theta_best/;
     - the end: ``keep_checkpoints`` checkpoints, theta_best/, theta_final/, theta_inference/ and a new copy of one
       of them being written (a rerun replaces them).
@@ -332,8 +333,9 @@ class SimulatedProbe:
     the weights and optimizer state (:class:`WeightMemory`), the activations kept for backward
     (:meth:`ModelShape.activation_bytes_per_token`), and the trainer's head loss (src/training/lm_loss.py): the
     target rows' hidden states and their gradient (2 x 4 x hidden per token, fp32), the head's fp32 gradient held
-    from forward to backward (4 x vocab x hidden, when the head trains) and one chunk of fp32 logits with its softmax gradient
-    (2 x 4 x vocab x rows, rows = the targets up to ``default_chunk_rows``) -- never [B, T, V] logits.
+    from forward to backward (4 x vocab x hidden, when the head trains) and one chunk of fp32 logits with its
+    softmax gradient (2 x 4 x vocab x rows, rows = the targets up to ``default_chunk_rows``): never [B, T, V]
+    logits.
     Sharp edge: a rough model, good to tell "fits easily" from "far too big"; the real probe decides on CUDA.
     """
 
