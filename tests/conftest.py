@@ -109,6 +109,16 @@ def prepared_data(tmp_path_factory, tiny_datasets_dir) -> Path:
     return d / "Datasets" / "enhanced_training_data.json"
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}``: the tiny random model of every supported family (tests/model_families.py), built once
+    per session; tests that change one copy it first."""
+    from model_families import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}
+
+
 def run_script(args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python <args>`` with this interpreter; returns the completed process (text output)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}

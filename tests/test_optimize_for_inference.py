@@ -330,3 +330,70 @@ def test_auto_with_a_half_candidate_end_to_end(tmp_path, tiny_model_dir, prepare
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert abs(m["perplexity"]["relative_change"]) < 0.05
     assert ThetaModel.load(out, device="cpu").generate("What is DNS?", max_length=3, seed=0) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every family: the decoder layers' linear layers, and nothing else, in int8
+# ---------------------------------------------------------------------------------------------------------------
+
+# Weight layers per decoder layer, by hand: GPT-2 c_attn, c_proj, c_fc, mlp.c_proj (Conv1D); Llama-style q, k, v,
+# o, gate, up, down; Phi-3 fused qkv_proj and gate_up_proj, o_proj, down_proj.
+LINEARS_PER_LAYER = {"gpt2": 4, "llama": 7, "qwen2": 7, "qwen3": 7, "mistral": 7, "phi3": 4}
+LAYERS_PATH = {"gpt2": "transformer.h"}  # the others: model.layers
+INT8_REL_TOLERANCE = 0.05  # relative L2 error of the logits, int8 against fp32
+
+
+@pytest.mark.parametrize("family", list(LINEARS_PER_LAYER))
+def test_int8_on_every_family_quantises_the_decoder_linears_only(family, family_dirs, tmp_path):
+    """The int8 count equals an independent count (the weight layers under the family's decoder-layer list, and
+    the hand table); embeddings and LM head stay fp32; logits within 5% (relative L2) of fp32, with the same
+    argmax wherever fp32's top two differ by more than twice the largest logit error; the saved folder comes
+    back bit-identical, and the Auto classes refuse it (no weight file) instead of building random weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
+    tok = AutoTokenizer.from_pretrained(family_dirs[family])
+    layers = model.get_submodule(LAYERS_PATH.get(family, "model.layers"))
+    counted = sum(isinstance(m, (nn.Linear, Conv1D)) for m in layers.modules())
+    assert counted == LINEARS_PER_LAYER[family] * model.config.num_hidden_layers
+    x = torch.tensor([tok("What is a firewall and why does it matter? It filters network traffic.")["input_ids"]])
+    with torch.no_grad():
+        ref = model(x).logits  # (1, T, V)
+        assert q.quantize_blocks_int8(model) == counted
+        out = model(x).logits
+    assert not any(type(m) in (nn.Linear, Conv1D) for m in layers.modules())  # nothing left in float
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert type(head) is nn.Linear and head.weight.dtype == torch.float32 and type(emb) is nn.Embedding
+    assert (out - ref).norm() / ref.norm() < INT8_REL_TOLERANCE
+    top2 = ref.topk(2, dim=-1).values  # (1, T, 2)
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * (out - ref).abs().max()
+    assert clear.any() and torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+    folder = q.save_quantized(model, tok, tmp_path / "int8", {"layers": counted}, source="models/run/theta_final")
+    back = q.load_quantized_model(folder)
+    assert type(back) is type(model)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, out)
+    readme = (folder / q.QUANTIZED_README).read_text()
+    assert "ThetaModel.load" in readme and "models/run/theta_final" in readme
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_optimised_folder_says_what_opens_it_and_keeps_the_source_tokenizer(tmp_path, tiny_model_dir,
+                                                                                 prepared_data):
+    """optimization_metrics.json: an int8 folder loads with Theta only and names the original for other tools;
+    the tokenizer files are the source folder's, byte for byte."""
+    from src.model.interop import TOKENIZER_FILES
+
+    out = tmp_path / "theta_inference"
+    assert opt.main(_args(tiny_model_dir, out, prepared_data.parent / "enhanced_test_set.json",
+                          "--quantize", "int8")) == 0
+    m = json.loads((out / "optimization_metrics.json").read_text())
+    assert m["loads_with"] == "theta" and str(tiny_model_dir) in m["other_tools"]
+    assert str(tiny_model_dir) in (out / q.QUANTIZED_README).read_text()
+    for name in TOKENIZER_FILES:
+        assert (out / name).is_file() == (tiny_model_dir / name).is_file(), name
+        if (tiny_model_dir / name).is_file():
+            assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    assert opt.opened_by("fp16", tiny_model_dir)["loads_with"] == "transformers"

@@ -81,9 +81,8 @@ def test_a_batch_that_does_not_fit_the_simulated_gpu_stops_with_the_flags(capsys
 
     def factory(model, device, targs):
         # Capacity between what micro-batch 3 and 4 need at the probed length (R-Drop doubles the batch).
-        n = sum(p.numel() for p in model.parameters())
-        probe = pf.SimulatedProbe(0, n, model.config.n_layer, model.config.n_embd, model.config.vocab_size)
-        probe.capacity = probe.base + 7 * 128 * probe.per_token  # 7 sequences of 128 fit, 8 do not
+        probe = pf.SimulatedProbe.for_model(model, 0)
+        probe.capacity = probe.peak(7, 128)  # 7 sequences of 128 fit, 8 do not
         made["probe"] = probe
         return probe
 
@@ -111,11 +110,95 @@ def test_largest_fitting_batch_matches_a_linear_search(capacity):
     assert pf.largest_fitting_batch(probe, 10, 64) == min(expected, 63)
 
 
-def test_simulated_probe_formula():
-    probe = pf.SimulatedProbe(10 * pf.GB, n_params=1000, n_layer=2, n_embd=8, vocab=50)
-    assert probe(3, 4) == 16 * 1000 + 3 * 4 * (34 * 8 * 2 + 8 * 50)
+def test_simulated_probe_of_a_gpt2_shape_by_hand():
+    """GPT-2's shapes give Korthikanti et al.'s 34 x hidden bytes per token and layer; the head costs the trainer's
+    chunked loss (lm_loss.py), not [B, T, V] logits."""
+    shape = pf.ModelShape("gpt2", hidden=8, layers=2, intermediate=32, vocab=50, heads=2, kv_heads=2, head_dim=4,
+                          tied_head=True, positions=16, gated_mlp=False, layer_norm_bias=True, qkv_bias=True,
+                          out_bias=True, mlp_bias=True, residual_dropout=True)
+    assert shape.activation_bytes_per_token() == 34 * 8 * 2
+    # 50 x 8 token + 16 x 8 position embeddings; per layer: qkv 8 x 24 + 24, proj 8 x 8 + 8, fc 8 x 32 + 32,
+    # proj 32 x 8 + 8, two LayerNorms 2 x 16; the final LayerNorm 16; the head tied.
+    assert shape.parameters() == 400 + 128 + 2 * (216 + 72 + 288 + 264 + 32) + 16 == 2288
+    probe = pf.SimulatedProbe(10 * pf.GB, shape, pf.WeightMemory(1000))
+    # 16 B x 1000 + the head's fp32 gradient 4 x 50 x 8 + 12 tokens x (544 activations + 8 x 8 gathered rows and
+    # their gradient) + one chunk of 12 logits rows and their gradient, 8 x 50 x 12
+    assert probe(3, 4) == 16 * 1000 + 1600 + 12 * (544 + 64) + 8 * 50 * 12
     with pytest.raises(pf.ProbeOutOfMemory):
-        pf.SimulatedProbe(16_000, 1000, 2, 8, 50)(1, 1)
+        pf.SimulatedProbe(16_000, shape, pf.WeightMemory(1000))(1, 1)
+
+
+def test_simulated_probe_of_a_tiny_llama_by_hand(family_dirs):
+    """The tiny Llama of tests/model_families.py (hidden 64, 2 layers, intermediate 128, 4 heads of 16, 2 KV
+    heads, vocabulary 512, untied head, no dropout), computed here by hand from those numbers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"])
+    # parameters: embedding 512 x 64 = 32768; a layer: q 64 x 64 = 4096, k and v 64 x 32 = 2048 each, o 4096,
+    # gate/up/down 3 x 64 x 128 = 24576, two RMSNorms 128 -> 36992; the final norm 64; the untied head 32768.
+    params = 32768 + 2 * 36992 + 64 + 32768
+    assert params == 139584 == sum(p.numel() for p in model.parameters())
+    shape = pf.ModelShape.from_config(model.config)
+    assert shape.parameters() == params
+    # per token and layer, 16-bit: norm inputs 2 x 128 = 256; attention input 128, q 128, k and v 2 x 64, the
+    # output projection's input 128 = 512; MLP input 128, gate, up, SiLU and product 4 x 256 = 1024; no dropout
+    per_layer = 256 + 512 + 128 + 1024
+    assert shape.activation_bytes_per_token() == 2 * per_layer == 3840
+    assert shape.activation_bytes_per_token(checkpointing=True) == 2 * 128 + per_layer
+    probe = pf.SimulatedProbe.for_model(model, 10 * pf.GB)
+    # 16 B x 139584 + head gradient 4 x 512 x 64; 300 tokens x (3840 + 8 x 64); chunk 300 rows x 8 x 512
+    assert probe(3, 100) == 16 * 139584 + 131072 + 300 * (3840 + 512) + 300 * 4096 == 4898816
+    # a frozen 16-bit base under 10,000 trainable adapter weights and a frozen head (the LoRA issue)
+    lora = pf.SimulatedProbe(10 * pf.GB, shape, pf.WeightMemory(10_000, params, 2.0), head_trainable=False)
+    assert lora(3, 100) == 16 * 10_000 + 2 * 139584 + 300 * (3840 + 512) + 300 * 4096
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3"])
+def test_parameters_from_the_config_match_torch_for_every_family(family, family_dirs):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[family])
+    assert pf.ModelShape.from_config(AutoConfig.from_pretrained(family_dirs[family])).parameters() == \
+        sum(p.numel() for p in model.parameters())
+
+
+def test_the_memory_probe_steps_through_the_trainer_loss_not_full_logits(family_dirs, monkeypatch):
+    """probe_step (CudaProbe's step) on the CPU, a tiny Llama: one call of the trainer's lm_loss.step_losses, and
+    the LM head never sees a position (no [B, T, V] logits); the gradients reached the weights."""
+    from contextlib import nullcontext
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from src.training import lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"])
+    calls, head_positions = [], []
+    real = lm_loss.step_losses
+    monkeypatch.setattr(lm_loss, "step_losses", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_positions.append(i[0].shape[-2]))
+    stepped, real_step = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        stepped.append(all(p.grad is not None for g in self.param_groups for p in g["params"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    pf.probe_step(model, 2, 16, torch.device("cpu"), nullcontext())
+    assert len(calls) == 1 and torch.equal(calls[0]["labels"], calls[0]["input_ids"])
+    assert calls[0]["input_ids"].shape == (2, 16) and head_positions == [0]
+    assert stepped == [True] and model.get_output_embeddings().weight.grad is None  # every gradient, then freed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_probe_measures_a_tiny_llama(family_dirs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"]).cuda()
+    peak = pf.CudaProbe(model, torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16))(2, 64)
+    assert peak >= 16 * sum(p.numel() for p in model.parameters())
 
 
 def test_expected_run_bytes_is_the_peak_by_hand():
@@ -128,6 +211,10 @@ def test_expected_run_bytes_is_the_peak_by_hand():
     assert pf.expected_run_bytes(1000, 1, False, offload_fraction=0.5)["peak"] == 2 * 14000 + 4000
     # No EMA: a checkpoint is 3 models, so the end (3 x 12000 + 4 x 4000 = 52000) ties the last checkpoint's write.
     assert pf.expected_run_bytes(1000, 3, False)["peak"] == 4 * 12000 + 4000 == 3 * 12000 + 4 * 4000
+    # Adapters: 10 trainable weights of 1000, EMA on: a checkpoint is 10 x 16 = 160 B, the model folders still
+    # whole (4000 B): writing the third checkpoint 3 x 160 + 4000 = 4480, the end 2 x 160 + 4 x 4000 = 16320.
+    assert pf.expected_run_bytes(1000, 2, True, trainable=10) == {
+        "per_checkpoint": 160, "model": 4000, "peak": 16320, "phase": "at the end, with the three model folders"}
 
 
 def test_check_disk_counts_what_a_resumed_run_already_holds(tmp_path, monkeypatch):

@@ -335,6 +335,8 @@ class ThetaModel:
         model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
         from transformers.utils import logging as hf_logging
 
+        from src.model.interop import finish_saved_folder
+
         with atomic_dir(path) as tmp:
             bar = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every epoch's log
@@ -344,6 +346,7 @@ class ThetaModel:
                 if bar:
                     hf_logging.enable_progress_bar()
             self.tokenizer.save_pretrained(tmp)
+            finish_saved_folder(tmp, self.source_path)  # the fields and files other tools read (interop.py)
             for name, content in (extra_files or {}).items():
                 (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path

@@ -5,8 +5,9 @@ the device the model will run on (``--device``, default: CUDA when present, else
 against the fp32 original on that same device, and keeps the fastest that is at least ``--min_speedup`` times
 as fast *and* within the perplexity gate (``--max_perplexity_increase``); when none is, it keeps fp32. The
 candidates:
-- on the CPU: int8 dynamic quantisation of every linear layer of the transformer blocks (GPT-2's ``Conv1D``
-  layers are converted to ``nn.Linear`` first: torch's quantiser does not see them otherwise);
+- on the CPU: int8 dynamic quantisation of every linear layer of the decoder layers, for every supported family
+  (GPT-2's ``Conv1D`` layers are converted to ``nn.Linear`` first: torch's quantiser does not see them otherwise;
+  embeddings, norms and the LM head stay fp32);
 - on CUDA: fp16 and (where the GPU supports it) bf16 weights, half the size on disk.
 The choice and why (both measurements of every candidate) go to the log and to ``optimization_metrics.json``.
 
@@ -14,9 +15,12 @@ The choice and why (both measurements of every candidate) go to the log and to `
 a result whose perplexity rose by more than ``--max_perplexity_increase`` is refused (exit 2, nothing written)
 unless ``--force``. Magnitude pruning (``--prune_sparsity``) comes first and also applies under auto.
 
-The result goes to ``theta_inference/`` next to the model: a normal Hugging Face folder (fp32/fp16/bf16), or
-for int8 the config, tokenizer and ``quantized_model.pt`` plus the marker ``theta_quantization.json`` (formats in
-src/model/quantization.py). ``ThetaModel.load``, and so the chat command, loads every one of them.
+The result goes to ``theta_inference/`` next to the model, with the tokenizer files and chat template of the
+model folder it was made from: a normal Hugging Face folder (fp32/fp16/bf16) that other tools open too, or for
+int8 the config, tokenizer, ``quantized_model.pt``, a README and the marker ``theta_quantization.json`` (formats in
+src/model/quantization.py), which only Theta opens (``"loads_with": "theta"`` in the metrics, which then name the
+original folder for other tools; documentation/INTEROP.md). ``ThetaModel.load``, and so the chat command, loads
+every one of them.
 ``optimization_metrics.json`` in it holds the size on disk, generation latency and tokens per second, and
 test-set perplexity, before and after (same prompts, same settings), plus every candidate measured.
 
@@ -42,11 +46,12 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GPT2LMHeadModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from src.model.quantization import QUANTIZED_MARKER, quantize_blocks_int8, save_quantized
+from src.model.interop import keep_source_tokenizer
+from src.model.quantization import LOADS_WITH, QUANTIZED_MARKER, decoder_layers, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
 from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, remove_stale_temporaries,
                               run_entry_point, setup_logging)
@@ -62,12 +67,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Magnitude pruning (int8 surgery: src/model/quantization.py)
 # ---------------------------------------------------------------------------------------------------------------
 
-def block_linear_layers(model: GPT2LMHeadModel) -> list[tuple[str, nn.Module]]:
-    """The weight layers of the blocks: Conv1D or nn.Linear (attention qkv/out, MLP in/out: 4 per block)."""
-    return [(n, m) for n, m in model.transformer.h.named_modules() if isinstance(m, (Conv1D, nn.Linear))]
+def block_linear_layers(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
+    """The weight layers of the decoder layers: Conv1D or nn.Linear (GPT-2: qkv, out, MLP in/out, 4 per layer;
+    Llama-style: q, k, v, o, gate, up, down, 7; Phi-3's fused qkv and gate-up: 4)."""
+    _, layers = decoder_layers(model)
+    return [(n, m) for n, m in layers.named_modules() if isinstance(m, (Conv1D, nn.Linear))]
 
 
-def prune_blocks(model: GPT2LMHeadModel, sparsity: float) -> float:
+def prune_blocks(model: PreTrainedModel, sparsity: float) -> float:
     """Zero the smallest-magnitude ``sparsity`` fraction of each block layer's weights; returns the overall sparsity.
 
     Unstructured L1 pruning per layer (Han et al., 2015, "Learning both Weights and Connections"). It makes
@@ -206,21 +213,28 @@ def choose(trials: dict[str, dict], base: dict, min_speedup: float, max_increase
 # The optimisation
 # ---------------------------------------------------------------------------------------------------------------
 
-def write_format(tm: ThetaModel, fmt: str, folder: Path, meta: dict) -> int:
-    """Write ``tm`` (left unchanged) to ``folder`` in format ``fmt``; returns the number of int8 layers."""
+def write_format(tm: ThetaModel, fmt: str, folder: Path, meta: dict, source: Path | None = None) -> int:
+    """Write ``tm`` (left unchanged) to ``folder`` in format ``fmt``; returns the number of int8 layers.
+    ``source``, the model folder ``tm`` was loaded from, gives the new folder its tokenizer files and chat
+    template (and, for int8, is the folder its README names for other tools)."""
     model = copy.deepcopy(tm.model)
     if fmt == "int8":
         model.to("cpu")
+        where, _ = decoder_layers(model)
         layers = quantize_blocks_int8(model)
         model.config.use_cache = True
         save_quantized(model, tm.tokenizer, folder,
                        {**meta, "method": "dynamic_int8", "layers": layers,
-                        "scope": "every nn.Linear of transformer.h (Conv1D converted)", "torch": torch.__version__})
-        return layers
-    model.to(DTYPES[fmt])
-    model.config.use_cache = True
-    ThetaModel.from_parts(model, tm.tokenizer, device=model.device).save(folder)
-    return 0
+                        "scope": f"every nn.Linear of {where} (Conv1D converted); embeddings, norms, LM head fp32",
+                        "torch": torch.__version__}, source=str(source) if source else None)
+    else:
+        layers = 0
+        model.to(DTYPES[fmt])
+        model.config.use_cache = True
+        ThetaModel.from_parts(model, tm.tokenizer, device=model.device).save(folder)
+    if source is not None:
+        keep_source_tokenizer(source, folder, tm.tokenizer)
+    return layers
 
 
 def measure(tm: ThetaModel, records: list[dict], args: argparse.Namespace) -> dict:
@@ -277,7 +291,7 @@ def optimize(args: argparse.Namespace) -> dict:
             if fmt == "fp32" and args.quantize == "auto" and not achieved_sparsity:
                 measured[fmt], layers[fmt] = base, 0  # the original weights: its measurement is the baseline
                 continue  # and it is written only if nothing else is kept
-            layers[fmt] = write_format(original, fmt, staging / fmt, meta)
+            layers[fmt] = write_format(original, fmt, staging / fmt, meta, source=model_path)
             # Measured as chat would load it, from the saved folder: that also proves it loads.
             after = ThetaModel.load(staging / fmt, device=device)
             logger.info("measuring %s on %s", fmt, after.device)
@@ -289,7 +303,7 @@ def optimize(args: argparse.Namespace) -> dict:
                           achieved_sparsity, len(records))
         chosen = staging / metrics["chosen"]
         if not chosen.exists():  # the unchanged original, kept
-            write_format(original, metrics["chosen"], chosen, meta)
+            write_format(original, metrics["chosen"], chosen, meta, source=model_path)
             metrics["size_bytes"]["after"] = folder_size(chosen)
             metrics["size_bytes"]["ratio"] = metrics["size_bytes"]["after"] / max(metrics["size_bytes"]["before"], 1)
         del original
@@ -349,7 +363,21 @@ def _decide(args, plan, measured, base, device, staging, model_path, output, lay
                        "max_increase": args.max_perplexity_increase, "test_data": str(args.test_data),
                        "records": n_records},
         "forced": bool(args.force), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **opened_by(chosen, model_path),
     }
+
+
+def opened_by(fmt: str, model_path: Path) -> dict:
+    """What opens the written folder: ``loads_with`` ``"theta"`` for int8 (torch's eager quantised modules, which
+    transformers does not read) with the folder other tools should use, ``"transformers"`` for the others."""
+    if fmt == "int8":
+        return {"loads_with": LOADS_WITH,
+                "other_tools": f"this int8 folder opens only with ThetaModel.load (CPU); for transformers, pipeline, "
+                               f"lm-evaluation-harness, peft or llama.cpp use {model_path} "
+                               "(documentation/INTEROP.md)"}
+    return {"loads_with": "transformers",
+            "other_tools": "a Hugging Face folder: AutoModelForCausalLM, pipeline, lm-evaluation-harness and "
+                           "llama.cpp's convert_hf_to_gguf.py open it (documentation/INTEROP.md)"}
 
 
 def _publish(folder: Path, output: Path) -> None:

@@ -122,19 +122,23 @@ def human_duration(seconds: float) -> str:
 # Disk
 # ---------------------------------------------------------------------------------------------------------------
 
-def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool, offload_fraction: float = 0.0
-                       ) -> dict[str, int | str]:
+def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool, offload_fraction: float = 0.0,
+                       trainable: int | None = None) -> dict[str, int | str]:
     """What a run holds on disk at its peak, and when (fp32 everywhere, the trainer's formats).
 
-    A checkpoint holds the weights (4 B/parameter), AdamW's two moments (8 B), the EMA shadow (4 B when on) and
-    CPU offload's fp32 masters (4 B x the offloaded fraction). A model folder (theta_best/, theta_final/,
-    theta_inference/) is at most 4 B/parameter. Every save writes the new copy beside the old one and removes the
-    old one only afterwards (atomic_dir), and the saves come one after another, so the peak is the larger of:
+    ``n_params`` counts every weight once (a tied head shares the embedding; ``ModelShape.parameters`` from the
+    config, or the loaded model's count); ``trainable`` those the optimizer trains (default: all of them; adapters
+    on a frozen base: the adapters). A checkpoint holds the trainable weights (4 B/parameter), AdamW's two moments
+    (8 B), the EMA shadow (4 B when on) and CPU offload's fp32 masters (4 B x the offloaded fraction). A model
+    folder (theta_best/, theta_final/, theta_inference/: the whole model) is at most 4 B/parameter. Every save
+    writes the new copy beside the old one and removes the old one only afterwards (atomic_dir), and the saves
+    come one after another, so the peak is the larger of:
     - a checkpoint being written: ``keep_checkpoints + 1`` checkpoints, and theta_best/;
     - the end: ``keep_checkpoints`` checkpoints, theta_best/, theta_final/, theta_inference/ and a new copy of one
       of them being written (a rerun replaces them).
     """
-    per_checkpoint = int(n_params * (4 + 8 + (4 if use_ema else 0) + 4 * offload_fraction))
+    trainable = n_params if trainable is None else trainable
+    per_checkpoint = int(trainable * (4 + 8 + (4 if use_ema else 0) + 4 * offload_fraction))
     model = 4 * n_params
     phases = {"while a checkpoint is written": (keep_checkpoints + 1) * per_checkpoint + model,
               "at the end, with the three model folders": keep_checkpoints * per_checkpoint + 4 * model}
@@ -142,9 +146,10 @@ def expected_run_bytes(n_params: int, keep_checkpoints: int, use_ema: bool, offl
     return {"per_checkpoint": per_checkpoint, "model": model, "peak": phases[phase], "phase": phase}
 
 
-def check_disk(run_dir: Path, n_params: int, targs: argparse.Namespace) -> Check:
+def check_disk(run_dir: Path, n_params: int, targs: argparse.Namespace, trainable: int | None = None) -> Check:
     need = expected_run_bytes(n_params, targs.keep_last_n_checkpoints, targs.use_ema,
-                              targs.cpu_offload_fraction if getattr(targs, "use_cpu_offload", False) else 0.0)
+                              targs.cpu_offload_fraction if getattr(targs, "use_cpu_offload", False) else 0.0,
+                              trainable)
     where = Path(run_dir)
     # a resumed run's checkpoints and models are already part of its peak
     already = sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) if where.is_dir() else 0
@@ -220,24 +225,146 @@ class CudaProbe:
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a decoder-only LM's memory and disk depend on, from its config, for every supported family.
+
+    Generic config fields (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ``vocab_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``tie_word_embeddings``; GPT2Config aliases the
+    first ones to ``n_embd``/``n_layer``), plus what differs by family and is not a size: GPT-2's learned positions,
+    biases and two-weight LayerNorms and its 2-matrix GELU MLP; the 3-matrix gated (SwiGLU) MLP and RMSNorm of the
+    others; Qwen2's q/k/v biases; Qwen3's per-head q/k norms. :meth:`parameters` counts from these alone (tested
+    against torch's count of the real model for every family), so a frozen base can be sized before it is loaded,
+    or when it is stored in 4 bits.
+    """
+    model_type: str
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied_head: bool
+    positions: int = 0          # learned position embeddings (GPT-2); 0 with RoPE
+    gated_mlp: bool = True      # gate, up and down projections (else GPT-2's fc and proj)
+    layer_norm_bias: bool = False
+    qkv_bias: bool = False      # biases on q, k, v (GPT-2, Qwen2, attention_bias)
+    out_bias: bool = False      # on the attention output (GPT-2, attention_bias)
+    mlp_bias: bool = False      # on the MLP projections (GPT-2, mlp_bias)
+    qk_norm: bool = False       # RMSNorm over each head's q and k (Qwen3)
+    residual_dropout: bool = False  # a dropout mask on each residual branch (GPT-2, Phi-3 with resid_pdrop > 0)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        kind = config.model_type
+        gpt2 = kind == "gpt2"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(model_type=kind, hidden=hidden, layers=config.num_hidden_layers,
+                   intermediate=(getattr(config, "n_inner", None) or 4 * hidden) if gpt2 else config.intermediate_size,
+                   vocab=config.vocab_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or hidden // heads,
+                   tied_head=bool(getattr(config, "tie_word_embeddings", True)),
+                   positions=config.max_position_embeddings if gpt2 else 0, gated_mlp=not gpt2,
+                   layer_norm_bias=gpt2, qkv_bias=gpt2 or kind == "qwen2" or attention_bias,
+                   out_bias=gpt2 or attention_bias, mlp_bias=gpt2 or bool(getattr(config, "mlp_bias", False)),
+                   qk_norm=kind == "qwen3",
+                   residual_dropout=(getattr(config, "resid_pdrop", 0.0) or 0.0) > 0)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def parameters(self) -> int:
+        """Every weight once (a tied head shares the token embedding)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        norm = h * (2 if self.layer_norm_bias else 1)
+        attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.out_bias else 0)
+        up = 2 if self.gated_mlp else 1  # gate and up, or fc
+        mlp = (up + 1) * h * i + ((up * i + h) if self.mlp_bias else 0)
+        layer = attention + mlp + 2 * norm + (2 * self.head_dim if self.qk_norm else 0)
+        embeddings = (self.vocab + self.positions) * h
+        return embeddings + self.layers * layer + norm + (0 if self.tied_head else self.vocab * h)
+
+    def activation_bytes_per_token(self, checkpointing: bool = False) -> int:
+        """Bytes kept for backward per token of the batch, 16-bit activations, attention through SDPA/flash (no
+        [T, T] scores kept), after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+        Transformer Models"; 34 x hidden per layer for GPT-2's shapes), with the projections' real widths:
+
+        - the two norms' inputs: 2 x 2h;
+        - attention: the q/k/v input 2h, q 2q, k and v 2 x 2kv (grouped-query attention keeps fewer), the
+          output projection's input 2q; Qwen3's q/k norms keep their inputs too (2q + 2kv);
+        - MLP: the input 2h, then GELU's input and output 2 x 2i (GPT-2) or gate, up, SiLU(gate) and their
+          product 4 x 2i (gated);
+        - a 1-byte dropout mask per residual branch, h each, when the model has residual dropout.
+        Gradient checkpointing keeps each layer's input (2h) and recomputes one layer at a time.
+        """
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        attention = 2 * h + 2 * q + 4 * kv + 2 * q + ((2 * q + 2 * kv) if self.qk_norm else 0)
+        mlp = 2 * h + (8 if self.gated_mlp else 4) * i
+        layer = 4 * h + attention + mlp + (2 * h if self.residual_dropout else 0)
+        return (2 * h * self.layers + layer) if checkpointing else self.layers * layer
+
+
+@dataclass(frozen=True)
+class WeightMemory:
+    """Bytes the weights and their training state hold whatever the batch: a trainable parameter 16 B (fp32
+    weight, gradient, AdamW's two moments), a frozen one its storage size (4 B fp32, 2 B for a 16-bit base,
+    about 0.5 B in 4-bit NF4): full fine-tuning is all trainable; adapters on a frozen base are a few trainable
+    ones over many frozen."""
+    trainable: int
+    frozen: int = 0
+    frozen_bytes_per_param: float = 4.0
+
+    def bytes(self) -> int:
+        return int(16 * self.trainable + self.frozen * self.frozen_bytes_per_param)
+
+
 class SimulatedProbe:
     """A memory model instead of a GPU, for a CPU machine (``--simulate_gpu_memory_gb``) and for tests.
 
-    Peak = 16 B per parameter (fp32 weights, gradients, AdamW moments) + per token of the batch: the activations
-    kept for backward (about 34 x n_embd bytes per layer at 16-bit, after Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models") plus fp32 logits and their gradient (8 x vocab).
+    Peak of one training step at ``batch`` x ``seq`` tokens, every token a target as in the real probe:
+    the weights and optimizer state (:class:`WeightMemory`), the activations kept for backward
+    (:meth:`ModelShape.activation_bytes_per_token`), and the trainer's head loss (src/training/lm_loss.py): the
+    target rows' hidden states and their gradient (2 x 4 x hidden per token, fp32), the head's fp32 gradient held
+    from forward to backward (4 x vocab x hidden, when the head trains) and one chunk of fp32 logits with its
+    softmax gradient (2 x 4 x vocab x rows, rows = the targets up to ``default_chunk_rows``): never [B, T, V]
+    logits.
     Sharp edge: a rough model, good to tell "fits easily" from "far too big"; the real probe decides on CUDA.
     """
 
-    def __init__(self, capacity_bytes: float, n_params: int, n_layer: int, n_embd: int, vocab: int,
-                 checkpointing: bool = False):
+    def __init__(self, capacity_bytes: float, shape: ModelShape, weights: WeightMemory | None = None,
+                 checkpointing: bool = False, head_trainable: bool = True):
+        from src.training.lm_loss import default_chunk_rows
+
         self.capacity = int(capacity_bytes)
-        self.base = 16 * n_params
-        layers = 1 if checkpointing else n_layer
-        self.per_token = 34 * n_embd * layers + 8 * vocab
+        self.shape = shape
+        self.weights = weights or WeightMemory(shape.parameters())
+        self.chunk_rows = default_chunk_rows(shape.vocab)
+        # the head's gradient buffer exists only when the head trains (a frozen head under adapters has none)
+        self.base = self.weights.bytes() + (4 * shape.vocab * shape.hidden if head_trainable else 0)
+        self.per_token = shape.activation_bytes_per_token(checkpointing) + 8 * shape.hidden
+
+    @classmethod
+    def for_model(cls, model, capacity_bytes: float, checkpointing: bool = False) -> "SimulatedProbe":
+        """The probe of a loaded model: its config's shape, its trainable and frozen parameters as they are."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        return cls(capacity_bytes, ModelShape.from_config(model.config), WeightMemory(trainable, frozen),
+                   checkpointing, head_trainable=model.get_output_embeddings().weight.requires_grad)
+
+    def peak(self, batch: int, seq: int) -> int:
+        tokens = batch * seq
+        return self.base + tokens * self.per_token + 8 * self.shape.vocab * min(tokens, self.chunk_rows)
 
     def __call__(self, batch: int, seq: int) -> int:
-        peak = self.base + batch * seq * self.per_token
+        peak = self.peak(batch, seq)
         if peak > self.capacity:
             raise ProbeOutOfMemory(f"simulated: needs {human_bytes(peak)} of {human_bytes(self.capacity)}")
         return peak
@@ -650,8 +777,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         if probe_factory is not None:
             probe, where = probe_factory(model, device, targs), "the simulated GPU"
         elif opts.simulate_gpu_memory_gb:
-            probe = SimulatedProbe(opts.simulate_gpu_memory_gb * GB, n_params, model.config.n_layer,
-                                   model.config.n_embd, model.config.vocab_size, targs.gradient_checkpointing)
+            probe = SimulatedProbe.for_model(model, opts.simulate_gpu_memory_gb * GB, targs.gradient_checkpointing)
             where = f"a simulated {opts.simulate_gpu_memory_gb:g} GB GPU"
         elif device.type == "cuda":
             probe, where = CudaProbe(model, device, precision.autocast), torch.cuda.get_device_name(device)

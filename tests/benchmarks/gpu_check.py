@@ -16,7 +16,9 @@ subset of GPT-2's 50,257 rows, so the embedding and head have GPT-2's real size)
    the device: the final (EMA) weights must agree;
 5. a real CUDA out-of-memory: the process capped between the peaks of micro-batch B and B/2, the loop must halve
    its micro-batch and end at the weights of a run at B/2 x 2 accumulation;
-6. packing with FlashAttention 2's variable-length path against padded SDPA, when ``flash_attn`` is installed.
+6. packing with FlashAttention 2's variable-length path against padded SDPA, when ``flash_attn`` is installed;
+7. the pre-flight's simulated memory model against the CUDA probe for gpt2-medium and two Llama-family shapes
+   (SmolLM2-360M's, Qwen2.5-0.5B's), random weights: the ratio says how far ``--simulate_gpu_memory_gb`` is off.
 
 Without CUDA it says so and exits 0 after checking its plan (every trainer command line parses).
 
@@ -335,8 +337,55 @@ def section_flash(chk: Check, report: dict) -> None:
         f"{'PASS' if diff < 2e-2 else 'FAIL'}")
 
 
+# Section 7's shapes: the rtx3060 profile's gpt2-medium, and Llama-family models of the size a 12 GiB card fully
+# fine-tunes (SmolLM2-360M's shape; Qwen2.5-0.5B's, tied head, q/k/v biases), random weights.
+PREFLIGHT_SHAPES = {
+    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257)),
+    "smollm2-360m": ("llama", dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                   num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+                                   tie_word_embeddings=True)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   tie_word_embeddings=True)),
+}
+
+
+def section_preflight(chk: Check, report: dict) -> None:
+    """The pre-flight's simulated memory model (what ``--simulate_gpu_memory_gb`` answers on a CPU) against the
+    CUDA probe (one real step through the trainer's loss) for each shape, bf16 autocast, micro-batch 3 at 512
+    tokens doubled for R-Drop as the rtx3060 profile runs it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from src.training import preflight as pf
+
+    log("\n## 7. the pre-flight's memory model against the CUDA probe (bf16, 6 x 512 tokens)")
+    log("| shape | parameters | simulated GiB | measured GiB | simulated / measured |")
+    log("|---|---:|---:|---:|---:|")
+    rows = []
+    for name, (kind, sizes) in PREFLIGHT_SHAPES.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **sizes)).to("cuda")
+        simulated = pf.SimulatedProbe.for_model(model, 0).peak(6, 512)
+        try:
+            measured = pf.CudaProbe(model, torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16))(6, 512)
+        except pf.ProbeOutOfMemory as err:
+            measured, note = None, str(err)
+        else:
+            note = ""
+        n = sum(p.numel() for p in model.parameters())
+        del model
+        torch.cuda.empty_cache()
+        ratio = simulated / measured if measured else None
+        rows.append({"shape": name, "parameters": n, "simulated_bytes": simulated, "measured_bytes": measured,
+                     "ratio": ratio, "note": note})
+        log(f"| {name} | {n / 1e6:.0f}M | {simulated / 2**30:.2f} | "
+            f"{'-' if measured is None else f'{measured / 2**30:.2f}'} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+    report["preflight_memory"] = rows
+
+
 SECTIONS = {"1": section_throughput, "2": section_memory, "3": section_offload, "4": section_ema,
-            "5": section_oom, "6": section_flash}
+            "5": section_oom, "6": section_flash, "7": section_preflight}
 
 
 def plan(chk: Check) -> list[list[str]]:
@@ -359,7 +408,7 @@ def plan(chk: Check) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", type=str, default="1,2,3,4,5,6", help="comma list of sections 1-6")
+    p.add_argument("--sections", type=str, default="1,2,3,4,5,6,7", help="comma list of sections 1-7")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "")) / "gpu_check"
                    if os.environ.get("OUT") else None, help="folder for gpu_check.json (default: $OUT/gpu_check)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
