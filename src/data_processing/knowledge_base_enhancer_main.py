@@ -43,7 +43,8 @@ from src.data_processing.domains import DomainClassifier, DomainResolver, assign
 from src.data_processing.loading import DropLog, iter_all_datasets
 from src.data_processing.text_quality import STOPWORDS
 from src.data_processing.validation import validate_record
-from src.utils.common import PROJECT_ROOT, UserError, read_json, run_entry_point, setup_logging
+from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, read_json, run_entry_point,
+                              setup_logging)
 from src.utils.data_layout import DataSources, resolve_sources
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Build the knowledge index, contexts, domain vectors and the "
+    p = FlagParser(description="Build the knowledge index, contexts, domain vectors and the "
                                             "consistency report (see documentation/DATA_PROCESSING.md).")
     io = p.add_argument_group("files")
     io.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets", help="records folder")

@@ -38,8 +38,8 @@ from transformers.utils import logging as hf_logging
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, read_json, remove_stale_temporaries,
-                              run_entry_point, setup_logging)
+from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_write_json, read_json,
+                              remove_stale_temporaries, run_entry_point, setup_logging)
 from src.utils.run_lock import lock_outputs, release_locks
 from src.utils.data_contract import question_key
 
@@ -396,7 +396,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a Theta model on the held-out test set and write a report.")
+    p = FlagParser(description="Evaluate a Theta model on the held-out test set and write a report.")
     io = p.add_argument_group("input and output")
     io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
     io.add_argument("--test_data", type=Path, default=None,

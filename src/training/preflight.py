@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.training.checkpointing import rng_state, set_rng_state
-from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
+from src.utils.common import FlagParser, EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -815,7 +815,7 @@ def write_report(run_dir: Path, report: Report, merge: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m src.training.preflight",
+    p = FlagParser(prog="python -m src.training.preflight",
                                 description="Check in seconds what would stop a training run (no training). "
                                             "Trainer flags go after --.")
     p.add_argument("--profile", choices=["quick", "rtx3060"], default="quick", help="the trainer profile")

@@ -24,7 +24,6 @@ the user's umask like any other file they create.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -36,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import UserError, atomic_write_text, read_json, run_entry_point, setup_logging
+from src.utils.common import FlagParser, UserError, atomic_write_text, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +426,7 @@ def write_report(result: dict, run_dir: Path | None, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Rebuild the HTML report and plots from an evaluation results file.")
+    p = FlagParser(description="Rebuild the HTML report and plots from an evaluation results file.")
     p.add_argument("--results", type=Path, required=True, help="stats/evaluation_<run>.json")
     p.add_argument("--run_dir", type=Path, default=None, help="models/<run> (loss history and step metrics)")
     p.add_argument("--output_dir", type=Path, default=None, help="default: stats/<run>/ next to the results file")

@@ -61,11 +61,11 @@ from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, Unu
 from src.training.lm_data import IGNORE_INDEX, TokenizedDataset, collate, evaluate, load_prepared_records
 from src.training.lm_loss import TargetIndex, rdrop_head_loss, step_inputs, step_losses
 from src.training.packing import pack_batch
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
+from src.utils.common import (FlagParser, PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
                               remove_stale_temporaries, run_entry_point, setup_logging, stable_hash)
 from src.utils.email_notifier import NullNotifier
 from src.utils.run_lock import claim_run_folder, release_all
-from src.utils.profiles import PROFILE_NAMES, profiles_help, train_values
+from src.utils.profiles import PROFILE_NAMES, annotate_profile_help, profiles_help, train_values
 
 logger = logging.getLogger(__name__)
 
@@ -1667,7 +1667,7 @@ def add_switch(group, name: str, default: bool, help_text: str, off: str | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
+    p = FlagParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
                                 "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
@@ -1749,6 +1749,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA out of memory halves the micro-batch (same effective batch) down to this size")
     c.add_argument("--resume", type=str, default="auto",
                    help="auto (newest complete checkpoint in --output_dir), never, or a checkpoint folder")
+    annotate_profile_help(p, PROFILES)  # --help says what each profile sets, beside the default
     return p
 
 

@@ -57,7 +57,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, UserError, atomic_write_json, new_run_id
+from src.utils.common import (EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, FlagParser, UserError, atomic_write_json,
+                              new_run_id)
 from src.utils.data_layout import GENERATED_TEST_NAME, KNOWLEDGE_DIR, resolve_sources
 from src.utils.profiles import CPU_DEFAULT_PROFILE, GPU_DEFAULT_PROFILE, PROFILE_NAMES, profiles_help
 
@@ -80,7 +81,7 @@ FINGERPRINT_VERSION = 1
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog=script, add_help=False,
         description="Theta overnight run: pre-flight, [knowledge base], prepare the data, train, evaluate and "
                     "optimise, in one unattended command. Flags after -- go to train_enhanced.py.",
@@ -121,7 +122,9 @@ def parse_script_args(argv: list[str], script: str = "train_overnight_enhanced.s
             message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments"
             raise UserError(message.split("error: ", 1)[-1]) from None
     if unknown:
-        raise UserError(f"unknown option '{unknown[0]}' (flags for the trainer go after --)")
+        nearest = parser.nearest_flag(unknown[0]) if unknown[0].startswith("-") else None
+        raise UserError(f"unknown option '{unknown[0]}'" + (f": did you mean {nearest}?" if nearest else "")
+                        + " (flags for the trainer go after --)")
     if args.gpus < 1:
         raise UserError(f"--gpus must be a whole number of at least 1, not {args.gpus}")
     if args.fresh and args.resume:
@@ -890,7 +893,7 @@ def chain_completion_email(run_dir: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.utils.overnight",
+    p = FlagParser(prog="python -m src.utils.overnight",
                                 description="The overnight run's lifecycle, one subcommand per moment of it (see "
                                             "the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
