@@ -101,6 +101,10 @@ def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse
                    help="resume this unfinished run (theta_enhanced_<YYYYMMDD_HHMMSS>) whatever changed")
     p.add_argument("--preflight", action="store_true",
                    help="run the pre-flight checks alone (with a test email when email is on) and exit")
+    p.add_argument("--strict", action="store_true",
+                   help="a problem of the data in Datasets/ (a file that cannot be read, a file from which nothing "
+                        "is kept, many records dropped) stops the run in the pre-flight instead of a warning "
+                        "(the pre-flight and data preparation get --strict)")
     return p
 
 
@@ -153,9 +157,9 @@ def detect_profile(requested: str | None) -> tuple[str, str]:
     return CPU_DEFAULT_PROFILE, "no CUDA GPU was found"
 
 
-def prepare_flags(profile: str) -> list[str]:
-    """Data-preparation flags: the profile only. Its values live in src/utils/profiles.py (one table)."""
-    return ["--profile", profile]
+def prepare_flags(profile: str, strict: bool = False) -> list[str]:
+    """Data-preparation flags: the profile (its values live in src/utils/profiles.py, one table) and --strict."""
+    return ["--profile", profile] + (["--strict"] if strict else [])
 
 
 def optimise_flags() -> list[str]:
@@ -366,7 +370,8 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
     if args.help:
         return {"ACTION": "help"}
     profile, profile_why = detect_profile(args.profile)
-    prep = prepare_flags(profile)
+    prep = prepare_flags(profile, args.strict)
+    strict = ["--strict"] if args.strict else []
     plan: dict[str, Any] = {
         "ACTION": "preflight" if args.preflight else "run", "PROFILE": profile, "PROFILE_WHY": profile_why,
         "GPUS": str(args.gpus), "TENSORBOARD": "1" if args.tensorboard else "0",
@@ -380,7 +385,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
     }
     prepared = root / PREPARED_REL
     if args.preflight:
-        plan["PREFLIGHT_FLAGS"] = ["--email_test"] + ([] if prepared.is_file() else ["--no_data"])
+        plan["PREFLIGHT_FLAGS"] = ["--email_test"] + ([] if prepared.is_file() else ["--no_data"]) + strict
         return plan
     fingerprint = make_fingerprint(root, profile, prep, trainer)
     choice = choose_run(root / "models", fingerprint, args.fresh, args.resume, now)
@@ -407,7 +412,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
                 STEP_OUT=f"logs/.step_output_{choice.run_id}.txt", RESUMING="1" if choice.resuming else "0",
                 RESUMING_FLAG=["--resuming"] if choice.resuming else [], PREPARE="1" if prepare else "0",
                 PREPARE_WHY=prepare_why, KB="1" if (prepare and kb_on) else "0", KB_WHY=kb_why,
-                PREFLIGHT_FLAGS=["--no_data"] if prepare else [])
+                PREFLIGHT_FLAGS=(["--no_data"] if prepare else []) + strict)
     state["plan"] = {"profile": profile, "profile_why": profile_why, "resume_why": choice.why,
                      "notes": choice.notes, "gpus": args.gpus, "resuming": choice.resuming,
                      "tensorboard_port": int(plan["TB_PORT"]) if args.tensorboard else None,
