@@ -175,23 +175,26 @@ def test_help_shows_each_profiles_value():
 
 
 def test_reference_match_gibberish_scores_zero_a_correct_answer_high():
+    """The per-epoch score (issue 21.6): the quick model's gibberish earned 0.33 of the former score."""
+    import random
     question = "What does a firewall filter?"
     reference = "A firewall filters network traffic using rules that allow or block packets."
-    words = reference.lower().replace(".", "").split() + ["the", "of", "firewall", "network"]
-    import random
+    own = reference.lower().replace(".", "").split() + ["the", "of", "firewall", "network"]
+    helpdesk = re.findall(r"\w+", (USER_DATA / "helpdesk.jsonl").read_text(encoding="utf-8").lower())
     rng = random.Random(0)
-    gibberish = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(20)]  # the reference's own words
-    assert max(GenerationCheck.score_answer(question, reference, g)["reference_match"] for g in gibberish) < 0.15
-    assert GenerationCheck.score_answer(question, reference, "firewall firewall firewall filter filter")[
-        "reference_match"] == 0.0
-    assert GenerationCheck.score_answer(question, reference, reference)["reference_match"] == pytest.approx(1.0)
+    score = lambda answer: GenerationCheck.score_answer(question, reference, answer)["reference_match"]  # noqa
+    # random words of a domain's vocabulary (what an untrained model emits): nothing
+    assert max(score(" ".join(rng.choice(helpdesk + own) for _ in range(30))) for _ in range(20)) == 0.0
+    # a shuffle of the reference's own words, the worst case: little
+    assert max(score(" ".join(rng.choice(own) for _ in range(30))) for _ in range(20)) <= 0.25
+    assert score("firewall firewall firewall filter filter") == 0.0  # the question's words echoed
+    assert score(reference) == pytest.approx(1.0)
     close = GenerationCheck.score_answer(question, reference,
                                          "A firewall filters network traffic with rules that block packets.")
-    assert close["reference_match"] > 0.5
     # by hand: recall of {firewall, filters, network, traffic, using, rules, that, allow, block, packets} is 8/10;
     # word pairs: 11 in the reference, 9 in the answer, 6 shared -> F1 12/20
     assert close["keyword_recall"] == pytest.approx(8 / 10) and close["pair_f1"] == pytest.approx(12 / 20)
-    assert close["reference_match"] == pytest.approx((8 / 10 * 12 / 20) ** 0.5)
+    assert close["reference_match"] == pytest.approx(8 / 10 * 12 / 20)
 
 
 def test_console_samples_are_cut_on_characters(tiny_model_dir):

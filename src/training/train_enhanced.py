@@ -1377,7 +1377,7 @@ class GenerationCheck:
     """Generation-based domain check: answer a few validation questions per domain and score the answers against
     their reference answers.
 
-    The score is ``reference_match`` = sqrt(``keyword_recall`` x ``pair_f1``), in [0, 1]: an answer must use the
+    The score is ``reference_match`` = ``keyword_recall`` x ``pair_f1``, in [0, 1]: an answer must use the
     reference's content words *and* put words in the reference's order to earn it. Gibberish cannot: random or
     repeated words share almost no word pair with the reference (pair F1 ~ 0), and an answer that repeats the
     question's words but says nothing of the answer has no keyword recall. The reference itself scores 1. (The
@@ -1389,8 +1389,8 @@ class GenerationCheck:
     - ``pair_f1``: F1 of the answer's word pairs (bigrams, counted) against the reference answer's;
     - ``coherence``: share of the question's content words the answer mentions, capped at 1 after x2, a
       diagnostic (it is earned by echoing the question);
-    - ``reference_match``: the geometric mean of keyword_recall and pair_f1, the domain's score (0 when either is
-      0; a close paraphrase of the reference scores about 0.5).
+    - ``reference_match``: keyword_recall x pair_f1, the domain's score (0 when either is 0; the reference itself
+      1, a close paraphrase about 0.5, a random string of the reference's own words about 0.2 at most).
     Cost: one batched greedy generate of 48 new tokens for 2 questions per domain, once an epoch.
     """
 
@@ -1417,7 +1417,7 @@ class GenerationCheck:
                 "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else (1.0 if words else 0.0),
                 "keyword_recall": recall, "pair_f1": pair_f1,
                 "coherence": min(1.0, 2 * len(q & ans) / len(q)) if q and words else 0.0,
-                "reference_match": math.sqrt(recall * pair_f1)}
+                "reference_match": recall * pair_f1}
 
     def run(self, tm: ThetaModel, records: list[dict]) -> dict[str, dict]:
         by_domain: dict[str, list[dict]] = {}
