@@ -22,6 +22,7 @@ import pytest
 
 from src.data_processing.domains import SAMPLE_DOMAINS
 from src.model.theta_model import corpus_digest, iter_corpus_texts
+from src.training.report import fixed
 from src.training.train_enhanced import GenerationCheck, bracketed_targets, build_parser, shown_text
 from src.utils.common import FlagParser
 from test_overnight_scripts import StubbedRun, copy_project, step_calls
@@ -110,7 +111,7 @@ def test_the_report_opens_with_the_verdict_and_the_data_summary(first_night):
     verdict = " ".join(result["verdict"])
     assert verdict.startswith("theta-tiny was fine-tuned with the quick profile on ")
     assert "5 domains (company_faq, general, helpdesk, onboarding, sql)" in verdict
-    assert f"{result['base']['perplexity']:.2f}" in verdict and "untrained theta-tiny" in verdict
+    assert f"against {fixed(result['base']['perplexity'], 2)} for the untrained theta-tiny" in verdict
     assert "demonstrates the pipeline" in verdict and "pre-flight estimated" in verdict
     assert result["base"]["same_tokenizer"] and result["base"]["perplexity"] > result["perplexity"]
     for text in ("records read", "dropped", "unsupported_shape", "weight_0_reply_as_context", "helpdesk"):
