@@ -602,16 +602,17 @@ def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
 
 
 def check_datasets(datasets_dir: Path, strict: bool = False, include_sample: bool = False,
-                   columns: str | None = None) -> list[Check]:
+                   columns: str | None = None) -> tuple[list[Check], bool]:
     """The data folder as data preparation will read it: one line per problem of ``survey_datasets`` (the file,
     what is wrong, the fix), a warning, or fatal with ``strict`` (as ``prepare_data_for_training --strict``); an
-    empty folder is fatal either way (the run would stop at its first step)."""
+    empty folder is fatal either way (the run would stop at its first step). Also whether there is no data at
+    all."""
     from src.data_processing.loading import ColumnMap, survey_datasets
     from src.utils.data_layout import resolve_sources
     try:
         problems = survey_datasets(datasets_dir, include_sample, ColumnMap.parse(columns))
     except UserError as err:
-        return [Check("datasets", "fatal", str(err), "correct --columns")]
+        return [Check("datasets", "fatal", str(err), "correct --columns")], False
     folder = Path(datasets_dir).name
     checks = [Check("datasets", "fatal" if (p.fatal or strict) else "warn",
                     f"{folder}/{p.file}: {p.message}" if p.file else p.message,
@@ -623,7 +624,7 @@ def check_datasets(datasets_dir: Path, strict: bool = False, include_sample: boo
                                               f"read as data preparation reads them: nothing to report"
                                               + (" (the shipped sample: no files of your own in "
                                                  f"{folder}/)" if sources.sample_only else "")))
-    return checks
+    return checks, any(p.kind == "empty_datasets" for p in problems)
 
 
 def check_data(records: list[dict], tokenizer, targs: argparse.Namespace) -> tuple[list[Check], dict]:
@@ -742,8 +743,12 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
                                         f"{targs.model_name}, micro-batch {targs.batch_size} x accumulation "
                                         f"{targs.gradient_accumulation_steps}, {targs.epochs} epochs, "
                                         f"max_length {targs.max_length}"))
-        for check in check_datasets(targs.datasets_dir, opts.strict, opts.include_sample, opts.columns):
+        checks, no_data = check_datasets(targs.datasets_dir, opts.strict, opts.include_sample, opts.columns)
+        for check in checks:
             report.add(check)
+        if no_data:  # no data at all: the model (theta-tiny is built from it) and the rest cannot be checked
+            report.seconds = time.perf_counter() - t0
+            return report
     import torch
     import transformers
 
