@@ -2746,8 +2746,8 @@ def time_line(summary: dict) -> str:
     from src.training.preflight import human_duration
     took = summary.get("training_seconds", summary.get("seconds", 0.0))
     estimate = summary.get("preflight_estimate_s")
-    return (f"training took {human_duration(took)}" + (f" ({took:.0f} s)" if took >= 90 else "")
-            + " (validation and generation included)"
+    return (f"training took {human_duration(took)} (" + (f"{took:.0f} s, " if took >= 90 else "")
+            + "validation and generation included)"
             + (f"; the pre-flight estimated {human_duration(estimate)}" if estimate is not None
                else "; no pre-flight estimate (preflight.json) in the run folder"))
 
