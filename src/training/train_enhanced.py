@@ -2742,7 +2742,7 @@ def preflight_estimate(run_dir: Path) -> float | None:
 
 
 def time_line(summary: dict) -> str:
-    """``training took 5 min 35 s (the pre-flight estimated 6 min)``: the measured time beside the estimate."""
+    """``training took 6 min (335 s, validation and generation included); the pre-flight estimated 6 min``."""
     from src.training.preflight import human_duration
     took = summary.get("training_seconds", summary.get("seconds", 0.0))
     estimate = summary.get("preflight_estimate_s")
