@@ -58,6 +58,7 @@ def first_night(tmp_path_factory) -> tuple[Path, str, str]:
     return project, run_id, out
 
 
+@pytest.mark.slow
 def test_the_domains_are_the_users_and_nothing_of_the_sample_is_used(first_night):
     project, run_id, out = first_night
     data = project / "Datasets"
@@ -89,6 +90,7 @@ def _records(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and isinstance(r.get("question"), str)]
 
 
+@pytest.mark.slow
 def test_the_preflight_warns_about_the_broken_export(first_night):
     project, run_id, out = first_night
     preflight = json.loads((project / "models" / run_id / "preflight.json").read_text(encoding="utf-8"))
@@ -101,6 +103,7 @@ def test_the_preflight_warns_about_the_broken_export(first_night):
     assert "pre-flight ok in" in out and "4 warnings" in out
 
 
+@pytest.mark.slow
 def test_the_report_opens_with_the_verdict_and_the_data_summary(first_night):
     project, run_id, out = first_night
     html = (project / "stats" / run_id / "report.html").read_text(encoding="utf-8")
