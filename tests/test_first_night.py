@@ -211,3 +211,15 @@ def test_console_samples_are_cut_on_characters(tiny_model_dir):
     shown = bracketed_targets(tok, ids, labels)
     assert "\ufffd" not in shown and shown.replace("[", "").replace("]", "") == tok.decode(ids)
     assert shown_text("créer" + "\ufffd", 10) == "créer" and shown_text("Écrivez", 2) == "Éc"
+
+
+def test_the_completion_email_puts_the_measured_time_beside_the_estimate(tmp_path):
+    from src.training.run_emails import completion_email
+
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text(json.dumps({"perplexity": 9.5, "verdict": ["theta-tiny was fine-tuned on 3 records."]}))
+    email = completion_email("run", {"status": "completed", "training_seconds": 335.0, "preflight_estimate_s": 355.0},
+                             [], evaluation_file=evaluation)
+    rows = dict(email.sections[1].rows)
+    assert rows["training time"] == "5m 35s (pre-flight estimate 5m 55s)"
+    assert email.sections[0].title == "Verdict" and "fine-tuned on 3 records" in email.sections[0].pre
