@@ -440,7 +440,7 @@ def _offline_message(name: str, why: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = FlagParser(prog="python -m src.model.theta_model",
-                                     description="Try a Theta model: one answer, or an interactive chat.")
+                        description="Try a Theta model: one answer, or an interactive chat.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "answer one question"), ("chat", "interactive questions and answers")):
         p = sub.add_parser(name, help=help_text)

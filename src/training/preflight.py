@@ -852,8 +852,8 @@ def write_report(run_dir: Path, report: Report, merge: bool) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = FlagParser(prog="python -m src.training.preflight",
-                                description="Check in seconds what would stop a training run (no training). "
-                                            "Trainer flags go after --.")
+                   description="Check in seconds what would stop a training run (no training). "
+                               "Trainer flags go after --.")
     p.add_argument("--profile", choices=["quick", "rtx3060"], default="quick", help="the trainer profile")
     p.add_argument("--gpus", type=int, default=1, help="processes the run will use (for the duration)")
     p.add_argument("--run_dir", type=Path, default=None,

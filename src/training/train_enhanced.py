@@ -1689,7 +1689,7 @@ def add_switch(group, name: str, default: bool, help_text: str, off: str | None 
 
 def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
-                                "(see documentation/HYPERPARAMETERS.md).")
+                   "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help=f"preset values ({profiles_help()}); explicit flags override them")

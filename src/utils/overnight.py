@@ -899,8 +899,8 @@ def chain_completion_email(run_dir: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(prog="python -m src.utils.overnight",
-                                description="The overnight run's lifecycle, one subcommand per moment of it (see "
-                                            "the module docstring).")
+                   description="The overnight run's lifecycle, one subcommand per moment of it (see "
+                               "the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plan", help="parse the script's arguments and decide the run; print variables")
     s.add_argument("--format", choices=["sh", "cmd"], default="sh", help="bash assignments or a batch file")

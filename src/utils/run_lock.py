@@ -420,7 +420,7 @@ def hold(folder: Path, what: str, command: list[str], lock_file: Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     p = FlagParser(prog="python -m src.utils.run_lock", description="The lock of a run folder: who "
-                                "holds it, or hold it while a command runs.")
+                   "holds it, or hold it while a command runs.")
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("check", help="exit 0 when the folder is free, 2 naming its holder")
     c.add_argument("--dir", type=Path, required=True, help="the run folder, e.g. models/<run>")
