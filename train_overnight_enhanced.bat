@@ -6,7 +6,8 @@ rem   train_overnight_enhanced.bat                          rtx3060 on a CUDA GP
 rem   train_overnight_enhanced.bat --preflight              the pre-flight checks alone (and a test email)
 rem   train_overnight_enhanced.bat --gpus 2 --tensorboard -- --epochs 10 --learning_rate 5e-5
 rem
-rem Expected time: quick about 4-8 minutes on 2 CPU cores; rtx3060 (gpt2-medium) most of a night on an RTX 3060.
+rem Expected time: quick: its training took 335 s on a 2-core AMD EPYC (no GPU), plus the other steps (not timed
+rem as a whole); rtx3060 (gpt2-medium): not measured here (no GPU), most of a night on an RTX 3060 by its plan.
 rem Disk: the venv about 1.6 GB (CPU torch); a quick run about 100 MB; a gpt2-medium run about 6 GB with checkpoints.
 rem Re-running the same command resumes the unfinished run when Datasets\, the profile and the flags are unchanged;
 rem otherwise it starts a new run and says why (--fresh: always new; --resume RUN_ID: that one). README.md, "Resuming".

@@ -368,7 +368,7 @@ def test_domain_check_scores_equal_one_question_at_a_time(tiny_model_dir):
     for domain, chosen in (("networking", recs[0:3:2]), ("programming", [recs[1], recs[4]])):
         scores = [te.GenerationCheck.score_answer(r["question"], r["answer"], tm.generate_with_stats(
             r["question"], max_length=12, temperature=0.0)["text"]) for r in chosen]
-        for key in ("length", "distinct_2", "keyword_recall", "coherence"):
+        for key in ("length", "distinct_2", "keyword_recall", "pair_f1", "coherence", "reference_match"):
             assert out[domain][key] == pytest.approx(float(np.mean([s[key] for s in scores]))), (domain, key)
     assert sorted(out) == ["networking", "programming"]
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from src.data_processing.json_stream import iter_file_items
 from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS
-from src.utils.common import UserError, atomic_write_json
+from src.utils.common import FlagParser, UserError, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def check_input(path: Path, reads: str, converter: str, formats: set[str]) -> No
 
 
 def base_parser(description: str, input_help: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = FlagParser(description=description)
     p.add_argument("input", type=Path, help=input_help)
     p.add_argument("--output", type=Path, required=True,
                    help="our JSON record list, e.g. Datasets/<name>.json (written atomically)")

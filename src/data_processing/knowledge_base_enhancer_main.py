@@ -40,10 +40,11 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 from src.data_processing.converter_common import write_json_output
 from src.data_processing.domains import DomainClassifier, DomainResolver, assign_missing_domains, domain_vectors
-from src.data_processing.loading import DropLog, iter_all_datasets
+from src.data_processing.loading import ColumnMap, DropLog, iter_all_datasets
 from src.data_processing.text_quality import STOPWORDS
 from src.data_processing.validation import validate_record
-from src.utils.common import PROJECT_ROOT, UserError, read_json, run_entry_point, setup_logging
+from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, read_json, run_entry_point,
+                              setup_logging)
 from src.utils.data_layout import DataSources, resolve_sources
 
 logger = logging.getLogger(__name__)
@@ -224,12 +225,15 @@ def consistency_check(records: list[dict], question_similarity: float = 0.8,
 
 
 def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int,
-                 sources: DataSources | None = None) -> tuple[list[dict], DropLog]:
-    """Validated records of the datasets folder, with the ids and domains preparation gives them."""
+                 sources: DataSources | None = None,
+                 columns: ColumnMap | None = None) -> tuple[list[dict], DropLog]:
+    """Validated records of the datasets folder, with the ids and domains preparation gives them: the same readers,
+    ``--columns`` included, so both steps agree on what is readable."""
     drops = DropLog()
     records, seen_ids = [], set()
     resolver = DomainResolver()
-    for rec in iter_all_datasets(datasets_dir, [test_set] if test_set else [], drops, sources=sources):
+    for rec in iter_all_datasets(datasets_dir, [test_set] if test_set else [], drops, sources=sources,
+                                 columns=columns):
         clean = validate_record(rec, drops, max_chars, resolver=resolver)
         if clean is None:
             continue
@@ -249,8 +253,8 @@ def load_records(datasets_dir: Path, test_set: Path | None, max_chars: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Build the knowledge index, contexts, domain vectors and the "
-                                            "consistency report (see documentation/DATA_PROCESSING.md).")
+    p = FlagParser(description="Build the knowledge index, contexts, domain vectors and the "
+                               "consistency report (see documentation/DATA_PROCESSING.md).")
     io = p.add_argument_group("files")
     io.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets", help="records folder")
     io.add_argument("--include_sample", action=argparse.BooleanOptionalAction, default=False,
@@ -264,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--test_set", type=Path, default=None,
                     help="a held-out file inside the datasets folder that is not named test_set.json, never read "
                          "as records (files named test_set.json never are)")
+    io.add_argument("--columns", type=str, default=None,
+                    help="other names of the fields, as prepare_data_for_training --columns: question=q,answer=a, "
+                         "or a JSON file")
     rt = p.add_argument_group("retrieval")
     rt.add_argument("--with_context", action=argparse.BooleanOptionalAction, default=False,
                     help="write contexts.json: the top-k passages of each record's question")
@@ -283,6 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1]")
     if args.max_context_chars < 50:
         p.error("--max_context_chars must be at least 50")
+    try:
+        args.column_map = ColumnMap.parse(args.columns)
+    except UserError as err:
+        p.error(str(err))
     args.sources = resolve_sources(args.datasets_dir, args.include_sample)
     args.knowledge_dirs = [args.knowledge_dir] if args.knowledge_dir else list(args.sources.knowledge_dirs)
     args.output_dir = args.output_dir or args.datasets_dir / "knowledge_base"
@@ -309,7 +320,8 @@ def run(args: argparse.Namespace) -> dict:
     if not datasets_dir.is_dir():
         raise UserError(f"--datasets_dir {args.datasets_dir} is not a folder")
     logger.info("%s", args.sources.data_line())
-    records, drops = load_records(datasets_dir, args.test_set, args.max_answer_chars, args.sources)
+    records, drops = load_records(datasets_dir, args.test_set, args.max_answer_chars, args.sources,
+                                  getattr(args, "column_map", None))
     if not records:
         raise UserError(f"no usable record under {args.datasets_dir}")
     out = Path(args.output_dir)

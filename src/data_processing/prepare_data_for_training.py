@@ -67,11 +67,11 @@ from src.data_processing.near_duplicates import MinHasher, find_near_duplicates
 from src.data_processing.record_shapes import DEFAULT_MAX_HISTORY_TURNS
 from src.data_processing.text_quality import difficulty, quality_score
 from src.data_processing.validation import approx_tokens, validate_record  # noqa: F401 (re-exported)
-from src.utils.common import PROJECT_ROOT, UserError, atomic_open, read_json, run_entry_point, setup_logging, \
-    stable_hash
+from src.utils.common import PROJECT_ROOT, FlagParser, UserError, atomic_open, read_json, run_entry_point, \
+    setup_logging, stable_hash
 from src.utils.data_contract import PREPARED_FORMAT_VERSION, has_code, question_key  # noqa: F401 (re-exported)
 from src.utils.data_layout import STATS_NAME, DataSources, resolve_sources
-from src.utils.profiles import PROFILE_NAMES, prepare_values
+from src.utils.profiles import PROFILE_NAMES, annotate_profile_help, prepare_values
 
 logger = logging.getLogger(__name__)
 
@@ -742,7 +742,7 @@ def summary_table(stats: dict) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Prepare Datasets/ for training (see documentation/DATA_PROCESSING.md).")
+    p = FlagParser(description="Prepare Datasets/ for training (see documentation/DATA_PROCESSING.md).")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
                    help="data-preparation settings of an overnight profile (quick, rtx3060); flags given "
                         "explicitly win over the profile's")
@@ -814,6 +814,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "repeats) instead of sample weights")
     st.add_argument("--synthetic_ratio", type=float, default=0.1,
                     help="most synthetic plus repeated records, as a share of the output (0 = off)")
+    annotate_profile_help(p, PROFILES)  # --help says what each profile sets, beside the default
     return p
 
 

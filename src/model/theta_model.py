@@ -38,7 +38,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2Toke
 
 from src.model.quantization import (QUANTIZED_MARKER, QUANTIZED_WEIGHTS, fit_dtype_to_device, load_quantized_model,
                                     placement)
-from src.utils.common import PROJECT_ROOT, UserError, atomic_dir
+from src.utils.common import FlagParser, PROJECT_ROOT, UserError, atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -439,8 +439,8 @@ def _offline_message(name: str, why: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.model.theta_model",
-                                     description="Try a Theta model: one answer, or an interactive chat.")
+    parser = FlagParser(prog="python -m src.model.theta_model",
+                        description="Try a Theta model: one answer, or an interactive chat.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "answer one question"), ("chat", "interactive questions and answers")):
         p = sub.add_parser(name, help=help_text)

@@ -38,8 +38,8 @@ from transformers.utils import logging as hf_logging
 from src.model.theta_model import ThetaModel, split_prompt
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_write_json, read_json, remove_stale_temporaries,
-                              run_entry_point, setup_logging)
+from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_write_json, read_json,
+                              remove_stale_temporaries, run_entry_point, setup_logging)
 from src.utils.run_lock import lock_outputs, release_locks
 from src.utils.data_contract import question_key
 
@@ -341,6 +341,46 @@ def evaluate_one(tm: ThetaModel, records: list[dict], args: argparse.Namespace, 
     }
 
 
+def run_config(run_dir: Path | None) -> dict:
+    """The run folder's training_config.json, or {} when there is none (or it cannot be read)."""
+    if run_dir is None or not (Path(run_dir) / "training_config.json").is_file():
+        return {}
+    try:
+        config = read_json(Path(run_dir) / "training_config.json", "training config")
+    except UserError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def base_figures(model_path: Path, records: list[dict], args: argparse.Namespace, vocab: dict) -> dict | None:
+    """The teacher-forced figures (perplexity, loss, token accuracy) of the model the run started from, untrained
+    for this data: its ``--warm_start`` folder, else its ``--model_name`` (theta-tiny: rebuilt from the run's
+    ``--datasets_dir`` only when that data changed; the folder under models/base/ otherwise). The report's verdict
+    compares the trained model with it. None without a run folder; ``{"model", "error"}`` when it cannot be
+    loaded (a hub model that is not cached, offline). Cost: one teacher-forced pass over the test set."""
+    targs = run_config(run_folder(model_path)).get("args") or {}
+    name = targs.get("warm_start") or targs.get("model_name")
+    if not name:
+        return None
+    try:
+        if Path(name).exists():
+            base_tm = ThetaModel.load(name, device=args.device)
+        else:
+            kwargs = {"datasets_dir": Path(targs["datasets_dir"])} if targs.get("datasets_dir") else {}
+            base_tm = ThetaModel(str(name), device=args.device, **kwargs)
+        forced = teacher_forced_metrics(base_tm, records, args.batch_size, args.max_length)
+    except (UserError, OSError, ValueError) as err:
+        logger.warning("the untrained base %s could not be evaluated (%s): the verdict has no base to compare", name,
+                       err)
+        return {"model": str(name), "error": str(err)}
+    out = {"model": str(name), "perplexity": forced["perplexity"], "loss": forced["loss"],
+           "token_accuracy": forced["token_accuracy"], "answer_tokens": forced["tokens"],
+           "same_tokenizer": base_tm.tokenizer.get_vocab() == vocab}
+    logger.info("untrained base %s: perplexity %s, token accuracy %s on the same test set", name,
+                fixed(out["perplexity"], 4), fixed(out["token_accuracy"], 3))
+    return out
+
+
 def load_any_model(name_or_path: str | Path, device: str) -> ThetaModel:
     """A model folder through ``ThetaModel.load``; otherwise a hub name or ``theta-tiny``."""
     return ThetaModel.load(name_or_path, device=device) if Path(name_or_path).exists() \
@@ -362,12 +402,17 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     ours = evaluate_one(tm, records, args, settings)
     answers = ours.pop("answers")
     vocab = len(tm.tokenizer)
+    vocab_map = tm.tokenizer.get_vocab()
     result = {
         "run": run_name(model_path), "model_path": str(model_path), "test_data": str(args.test_data),
         "test_records": len(records), "device": str(tm.device), **ours, "generation": settings,
         "leakage_check": leakage, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     del tm
+    if args.base_perplexity:
+        base = base_figures(model_path, records, args, vocab_map)
+        if base is not None:
+            result["base"] = base
     baseline_answers = None
     if args.baseline_model:
         logger.info("evaluating the baseline %s with the same settings", args.baseline_model)
@@ -396,7 +441,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a Theta model on the held-out test set and write a report.")
+    p = FlagParser(description="Evaluate a Theta model on the held-out test set and write a report.")
     io = p.add_argument_group("input and output")
     io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
     io.add_argument("--test_data", type=Path, default=None,
@@ -407,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--baseline_model", type=str, default=None,
                     help="also evaluate this model (folder, hub name or theta-tiny) and report the deltas")
     io.add_argument("--no_report", action="store_true", help="write the metrics file only, no HTML report or plots")
+    io.add_argument("--base_perplexity", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score the untrained model the run started from (its --model_name or --warm_start, "
+                         "from training_config.json) teacher-forced on the same test set, for the report's verdict")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--batch_size", type=int, default=8, help="records per forward pass and per generation batch")
     ev.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -482,10 +530,15 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate_and_write(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the log lines
     result = evaluate_model(args)
+    from src.training.report import load_run_facts, verdict
+    result["verdict"] = verdict(result, load_run_facts(run_folder(Path(args.model_path))))
     # The metrics first: whatever happens to the report (a plot that cannot be drawn, a full disk), the
     # figures the night produced are on disk.
     atomic_write_json(args.output_file, result)  # atomic, with the umask mode
     log_summary(result)
+    logger.info("verdict:")
+    for line in result["verdict"]:
+        logger.info("  %s", line)
     if not args.no_report:
         report_dir = Path(args.output_file).parent / result["run"]
         try:

@@ -53,8 +53,8 @@ from transformers.utils import logging as hf_logging
 from src.model.interop import keep_source_tokenizer
 from src.model.quantization import LOADS_WITH, QUANTIZED_MARKER, decoder_layers, quantize_blocks_int8, save_quantized
 from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, remove_stale_temporaries,
-                              run_entry_point, setup_logging)
+from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_dir, atomic_write_json,
+                              remove_stale_temporaries, run_entry_point, setup_logging)
 from src.utils.run_lock import lock_outputs, release_locks
 
 logger = logging.getLogger(__name__)
@@ -393,7 +393,7 @@ def _publish(folder: Path, output: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Optimise a Theta model for inference and measure the change.")
+    p = FlagParser(description="Optimise a Theta model for inference and measure the change.")
     io = p.add_argument_group("input and output")
     io.add_argument("--model_path", type=Path, required=True, help="model folder, e.g. models/<run>/theta_final")
     io.add_argument("--output_path", type=Path, default=None, help="default: theta_inference/ next to the model")

@@ -14,6 +14,10 @@ Checks, in order (each prints one line: ok, warn, skip or FATAL with the fix):
   memory    CUDA only: one forward+backward+AdamW step of the profile's micro-batch at its longest sequence, through
             the trainer's loss (lm_loss.step_losses); when it does not fit, the largest micro-batch that does and
             the flags to use (same effective batch);
+  datasets  what in Datasets/ would surprise the user (loading.survey_datasets, with preparation's readers): a
+            file that cannot be read or breaks off, a file from which nothing is kept, more than a few percent of
+            a file's records dropped, a file no reader takes; each a warning naming the file and the fix, fatal
+            with --strict; an empty Datasets/ (no sample to fall back on) is fatal;
   data      records of the prepared file with no target token left after truncation (the trainer skips them),
             and the share of answers cut by --max_length;
   setup     the trainer's own set-up (start_run, load_data, setup_run) in a scratch folder: what would stop the
@@ -51,7 +55,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.training.checkpointing import rng_state, set_rng_state
-from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
+from src.utils.common import FlagParser, EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -597,6 +601,32 @@ def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
                                  f"{tokenizer.pad_token!r} (id {pad}) differs from it")
 
 
+def check_datasets(datasets_dir: Path, strict: bool = False, include_sample: bool = False,
+                   columns: str | None = None) -> tuple[list[Check], bool]:
+    """The data folder as data preparation will read it: one line per problem of ``survey_datasets`` (the file,
+    what is wrong, the fix), a warning, or fatal with ``strict`` (as ``prepare_data_for_training --strict``); an
+    empty folder is fatal either way (the run would stop at its first step). Also whether there is no data at
+    all."""
+    from src.data_processing.loading import ColumnMap, survey_datasets
+    from src.utils.data_layout import resolve_sources
+    try:
+        problems = survey_datasets(datasets_dir, include_sample, ColumnMap.parse(columns))
+    except UserError as err:
+        return [Check("datasets", "fatal", str(err), "correct --columns")], False
+    folder = Path(datasets_dir).name
+    checks = [Check("datasets", "fatal" if (p.fatal or strict) else "warn",
+                    f"{folder}/{p.file}: {p.message}" if p.file else p.message,
+                    p.fix + (" (--strict makes this fatal; without it the run goes on)" if strict and not p.fatal
+                             else "")) for p in problems]
+    if not problems:
+        sources = resolve_sources(datasets_dir, include_sample)
+        checks.append(Check("datasets", "ok", f"{len(sources.files)} data file{'s' * (len(sources.files) != 1)} "
+                                              f"read as data preparation reads them: nothing to report"
+                                              + (" (the shipped sample: no files of your own in "
+                                                 f"{folder}/)" if sources.sample_only else "")))
+    return checks, any(p.kind == "empty_datasets" for p in problems)
+
+
 def check_data(records: list[dict], tokenizer, targs: argparse.Namespace) -> tuple[list[Check], dict]:
     """Records left without a target token after truncation, and the share of answers cut by --max_length."""
     from src.training.lm_data import TokenizedDataset
@@ -713,6 +743,12 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
                                         f"{targs.model_name}, micro-batch {targs.batch_size} x accumulation "
                                         f"{targs.gradient_accumulation_steps}, {targs.epochs} epochs, "
                                         f"max_length {targs.max_length}"))
+        checks, no_data = check_datasets(targs.datasets_dir, opts.strict, opts.include_sample, opts.columns)
+        for check in checks:
+            report.add(check)
+        if no_data:  # no data at all: the model (theta-tiny is built from it) and the rest cannot be checked
+            report.seconds = time.perf_counter() - t0
+            return report
     import torch
     import transformers
 
@@ -815,9 +851,9 @@ def write_report(run_dir: Path, report: Report, merge: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m src.training.preflight",
-                                description="Check in seconds what would stop a training run (no training). "
-                                            "Trainer flags go after --.")
+    p = FlagParser(prog="python -m src.training.preflight",
+                   description="Check in seconds what would stop a training run (no training). "
+                               "Trainer flags go after --.")
     p.add_argument("--profile", choices=["quick", "rtx3060"], default="quick", help="the trainer profile")
     p.add_argument("--gpus", type=int, default=1, help="processes the run will use (for the duration)")
     p.add_argument("--run_dir", type=Path, default=None,
@@ -828,6 +864,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=["all", "data"], default="all",
                    help="data: the data check and the duration only (after the prepare step)")
     p.add_argument("--email_test", action="store_true", help="send a test email when email is configured")
+    p.add_argument("--strict", action="store_true",
+                   help="a problem of the data folder (an unreadable file, a file with nothing kept, many records "
+                        "dropped) is fatal, as prepare_data_for_training --strict makes it")
+    p.add_argument("--include_sample", action="store_true",
+                   help="the run also reads the shipped sample next to your files (prepare --include_sample)")
+    p.add_argument("--columns", type=str, default=None,
+                   help="the run's prepare_data_for_training --columns (other names of the fields)")
     p.add_argument("--simulate_gpu_memory_gb", type=float, default=0.0,
                    help="estimate the memory check for a GPU of this size (a formula, not a measurement)")
     p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then flags for train_enhanced.py")

@@ -24,7 +24,6 @@ the user's umask like any other file they create.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -36,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import UserError, atomic_write_text, read_json, run_entry_point, setup_logging
+from src.utils.common import FlagParser, UserError, atomic_write_text, read_json, run_entry_point, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +77,149 @@ def load_step_metrics(run_dir: Path | None) -> list[dict]:
             continue
         if isinstance(row, dict) and "step" in row and "lr" in row:
             rows.append(row)
+    return rows
+
+
+def _read_dict(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _existing(path_text: str | None) -> Path | None:
+    """A path a run recorded: as it is, else relative to the current folder or the project root."""
+    if not path_text:
+        return None
+    path = Path(path_text)
+    from src.utils.common import PROJECT_ROOT
+    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_run_facts(run_dir: Path | None) -> dict:
+    """What the report says about the run besides the test figures: ``config`` (training_config.json: the
+    resolved flags, the device, the final summary) and ``data`` (the prepared data's stats file,
+    enhanced_data_stats.json next to the prepared file the run trained on: records read, kept, dropped by reason,
+    domains). Missing files give empty dicts."""
+    from src.utils.data_layout import STATS_NAME
+    config = _read_dict(run_dir / "training_config.json") if run_dir else {}
+    data_path = _existing((config.get("args") or {}).get("data_path"))
+    data = _read_dict(data_path.parent / STATS_NAME) if data_path else {}
+    return {"config": config, "data": data}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not _finite(seconds):
+        return "an unknown time"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h} h {rem // 60:02d} min" if h else (f"{rem // 60} min {rem % 60:02d} s" if rem >= 60 else f"{rem} s")
+
+
+def _perplexity_words(model: float, base: float) -> str:
+    """How a perplexity compares with the base's, in words (lower is better)."""
+    if not (_finite(model) and _finite(base)) or base <= 0 or model <= 0:
+        return "not comparable"
+    factor = max(model, base) / min(model, base)
+    if factor < 1.05:
+        return "about the same: training changed little"
+    return f"{fixed(factor, 2)} times {'lower (better)' if model < base else 'higher (worse)'}"
+
+
+def verdict(result: dict, facts: dict) -> list[str]:
+    """The report's opening, in plain words: what was trained on what, for how long, the held-out figures against
+    the untrained base, and (quick profile) what the run is for. One sentence per item, plain text."""
+    config, data = facts.get("config") or {}, facts.get("data") or {}
+    args, summary, env = config.get("args") or {}, config.get("summary") or {}, config.get("environment") or {}
+    profile = args.get("profile")
+    domains = sorted((data.get("per_domain") or {}).keys())
+    lines = []
+    what = f"{args.get('model_name', 'the model')} was fine-tuned" + (f" with the {profile} profile" if profile
+                                                                       else "")
+    if data:
+        what += (f" on {_fmt(data.get('train_records'))} training records ({_fmt(data.get('validation_records'))} "
+                 f"held for validation) in {_plural(len(domains), 'domain')}"
+                 + (f" ({', '.join(domains[:8])}{', ...' if len(domains) > 8 else ''})" if domains else "")
+                 + (f", {data['data']['sources'].removeprefix('data: ')}" if (data.get("data") or {}).get("sources")
+                    else ""))
+    lines.append(what + ".")
+    if summary:
+        took = summary.get("training_seconds", summary.get("seconds"))
+        estimate = summary.get("preflight_estimate_s")
+        lines.append(f"Training ran {_plural(summary.get('epochs_run'), 'epoch')} "
+                     f"({_plural(summary.get('global_step'), 'optimizer step')}) "
+                     f"in {_duration(took)} on {env.get('device', 'an unknown device')}"
+                     + (f" (the pre-flight estimated {_duration(estimate)})" if estimate is not None else "")
+                     + f"; status {summary.get('status', 'unknown')}.")
+    base = result.get("base") or {}
+    n = result.get("test_records")
+    if base.get("perplexity") is not None and base.get("same_tokenizer", True):
+        lines.append(f"On the {_plural(n, 'held-out record')}, its perplexity is {fixed(result.get('perplexity'), 2)} "
+                     f"against {fixed(base['perplexity'], 2)} for the untrained {base.get('model')}: "
+                     f"{_perplexity_words(result.get('perplexity'), base['perplexity'])}; token accuracy "
+                     f"{fixed(result.get('token_accuracy'), 3)} against {fixed(base.get('token_accuracy'), 3)}. "
+                     f"Its generated answers reach token F1 {fixed(result.get('f1'), 3)} against the references.")
+    else:
+        why = (base.get("error") and f"the untrained {base.get('model')} could not be evaluated") or (
+            base and "the untrained base has another tokenizer") or "no untrained base was evaluated"
+        lines.append(f"On the {_plural(n, 'held-out record')}, its perplexity is {fixed(result.get('perplexity'), 2)} "
+                     f"and token F1 {fixed(result.get('f1'), 3)} ({why}, so there is nothing to compare with).")
+    if profile == "quick":
+        lines.append("The quick profile demonstrates the pipeline end to end: a tiny model (theta-tiny, about 3.6M "
+                     "parameters) trained from scratch for minutes. Its answers are not expected to be useful, "
+                     "whatever the figures above; for a useful assistant run the rtx3060 profile (gpt2-medium) on a "
+                     "GPU overnight.")
+    return lines
+
+
+def data_summary_rows(data: dict) -> list[tuple[str, str]]:
+    """The prepared data in a few rows: records read, kept, dropped by reason, set aside, domains, problems."""
+    if not data:
+        return []
+    dropped = {reason: (v.get("count") if isinstance(v, dict) else v) for reason, v in
+               (data.get("dropped") or {}).items()}
+    per_domain = data.get("per_domain") or {}
+    rows = [("read from", (data.get("data") or {}).get("sources", "").removeprefix("data: ") or "–"),
+            ("records read", _fmt(data.get("input_records"))),
+            ("records kept", f"{_fmt(data.get('real_records'))} of your own"
+                             + (f" + {_fmt(data.get('synthetic_records'))} synthetic" if data.get("synthetic_records")
+                                else "")
+                             + f": {_fmt(data.get('train_records'))} train, {_fmt(data.get('validation_records'))} "
+                               f"validation; {_fmt(data.get('test_records'))} in the held-out set"),
+            ("dropped", f"{_fmt(data.get('dropped_total', sum(v or 0 for v in dropped.values())))}"
+                        + (": " + ", ".join(f"{r} {_fmt(n)}" for r, n in
+                                            sorted(dropped.items(), key=lambda rn: -(rn[1] or 0))) if dropped else ""))]
+    if data.get("set_aside"):
+        rows.append(("set aside", ", ".join(f"{r} {_fmt(n)}" for r, n in data["set_aside"].items())))
+    rows.append(("domains", ", ".join(f"{d} {_fmt(v.get('real'))}" for d, v in sorted(per_domain.items()))
+                 or "–"))
+    problems = data.get("problems") or []
+    if problems:
+        rows.append(("problems", "; ".join(f"{p.get('file') or 'the data folder'}: {p.get('message')}"
+                                           for p in problems[:6]) + (" ..." if len(problems) > 6 else "")))
+    return rows
+
+
+SETTINGS_SHOWN = ("profile", "model_name", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                  "scheduler_type", "warmup_proportion", "weight_decay", "max_length", "seed", "loss_on")
+
+
+def settings_rows(config: dict) -> list[tuple[str, str]]:
+    """The run's main settings and the techniques that were on (training_config.json's resolved flags)."""
+    args = config.get("args") or {}
+    if not args:
+        return []
+    rows = [(k, _fmt(args[k])) for k in SETTINGS_SHOWN if k in args]
+    on = sorted(k.removeprefix("use_") for k, v in args.items() if k.startswith("use_") and v is True)
+    rows.append(("techniques on", ", ".join(on) or "none"))
+    env = config.get("environment") or {}
+    if env.get("device"):
+        rows.append(("device", f"{env['device']} ({env.get('precision', '?')}, {env.get('world_size', 1)} "
+                               "process(es))"))
     return rows
 
 
@@ -321,13 +463,24 @@ border:1px solid #eee}figcaption{color:#666;font-size:.85em}.note{color:#8a5a00}
 
 
 def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | None) -> str:
-    """The report page; every value from the results or the dataset is escaped."""
+    """The report page; every value from the results or the dataset is escaped. It opens with the verdict in
+    plain words, then the data summary and the run's settings, then the figures."""
     r = result
+    facts = load_run_facts(run_dir)
     parts = [f"<h1>Theta evaluation: {_esc(r.get('run', ''))}</h1>",
-             f"<p>Model <code>{_esc(r.get('model_path'))}</code> on <code>{_esc(r.get('test_data'))}</code> "
-             f"({_fmt(r.get('test_records'))} records) on {_esc(r.get('device'))}"
-             f"{', ' + _esc(r['created']) if r.get('created') else ''}."
-             "</p>"]
+             '<h2>Verdict</h2>\n<div class="verdict">' + "".join(f"<p>{_esc(line)}</p>" for line in verdict(r, facts))
+             + "</div>"]
+    data_rows = data_summary_rows(facts["data"])
+    if data_rows:
+        parts += ["<h2>Data</h2>", _table(["", ""], [[_esc(k), _esc(v)] for k, v in data_rows], "settings",
+                                          caption="The prepared data the run trained on (enhanced_data_stats.json)")]
+    run_rows = settings_rows(facts["config"])
+    if run_rows:
+        parts += ["<h2>Settings</h2>", _table(["flag", "value"], [[_esc(k), _esc(v)] for k, v in run_rows], "settings",
+                                              caption="The run's resolved flags (training_config.json)")]
+    parts.append(f"<p>Model <code>{_esc(r.get('model_path'))}</code> on <code>{_esc(r.get('test_data'))}</code> "
+                 f"({_fmt(r.get('test_records'))} records) on {_esc(r.get('device'))}"
+                 f"{', ' + _esc(r['created']) if r.get('created') else ''}.</p>")
     leak = r.get("leakage_check", {})
     parts.append('<p class="note">The test set was checked against the training data: no shared question.</p>'
                  if leak.get("checked") else
@@ -385,7 +538,10 @@ def render_html(result: dict, images: dict[str, Path | None], run_dir: Path | No
     parts += [c for c in curves if c] or [f"<p>No training history found in {_esc(run_dir)}.</p>"]
 
     # generation settings and samples
-    gen = r.get("generation", {})
+    gen = dict(r.get("generation", {}))
+    if gen.get("decoding") == "greedy":  # greedy decoding samples nothing: its sampling knobs played no part
+        for knob in ("temperature", "top_p", "top_k"):
+            gen.pop(knob, None)
     timing = r.get("generation_timing", {})
     parts += ["<h2>Generation</h2>",
               _table(["setting", "value"], [[_esc(k), _fmt(v)] for k, v in gen.items()] +
@@ -427,7 +583,7 @@ def write_report(result: dict, run_dir: Path | None, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Rebuild the HTML report and plots from an evaluation results file.")
+    p = FlagParser(description="Rebuild the HTML report and plots from an evaluation results file.")
     p.add_argument("--results", type=Path, required=True, help="stats/evaluation_<run>.json")
     p.add_argument("--run_dir", type=Path, default=None, help="models/<run> (loss history and step metrics)")
     p.add_argument("--output_dir", type=Path, default=None, help="default: stats/<run>/ next to the results file")

@@ -309,6 +309,11 @@ def completion_email(run_name: str, summary: Mapping[str, Any], history: list[di
     rows = [(k.replace("_", " "), fmt_duration(summary[k]) if k == "seconds" else fmt_number(summary[k]))
             for k in ("status", "epochs_run", "best_epoch", "best_val_loss", "global_step", "seconds",
                       "final_model") if k in summary]
+    if summary.get("training_seconds") is not None:  # measured, beside the pre-flight's estimate
+        estimate = summary.get("preflight_estimate_s")
+        rows.append(("training time", fmt_duration(summary["training_seconds"]) + (
+            f" (pre-flight estimate {fmt_duration(estimate)})" if estimate is not None else
+            " (no pre-flight estimate)")))
     sections = [Section("Run", rows=[("run", run_name)] + rows + list(extra_rows))]
     alerts: list[tuple[str, str]] = []
     if summary.get("status") != "completed":
@@ -323,6 +328,8 @@ def completion_email(run_name: str, summary: Mapping[str, Any], history: list[di
         except (OSError, ValueError) as err:
             alerts.append(("warning", f"could not read {Path(evaluation_file).name}: {err}"))
     if isinstance(evaluation, dict):
+        if evaluation.get("verdict"):  # the report's opening, in plain words
+            sections.insert(0, Section("Verdict", pre="\n".join(evaluation["verdict"])))
         sections += evaluation_sections(evaluation)
     if history:
         sections.append(Section("Loss history", table=(

@@ -42,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,11 @@ from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, Unu
 from src.training.lm_data import IGNORE_INDEX, TokenizedDataset, collate, evaluate, load_prepared_records
 from src.training.lm_loss import TargetIndex, rdrop_head_loss, step_inputs, step_losses
 from src.training.packing import pack_batch
-from src.utils.common import (PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
+from src.utils.common import (FlagParser, PROJECT_ROOT, UserError, atomic_dir, atomic_write_json, new_run_id,
                               remove_stale_temporaries, run_entry_point, setup_logging, stable_hash)
 from src.utils.email_notifier import NullNotifier
 from src.utils.run_lock import claim_run_folder, release_all
-from src.utils.profiles import PROFILE_NAMES, profiles_help, train_values
+from src.utils.profiles import PROFILE_NAMES, annotate_profile_help, profiles_help, train_values
 
 logger = logging.getLogger(__name__)
 
@@ -773,6 +774,9 @@ class CPUOffloadTechnique(Technique):
         return CPUOffloadOptimizer(groups, self.args.cpu_offload_fraction, lr=self.args.learning_rate)
 
     def summary(self, run) -> str:
+        if run.device.type == "cpu":  # the state is on the CPU anyway: the technique moves nothing
+            return ("CPU offload: inactive without a GPU (the model and all of its AdamW state are on the CPU "
+                    "already, so nothing is moved)")
         return (f"CPU offload: {100 * run.optimizer.offloaded_fraction:.0f}% of the parameters' AdamW state and "
                 f"update on the CPU (asked {100 * self.args.cpu_offload_fraction:.0f}%); built after the weights "
                 "were loaded, so its fp32 masters hold the weights training starts from")
@@ -1370,31 +1374,50 @@ def group_by_length(order: list[int], lengths: list[int], unit: int, chunk_units
 # ---------------------------------------------------------------------------------------------------------------
 
 class GenerationCheck:
-    """Generation-based domain check: answer a few validation questions per domain and score the answers.
+    """Generation-based domain check: answer a few validation questions per domain and score the answers against
+    their reference answers.
 
-    Measures, each in [0, 1] except length (documented in TRAINING_TECHNIQUES.md):
+    The score is ``reference_match`` = ``keyword_recall`` x ``pair_f1``, in [0, 1]: an answer must use the
+    reference's content words *and* put words in the reference's order to earn it. Gibberish cannot: random or
+    repeated words share almost no word pair with the reference (pair F1 ~ 0), and an answer that repeats the
+    question's words but says nothing of the answer has no keyword recall. The reference itself scores 1. (The
+    former score, a mean that included the answer's own variety of word pairs and its overlap with the question,
+    gave the quick profile's gibberish 0.33.) Measures (documented in TRAINING_TECHNIQUES.md):
     - ``length``: mean answer length in words;
-    - ``distinct_2``: distinct word bigrams / all bigrams (1 = no repetition);
+    - ``distinct_2``: distinct word bigrams / all bigrams (1 = no repetition), a diagnostic;
     - ``keyword_recall``: share of the reference answer's content words (4+ letters) that the answer uses;
-    - ``coherence``: share of the question's content words the answer mentions, capped at 1 after x2 (does it
-      stay on topic?), times 0 for an empty answer.
-    The mean of distinct_2, keyword_recall and coherence is the domain's ``score``.
+    - ``pair_f1``: F1 of the answer's word pairs (bigrams, counted) against the reference answer's;
+    - ``coherence``: share of the question's content words the answer mentions, capped at 1 after x2, a
+      diagnostic (it is earned by echoing the question);
+    - ``reference_match``: keyword_recall x pair_f1, the domain's score (0 when either is 0; the reference itself
+      1, a close paraphrase about 0.5, a random string of the reference's own words about 0.2 at most).
+    Cost: one batched greedy generate of 48 new tokens for 2 questions per domain, once an epoch.
     """
 
     def __init__(self, per_domain: int = 2, max_new_tokens: int = 48):
         self.per_domain, self.max_new_tokens = per_domain, max_new_tokens
 
     @staticmethod
+    def words(text: str) -> list[str]:
+        import re
+        return re.findall(r"\w+", text.lower())
+
+    @staticmethod
     def score_answer(question: str, reference: str, answer: str) -> dict[str, float]:
         import re
-        words = answer.split()
+        words, ref_words = GenerationCheck.words(answer), GenerationCheck.words(reference)
         bigrams = list(zip(words, words[1:]))
-        content = lambda s: set(re.findall(r"[a-z]{4,}", s.lower()))  # noqa: E731
+        ref_pairs, ans_pairs = Counter(zip(ref_words, ref_words[1:])), Counter(bigrams)
+        common = sum((ref_pairs & ans_pairs).values())
+        pair_f1 = 2 * common / (sum(ref_pairs.values()) + sum(ans_pairs.values())) if common else 0.0
+        content = lambda s: set(re.findall(r"[^\W\d_]{4,}", s.lower()))  # noqa: E731
         ref, ans, q = content(reference), content(answer), content(question)
+        recall = len(ref & ans) / len(ref) if ref else 0.0
         return {"length": float(len(words)),
                 "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else (1.0 if words else 0.0),
-                "keyword_recall": len(ref & ans) / len(ref) if ref else 0.0,
-                "coherence": min(1.0, 2 * len(q & ans) / len(q)) if q and words else 0.0}
+                "keyword_recall": recall, "pair_f1": pair_f1,
+                "coherence": min(1.0, 2 * len(q & ans) / len(q)) if q and words else 0.0,
+                "reference_match": recall * pair_f1}
 
     def run(self, tm: ThetaModel, records: list[dict]) -> dict[str, dict]:
         by_domain: dict[str, list[dict]] = {}
@@ -1407,9 +1430,7 @@ class GenerationCheck:
         out = {}
         for domain, recs in chosen.items():
             scores = [self.score_answer(r["question"], r["answer"], next(answers)) for r in recs]
-            mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-            mean["score"] = float(np.mean([mean["distinct_2"], mean["keyword_recall"], mean["coherence"]]))
-            out[domain] = mean
+            out[domain] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         return out
 
 
@@ -1667,8 +1688,8 @@ def add_switch(group, name: str, default: bool, help_text: str, off: str | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
-                                "(see documentation/HYPERPARAMETERS.md).")
+    p = FlagParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
+                   "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help=f"preset values ({profiles_help()}); explicit flags override them")
@@ -1749,6 +1770,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA out of memory halves the micro-batch (same effective batch) down to this size")
     c.add_argument("--resume", type=str, default="auto",
                    help="auto (newest complete checkpoint in --output_dir), never, or a checkpoint folder")
+    annotate_profile_help(p, PROFILES)  # --help says what each profile sets, beside the default
     return p
 
 
@@ -2309,10 +2331,28 @@ def summary_lines(run: Run) -> list[str]:
                  + " (sample_weight from data preparation: " + ("in effect)" if "sample_weight"
                                                                  in sampling_in_effect(run) else "all equal)"))
     for ex in tr.examples[:2]:
-        shown = "".join(tok.decode([tid]) if lab == IGNORE_INDEX else f"[{tok.decode([tid])}]"
-                        for tid, lab in zip(ex["input_ids"], ex["labels"]))
-        lines.append("sample (loss on [bracketed] tokens): " + shown[:400].replace("\n", "\\n"))
+        lines.append("sample (loss on [bracketed] tokens): "
+                     + shown_text(bracketed_targets(tok, ex["input_ids"], ex["labels"]), 400).replace("\n", "\\n"))
     return lines
+
+
+def bracketed_targets(tok, input_ids: list[int], labels: list[int]) -> str:
+    """The record's text with its loss-bearing tokens in [brackets]. Each run of target (or of context) tokens is
+    decoded at once: a byte-level token may hold part of a UTF-8 character (an accented letter is often two
+    tokens), so decoding token by token printed "Comment cr\ufffd\ufffder"."""
+    parts, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tok.decode(input_ids[start:i])
+            parts.append(text if labels[start] == IGNORE_INDEX else f"[{text}]")
+            start = i
+    return "".join(parts)
+
+
+def shown_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (never inside a character: Python strings are cut on code points), and
+    without the replacement character a generation that stopped inside a multi-byte character ends with."""
+    return text[:limit].rstrip("\ufffd")
 
 
 def dry_run(run: Run, n_records: int = 3) -> dict:
@@ -2627,7 +2667,7 @@ def epoch_entry(run: Run, m: dict) -> dict:
     if run.is_main and run.args.domain_eval_frequency and (state.epoch + 1) % run.args.domain_eval_frequency == 0:
         entry["domain_eval"] = GenerationCheck(run.args.domain_eval_per_domain).run(run.tm, run.val_recs)
         for d, v in entry["domain_eval"].items():
-            run.writer.add_scalar(f"domain_eval/{d}_score", v["score"], state.global_step)
+            run.writer.add_scalar(f"domain_eval/{d}_reference_match", v["reference_match"], state.global_step)
     return entry
 
 
@@ -2655,16 +2695,16 @@ def log_epoch(run: Run, entry: dict, m: dict) -> None:
                 entry["train_loss"], m["loss"], _arrow(m["loss"], prev and prev["val_loss"]), m["perplexity"],
                 m["token_accuracy"], _arrow(m["token_accuracy"], prev and prev["val_token_accuracy"]))
     for d, v in sorted(m["domains"].items()):
-        score = entry.get("domain_eval", {}).get(d, {}).get("score")
+        score = entry.get("domain_eval", {}).get(d, {}).get("reference_match")
         logger.info("    %-22s loss %.4f  perplexity %8.2f  token accuracy %.3f%s", d, v["loss"], v["perplexity"],
-                    v["token_accuracy"], f"  generation score {score:.2f}" if score is not None else "")
+                    v["token_accuracy"], f"  reference match {score:.2f}" if score is not None else "")
     run.writer.add_scalar("epoch/train_loss", entry["train_loss"], state.epoch + 1)
     run.writer.add_scalar("epoch/val_loss", m["loss"], state.epoch + 1)
     examples = run.val_ds.examples[:run.args.num_samples]
     answers = run.tm.generate_batch([ex["question"] for ex in examples], max_length=SAMPLE_TOKENS,
                                     temperature=0.0)  # greedy: no RNG
     for ex, answer in zip(examples, (a["text"] for a in answers)):
-        logger.info("    sample Q: %s\n    sample A: %s", ex["question"][:120], answer[:300])
+        logger.info("    sample Q: %s\n    sample A: %s", shown_text(ex["question"], 120), shown_text(answer, 300))
         run.writer.add_text("samples", f"**Q:** {ex['question']}\n\n**A:** {answer}", state.global_step)
 
 
@@ -2692,6 +2732,26 @@ def replica_hashes(run: Run) -> list[str]:
     return hashes
 
 
+def preflight_estimate(run_dir: Path) -> float | None:
+    """The pre-flight's estimate of the training time in seconds (``preflight.json``'s plan), or None."""
+    try:
+        plan = json.loads((Path(run_dir) / "preflight.json").read_text(encoding="utf-8")).get("plan") or {}
+        return float(plan["total_s"]) if plan.get("total_s") is not None else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def time_line(summary: dict) -> str:
+    """``training took 6 min (335 s, validation and generation included); the pre-flight estimated 6 min``."""
+    from src.training.preflight import human_duration
+    took = summary.get("training_seconds", summary.get("seconds", 0.0))
+    estimate = summary.get("preflight_estimate_s")
+    return (f"training took {human_duration(took)} (" + (f"{took:.0f} s, " if took >= 90 else "")
+            + "validation and generation included)"
+            + (f"; the pre-flight estimated {human_duration(estimate)}" if estimate is not None
+               else "; no pre-flight estimate (preflight.json) in the run folder"))
+
+
 def finish(run: Run) -> dict:
     """The summary; on success theta_best/ (validated now if no epoch ended) becomes theta_final/ atomically."""
     state, args = run.state, run.args
@@ -2708,6 +2768,10 @@ def finish(run: Run) -> dict:
                "seconds": time.time() - run.started, "final_model": str(run.out / "theta_final"),
                "ema_weights": eval_weights_swapped(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
                "exit_code": run.exit_code}
+    # The measured training time (the epochs' own seconds, summed over resumes) beside the pre-flight's estimate of
+    # the same thing (preflight.json in the run folder, written by the overnight scripts' pre-flight).
+    summary.update(training_seconds=round(sum(h.get("seconds", 0.0) for h in state.history), 1),
+                   preflight_estimate_s=preflight_estimate(run.out))
     last_loss = state.history[-1]["val_loss"] if state.history else None
     if run.exit_code == 0 and state.best_epoch < 0:  # --max_steps ended before any validation: validate now
         with run.eval_weights():
@@ -2735,6 +2799,7 @@ def finish(run: Run) -> dict:
             logger.info(_color(f"done: theta_final/ is the best model, from epoch {state.best_epoch} (validation "
                                f"loss {state.best_val_loss:.4f})" + (", with EMA weights" if summary["ema_weights"]
                                                                        else ""), "GREEN", run.color))
+            logger.info("%s", time_line(summary))
         run.notifier.completed(summary)
     if run.is_main:
         atomic_write_json(run.out / "training_config.json", {"args": _json_args(args), "environment": run.env,

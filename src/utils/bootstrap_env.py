@@ -95,7 +95,7 @@ def ensure_venv(venv_dir: Path, requirements: list[Path], torch_spec: str) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv", type=Path, default=PROJECT_ROOT / ".venv", help="virtual environment folder")
     parser.add_argument("--requirements", type=Path, nargs="+", default=[PROJECT_ROOT / "requirements.txt"],
                         help="requirements files to install (default: requirements.txt)")

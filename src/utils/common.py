@@ -5,10 +5,15 @@ message names the path, the cause, the free space and the fix, and ``run_entry_p
 of a traceback. The atomic writers leave the previous version in place when that happens.
 
     from src.utils.common import UserError, atomic_dir, atomic_write_json, setup_logging, run_entry_point
+
+Every command line parser is a ``FlagParser``: flags are exact (no prefix matching, so ``--profil quick`` is an
+error rather than ``--profile quick``) and an unknown flag's error names the nearest one.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import errno
 import hashlib
 import json
@@ -296,6 +301,35 @@ def read_json(path: str | Path, what: str = "file") -> Any:
             from err
     except UnicodeDecodeError as err:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {err.start})") from err
+
+
+class FlagParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with exact flags: ``allow_abbrev=False`` (argparse otherwise takes a prefix,
+    ``--profil`` for ``--profile`` and ``--epoch`` for ``--epochs``, silently), and an unknown flag's error names
+    the nearest known one (``unrecognized arguments: --profil quick (did you mean --profile?)``). Sub-parsers made
+    with ``add_subparsers`` are FlagParsers too (argparse builds them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def option_names(self) -> list[str]:
+        return [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+
+    def nearest_flag(self, flag: str) -> str | None:
+        """The known ``--flag`` nearest to ``flag`` (its text before any ``=``), or None when none is close."""
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, self.option_names(), n=1, cutoff=0.6)
+        return close[0] if close else None
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            hints = [f"{f} -> {n}" for f in message.split(": ", 1)[1].split() if f.startswith("-")
+                     for n in [self.nearest_flag(f)] if n]
+            if hints:
+                message += f" (did you mean {', '.join(hints)}?)" if len(hints) > 1 else \
+                    f" (did you mean {hints[0].split(' -> ')[1]}?)"
+        super().error(message)
 
 
 class _PlainFormatter(logging.Formatter):

@@ -35,7 +35,6 @@ exit, queued emails get ``shutdown_wait_s`` seconds (default 15), then the proce
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import collections
 import functools
@@ -60,7 +59,7 @@ from typing import Any, Callable, Mapping
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import PROJECT_ROOT
+from src.utils.common import FlagParser, PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -626,7 +625,7 @@ class NullNotifier:
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Theta email notifications: check the configuration, send a test.")
+    p = FlagParser(description="Theta email notifications: check the configuration, send a test.")
     p.add_argument("--test", action="store_true", help="send a test email now and report what failed")
     p.add_argument("--show-config", action="store_true", help="print the configuration in effect (no password)")
     p.add_argument("--env-file", type=Path, default=None, help="a .env file (default: .env in the project root)")

@@ -227,7 +227,7 @@ def summary_line(info: dict[str, Any] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Print GPU, CPU and RAM figures (never fails).")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Print GPU, CPU and RAM figures (never fails).")
     p.add_argument("--summary", action="store_true", help="one line instead of JSON")
     p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=False,
                    help="ask torch.cuda when nvidia-smi gives nothing (imports torch: a few seconds)")

@@ -57,7 +57,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, UserError, atomic_write_json, new_run_id
+from src.utils.common import (EXIT_USER_ERROR, PROJECT_ROOT, RUN_ID_PATTERN, FlagParser, UserError, atomic_write_json,
+                              new_run_id)
 from src.utils.data_layout import GENERATED_TEST_NAME, KNOWLEDGE_DIR, resolve_sources
 from src.utils.profiles import CPU_DEFAULT_PROFILE, GPU_DEFAULT_PROFILE, PROFILE_NAMES, profiles_help
 
@@ -80,7 +81,7 @@ FINGERPRINT_VERSION = 1
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog=script, add_help=False,
         description="Theta overnight run: pre-flight, [knowledge base], prepare the data, train, evaluate and "
                     "optimise, in one unattended command. Flags after -- go to train_enhanced.py.",
@@ -100,6 +101,10 @@ def build_script_parser(script: str = "train_overnight_enhanced.sh") -> argparse
                    help="resume this unfinished run (theta_enhanced_<YYYYMMDD_HHMMSS>) whatever changed")
     p.add_argument("--preflight", action="store_true",
                    help="run the pre-flight checks alone (with a test email when email is on) and exit")
+    p.add_argument("--strict", action="store_true",
+                   help="a problem of the data in Datasets/ (a file that cannot be read, a file from which nothing "
+                        "is kept, many records dropped) stops the run in the pre-flight instead of a warning "
+                        "(the pre-flight and data preparation get --strict)")
     return p
 
 
@@ -121,7 +126,9 @@ def parse_script_args(argv: list[str], script: str = "train_overnight_enhanced.s
             message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad arguments"
             raise UserError(message.split("error: ", 1)[-1]) from None
     if unknown:
-        raise UserError(f"unknown option '{unknown[0]}' (flags for the trainer go after --)")
+        nearest = parser.nearest_flag(unknown[0]) if unknown[0].startswith("-") else None
+        raise UserError(f"unknown option '{unknown[0]}'" + (f": did you mean {nearest}?" if nearest else "")
+                        + " (flags for the trainer go after --)")
     if args.gpus < 1:
         raise UserError(f"--gpus must be a whole number of at least 1, not {args.gpus}")
     if args.fresh and args.resume:
@@ -150,9 +157,9 @@ def detect_profile(requested: str | None) -> tuple[str, str]:
     return CPU_DEFAULT_PROFILE, "no CUDA GPU was found"
 
 
-def prepare_flags(profile: str) -> list[str]:
-    """Data-preparation flags: the profile only. Its values live in src/utils/profiles.py (one table)."""
-    return ["--profile", profile]
+def prepare_flags(profile: str, strict: bool = False) -> list[str]:
+    """Data-preparation flags: the profile (its values live in src/utils/profiles.py, one table) and --strict."""
+    return ["--profile", profile] + (["--strict"] if strict else [])
 
 
 def optimise_flags() -> list[str]:
@@ -363,7 +370,8 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
     if args.help:
         return {"ACTION": "help"}
     profile, profile_why = detect_profile(args.profile)
-    prep = prepare_flags(profile)
+    prep = prepare_flags(profile, args.strict)
+    strict = ["--strict"] if args.strict else []
     plan: dict[str, Any] = {
         "ACTION": "preflight" if args.preflight else "run", "PROFILE": profile, "PROFILE_WHY": profile_why,
         "GPUS": str(args.gpus), "TENSORBOARD": "1" if args.tensorboard else "0",
@@ -377,7 +385,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
     }
     prepared = root / PREPARED_REL
     if args.preflight:
-        plan["PREFLIGHT_FLAGS"] = ["--email_test"] + ([] if prepared.is_file() else ["--no_data"])
+        plan["PREFLIGHT_FLAGS"] = ["--email_test"] + ([] if prepared.is_file() else ["--no_data"]) + strict
         return plan
     fingerprint = make_fingerprint(root, profile, prep, trainer)
     choice = choose_run(root / "models", fingerprint, args.fresh, args.resume, now)
@@ -404,7 +412,7 @@ def make_plan(argv: list[str], root: Path = PROJECT_ROOT, script: str = "train_o
                 STEP_OUT=f"logs/.step_output_{choice.run_id}.txt", RESUMING="1" if choice.resuming else "0",
                 RESUMING_FLAG=["--resuming"] if choice.resuming else [], PREPARE="1" if prepare else "0",
                 PREPARE_WHY=prepare_why, KB="1" if (prepare and kb_on) else "0", KB_WHY=kb_why,
-                PREFLIGHT_FLAGS=["--no_data"] if prepare else [])
+                PREFLIGHT_FLAGS=(["--no_data"] if prepare else []) + strict)
     state["plan"] = {"profile": profile, "profile_why": profile_why, "resume_why": choice.why,
                      "notes": choice.notes, "gpus": args.gpus, "resuming": choice.resuming,
                      "tensorboard_port": int(plan["TB_PORT"]) if args.tensorboard else None,
@@ -890,9 +898,9 @@ def chain_completion_email(run_dir: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.utils.overnight",
-                                description="The overnight run's lifecycle, one subcommand per moment of it (see "
-                                            "the module docstring).")
+    p = FlagParser(prog="python -m src.utils.overnight",
+                   description="The overnight run's lifecycle, one subcommand per moment of it (see "
+                               "the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plan", help="parse the script's arguments and decide the run; print variables")
     s.add_argument("--format", choices=["sh", "cmd"], default="sh", help="bash assignments or a batch file")

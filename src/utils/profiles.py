@@ -69,3 +69,46 @@ def prepare_values(name: str) -> dict[str, Any]:
 def profiles_help() -> str:
     """``name (what it is for)`` for every profile, for a ``--profile`` help text."""
     return "; ".join(f"{n}: {PROFILES[n]['about']}" for n in PROFILE_NAMES)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def profile_notes(dest: str, default: Any, values: dict[str, dict[str, Any]]) -> str:
+    """What each profile sets flag ``dest`` to, where it differs from ``default``: ``on in quick, rtx3060`` for a
+    switch, ``quick 5, rtx3060 20`` for a value; "" when no profile changes it."""
+    by_value: dict[str, list[str]] = {}
+    for name in PROFILE_NAMES:
+        if dest in values[name] and values[name][dest] != default:
+            by_value.setdefault(_shown(values[name][dest]), []).append(name)
+    if not by_value:
+        return ""
+    if isinstance(default, bool) or all(v in ("on", "off") for v in by_value):
+        return "; ".join(f"{v} in {', '.join(names)}" for v, names in by_value.items())
+    return ", ".join(f"{name} {v}" for v, names in by_value.items() for name in names)
+
+
+def annotate_profile_help(parser, values: dict[str, dict[str, Any]]) -> None:
+    """Add each profile's value to the ``--help`` text of every flag a profile sets, so ``--help`` is true under
+    every profile: ``--use_ema ... (default off; on in quick, rtx3060)``, ``--epochs ... (default 3; quick 5,
+    rtx3060 20)``. ``values``: profile name -> the flags it sets (``train_values`` or ``prepare_values``). A
+    switch's ``--no_<name>`` twin (store_false) is left alone."""
+    import argparse
+
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._StoreFalseAction) or action.help is None:
+            continue
+        if "--no_" + action.dest in action.option_strings[0]:
+            continue
+        notes = profile_notes(action.dest, action.default, values)
+        if not notes:
+            continue
+        text = action.help.removesuffix(" (default: %(default)s)")  # BooleanOptionalAction's own note
+        if text.endswith(")") and "(default " in text:  # a switch's "(default on)": extend it
+            action.help = text[:-1] + f"; {notes})"
+        else:
+            action.help = f"{text} (default {_shown(action.default) if action.default is not None else 'none'}; " \
+                          f"{notes})"

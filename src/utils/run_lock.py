@@ -42,7 +42,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.common import UserError, run_entry_point
+from src.utils.common import FlagParser, UserError, run_entry_point
 
 logger = logging.getLogger(__name__)
 
@@ -419,8 +419,8 @@ def hold(folder: Path, what: str, command: list[str], lock_file: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.utils.run_lock", description="The lock of a run folder: who "
-                                "holds it, or hold it while a command runs.")
+    p = FlagParser(prog="python -m src.utils.run_lock", description="The lock of a run folder: who "
+                   "holds it, or hold it while a command runs.")
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("check", help="exit 0 when the folder is free, 2 naming its holder")
     c.add_argument("--dir", type=Path, required=True, help="the run folder, e.g. models/<run>")

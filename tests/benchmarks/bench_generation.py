@@ -107,7 +107,7 @@ def bench_shape(model_dir: Path, questions: list[str], new_tokens: int, repeats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=str, default="quick,gpt2-124m", help="comma list of: quick, gpt2-124m")
     p.add_argument("--prompts", type=int, default=6, help="questions per round")
     p.add_argument("--new_tokens", type=int, default=48, help="most new tokens per answer")

@@ -57,7 +57,7 @@ def run_once(name: str, flags: list[str], model_dir: Path, data: Path, work: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; medians reported")
     p.add_argument("--configs", type=str, default=",".join(CONFIGS), help="comma-separated configuration names")

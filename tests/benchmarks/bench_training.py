@@ -1125,7 +1125,7 @@ def run_steps_mode(args, job_for, shapes, configs, skipped, results) -> None:
 
 
 def build_cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["epoch", "steps", "head"], default="epoch",
                    help="epoch: whole-epoch wall time (default); steps: a few steps (124M); head: LM head + loss only")
     p.add_argument("--shapes", type=str, default=None,

@@ -407,7 +407,7 @@ def plan(chk: Check) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", type=str, default="1,2,3,4,5,6,7", help="comma list of sections 1-7")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "")) / "gpu_check"
                    if os.environ.get("OUT") else None, help="folder for gpu_check.json (default: $OUT/gpu_check)")
