@@ -131,16 +131,16 @@ def check_support(config: Any, *, name: str = "", packing: bool = False, max_len
         raise UnsupportedModel(f"{where}model_type '{model_type}' comes with its own code (auto_map in config.json): "
                                "Theta runs no remote code, and every step it takes is tested only on the "
                                f"transformers classes. {SUPPORTED_HINT}.")
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(f"{where}model_type '{model_type or '(none)'}' is not supported. {SUPPORTED_HINT}.")
-    family = FAMILIES[model_type]
     for key, what in (("final_logit_softcapping", "logit soft-capping"),
                       ("attn_logit_softcapping", "attention logit soft-capping"),
-                      ("logit_scale", "logit scaling")):
+                      ("logit_scale", "logit scaling")):  # named before the type: the reason a family is out
         if _get(config, key):
             raise UnsupportedModel(f"{where}model_type '{model_type}' sets {key} = {_get(config, key)} ({what}): "
                                    "Theta's target-position loss computes logits as hidden x head weight and "
-                                   "would train another function than the model's. Use a model without it.")
+                                   f"would train another function than the model's. {SUPPORTED_HINT}.")
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(f"{where}model_type '{model_type or '(none)'}' is not supported. {SUPPORTED_HINT}.")
+    family = FAMILIES[model_type]
     if lm_head_bias:
         raise UnsupportedModel(f"{where}model_type '{model_type}' has a bias on its LM head: Theta's target-position "
                                "loss and its head checks take a bias-free head. Use a model without one.")

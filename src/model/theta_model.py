@@ -201,12 +201,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_model_folder(path: Path) -> None:
-    """Raise a ThetaModelError naming what a model folder lacks."""
+    """Raise a ThetaModelError naming what a model folder lacks (an UnsupportedModel for a model Theta refuses)."""
     if not path.is_dir():
         raise ThetaModelError(f"model folder not found: {path}")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
+    else:  # an unsupported model is refused for what it is, before what it lacks (config alone suffices)
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None  # unreadable: the loader says so
+        if isinstance(config, dict):
+            check_support(config, name=str(path))
     if (path / QUANTIZED_MARKER).is_file():
         if not (path / QUANTIZED_WEIGHTS).is_file():
             missing.append(QUANTIZED_WEIGHTS)
