@@ -212,7 +212,7 @@ def check_model_folder(path: Path) -> None:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             config = None  # unreadable: the loader says so
-        if isinstance(config, dict):
+        if isinstance(config, dict) and config.get("model_type"):
             check_support(config, name=str(path))
     if (path / QUANTIZED_MARKER).is_file():
         if not (path / QUANTIZED_WEIGHTS).is_file():
