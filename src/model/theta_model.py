@@ -227,7 +227,8 @@ def check_model_folder(path: Path) -> None:
                               "folder written by save_pretrained (e.g. models/<run>/theta_final).")
 
 
-SPARE_MARKERS = ("reserved", "placeholder", "<pad>", "[pad]", "<|pad|>", "<|finetune_right_pad_id|>")
+SPARE_MARKERS = ("reserved", "placeholder", "<pad>", "[pad]", "<|pad|>", "_pad|>", "<|finetune_right_pad_id|>")
+# ("_pad|>": Qwen2.5's <|fim_pad|> and <|vision_pad|>, unused by text Q&A)
 
 
 def spare_special_token(tokenizer, stop_ids: set[int]) -> str | None:
