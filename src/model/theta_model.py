@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_shown(_answer(tm, args.prompt, args)))
             return 0
         return chat(tm, args)
-    except ThetaModelError as err:
+    except UserError as err:  # ThetaModelError, UnsupportedModel: the message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 
