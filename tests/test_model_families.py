@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from conftest import make_records
 from full_logits import full_logits_token_losses
 from model_families import FAMILIES, build_unsupported
+from recipe_harness.common import one_torch_thread
 import src.training.train_enhanced as te
 from src.model.families import UnsupportedModel, check_support
 from src.model.theta_model import ThetaModel, ThetaModelError
@@ -41,9 +42,14 @@ TIED = {"gpt2": True, "qwen2": True}
 QUESTIONS = ["What is a firewall?", "Why does DNS matter?", "What is a loop?"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy matrices: a second thread only adds overhead (recipe_harness.common.one_torch_thread measured it)."""
+    yield from one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def models(family_dirs):
-    torch.set_num_threads(1)  # toy matrices: threads only add overhead (test_recipe_matrix.py measured it)
     return {f: ThetaModel.load(family_dirs[f], device="cpu") for f in FAMILIES}
 
 
@@ -194,11 +200,6 @@ def test_llrd_groups_cover_every_parameter_once_in_layer_order(family, models):
     assert all(g["weight_decay"] == 0 for g in groups if g["params"][0].dim() < 2)
 
 
-@pytest.fixture(scope="module")
-def data_file(prepared_data):
-    return prepared_data
-
-
 def _quick(family_dir, data, out, *extra):
     """--profile quick (every technique on) at toy sizes; --dropout 0.1 so R-Drop takes part on every family."""
     return te.parse_args(["--profile", "quick", "--model_name", str(family_dir), "--data_path", str(data),
@@ -208,17 +209,17 @@ def _quick(family_dir, data, out, *extra):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_quick_profile_every_technique_then_resume_bit_identical(family, family_dirs, data_file, tmp_path):
-    full = te.train(_quick(family_dirs[family], data_file, tmp_path / "full"))
+def test_quick_profile_every_technique_then_resume_bit_identical(family, family_dirs, prepared_data, tmp_path):
+    full = te.train(_quick(family_dirs[family], prepared_data, tmp_path / "full"))
     assert full["exit_code"] == 0 and full["techniques_left_out"] == {}, full
     config = json.loads((tmp_path / "full" / "training_config.json").read_text())["args"]
     assert all(config[f"use_{cls.name}"] for cls in te.TECHNIQUE_TYPES)  # every technique took part
     steps = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert any(s.get("kl", 0) > 0 for s in steps) and any(s.get("contrastive", 0) > 0 for s in steps)
     stop = full["global_step"] - 2  # inside the second epoch
-    stopped = te.train(_quick(family_dirs[family], data_file, tmp_path / "resumed", "--stop_after_step", str(stop)))
+    stopped = te.train(_quick(family_dirs[family], prepared_data, tmp_path / "resumed", "--stop_after_step", str(stop)))
     assert stopped["exit_code"] == te.EXIT_INTERRUPTED
-    resumed = te.train(_quick(family_dirs[family], data_file, tmp_path / "resumed"))
+    resumed = te.train(_quick(family_dirs[family], prepared_data, tmp_path / "resumed"))
     assert resumed["exit_code"] == 0 and resumed["global_step"] == full["global_step"]
     a, b = (load_file(str(tmp_path / r / "theta_final" / "model.safetensors")) for r in ("full", "resumed"))
     assert [n for n in a if not torch.equal(a[n], b[n])] == []
@@ -226,8 +227,8 @@ def test_quick_profile_every_technique_then_resume_bit_identical(family, family_
     assert saved["model_type"] == family and saved["architectures"] == [CLASSES[family]]
 
 
-def test_rdrop_is_left_out_without_dropout_and_says_why(family_dirs, data_file, tmp_path):
-    args = te.parse_args(["--model_name", str(family_dirs["llama"]), "--data_path", str(data_file),
+def test_rdrop_is_left_out_without_dropout_and_says_why(family_dirs, prepared_data, tmp_path):
+    args = te.parse_args(["--model_name", str(family_dirs["llama"]), "--data_path", str(prepared_data),
                           "--output_dir", str(tmp_path), "--use_rdrop", "--max_steps", "1", "--max_length", "96",
                           "--num_samples", "0", "--domain_eval_frequency", "0", "--device", "cpu",
                           "--no_progress_bar"])
@@ -262,12 +263,12 @@ def test_unsupported_models_are_refused_before_loading(make, words, family_dirs,
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_biased_head_and_sliding_window_with_packing_are_refused(family_dirs, data_file, tmp_path):
+def test_biased_head_and_sliding_window_with_packing_are_refused(family_dirs, prepared_data, tmp_path):
     config = json.loads((family_dirs["mistral"] / "config.json").read_text())
     with pytest.raises(UnsupportedModel, match="'mistral' has a bias on its LM head"):
         check_support(config, lm_head_bias=True)
     check_support(config, packing=True, max_length=256)  # the window covers the row: fine
-    args = te.parse_args(["--model_name", str(family_dirs["mistral"]), "--data_path", str(data_file),
+    args = te.parse_args(["--model_name", str(family_dirs["mistral"]), "--data_path", str(prepared_data),
                           "--output_dir", str(tmp_path), "--packing", "--max_length", "300", "--device", "cpu"])
     with pytest.raises(UnsupportedModel, match=r"'mistral' uses sliding-window attention of 256 tokens, shorter "
                                                r"than --max_length 300.*Drop --packing"):
