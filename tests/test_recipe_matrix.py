@@ -19,8 +19,9 @@ the model, data, length, epochs and batch overridden to the tiny fixtures), on a
 the second moment, which turns float-summation-order noise of a near-zero gradient into a weight difference of
 up to about the learning rate per step. Measured on this model, 20 steps at 1e-3 differ by at most 2.6e-6
 between 4 x 1 and 1 x 4 (8e-6 to 1e-5 at 3e-3) while the weights move by about 2e-2: a wrong normalisation
-shows far above 1e-5. Without dropout R-Drop's two passes agree (its KL term is 0): (b) and (c) then check its
-code path and its doubled batch, not its regulariser; (a) runs with dropout on.
+shows far above 1e-5. Without dropout R-Drop's two passes would agree (its KL term exactly 0), so the trainer
+leaves it out with a start-up line (``Technique.left_out``): (b) and (c) assert that refusal in the summary's
+``techniques_left_out`` for every configuration with R-Drop; (a) and (d) run it with dropout on.
 
 Not split-invariant, so not in (c) (each skipped with its reason): ``domain_stratified`` (and the ``quick``
 profile, which has it): the mix is allotted per micro-batch of ``batch_size x world`` records, so a different
@@ -47,6 +48,14 @@ NOT_SPLIT_INVARIANT = {
     "profile_quick": "has domain_stratified (see there)",
 }
 TOL = 1e-5
+RDROP_LEFT_OUT = "R-Drop left out: gpt2 has no dropout (use --dropout P)"
+
+
+def rdrop_refusal_problem(config: str, summary: dict) -> str | None:
+    """On the no-dropout model, a configuration with R-Drop must report it left out (and nothing else left out)."""
+    expected = {"rdrop": RDROP_LEFT_OUT} if "--use_rdrop" in CONFIGS[config] or config.startswith("profile") else {}
+    got = summary.get("techniques_left_out")
+    return None if got == expected else f"techniques_left_out {got!r}, expected {expected!r}"
 
 
 def first_epoch_after_warmups(args) -> int:
@@ -127,6 +136,9 @@ def test_ddp_ranks_identical_and_match_one_process(ddp_matrix, config):
         problems.append(f"the ranks' DDP modules differ in {len(differ)} tensors, at most {worst[0]:.3g} "
                         f"({worst[1]})")
     summary = results[0]["summary"]
+    refusal = rdrop_refusal_problem(config, summary)
+    if refusal:
+        problems.append(refusal)
     hashes = summary.get("replica_sha256")
     if hashes is None:
         problems.append("the summary has no replica_sha256 (CONTRACTS item 8 needs the replica_sha256 summary key)")
@@ -160,6 +172,7 @@ def test_micro_batch_split_gives_the_same_weights(env, tmp_path, config):
         summary = te.train(parse(argv_for(env, config, out, "nodrop", "--learning_rate", SMALL_LR, "--batch_size",
                                           str(batch), "--gradient_accumulation_steps", str(accum))))
         assert summary["exit_code"] == 0, summary
+        assert rdrop_refusal_problem(config, summary) is None, rdrop_refusal_problem(config, summary)
         weights[batch], steps[batch] = final_weights(out), summary["global_step"]
     assert steps[2] == steps[1] == steps[4], steps
     for batch in (2, 1):

@@ -1,8 +1,9 @@
-"""ThetaModel: the one small wrapper around GPT-2 that every part of Theta uses.
+"""ThetaModel: the one small wrapper around a Hugging Face causal LM that every part of Theta uses.
 
-It loads a model from any source Theta accepts (``theta-tiny``, ``gpt2``/``gpt2-medium`` from the hub or its cache, a
-local folder; see documentation/ARCHITECTURE.md), owns the prompt format, generates answers and saves Hugging Face
-folders that plain ``transformers`` loads too.
+It loads a model from any source Theta accepts (``theta-tiny``, a hub name from the hub or its cache, a local
+folder) of the supported families (gpt2, llama, qwen2, qwen3, mistral, phi3: src/model/families.py) through the
+Auto classes, keeping the architecture the folder says; owns the prompt format, generates answers and saves
+Hugging Face folders that plain ``transformers`` loads too (documentation/ARCHITECTURE.md, documentation/MODELS.md).
 
     python -m src.model.theta_model generate --model_path models/<run>/theta_final --prompt "What is a firewall?"
     python -m src.model.theta_model chat --model_path models/<run>/theta_final
@@ -12,8 +13,12 @@ Model sources (``model_name``):
 - ``theta-tiny``: GPT-2 architecture at a small size, seeded random init, with a byte-level BPE tokenizer
   trained on the data a run reads from ``Datasets/``; built once, cached under ``models/base/theta-tiny/`` and
   rebuilt when that data changes. Needs no download.
-- a local folder holding a ``save_pretrained`` model and tokenizer (``theta_final/``, ``theta_best/``...).
-- a hub name (``gpt2``, ``gpt2-medium``): the local Hugging Face cache, or a download when online.
+- a local folder holding a ``save_pretrained`` model and tokenizer (``theta_final/``, ``theta_best/``, a SmolLM2 or
+  Qwen2.5 download...).
+- a hub name (``gpt2``, ``HuggingFaceTB/SmolLM2-135M``, ``Qwen/Qwen2.5-0.5B``): the local Hugging Face cache, or a
+  download when online.
+Any other model type, remote code, or a feature a step cannot handle is refused before the weights load
+(``families.check_support``); nothing is ever loaded as another class.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel,
+                          GPT2TokenizerFast, PretrainedConfig, PreTrainedModel)
 
+from src.model.families import ModelFamily, UnsupportedModel, check_support, dropout_overrides, family_of
 from src.model.quantization import (QUANTIZED_MARKER, QUANTIZED_WEIGHTS, fit_dtype_to_device, load_quantized_model,
                                     placement)
 from src.utils.common import FlagParser, PROJECT_ROOT, UserError, atomic_dir
@@ -194,46 +201,76 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_model_folder(path: Path) -> None:
-    """Raise a ThetaModelError naming what a model folder lacks."""
+    """Raise a ThetaModelError naming what a model folder lacks (an UnsupportedModel for a model Theta refuses)."""
     if not path.is_dir():
         raise ThetaModelError(f"model folder not found: {path}")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
+    else:  # an unsupported model is refused for what it is, before what it lacks (config alone suffices)
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None  # unreadable: the loader says so
+        if isinstance(config, dict) and config.get("model_type"):
+            check_support(config, name=str(path))
     if (path / QUANTIZED_MARKER).is_file():
         if not (path / QUANTIZED_WEIGHTS).is_file():
             missing.append(QUANTIZED_WEIGHTS)
     elif not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
                                                   "pytorch_model.bin")):
         missing.append("model.safetensors")
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+    if not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         missing.append("tokenizer.json")
     if missing:
         raise ThetaModelError(f"{path} is not a model folder: missing {', '.join(missing)}. Point --model_path at a "
                               "folder written by save_pretrained (e.g. models/<run>/theta_final).")
 
 
+SPARE_MARKERS = ("reserved", "placeholder", "<pad>", "[pad]", "<|pad|>", "_pad|>", "<|finetune_right_pad_id|>")
+# ("_pad|>": Qwen2.5's <|fim_pad|> and <|vision_pad|>, unused by text Q&A)
+
+
+def spare_special_token(tokenizer, stop_ids: set[int]) -> str | None:
+    """A special token of the tokenizer that nothing uses, to serve as pad: a reserved or placeholder token (Llama-3's
+    ``<|reserved_special_token_0|>``, Phi-3's ``<|placeholder1|>``) or a pad token the tokenizer lists but does not
+    name as pad. Never an EOS id, BOS, UNK or a token the chat template writes. The lowest id wins; None if none."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    taken = set(stop_ids) | {tokenizer.bos_token_id, tokenizer.unk_token_id}
+    found = []
+    for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        text = str(added)
+        if getattr(added, "special", False) and tid not in taken and text not in template \
+                and any(m in text.lower() for m in SPARE_MARKERS):
+            found.append((tid, text))
+    return min(found)[1] if found else None
+
+
 class ThetaModel:
-    """GPT2LMHeadModel + GPT2TokenizerFast with Theta's special tokens and prompt format.
+    """A causal LM of a supported family (``AutoModelForCausalLM``) and its tokenizer (``AutoTokenizer``), with
+    Theta's special tokens and prompt format.
+
+    ``dropout`` (``--dropout P``) sets every dropout field of the family (families.ModelFamily.dropout_fields) as
+    the model is built: Llama, Qwen, Mistral and Phi-3 ship with none, which R-Drop needs.
 
     >>> tm = ThetaModel("theta-tiny")
     >>> tm.generate("What is a firewall?", max_length=32, seed=0)
     """
 
     def __init__(self, model_name: str = "gpt2", device: str | torch.device | None = None,
-                 datasets_dir: Path | str = DEFAULT_DATASETS_DIR, base_dir: Path | str = BASE_MODELS_DIR):
+                 datasets_dir: Path | str = DEFAULT_DATASETS_DIR, base_dir: Path | str = BASE_MODELS_DIR,
+                 dropout: float | None = None):
         self.model_name = str(model_name)
         self.device = resolve_device(device)
         path = self._resolve_source(self.model_name, Path(datasets_dir), Path(base_dir))
-        self.model, self.tokenizer = self._load(path)
+        self.model, self.tokenizer = self._load(path, dropout)
         self.source_path = path
         self._ensure_special_tokens()
         self._use_fused_gelu()
         self.model.to(self.device)
 
     @classmethod
-    def from_parts(cls, model: GPT2LMHeadModel, tokenizer: GPT2TokenizerFast,
-                   device: str | torch.device | None = None) -> "ThetaModel":
+    def from_parts(cls, model: PreTrainedModel, tokenizer, device: str | torch.device | None = None) -> "ThetaModel":
         """Wrap an existing model and tokenizer (no loading)."""
         self = cls.__new__(cls)
         self.model_name, self.source_path = getattr(model.config, "name_or_path", ""), None
@@ -246,12 +283,33 @@ class ThetaModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ThetaModel":
-        """Load a folder written by :meth:`save` (or any GPT-2 ``save_pretrained`` folder)."""
+        """Load a folder written by :meth:`save` (or any ``save_pretrained`` folder of a supported family)."""
         path = Path(path)
         check_model_folder(path)
         tm = cls(str(path), device=placement(path, resolve_device(device)))
         fit_dtype_to_device(tm.model, tm.device)
         return tm
+
+    # --- what the model is ---------------------------------------------------------------------------------
+    @property
+    def family(self) -> ModelFamily:
+        """The model's family (families.FAMILIES): what each step and technique does on it."""
+        return family_of(self.model.config)
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens the model reads: ``max_position_embeddings`` (GPT2Config maps it to ``n_positions``)."""
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end an answer: the tokenizer's EOS, then every EOS id of the generation config (Llama-3 and
+        Phi-3 list two: end of text and end of turn), then the config's; each once, in that order."""
+        ids = [self.tokenizer.eos_token_id]
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(source, "eos_token_id", None)
+            ids += eos if isinstance(eos, (list, tuple)) else [eos]
+        return [int(i) for i in dict.fromkeys(ids) if i is not None]
 
     # --- loading -------------------------------------------------------------------------------------------
     @staticmethod
@@ -265,23 +323,44 @@ class ThetaModel:
         return name  # a hub id
 
     @staticmethod
-    def _load(source: Path | str):
+    def _load(source: Path | str, dropout: float | None = None):
+        """(model, tokenizer) through the Auto classes, after the config passed ``check_support``.
+
+        The config is read as a plain dict first (``get_config_dict``: no class is built, no code runs), so an
+        unsupported type or remote code is refused before anything loads; the loaded model's ``model_type`` is
+        then checked against the folder's (never another class)."""
         if isinstance(source, Path) and (source / QUANTIZED_MARKER).is_file():  # an int8 inference folder
-            return load_quantized_model(source), GPT2TokenizerFast.from_pretrained(source)
+            check_support(PretrainedConfig.get_config_dict(str(source))[0], name=str(source))
+            return load_quantized_model(source), AutoTokenizer.from_pretrained(source)
         if isinstance(source, Path):
-            return (GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source))
+            return ThetaModel._load_checked(source, dropout)
         try:  # the local cache first: no network when the weights are already here
-            return (GPT2LMHeadModel.from_pretrained(source, local_files_only=True),
-                    GPT2TokenizerFast.from_pretrained(source, local_files_only=True))
+            return ThetaModel._load_checked(source, dropout, local_files_only=True)
         except OSError:
             pass
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise ThetaModelError(_offline_message(source, "HF_HUB_OFFLINE is set"))
         try:
-            return GPT2LMHeadModel.from_pretrained(source), GPT2TokenizerFast.from_pretrained(source)
+            return ThetaModel._load_checked(source, dropout)
+        except UnsupportedModel:
+            raise
         except Exception as err:  # network, DNS, 404: all mean "cannot be had from here"
             raise ThetaModelError(_offline_message(source, f"{type(err).__name__}: {str(err).splitlines()[0]}")) \
                 from err
+
+    @staticmethod
+    def _load_checked(source: Path | str, dropout: float | None, **hub):
+        config = PretrainedConfig.get_config_dict(str(source), **hub)[0]
+        family = check_support(config, name=str(source))
+        overrides = dropout_overrides(config, dropout) if dropout is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(source, **hub, **overrides)
+        if model.config.model_type != family.model_type:
+            raise UnsupportedModel(f"{source}: config.json says model_type '{family.model_type}' but the Auto "
+                                   f"classes built a {type(model).__name__} ('{model.config.model_type}'); "
+                                   "Theta never trains a model as another class.")
+        head = model.get_output_embeddings()
+        check_support(model.config, name=str(source), lm_head_bias=getattr(head, "bias", None) is not None)
+        return model, AutoTokenizer.from_pretrained(source, **hub)
 
     def _use_fused_gelu(self) -> None:
         """Swap GPT-2's ``gelu_new`` (about eight small elementwise kernels) for ``gelu_pytorch_tanh``.
@@ -292,7 +371,8 @@ class ThetaModel:
         from transformers.activations import ACT2FN
 
         cfg = self.model.config
-        if getattr(cfg, "activation_function", None) != "gelu_new" or not hasattr(self.model, "transformer"):
+        if cfg.model_type != "gpt2" or getattr(cfg, "activation_function", None) != "gelu_new" \
+                or not hasattr(self.model, "transformer"):
             return
         cfg.activation_function = "gelu_pytorch_tanh"
         for block in self.model.transformer.h:
@@ -300,28 +380,43 @@ class ThetaModel:
                 block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
 
     def _ensure_special_tokens(self) -> None:
-        """A pad token distinct from EOS; new embedding rows start at the mean of the existing ones."""
+        """An EOS; a pad token distinct from every EOS id (a spare special token of the tokenizer where it has one,
+        else an added ``<|pad|>``); new embedding rows, input and output, start at the mean of the existing ones."""
         tok = self.tokenizer
         # add_special_tokens puts a missing token into the vocabulary; assigning tok.pad_token alone would not
         # (its id would silently resolve to an existing token).
         if tok.eos_token is None or tok.convert_tokens_to_ids(tok.eos_token) is None:
             tok.add_special_tokens({"eos_token": EOS_TOKEN})
-        if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id \
-                or tok.convert_tokens_to_ids(PAD_TOKEN) == tok.unk_token_id:
-            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        stops = set(self.stop_ids)
+        pad_id = tok.pad_token_id if tok.pad_token is not None else None
+        if pad_id is None or pad_id in stops or (tok.unk_token_id is not None and pad_id == tok.unk_token_id
+                                                 and tok.pad_token != tok.unk_token):
+            spare = spare_special_token(tok, stops)
+            if spare is not None:  # Llama-3's reserved tokens, Phi-3's placeholders: no new row at all
+                tok.pad_token = spare
+            else:
+                tok.add_special_tokens({"pad_token": PAD_TOKEN})
         old_rows = self.model.get_input_embeddings().weight.shape[0]
         if len(tok) > old_rows:
-            # New rows start at the mean of the existing ones, not random noise: the new token then neither
-            # dominates the softmax nor starts in an odd corner of the embedding space. (GPT-2 ties the LM head to
-            # these embeddings, so the head's new rows are the same.)
-            self.model.resize_token_embeddings(len(tok), mean_resizing=False)
-            with torch.no_grad():
-                weight = self.model.get_input_embeddings().weight  # (V, C)
-                weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+            self._init_new_rows(old_rows)
         cfg = self.model.config
-        cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.eos_token_id
+        bos = tok.bos_token_id if tok.bos_token_id is not None else cfg.bos_token_id
+        cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, bos
         gen = self.model.generation_config
-        gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.eos_token_id
+        stop_ids = self.stop_ids  # the tokenizer's EOS first, then the generation config's own (kept)
+        gen.pad_token_id, gen.bos_token_id = tok.pad_token_id, bos
+        gen.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+
+    def _init_new_rows(self, old_rows: int) -> None:
+        """Grow the embedding (and an untied LM head) to the tokenizer; the new rows start at the mean of the
+        ``old_rows`` existing ones: the new token then neither dominates the softmax nor starts in an odd corner of
+        the embedding space. (A tokenizer smaller than the matrix, as Qwen's padded vocabulary, needs no new row.)"""
+        self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            inp, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+            for weight in {id(w): w for w in (inp.weight, out.weight if out is not None else None)
+                           if w is not None}.values():  # a tied head is the same tensor: once
+                weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)  # (V, C)
 
     # --- saving --------------------------------------------------------------------------------------------
     def save(self, path: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
@@ -385,16 +480,17 @@ class ThetaModel:
         finally:
             tok.padding_side = side
         n_prompt = enc["input_ids"].shape[1]  # the longest prompt (the others are padded to it)
-        room = self.model.config.n_positions - n_prompt
+        room = self.context_length - n_prompt
         if room <= 0:
             raise ThetaModelError(f"the question is {n_prompt} tokens long; this model reads at most "
-                                  f"{self.model.config.n_positions}. Shorten it.")
+                                  f"{self.context_length}. Shorten it.")
         sampling = temperature > 0
+        stops = self.stop_ids  # the model's EOS, or its list of them (Llama-3, Phi-3: end of text, end of turn)
         gen = GenerationConfig(
             max_new_tokens=min(max_length, room), do_sample=sampling,
             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
             top_k=top_k if sampling else None, repetition_penalty=repetition_penalty,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tok.pad_token_id)
         was_training = self.model.training
         self.model.eval()
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) \
@@ -408,8 +504,8 @@ class ThetaModel:
         self.model.train(was_training)
         results = []
         for row in out[:, n_prompt:]:
-            ends = (row == tok.eos_token_id).nonzero()
-            new = row[:int(ends[0]) + 1] if len(ends) else row  # up to and including the first end-of-text
+            ends = torch.isin(row, torch.tensor(stops, device=row.device)).nonzero()
+            new = row[:int(ends[0]) + 1] if len(ends) else row  # up to and including the first stop id
             n_new = int(new.numel())
             results.append({"text": tok.decode(new, skip_special_tokens=True).strip(), "new_tokens": n_new,
                             "seconds": seconds, "tokens_per_sec": n_new / seconds if seconds > 0 else 0.0})
@@ -492,7 +588,7 @@ class Conversation:
 
     def __init__(self, tm: ThetaModel, reserve: int):
         self.tokenizer = tm.tokenizer
-        self.limit = tm.model.config.n_positions - reserve
+        self.limit = tm.context_length - reserve
         self.turns: list[str] = []
 
     def add(self, question: str, answer: str) -> None:
@@ -514,8 +610,7 @@ class Conversation:
 def chat(tm: ThetaModel, args: argparse.Namespace, read=input) -> int:
     """The interactive loop: each answer sees the conversation so far (bounded, oldest first out); ``/reset``
     forgets it."""
-    n_positions = tm.model.config.n_positions
-    memory = Conversation(tm, reserve=min(args.max_length, n_positions // 2))
+    memory = Conversation(tm, reserve=min(args.max_length, tm.context_length // 2))
     print("Theta chat: type a question; /reset forgets the conversation; 'exit', Ctrl-D or Ctrl-C to leave.")
     while True:
         try:
@@ -557,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_shown(_answer(tm, args.prompt, args)))
             return 0
         return chat(tm, args)
-    except ThetaModelError as err:
+    except UserError as err:  # ThetaModelError, UnsupportedModel: the message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -272,7 +272,7 @@ def check_no_overlap(test_records: list[dict], model_path: Path, test_path: Path
 def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int, max_length: int) -> dict:
     """Answer-token loss, perplexity and token accuracy (overall and per domain), via ``evaluate`` of
     src/training/lm_data.py (the one validation uses), in the records' order."""
-    max_length = min(max_length, tm.model.config.n_positions)
+    max_length = min(max_length, tm.context_length)
     ds = TokenizedDataset(records, tm.tokenizer, max_length)
     if len(ds) == 0:
         raise UserError("no test record leaves room for an answer token within --max_length; raise --max_length")
@@ -298,14 +298,14 @@ def generate_answers(tm: ThetaModel, records: list[dict], settings: dict, batch_
     ``settings["seed"]`` before the first batch, so the same settings and batch size give the same answers.
     """
     tok = tm.tokenizer
-    n_positions = tm.model.config.n_positions
+    context = tm.context_length
     answers, new_tokens, seconds = [""] * len(records), 0, 0.0
     torch.manual_seed(settings["seed"])
     prompts = [(i, split_prompt(r["question"], None, r.get("context"))[0]) for i, r in enumerate(records)]
     # Prompts that leave no room for an answer get an empty answer (counted): scoring them 0 is honest.
     lengths = {i: len(tok(p)["input_ids"]) for i, p in prompts}
-    too_long = [i for i, _ in prompts if lengths[i] >= n_positions]
-    kept = [i for i, _ in prompts if lengths[i] < n_positions]
+    too_long = [i for i, _ in prompts if lengths[i] >= context]
+    kept = [i for i, _ in prompts if lengths[i] < context]
     for start in range(0, len(kept), batch_size):
         chunk = kept[start:start + batch_size]
         out = tm.generate_batch([records[i]["question"] for i in chunk], settings["max_new_tokens"],

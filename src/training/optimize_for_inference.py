@@ -111,7 +111,7 @@ def measure_generation(tm: ThetaModel, prompts: list[str], max_new_tokens: int, 
     model, tok = tm.model, tm.tokenizer
     model.eval()
     gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                           eos_token_id=tm.stop_ids, pad_token_id=tok.pad_token_id)  # every stop suppressed
     encoded = [tok(split_prompt(p)[0], return_tensors="pt").to(tm.device) for p in prompts]
     model.generate(**encoded[0], generation_config=GenerationConfig(
         max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id))  # warm-up: kernels, allocator

@@ -752,6 +752,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
     import torch
     import transformers
 
+    from src.model.families import check_support
     from src.model.theta_model import ThetaModel
     from src.training import train_enhanced as te
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the overnight log
@@ -764,7 +765,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         return report
     try:
         load_start = time.perf_counter()
-        tm = ThetaModel(targs.model_name, device=device, datasets_dir=targs.datasets_dir)
+        tm = ThetaModel(targs.model_name, device=device, datasets_dir=targs.datasets_dir, dropout=targs.dropout)
     except UserError as err:
         report.add(Check("model", "fatal", f"{targs.model_name} cannot be loaded: {err}",
                          "point --model_name at a model folder or a hub name that is cached, or use theta-tiny"))
@@ -779,12 +780,16 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
     n_params = sum(p.numel() for p in model.parameters())
     if not only_data:
         report.add(Check("model", "ok", f"{targs.model_name} loads: {n_params / 1e6:.1f}M parameters, vocabulary "
-                                        f"{len(tokenizer)}, context {model.config.n_positions} on {device} "
+                                        f"{len(tokenizer)}, context {tm.context_length} on {device} "
                                         f"({time.perf_counter() - load_start:.1f} s)"))
-    if targs.max_length > model.config.n_positions:
+    if targs.max_length > tm.context_length:
         report.add(Check("flags", "fatal", f"--max_length {targs.max_length} exceeds the model's context of "
-                                           f"{model.config.n_positions} tokens",
-                         f"--max_length {model.config.n_positions}"))
+                                           f"{tm.context_length} tokens",
+                         f"--max_length {tm.context_length}"))
+    try:  # what the trainer refuses for these flags on this model (sliding window with --packing)
+        check_support(model.config, name=targs.model_name, packing=targs.packing, max_length=targs.max_length)
+    except UserError as err:
+        report.add(Check("flags", "fatal", str(err), "drop --packing or lower --max_length"))
     if not only_data:
         report.add(check_tokens(tokenizer, targs))
         report.add(check_disk(Path(opts.run_dir or targs.output_dir), n_params, targs))

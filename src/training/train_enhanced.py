@@ -1,4 +1,5 @@
-"""Fine-tune GPT-2 (or the offline theta-tiny) into a domain question-answering assistant.
+"""Fine-tune a causal LM (GPT-2, Llama, Qwen2/3, Mistral, Phi-3, or the offline theta-tiny) into a domain
+question-answering assistant (documentation/MODELS.md).
 
 ``train(args)`` is a recipe of a few calls: set up the run (data, model, techniques, final weights, the one
 wrapped module, sampler, optimizer), one optimizer step at a time, the end of each epoch, the finish. The loss is
@@ -55,6 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.model.families import check_support, has_dropout
+from src.model.quantization import decoder_layers
 from src.model.theta_model import ThetaModel, check_model_folder
 from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
                                         find_resume_checkpoint, list_checkpoints, load_checkpoint_file, rng_state,
@@ -167,6 +170,11 @@ class Technique:
         """Start-up problems with its flags, each naming the flags involved. Asked of every technique, on or off:
         value checks always apply, combinations with other flags only when the technique is on."""
         return []
+
+    def left_out(self, run: "Run") -> str | None:
+        """Why it cannot act on this run's model, as the start-up line says it ("R-Drop left out: ..."); the recipe
+        then leaves it out (no hook of it is called). None: it runs. Asked before ``configure``."""
+        return None
 
     def configure(self, run: "Run") -> None:
         """Plug into the run before weights are loaded and the model is wrapped."""
@@ -528,6 +536,13 @@ class RDropTechnique(Technique):
     def check(args) -> list[str]:
         return [] if args.rdrop_alpha >= 0 else ["--rdrop_alpha must be >= 0"]
 
+    def left_out(self, run) -> str | None:
+        """Without dropout both passes are the same function: the KL term is exactly 0 and the second forward is
+        spent on nothing (Llama, Qwen, Mistral and Phi-3 ship with every dropout at 0.0)."""
+        if has_dropout(run.model.config):
+            return None
+        return f"R-Drop left out: {run.model.config.model_type} has no dropout (use --dropout P)"
+
     def configure(self, run) -> None:
         run.loss.lm_loss = functools.partial(rdrop_step_losses, alpha=self.args.rdrop_alpha,
                                              doubled=self.args.rdrop_doubled_batch)
@@ -538,26 +553,33 @@ class RDropTechnique(Technique):
 
 
 def get_llrd_optimizer_groups(model: torch.nn.Module, llrd_factor: float, weight_decay: float) -> list[dict]:
-    """Layer-wise learning-rate decay groups for GPT-2, each with an ``lr_scale`` the scheduler multiplies in.
+    """Layer-wise learning-rate decay groups for any supported family, each with an ``lr_scale`` the scheduler
+    multiplies in.
 
-    What: the top block learns at the base rate and each block below at ``llrd_factor`` times the one above
-    (block i of L: ``factor ** (L - 1 - i)``); the position embeddings sit below block 0 (``factor ** L``). The
-    token embedding, which GPT-2 ties to the LM head, and the final layer norm learn at the base rate: the head
-    must adapt to the new domain's vocabulary (the original gave it about 1e-7 and never noticed). Biases and
-    norms (every 1-D parameter) get no weight decay.
+    What: the top decoder layer learns at the base rate and each layer below at ``llrd_factor`` times the one above
+    (layer i of L: ``factor ** (L - 1 - i)``); the embeddings sit below layer 0 (``factor ** L``): GPT-2's position
+    table, and the token embedding when the LM head is untied (Llama, Qwen3, Mistral, Phi-3). A token embedding
+    tied to the head (GPT-2, small Qwen2), the head and the final norm learn at the base rate: the head must adapt
+    to the new domain's vocabulary (the original gave it about 1e-7 and never noticed). The decoder layers are
+    found by the family's block class (``quantization.decoder_layers``). Biases and norms (every 1-D parameter)
+    get no weight decay.
     Paper: Howard & Ruder 2018 (ULMFiT, "discriminative fine-tuning"); Clark et al. 2020 (ELECTRA).
-    Cost: none at run time. Sharp edge: with a small factor and many layers the bottom blocks barely move.
+    Cost: none at run time. Sharp edge: with a small factor and many layers the bottom layers barely move.
     """
-    blocks = model.transformer.h
-    n_layer = len(blocks)
+    path, layers = decoder_layers(model)
+    n_layer = len(layers)
+    head = model.get_output_embeddings()
+    tied = {id(head.weight)} if head is not None else set()
+    below = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)  # embeddings not tied to the head
+             for p in m.parameters() if id(p) not in tied}
     scales: dict[str, float] = {}
-    for name, _ in model.named_parameters():
-        if ".h." in f".{name}":
-            layer = int(name.split(".h.")[1].split(".")[0])
+    for name, p in model.named_parameters():
+        if name.startswith(f"{path}."):
+            layer = int(name[len(path) + 1:].split(".")[0])
             scales[name] = llrd_factor ** (n_layer - 1 - layer)
-        elif "wpe" in name:
+        elif id(p) in below:
             scales[name] = llrd_factor ** n_layer
-        else:  # wte (tied LM head), ln_f
+        else:  # the head (tied: the token embedding), the final norm
             scales[name] = 1.0
     groups: dict[tuple[float, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -593,8 +615,8 @@ class LLRDTechnique(Technique):
     def summary(self, run) -> str:
         groups = run.optimizer.param_groups
         scales = sorted({round(g["lr_scale"], 6) for g in groups}, reverse=True)
-        return (f"LLRD: factor {self.args.llrd_factor}, {len(groups)} groups, rate scales {scales[0]:g} (top block, "
-                f"tied head, ln_f) down to {scales[-1]:.3g} (position embeddings)")
+        return (f"LLRD: factor {self.args.llrd_factor}, {len(groups)} groups, rate scales {scales[0]:g} (top layer, "
+                f"head, final norm) down to {scales[-1]:.3g} (embeddings)")
 
 
 def add_gradient_noise(parameters, step: int, eta: float, generator: torch.Generator) -> float:
@@ -886,11 +908,11 @@ class CodeContrastiveTechnique(Technique):
 
     def configure(self, run) -> None:
         a = self.args
-        self.loss = CodeContrastiveLoss(run.model.config.n_embd, a.code_contrastive_dim,
+        self.loss = CodeContrastiveLoss(run.model.config.hidden_size, a.code_contrastive_dim,
                                         a.code_contrastive_temperature, a.code_contrastive_scope,
                                         a.code_contrastive_bank).to(run.device)
         run.extra_modules[self.name] = self.loss  # inside the one TrainModule, so inside DDP
-        width = run.model.config.n_embd
+        width = run.model.config.hidden_size
         self.bank = {"q": torch.zeros(0, width, device=run.device), "a": torch.zeros(0, width, device=run.device),
                      "index": torch.zeros(0, dtype=torch.long, device=run.device)}
 
@@ -1688,13 +1710,17 @@ def add_switch(group, name: str, default: bool, help_text: str, off: str | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = FlagParser(prog="train_enhanced.py", description="Fine-tune GPT-2 for domain Q&A "
+    p = FlagParser(prog="train_enhanced.py", description="Fine-tune a causal LM for domain Q&A "
                    "(see documentation/HYPERPARAMETERS.md).")
     g = p.add_argument_group("run")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help=f"preset values ({profiles_help()}); explicit flags override them")
     g.add_argument("--model_name", type=str, default="gpt2",
-                   help="gpt2, gpt2-medium, a local model folder, or theta-tiny (offline)")
+                   help="a hub name or local folder of model_type gpt2, llama, qwen2, qwen3, mistral or phi3 "
+                        "(documentation/MODELS.md), or theta-tiny (offline)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="set the model's dropout fields (attention, hidden, embedding: whichever its family has) "
+                        "to P; default: as the model ships (Llama, Qwen, Mistral, Phi-3: 0, so R-Drop is left out)")
     g.add_argument("--data_path", type=Path, default=PROJECT_ROOT / "Datasets" / "enhanced_training_data.json",
                    help="prepared data file from prepare_data_for_training.py")
     g.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets",
@@ -1811,6 +1837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.group_by_length_chunk < 1, "--group_by_length_chunk must be at least 1"),
         (args.min_micro_batch < 1, "--min_micro_batch must be at least 1"),
         (args.stop_after_step < 0, "--stop_after_step must be >= 0"),
+        (args.dropout is not None and not 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
     ]
     for bad, message in checks:
         if bad:
@@ -1963,6 +1990,7 @@ class Run:
     val_batches: list = field(default_factory=list)
     collate_fn: Any = None
     techniques: list = field(default_factory=list)
+    left_out: dict = field(default_factory=dict)  # technique name -> why it was left out (Technique.left_out)
     loss: LossSetup = field(default_factory=LossSetup)
     sampler_parts: list = field(default_factory=list)  # SamplerParts (set by techniques)
     extra_modules: dict = field(default_factory=dict)  # trainable modules besides the LM (set by techniques)
@@ -2098,10 +2126,11 @@ def load_data(run: Run) -> None:
     if not run.val_recs:
         raise UserError(f"--data_path {args.data_path} has no validation records; prepare with "
                         "--validation_fraction > 0")
-    run.tm = ThetaModel(args.model_name, device=run.device, datasets_dir=args.datasets_dir)
-    if args.max_length > run.model.config.n_positions:
+    run.tm = ThetaModel(args.model_name, device=run.device, datasets_dir=args.datasets_dir, dropout=args.dropout)
+    check_support(run.model.config, name=args.model_name, packing=args.packing, max_length=args.max_length)
+    if args.max_length > run.tm.context_length:
         raise UserError(f"--max_length {args.max_length} exceeds the model's context of "
-                        f"{run.model.config.n_positions} tokens")
+                        f"{run.tm.context_length} tokens")
     run.domain_names = sorted({r.get("domain", "unknown") for r in records})
     tok = run.tm.tokenizer
     run.train_ds = TokenizedDataset(run.train_recs, tok, args.max_length, args.loss_on, run.domain_names)
@@ -2122,7 +2151,15 @@ def setup_run(run: Run) -> None:
         run.model.gradient_checkpointing_enable()
         run.model.config.use_cache = False
     run.precision = resolve_precision(args.precision, run.device)
-    run.techniques = techniques_on(args)
+    run.techniques = []
+    for t in techniques_on(args):  # a technique that cannot act on this model says so and stays out
+        why = t.left_out(run)
+        if why is None:
+            run.techniques.append(t)
+        else:
+            run.left_out[t.name] = why
+            if run.is_main:
+                logger.warning("%s", why)
     run.loss = LossSetup(techniques=run.techniques)
     for t in run.techniques:
         t.configure(run)
@@ -2242,10 +2279,10 @@ def load_optimizer_state(run: Run, path: Path, ckpt: dict) -> None:
 
 def warm_start(model: torch.nn.Module, folder: Path, model_name: str) -> None:
     """Load a model folder's weights into ``model`` (fresh optimizer and schedule, built after this)."""
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     check_model_folder(folder)
-    weights = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    weights = AutoModelForCausalLM.from_pretrained(folder).state_dict()  # the folder's own class
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -2314,8 +2351,9 @@ def summary_lines(run: Run) -> list[str]:
     accum, world = args.gradient_accumulation_steps, run.world
     tr, va = run.train_ds, run.val_ds
     lines = [
-        f"model {args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
-        f"{len(tok)}, context {model.config.n_positions}",
+        f"model {args.model_name} ({type(model).__name__}, model_type {model.config.model_type}): "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tok)}, context "
+        f"{run.tm.context_length}",
         f"device {run.device}, precision {run.precision.name}, world size {world}"
         + (", gradient checkpointing" if args.gradient_checkpointing else ""),
         f"examples: {len(tr)} train, {len(va)} validation ({tr.truncated + va.truncated} truncated to "
@@ -2327,6 +2365,7 @@ def summary_lines(run: Run) -> list[str]:
         f"loss on {args.loss_on}",
     ]
     lines += [t.summary(run) for t in run.techniques] or ["techniques: none (plain loop)"]
+    lines += list(run.left_out.values())
     lines.append("sampling: " + (" -> ".join(sampling_in_effect(run)) or "a seeded permutation per epoch")
                  + " (sample_weight from data preparation: " + ("in effect)" if "sample_weight"
                                                                  in sampling_in_effect(run) else "all equal)"))
@@ -2767,7 +2806,7 @@ def finish(run: Run) -> dict:
                "best_val_loss": state.best_val_loss, "nonfinite_steps": state.nonfinite_total,
                "seconds": time.time() - run.started, "final_model": str(run.out / "theta_final"),
                "ema_weights": eval_weights_swapped(run), "sampling": sampling_in_effect(run), "replica_sha256": hashes,
-               "exit_code": run.exit_code}
+               "techniques_left_out": dict(run.left_out), "exit_code": run.exit_code}
     # The measured training time (the epochs' own seconds, summed over resumes) beside the pre-flight's estimate of
     # the same thing (preflight.json in the run folder, written by the overnight scripts' pre-flight).
     summary.update(training_seconds=round(sum(h.get("seconds", 0.0) for h in state.history), 1),
