@@ -1,8 +1,9 @@
 """ThetaModel: the one small wrapper around GPT-2 that every part of Theta uses.
 
 It loads a model from any source Theta accepts (``theta-tiny``, ``gpt2``/``gpt2-medium`` from the hub or its cache, a
-local folder; see documentation/ARCHITECTURE.md), owns the prompt format, generates answers and saves Hugging Face
-folders that plain ``transformers`` loads too.
+local folder; see documentation/ARCHITECTURE.md), prompts it in its format (``prompt_format``: Q&A or the chat
+template, src/model/prompt_format.py), generates answers and saves Hugging Face folders that plain ``transformers``
+loads too (with the chat template and stop ids the model was trained with).
 
     python -m src.model.theta_model generate --model_path models/<run>/theta_final --prompt "What is a firewall?"
     python -m src.model.theta_model chat --model_path models/<run>/theta_final
