@@ -100,7 +100,7 @@ def qa_split(question: str, answer: str | None = None, context: str | None = Non
 
 def _bos_prefix(tokenizer) -> list[int]:
     """``[bos_id]`` when the tokenizer's post-processor puts BOS before a text (Llama, Mistral), else ``[]``."""
-    bos = tokenizer.bos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
     with_special = tokenizer("a")["input_ids"]
