@@ -223,3 +223,42 @@ def test_conversation_earlier_turns_become_chat_messages(tokenizers):
     one = memory.prompt_tokens("What is UDP?", history[1:])
     memory.limit = one
     assert memory.history_for("What is UDP?") == history[1:] and memory.turns == history[1:]
+
+
+def test_the_trainer_refuses_chat_without_a_template_at_start_up(tiny_model_dir, prepared_data, tmp_path):
+    import src.training.train_enhanced as te
+
+    assert te.parse_args([]).prompt_format == "auto"
+    args = te.parse_args(["--model_name", str(tiny_model_dir), "--data_path", str(prepared_data), "--output_dir",
+                          str(tmp_path / "run"), "--epochs", "1", "--no_progress_bar", "--prompt_format", "chat"])
+    with pytest.raises(PromptFormatError, match="--prompt_format qa"):
+        te.train(args)
+    assert not (tmp_path / "run" / "theta_final").exists()
+
+
+def test_generate_batch_prompts_with_the_chat_template_and_its_stop_ids(family_dirs, tokenizers):
+    """A GPT-2 given a ChatML template (the loader for other families is tested elsewhere): what generate receives
+    is the template's generation prompt, left-padded, and it stops at the end-of-turn token too."""
+    from transformers import GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(family_dirs["gpt2"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = tokenizers["qwen2"].chat_template
+    tm = ThetaModel.from_parts(GPT2LMHeadModel.from_pretrained(family_dirs["gpt2"]), tok, device="cpu",
+                               prompt_format="chat")
+    seen = {}
+    real = tm.model.generate
+
+    def recording(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    tm.model.generate = recording
+    questions = ["What is DNS?", "How do I reset my password today?"]
+    tm.generate_batch(questions, max_length=2, temperature=0.0)
+    expected = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                        tokenize=True)["input_ids"] for q in questions]
+    width = max(map(len, expected))
+    for row, mask, ids in zip(seen["input_ids"].tolist(), seen["attention_mask"].tolist(), expected):
+        assert row[width - len(ids):] == ids and sum(mask) == len(ids) and mask[-1] == 1
+    assert seen["generation_config"].eos_token_id[0] == tok.convert_tokens_to_ids("<|im_end|>")

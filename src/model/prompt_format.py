@@ -223,7 +223,12 @@ class ChatFormat(PromptFormat):
         super().__init__(tokenizer)
         if not has_chat_template(tokenizer):
             raise PromptFormatError(_no_template_message(tokenizer, model_name))
-        self.end_text, self._reply_to_end = self._find_end_of_turn()
+        try:
+            self.end_text, self._reply_to_end = self._find_end_of_turn()
+        except Exception as err:  # a template that refuses a plain user/assistant exchange (jinja raise_exception)
+            name = model_name or getattr(tokenizer, "name_or_path", "") or "this model"
+            raise PromptFormatError(f"the chat template of {name} cannot render a user question and an assistant "
+                                    f"reply ({type(err).__name__}: {err}); use --prompt_format qa") from err
         self._end_id = tokenizer.convert_tokens_to_ids(self.end_text)
 
     def _find_end_of_turn(self) -> tuple[str, str]:
