@@ -1,5 +1,6 @@
-"""The chat command remembers the conversation: earlier turns reach the model through the prompt format's
-``Context:`` part, bounded by the model's context length (oldest turns dropped first), and ``/reset`` forgets.
+"""The chat command remembers the conversation: earlier turns reach the model through its prompt format (the Q&A
+format's ``Context:`` part for theta-tiny; chat messages with a chat template: tests/test_prompt_format.py), bounded
+by the model's context length (oldest turns dropped first), and ``/reset`` forgets.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_chat.py -q
 """
@@ -26,17 +27,20 @@ def tiny(tiny_model_dir) -> ThetaModel:
 
 
 def scripted_chat(tm: ThetaModel, lines: list[str], max_length: int, monkeypatch, answers=None) -> list[dict]:
-    """Run chat() on ``lines`` as the user's input; returns each generation call's question, context and answer."""
+    """Run chat() on ``lines`` as the user's input; returns each generation call's question, context (the earlier
+    turns as the Q&A prompt writes them) and answer."""
     calls = []
     real = ThetaModel.generate_with_stats
 
-    def recording(self, prompt, *args, context=None, **kwargs):
+    def recording(self, prompt, *args, history=None, **kwargs):
         if answers is None:
-            out = real(self, prompt, *args, context=context, **kwargs)
+            out = real(self, prompt, *args, history=history, **kwargs)
         else:  # a fixed long answer fills the context quickly; no generation needed to test the memory
             out = {"text": answers, "new_tokens": 1, "seconds": 1.0, "tokens_per_sec": 1.0}
-        calls.append({"question": prompt, "context": context, "answer": out["text"],
-                      "prompt_tokens": len(self.tokenizer(split_prompt(prompt, context=context)[0])["input_ids"])})
+        context = "\n".join(f"{format_prompt(q)} {a}" for q, a in history) if history else None
+        prompt_ids = self.prompt_format.encode_prompts([{"question": prompt, "history": history}])[0]
+        assert prompt_ids == self.tokenizer(split_prompt(prompt, context=context)[0])["input_ids"]
+        calls.append({"question": prompt, "context": context, "answer": out["text"], "prompt_tokens": len(prompt_ids)})
         return out
 
     monkeypatch.setattr(ThetaModel, "generate_with_stats", recording)

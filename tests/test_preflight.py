@@ -326,7 +326,7 @@ def test_token_checks_catch_a_pad_that_is_end_of_text(tiny_model_dir):
     class NoEos:
         eos_token_id, pad_token_id, eos_token, pad_token = None, 1, None, "<pad>"
 
-        def __call__(self, texts):
+        def __call__(self, texts, **kwargs):
             return {"input_ids": [[5, 6] for _ in texts]}
 
     check = pf.check_tokens(NoEos(), targs)

@@ -2,7 +2,8 @@
 
 It loads a model from any source Theta accepts (``theta-tiny``, a hub name from the hub or its cache, a local
 folder) of the supported families (gpt2, llama, qwen2, qwen3, mistral, phi3: src/model/families.py) through the
-Auto classes, keeping the architecture the folder says; owns the prompt format, generates answers and saves
+Auto classes, keeping the architecture the folder says; prompts it in its format (``prompt_format``: Q&A or the chat
+template, src/model/prompt_format.py), generates answers and saves
 Hugging Face folders that plain ``transformers`` loads too (documentation/ARCHITECTURE.md, documentation/MODELS.md).
 
     python -m src.model.theta_model generate --model_path models/<run>/theta_final --prompt "What is a firewall?"
@@ -43,6 +44,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           GPT2TokenizerFast, PretrainedConfig, PreTrainedModel)
 
 from src.model.families import ModelFamily, UnsupportedModel, check_support, dropout_overrides, family_of
+from src.model.prompt_format import (FORMAT_NAMES, PromptFormat, PromptFormatError, qa_split, resolve_format,
+                                     write_prompt_format)
 from src.model.quantization import (QUANTIZED_MARKER, QUANTIZED_WEIGHTS, fit_dtype_to_device, load_quantized_model,
                                     placement)
 from src.utils.common import FlagParser, PROJECT_ROOT, UserError, atomic_dir
@@ -67,21 +70,18 @@ class ThetaModelError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt format: the one place it lives
+# Prompt format: src/model/prompt_format.py (Q&A and chat templates); these two name its Q&A text
 # ---------------------------------------------------------------------------------------------------------------
 
 def split_prompt(question: str, answer: str | None = None, context: str | None = None) -> tuple[str, str]:
-    """Return ``(prompt, completion)``: what the model is given and what it must produce.
+    """``(prompt, completion)`` text of Theta's Q&A format with GPT-2's ``<|endoftext|>`` (prompt_format.qa_split).
 
     ``prompt + completion`` is the training text. The completion starts with the space after ``Answer:`` so a
     byte-level BPE tokenizer joins it to the first answer word exactly as it will during generation, and it
-    ends with the end-of-text token. Without an answer the completion is empty.
+    ends with the end-of-text token. Without an answer the completion is empty. Token ids come from a model's
+    ``prompt_format`` (QAFormat or ChatFormat), which every step uses.
     """
-    prompt = f"Question: {question.strip()}\nAnswer:"
-    if context:
-        prompt = f"Context: {context.strip()}\n" + prompt
-    completion = f" {answer.strip()}{EOS_TOKEN}" if answer is not None else ""
-    return prompt, completion
+    return qa_split(question, answer, context, eos_text=EOS_TOKEN)
 
 
 def format_prompt(question: str, answer: str | None = None, context: str | None = None) -> str:
@@ -266,17 +266,22 @@ class ThetaModel:
         self.model, self.tokenizer = self._load(path, dropout)
         self.source_path = path
         self._ensure_special_tokens()
+        self.prompt_format = resolve_format("auto", self.tokenizer, path if isinstance(path, Path) else None,
+                                            self.model_name)  # the folder's recorded format, else the template's
         self._use_fused_gelu()
         self.model.to(self.device)
 
     @classmethod
-    def from_parts(cls, model: PreTrainedModel, tokenizer, device: str | torch.device | None = None) -> "ThetaModel":
-        """Wrap an existing model and tokenizer (no loading)."""
+    def from_parts(cls, model: PreTrainedModel, tokenizer, device: str | torch.device | None = None,
+                   prompt_format: str | PromptFormat | None = None) -> "ThetaModel":
+        """Wrap an existing model and tokenizer (no loading); ``prompt_format`` (``auto``, ``qa``, ``chat`` or a
+        format object) defaults to auto."""
         self = cls.__new__(cls)
         self.model_name, self.source_path = getattr(model.config, "name_or_path", ""), None
         self.model, self.tokenizer = model, tokenizer
         self.device = resolve_device(device) if device is not None else next(model.parameters()).device
         self._ensure_special_tokens()
+        self.prompt_format = resolve_format(prompt_format, tokenizer, model_name=self.model_name)
         self._use_fused_gelu()
         self.model.to(self.device)
         return self
@@ -303,9 +308,11 @@ class ThetaModel:
 
     @property
     def stop_ids(self) -> list[int]:
-        """The ids that end an answer: the tokenizer's EOS, then every EOS id of the generation config (Llama-3 and
-        Phi-3 list two: end of text and end of turn), then the config's; each once, in that order."""
-        ids = [self.tokenizer.eos_token_id]
+        """The ids that end an answer: the prompt format's trained end (the chat template's end of turn, or the EOS),
+        the tokenizer's EOS, then every EOS id of the generation config (Llama-3 and Phi-3 list two: end of text and
+        end of turn), then the config's; each once, in that order."""
+        fmt = getattr(self, "prompt_format", None)  # not yet set while the special tokens are sorted out
+        ids = fmt.stop_ids(self.model.generation_config) if fmt is not None else [self.tokenizer.eos_token_id]
         for source in (getattr(self.model, "generation_config", None), self.model.config):
             eos = getattr(source, "eos_token_id", None)
             ids += eos if isinstance(eos, (list, tuple)) else [eos]
@@ -442,6 +449,7 @@ class ThetaModel:
                     hf_logging.enable_progress_bar()
             self.tokenizer.save_pretrained(tmp)
             finish_saved_folder(tmp, self.source_path)  # the fields and files other tools read (interop.py)
+            write_prompt_format(tmp, getattr(self, "prompt_format", None))  # format, chat template, stop ids
             for name, content in (extra_files or {}).items():
                 (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
@@ -449,34 +457,43 @@ class ThetaModel:
     # --- generation ----------------------------------------------------------------------------------------
     def generate_with_stats(self, prompt: str, max_length: int = 256, temperature: float = 0.8, top_p: float = 0.9,
                             top_k: int = 50, repetition_penalty: float = 1.2, seed: int | None = None,
-                            context: str | None = None) -> dict:
+                            context: str | None = None, history: list[tuple[str, str]] | None = None,
+                            system: str | None = None) -> dict:
         """Answer ``prompt`` (the user's question); returns ``{"text", "new_tokens", "seconds", "tokens_per_sec"}``.
 
         ``max_length`` is the most new tokens to produce (capped by the model's context size). Generation stops
-        at the end-of-text token. ``temperature == 0`` is greedy decoding.
+        at the prompt format's stop ids (its trained end, the EOS ids). ``temperature == 0`` is greedy decoding.
+        ``history`` (earlier ``(question, answer)`` turns) and ``system`` go to the prompt format.
         """
         return self.generate_batch([prompt], max_length, temperature, top_p, top_k, repetition_penalty, seed,
-                                   [context])[0]
+                                   [context], [history or []], system)[0]
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[str], max_length: int = 256, temperature: float = 0.8, top_p: float = 0.9,
                        top_k: int = 50, repetition_penalty: float = 1.2, seed: int | None = None,
-                       contexts: list[str | None] | None = None) -> list[dict]:
+                       contexts: list[str | None] | None = None,
+                       histories: list[list[tuple[str, str]]] | None = None,
+                       system: str | None = None) -> list[dict]:
         """Answer several questions in one ``generate`` call: one decoding step per new token for all of them.
 
-        The prompts are padded on the left (with the attention mask, so each row's positions and attention are
-        its own); greedy answers equal :meth:`generate_with_stats`'s one by one (tested). Returns one dict per
-        prompt, in order, as :meth:`generate_with_stats` does (``seconds`` is the whole batch's time).
+        The prompts come from ``self.prompt_format`` (Q&A or the chat template; ``contexts``, ``histories`` and
+        ``system`` go into it) and are padded on the left (with the attention mask, so each row's positions and
+        attention are its own); greedy answers equal :meth:`generate_with_stats`'s one by one (tested). Returns
+        one dict per prompt, in order, as :meth:`generate_with_stats` does (``seconds`` is the whole batch's time).
         """
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not prompts:
             return []
-        texts = [split_prompt(p, context=c)[0] for p, c in zip(prompts, contexts or [None] * len(prompts))]
+        n = len(prompts)
+        records = [{"question": p, "context": c, "history": h, "system": system}
+                   for p, c, h in zip(prompts, contexts or [None] * n, histories or [None] * n)]
+        fmt = self.prompt_format
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            enc = tok(texts, return_tensors="pt", padding=True).to(self.device)  # (N, P)
+            enc = tok.pad({"input_ids": fmt.encode_prompts(records)}, padding=True,
+                          return_tensors="pt").to(self.device)  # (N, P)
         finally:
             tok.padding_side = side
         n_prompt = enc["input_ids"].shape[1]  # the longest prompt (the others are padded to it)
@@ -485,7 +502,7 @@ class ThetaModel:
             raise ThetaModelError(f"the question is {n_prompt} tokens long; this model reads at most "
                                   f"{self.context_length}. Shorten it.")
         sampling = temperature > 0
-        stops = self.stop_ids  # the model's EOS, or its list of them (Llama-3, Phi-3: end of text, end of turn)
+        stops = self.stop_ids  # the format's trained end, then the model's EOS ids (Llama-3, Phi-3 list two)
         gen = GenerationConfig(
             max_new_tokens=min(max_length, room), do_sample=sampling,
             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
@@ -503,9 +520,10 @@ class ThetaModel:
         seconds = time.perf_counter() - start
         self.model.train(was_training)
         results = []
+        stop_ids = torch.tensor(stops, device=out.device)
         for row in out[:, n_prompt:]:
-            ends = torch.isin(row, torch.tensor(stops, device=row.device)).nonzero()
-            new = row[:int(ends[0]) + 1] if len(ends) else row  # up to and including the first stop id
+            ends = torch.isin(row, stop_ids).nonzero()
+            new = row[:int(ends[0]) + 1] if len(ends) else row  # up to and including the first stop token
             n_new = int(new.numel())
             results.append({"text": tok.decode(new, skip_special_tokens=True).strip(), "new_tokens": n_new,
                             "seconds": seconds, "tokens_per_sec": n_new / seconds if seconds > 0 else 0.0})
@@ -513,10 +531,11 @@ class ThetaModel:
 
     def generate(self, prompt: str, max_length: int = 256, temperature: float = 0.8, top_p: float = 0.9,
                  top_k: int = 50, repetition_penalty: float = 1.2, seed: int | None = None,
-                 context: str | None = None) -> str:
+                 context: str | None = None, history: list[tuple[str, str]] | None = None,
+                 system: str | None = None) -> str:
         """Answer text only, for ``prompt`` (the user's question); see :meth:`generate_with_stats`."""
         return self.generate_with_stats(prompt, max_length, temperature, top_p, top_k, repetition_penalty,
-                                        seed, context)["text"]
+                                        seed, context, history, system)["text"]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -551,6 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--repetition_penalty", type=float, default=1.2, help="repetition penalty (default 1.2)")
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
         p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--prompt_format", choices=FORMAT_NAMES, default="auto",
+                       help="auto (default: the format the folder was trained in, else the chat template when "
+                            "the tokenizer has one, else Q&A), qa or chat (documentation/PROMPT_FORMATS.md)")
     b = sub.add_parser("build-tiny", help=f"(re)build the offline {TINY_NAME} base model from Datasets/")
     b.add_argument("--datasets_dir", type=Path, default=DEFAULT_DATASETS_DIR, help="training data folder")
     b.add_argument("--output_dir", type=Path, default=BASE_MODELS_DIR / TINY_NAME, help="where to write it")
@@ -567,9 +589,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _answer(tm: ThetaModel, question: str, args: argparse.Namespace, context: str | None = None) -> dict:
+def _answer(tm: ThetaModel, question: str, args: argparse.Namespace,
+            history: list[tuple[str, str]] | None = None) -> dict:
     return tm.generate_with_stats(question, args.max_length, args.temperature, args.top_p, args.top_k,
-                                  args.repetition_penalty, args.seed, context=context)
+                                  args.repetition_penalty, args.seed, history=history)
 
 
 def _shown(out: dict) -> str:
@@ -577,32 +600,34 @@ def _shown(out: dict) -> str:
 
 
 class Conversation:
-    """The chat's memory: earlier turns go to the model as the prompt's ``Context:`` part (see split_prompt).
+    """The chat's memory: earlier ``(question, answer)`` turns, which the model's prompt format renders.
 
-    Each turn is written as the prompt format writes a question plus the answer given, without the end-of-text
-    token (that token would tell the model the text ends there). The prompt must leave ``reserve`` tokens of the
-    model's context length for the next answer, so the oldest turns are dropped first until it fits; a question
-    too long even alone is the generator's error, as without memory. Cost: one tokenisation per kept turn and
-    question.
+    In the Q&A format they become the prompt's ``Context:`` lines (``Question: q\nAnswer: a`` each, without the
+    end-of-text token, which would tell the model the text ends there); in the chat format they are user and
+    assistant messages of the chat template. The prompt must leave ``reserve`` tokens of the model's context length
+    for the next answer, so the oldest turns are dropped first until it fits; a question too long even alone is
+    the generator's error, as without memory. Cost: one prompt encoding per kept turn and question.
     """
 
     def __init__(self, tm: ThetaModel, reserve: int):
-        self.tokenizer = tm.tokenizer
+        self.prompt_format = tm.prompt_format
         self.limit = tm.context_length - reserve
-        self.turns: list[str] = []
+        self.turns: list[tuple[str, str]] = []
 
     def add(self, question: str, answer: str) -> None:
-        self.turns.append(f"{format_prompt(question)} {answer.strip()}")
+        self.turns.append((question.strip(), answer.strip()))
 
     def reset(self) -> None:
         self.turns = []
 
-    def context_for(self, question: str) -> str | None:
+    def prompt_tokens(self, question: str, history: list[tuple[str, str]]) -> int:
+        return len(self.prompt_format.encode_prompts([{"question": question, "history": history}])[0])
+
+    def history_for(self, question: str) -> list[tuple[str, str]] | None:
         """The most recent turns that fit with ``question`` (None when there are none); drops the rest for good."""
         while self.turns:
-            context = "\n".join(self.turns)
-            if len(self.tokenizer(split_prompt(question, context=context)[0])["input_ids"]) <= self.limit:
-                return context
+            if self.prompt_tokens(question, self.turns) <= self.limit:
+                return list(self.turns)
             self.turns.pop(0)
         return None
 
@@ -627,7 +652,7 @@ def chat(tm: ThetaModel, args: argparse.Namespace, read=input) -> int:
         if not question:
             continue
         try:
-            out = _answer(tm, question, args, context=memory.context_for(question))
+            out = _answer(tm, question, args, history=memory.history_for(question))
         except KeyboardInterrupt:
             print("\n(interrupted)")
             continue
@@ -648,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tm = ThetaModel.load(args.model_path, args.device) if Path(args.model_path).exists() \
             else ThetaModel(args.model_path, args.device)
+        if args.prompt_format != "auto":
+            tm.prompt_format = resolve_format(args.prompt_format, tm.tokenizer, model_name=args.model_path)
         if args.command == "generate":
             print(_shown(_answer(tm, args.prompt, args)))
             return 0

@@ -35,7 +35,8 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from transformers.utils import logging as hf_logging
 
-from src.model.theta_model import ThetaModel, split_prompt
+from src.model.prompt_format import FORMAT_NAMES, resolve_format
+from src.model.theta_model import ThetaModel
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
 from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_write_json, read_json,
@@ -273,7 +274,7 @@ def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int,
     """Answer-token loss, perplexity and token accuracy (overall and per domain), via ``evaluate`` of
     src/training/lm_data.py (the one validation uses), in the records' order."""
     max_length = min(max_length, tm.context_length)
-    ds = TokenizedDataset(records, tm.tokenizer, max_length)
+    ds = TokenizedDataset(records, tm.tokenizer, max_length, prompt_format=tm.prompt_format)
     if len(ds) == 0:
         raise UserError("no test record leaves room for an answer token within --max_length; raise --max_length")
     # The records in file order, in consecutive batches (the figures do not depend on the order).
@@ -282,7 +283,7 @@ def teacher_forced_metrics(tm: ThetaModel, records: list[dict], batch_size: int,
     m = evaluate(tm.model, batches, tm.device, nullcontext(), ds.domain_names)
     # The answer tokens a full-length read would score: what the figures above cover a part of when records
     # were truncated or skipped (the same tokenisation, without the length limit).
-    full = TokenizedDataset(records, tm.tokenizer, 10 ** 9).target_tokens()
+    full = TokenizedDataset(records, tm.tokenizer, 10 ** 9, prompt_format=tm.prompt_format).target_tokens()
     # A skipped record was cut too (only a cut can leave no answer token), so "truncated" here counts the
     # evaluated records whose answer was cut: evaluated + skipped = all records, truncated <= evaluated.
     m.update(evaluated_records=len(ds), truncated=ds.truncated - ds.skipped, skipped=ds.skipped,
@@ -297,15 +298,14 @@ def generate_answers(tm: ThetaModel, records: list[dict], settings: dict, batch_
     Returns the answers (in record order) and generation timing. The RNG is seeded once with
     ``settings["seed"]`` before the first batch, so the same settings and batch size give the same answers.
     """
-    tok = tm.tokenizer
     context = tm.context_length
     answers, new_tokens, seconds = [""] * len(records), 0, 0.0
     torch.manual_seed(settings["seed"])
-    prompts = [(i, split_prompt(r["question"], None, r.get("context"))[0]) for i, r in enumerate(records)]
-    # Prompts that leave no room for an answer get an empty answer (counted): scoring them 0 is honest.
-    lengths = {i: len(tok(p)["input_ids"]) for i, p in prompts}
-    too_long = [i for i, _ in prompts if lengths[i] >= context]
-    kept = [i for i, _ in prompts if lengths[i] < context]
+    # The prompts as the model's format writes them (the one generate_batch uses). Prompts that leave no room for
+    # an answer get an empty answer (counted): scoring them 0 is honest.
+    lengths = [len(ids) for ids in tm.prompt_format.encode_prompts(records)]
+    too_long = [i for i, n in enumerate(lengths) if n >= context]
+    kept = [i for i, n in enumerate(lengths) if n < context]
     for start in range(0, len(kept), batch_size):
         chunk = kept[start:start + batch_size]
         out = tm.generate_batch([records[i]["question"] for i in chunk], settings["max_new_tokens"],
@@ -397,15 +397,17 @@ def evaluate_model(args: argparse.Namespace) -> dict:
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "repetition_penalty": args.repetition_penalty, "seed": args.seed, "batch_size": args.batch_size}
     tm = ThetaModel.load(model_path, device=args.device)
-    logger.info("evaluating %s on %d test records (%s decoding, up to %d new tokens, seed %d)", model_path,
-                len(records), settings["decoding"], args.max_new_tokens, args.seed)
+    tm.prompt_format = resolve_format(args.prompt_format, tm.tokenizer, model_path, str(model_path))
+    logger.info("evaluating %s on %d test records (%s decoding, up to %d new tokens, seed %d, prompt format %s)",
+                model_path, len(records), settings["decoding"], args.max_new_tokens, args.seed, tm.prompt_format.name)
     ours = evaluate_one(tm, records, args, settings)
     answers = ours.pop("answers")
     vocab = len(tm.tokenizer)
     vocab_map = tm.tokenizer.get_vocab()
     result = {
         "run": run_name(model_path), "model_path": str(model_path), "test_data": str(args.test_data),
-        "test_records": len(records), "device": str(tm.device), **ours, "generation": settings,
+        "test_records": len(records), "device": str(tm.device), "prompt_format": tm.prompt_format.name, **ours,
+        "generation": settings,
         "leakage_check": leakage, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     del tm
@@ -459,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--batch_size", type=int, default=8, help="records per forward pass and per generation batch")
     ev.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     ev.add_argument("--max_length", type=int, default=512, help="longest teacher-forced sequence in tokens")
+    ev.add_argument("--prompt_format", choices=FORMAT_NAMES, default="auto",
+                    help="auto (default: the format the folder was trained in), qa or chat; the baseline model "
+                         "always takes its own auto (documentation/PROMPT_FORMATS.md)")
     ev.add_argument("--num_samples", type=int, default=5, help="generated examples stored and shown with references")
     gen = p.add_argument_group("generation (every test question is answered for EM/F1/BLEU/ROUGE-L)")
     gen.add_argument("--max_new_tokens", type=int, default=128,

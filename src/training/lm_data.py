@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from src.model.theta_model import split_prompt
+from src.model.prompt_format import PromptFormat, QAFormat
 from src.training.lm_loss import TargetIndex, eval_losses
 from src.utils.common import UserError, read_json
 
@@ -28,10 +28,12 @@ PREPARE_HINT = "Re-run data preparation: python -m src.data_processing.prepare_d
 
 
 class TokenizedDataset(Dataset):
-    """Prepared records tokenised once: ``input_ids`` (prompt + answer + EOS) and ``labels``.
+    """Prepared records tokenised once: ``input_ids`` (prompt + completion) and ``labels``.
 
-    ``labels`` are -100 on the prompt when ``loss_on == "answer"`` (the default), so the loss covers the answer
-    and the end-of-text token only. Records longer than ``max_length`` are cut at the end and counted in
+    ``prompt_format`` (src/model/prompt_format.py; default Theta's Q&A format) turns each record into prompt and
+    completion ids: Q&A's completion is the answer plus EOS, the chat format's the assistant reply plus the
+    template's end-of-turn token. ``labels`` are -100 on the prompt when ``loss_on == "answer"`` (the default), so
+    the loss covers the completion only. Records longer than ``max_length`` are cut at the end and counted in
     ``truncated``; a record whose prompt alone leaves no answer token is skipped and counted in ``skipped``.
     Each example carries its ``index`` in the dataset, the index of its domain in ``domain_names`` (pass the same
     list to several datasets to share one domain index space, as training and validation do) and its
@@ -39,20 +41,15 @@ class TokenizedDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer, max_length: int, loss_on: str = "answer",
-                 domain_names: list[str] | None = None):
+                 domain_names: list[str] | None = None, prompt_format: PromptFormat | None = None):
         self.examples: list[dict] = []
         self.truncated = self.skipped = 0
         self.domain_names = domain_names or sorted({r.get("domain", "unknown") for r in records})
         domain_index = {d: i for i, d in enumerate(self.domain_names)}
-        eos = tokenizer.eos_token_id
-        # One batched call per side: the Rust tokenizer encodes the whole list in parallel (per-record calls
-        # dominated start-up on large data sets).
-        prompts = tokenizer([split_prompt(r["question"], None, r.get("context"))[0] for r in records])["input_ids"] \
-            if records else []
-        answers = tokenizer([" " + r["answer"].strip() for r in records])["input_ids"] if records else []
-        for rec, p_ids, a_ids in zip(records, prompts, answers):
+        fmt = prompt_format or QAFormat(tokenizer)
+        self.prompt_format = fmt.name
+        for rec, (p_ids, a_ids) in zip(records, fmt.encode(records)):  # batched: one tokenizer call per side
             code = rec.get("has_code", has_code(rec["question"]) or has_code(rec["answer"]))  # set by prepare
-            a_ids = a_ids + [eos]
             ids = p_ids + a_ids
             labels = ([IGNORE_INDEX] * len(p_ids) if loss_on == "answer" else list(p_ids)) + a_ids
             if len(ids) > max_length:

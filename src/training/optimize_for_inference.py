@@ -52,7 +52,7 @@ from transformers.utils import logging as hf_logging
 
 from src.model.interop import keep_source_tokenizer
 from src.model.quantization import LOADS_WITH, QUANTIZED_MARKER, decoder_layers, quantize_blocks_int8, save_quantized
-from src.model.theta_model import ThetaModel, check_model_folder, resolve_device, split_prompt
+from src.model.theta_model import ThetaModel, check_model_folder, resolve_device
 from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_dir, atomic_write_json,
                               remove_stale_temporaries, run_entry_point, setup_logging)
 from src.utils.run_lock import lock_outputs, release_locks
@@ -110,9 +110,13 @@ def measure_generation(tm: ThetaModel, prompts: list[str], max_new_tokens: int, 
     """
     model, tok = tm.model, tm.tokenizer
     model.eval()
+    stops = tm.prompt_format.stop_ids(model.generation_config)  # all suppressed by min_new_tokens
     gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=tm.stop_ids, pad_token_id=tok.pad_token_id)  # every stop suppressed
-    encoded = [tok(split_prompt(p)[0], return_tensors="pt").to(tm.device) for p in prompts]
+                           eos_token_id=stops, pad_token_id=tok.pad_token_id)  # every stop suppressed
+    # the prompts as the model's format writes them (Q&A, or its chat template)
+    encoded = [{"input_ids": torch.tensor([ids], device=tm.device),
+                "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=tm.device)}
+               for ids in tm.prompt_format.encode_prompts([{"question": p} for p in prompts])]
     model.generate(**encoded[0], generation_config=GenerationConfig(
         max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id))  # warm-up: kernels, allocator
     latencies, tokens = [], 0
@@ -231,7 +235,7 @@ def write_format(tm: ThetaModel, fmt: str, folder: Path, meta: dict, source: Pat
         layers = 0
         model.to(DTYPES[fmt])
         model.config.use_cache = True
-        ThetaModel.from_parts(model, tm.tokenizer, device=model.device).save(folder)
+        ThetaModel.from_parts(model, tm.tokenizer, device=model.device, prompt_format=tm.prompt_format).save(folder)
     if source is not None:
         keep_source_tokenizer(source, folder, tm.tokenizer)
     return layers

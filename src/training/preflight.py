@@ -582,15 +582,17 @@ def estimate_run(run, gpus: int, budget_s: float = TIMING_BUDGET_S) -> dict:
 # Tokens and data
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_tokens(tokenizer, targs: argparse.Namespace) -> Check:
-    """End-of-text must be a trained target (it ends each answer's labels) and pad must differ from it."""
+def check_tokens(tokenizer, targs: argparse.Namespace, prompt_format=None) -> Check:
+    """The trained end (EOS, or the chat format's end-of-turn token) must be a trained target (it ends each
+    completion's labels) and pad must differ from EOS."""
     from src.training.lm_data import IGNORE_INDEX, TokenizedDataset
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    end = prompt_format.end_id if prompt_format is not None else eos
     probe = [{"id": "preflight", "question": "What is a test?", "answer": "A check.", "domain": "general"}]
-    ds = TokenizedDataset(probe, tokenizer, max(targs.max_length, 64), targs.loss_on)
+    ds = TokenizedDataset(probe, tokenizer, max(targs.max_length, 64), targs.loss_on, prompt_format=prompt_format)
     targets = [x for x in ds[0]["labels"][1:] if x != IGNORE_INDEX] if len(ds) else []
-    if eos is None or not targets or targets[-1] != eos:
-        return Check("tokens", "fatal", f"the end-of-text token (id {eos}) is not a trained target: the model "
+    if end is None or not targets or targets[-1] != end:
+        return Check("tokens", "fatal", f"the end-of-text token (id {end}) is not a trained target: the model "
                                         "would never learn to stop", "rebuild the model folder's tokenizer "
                                         "(python -m src.model.theta_model build-tiny) or use another --model_name")
     if pad is None or pad == eos:
@@ -627,10 +629,11 @@ def check_datasets(datasets_dir: Path, strict: bool = False, include_sample: boo
     return checks, any(p.kind == "empty_datasets" for p in problems)
 
 
-def check_data(records: list[dict], tokenizer, targs: argparse.Namespace) -> tuple[list[Check], dict]:
+def check_data(records: list[dict], tokenizer, targs: argparse.Namespace,
+               prompt_format=None) -> tuple[list[Check], dict]:
     """Records left without a target token after truncation, and the share of answers cut by --max_length."""
     from src.training.lm_data import TokenizedDataset
-    ds = TokenizedDataset(records, tokenizer, targs.max_length, targs.loss_on)
+    ds = TokenizedDataset(records, tokenizer, targs.max_length, targs.loss_on, prompt_format=prompt_format)
     n = len(records)
     lengths = sorted(len(ex["input_ids"]) for ex in ds.examples)
     info = {"records": n, "no_target": ds.skipped, "truncated": ds.truncated,
@@ -777,6 +780,13 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         report.seconds = time.perf_counter() - t0
         return report
     model, tokenizer = tm.model, tm.tokenizer
+    try:  # the format the trainer will use (--prompt_format): chat without a template stops the run at start-up
+        from src.model.prompt_format import resolve_format
+        tm.prompt_format = resolve_format(targs.prompt_format, tokenizer, tm.source_path, targs.model_name)
+    except UserError as err:
+        report.add(Check("flags", "fatal", str(err), "--prompt_format qa (or auto) after --"))
+        report.seconds = time.perf_counter() - t0
+        return report
     n_params = sum(p.numel() for p in model.parameters())
     if not only_data:
         report.add(Check("model", "ok", f"{targs.model_name} loads: {n_params / 1e6:.1f}M parameters, vocabulary "
@@ -791,7 +801,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
     except UserError as err:
         report.add(Check("flags", "fatal", str(err), "drop --packing or lower --max_length"))
     if not only_data:
-        report.add(check_tokens(tokenizer, targs))
+        report.add(check_tokens(tokenizer, targs, tm.prompt_format))
         report.add(check_disk(Path(opts.run_dir or targs.output_dir), n_params, targs))
 
     info = None
@@ -805,7 +815,7 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
             report.add(Check("data", "fatal", str(err), "python -m src.data_processing.prepare_data_for_training"))
             records = None
         if records is not None:
-            checks, info = check_data(records, tokenizer, targs)
+            checks, info = check_data(records, tokenizer, targs, tm.prompt_format)
             for c in checks:
                 report.add(c)
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from src.model.families import check_support, has_dropout
 from src.model.quantization import decoder_layers
+from src.model.prompt_format import FORMAT_NAMES, resolve_format
 from src.model.theta_model import ThetaModel, check_model_folder
 from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
                                         find_resume_checkpoint, list_checkpoints, load_checkpoint_file, rng_state,
@@ -1721,6 +1722,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None,
                    help="set the model's dropout fields (attention, hidden, embedding: whichever its family has) "
                         "to P; default: as the model ships (Llama, Qwen, Mistral, Phi-3: 0, so R-Drop is left out)")
+    g.add_argument("--prompt_format", choices=FORMAT_NAMES, default="auto",
+                   help="how a record becomes the prompt and the trained completion: qa (Theta's Question:/Answer: "
+                        "text, ended by EOS), chat (the tokenizer's chat template, ended by its end-of-turn token), "
+                        "auto (chat when the tokenizer has a template, else qa); documentation/PROMPT_FORMATS.md")
     g.add_argument("--data_path", type=Path, default=PROJECT_ROOT / "Datasets" / "enhanced_training_data.json",
                    help="prepared data file from prepare_data_for_training.py")
     g.add_argument("--datasets_dir", type=Path, default=PROJECT_ROOT / "Datasets",
@@ -2127,14 +2132,17 @@ def load_data(run: Run) -> None:
         raise UserError(f"--data_path {args.data_path} has no validation records; prepare with "
                         "--validation_fraction > 0")
     run.tm = ThetaModel(args.model_name, device=run.device, datasets_dir=args.datasets_dir, dropout=args.dropout)
+    run.tm.prompt_format = resolve_format(args.prompt_format, run.tm.tokenizer, run.tm.source_path,
+                                          args.model_name)
     check_support(run.model.config, name=args.model_name, packing=args.packing, max_length=args.max_length)
     if args.max_length > run.tm.context_length:
         raise UserError(f"--max_length {args.max_length} exceeds the model's context of "
                         f"{run.tm.context_length} tokens")
     run.domain_names = sorted({r.get("domain", "unknown") for r in records})
     tok = run.tm.tokenizer
-    run.train_ds = TokenizedDataset(run.train_recs, tok, args.max_length, args.loss_on, run.domain_names)
-    run.val_ds = TokenizedDataset(run.val_recs, tok, args.max_length, args.loss_on, run.domain_names)
+    fmt = run.tm.prompt_format  # saved into theta_best/ and theta_final/ with the model (ThetaModel.save)
+    run.train_ds = TokenizedDataset(run.train_recs, tok, args.max_length, args.loss_on, run.domain_names, fmt)
+    run.val_ds = TokenizedDataset(run.val_recs, tok, args.max_length, args.loss_on, run.domain_names, fmt)
     run.collate_fn = functools.partial(collate, pad_id=tok.pad_token_id)
     run.val_batches = [run.collate_fn([run.val_ds[i] for i in b]) for b in validation_batches(
         [len(e["input_ids"]) for e in run.val_ds.examples], args.batch_size, run.rank, run.world)]
@@ -2362,7 +2370,8 @@ def summary_lines(run: Run) -> list[str]:
         f"{args.batch_size * accum * world}; {run.steps_in_epoch[0]} steps in epoch 1, {run.total_steps} steps in all",
         f"optimizer AdamW lr {args.learning_rate:.2e} (weight decay {args.weight_decay:g}, not on biases/norms), "
         f"{args.scheduler_type} schedule, warmup {100 * args.warmup_proportion:.0f}%, clip {args.max_grad_norm:g}; "
-        f"loss on {args.loss_on}",
+        f"loss on {args.loss_on}; prompt format {run.tm.prompt_format.name} (each completion ends with "
+        f"{tok.convert_ids_to_tokens(run.tm.prompt_format.end_id)!r})",
     ]
     lines += [t.summary(run) for t in run.techniques] or ["techniques: none (plain loop)"]
     lines += list(run.left_out.values())
