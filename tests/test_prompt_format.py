@@ -208,7 +208,7 @@ def test_generate_batch_stops_at_the_formats_stop_ids(tiny_model_dir):
 def test_conversation_earlier_turns_become_chat_messages(tokenizers):
     tok = tokenizers["qwen2"]
     fmt = resolve_format("chat", tok)
-    tm = SimpleNamespace(prompt_format=fmt, model=SimpleNamespace(config=SimpleNamespace(n_positions=512)))
+    tm = SimpleNamespace(prompt_format=fmt, context_length=512)
     memory = Conversation(tm, reserve=64)
     memory.add("What is DNS?", "It maps names to addresses.")
     memory.add("And TCP?", "A reliable byte stream.")
