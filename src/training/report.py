@@ -142,7 +142,7 @@ def verdict(result: dict, facts: dict) -> list[str]:
     profile = args.get("profile")
     domains = sorted((data.get("per_domain") or {}).keys())
     lines = []
-    what = f"{args.get('model_name', 'the model')} was fine-tuned" + (f" with the {profile} profile" if profile
+    what = f"{args.get('model_name', 'The model')} was fine-tuned" + (f" with the {profile} profile" if profile
                                                                        else "")
     if data:
         what += (f" on {_fmt(data.get('train_records'))} training records ({_fmt(data.get('validation_records'))} "
