@@ -14,7 +14,11 @@ Files in ``stats/<run>/`` (each plot only when its data exists):
 - ``domains.png``         test metrics per domain
 - ``baseline_deltas.png`` model minus baseline, per metric (only with ``--baseline_model``)
 - ``report.html``         every table and plot; images are embedded as base64 data URIs and every piece of dataset
-                          text is HTML-escaped, so the one file can be mailed or opened anywhere
+                          text is HTML-escaped, so the one file can be mailed or opened anywhere. It opens with the
+                          verdict in plain words (:func:`verdict`: what was trained on what, for how long, the
+                          held-out perplexity against the untrained base, and for the quick profile what the run is
+                          for), then the data summary (the prepared data's enhanced_data_stats.json) and the run's
+                          settings (training_config.json)
 
 Honest by construction: every figure is shown next to what it was computed on (records evaluated, skipped and
 truncated, the answer tokens perplexity covers, answers generated); numbers are in fixed notation; dataset text
@@ -138,7 +142,7 @@ def verdict(result: dict, facts: dict) -> list[str]:
     profile = args.get("profile")
     domains = sorted((data.get("per_domain") or {}).keys())
     lines = []
-    what = f"{args.get('model_name', 'the model')} was fine-tuned" + (f" with the {profile} profile" if profile
+    what = f"{args.get('model_name', 'The model')} was fine-tuned" + (f" with the {profile} profile" if profile
                                                                        else "")
     if data:
         what += (f" on {_fmt(data.get('train_records'))} training records ({_fmt(data.get('validation_records'))} "
