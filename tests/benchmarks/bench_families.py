@@ -101,7 +101,7 @@ def epoch_rate(model_dir: Path, data: Path, datasets_dir: Path, out: Path, epoch
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--records", type=int, default=200, help="training records sampled from the prepared sample")
     p.add_argument("--batch_size", type=int, default=8, help="micro-batch")
     p.add_argument("--max_length", type=int, default=256, help="longest record in tokens")
