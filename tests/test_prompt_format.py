@@ -76,12 +76,14 @@ def test_chat_prompt_plus_completion_is_the_whole_conversation(family, tokenizer
 def test_chat_labels_are_the_assistant_span(family, tokenizers):
     tok = tokenizers[family]
     fmt = resolve_format("chat", tok)
-    ds = TokenizedDataset([dict(RECORD, domain="general")], tok, 512, prompt_format=fmt)
+    rec = {"question": RECORD["question"], "answer": RECORD["answer"], "context": "Firewalls sit at the edge.",
+           "domain": "general"}
+    ds = TokenizedDataset([rec], tok, 512, prompt_format=fmt)
     ex = ds[0]
-    text = tok.apply_chat_template(ChatFormat.messages(RECORD["question"], RECORD["answer"], None, RECORD["system"],
-                                                       RECORD["history"]), tokenize=False)
+    text = tok.apply_chat_template(ChatFormat.messages(rec["question"], rec["answer"], rec["context"]),
+                                   tokenize=False)
     targets = [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX]
-    assert targets == assistant_span(tok, text, RECORD["answer"], END_OF_TURN[family])
+    assert targets == assistant_span(tok, text, rec["answer"], END_OF_TURN[family])
     assert [ex["input_ids"][i] for i in targets] == [ex["labels"][i] for i in targets]
     assert ex["labels"][-1] == fmt.end_id and ds.prompt_format == "chat"
 
@@ -292,3 +294,13 @@ def test_a_chat_run_trains_and_saves_in_its_template(family_dirs, prepared_data,
 
 def _ids(value) -> list[int]:
     return value if isinstance(value, list) else [value]
+
+
+def test_a_records_own_system_or_history_keys_do_not_change_its_training_ids(tokenizers):
+    """Records of a user's file pass through preparation with every key they had; only question, answer and
+    context reach the format (preparation folds conversations into context), so stray keys change nothing."""
+    tok = tokenizers["gpt2"]
+    plain = {"question": "What is DNS?", "answer": "It maps names.", "domain": "general"}
+    stray = dict(plain, system="You are a pirate.", history=[["hi", "hello"], "not a pair"])
+    a, b = TokenizedDataset([plain], tok, 256), TokenizedDataset([stray], tok, 256)
+    assert a[0]["input_ids"] == b[0]["input_ids"] and a[0]["labels"] == b[0]["labels"]

@@ -98,6 +98,13 @@ def qa_split(question: str, answer: str | None = None, context: str | None = Non
 # The formats
 # ---------------------------------------------------------------------------------------------------------------
 
+def data_record(rec: dict) -> dict:
+    """The fields of a prepared (or test) record that a format reads: question, answer, context. Data preparation
+    already folds a conversation's system message and earlier turns into ``context``; keys a user's file carried
+    through under the names ``system`` or ``history`` are not read, so they cannot change the training ids."""
+    return {"question": rec["question"], "answer": rec.get("answer"), "context": rec.get("context")}
+
+
 def _bos_prefix(tokenizer) -> list[int]:
     """``[bos_id]`` when the tokenizer's post-processor puts BOS before a text (Llama, Mistral), else ``[]``."""
     bos = getattr(tokenizer, "bos_token_id", None)

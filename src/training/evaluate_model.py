@@ -35,7 +35,7 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from transformers.utils import logging as hf_logging
 
-from src.model.prompt_format import FORMAT_NAMES, resolve_format
+from src.model.prompt_format import FORMAT_NAMES, data_record, resolve_format
 from src.model.theta_model import ThetaModel
 from src.training.report import coverage, fixed
 from src.training.lm_data import TokenizedDataset, collate, evaluate
@@ -303,7 +303,7 @@ def generate_answers(tm: ThetaModel, records: list[dict], settings: dict, batch_
     torch.manual_seed(settings["seed"])
     # The prompts as the model's format writes them (the one generate_batch uses). Prompts that leave no room for
     # an answer get an empty answer (counted): scoring them 0 is honest.
-    lengths = [len(ids) for ids in tm.prompt_format.encode_prompts(records)]
+    lengths = [len(ids) for ids in tm.prompt_format.encode_prompts([data_record(r) for r in records])]
     too_long = [i for i, n in enumerate(lengths) if n >= context]
     kept = [i for i, n in enumerate(lengths) if n < context]
     for start in range(0, len(kept), batch_size):

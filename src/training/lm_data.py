@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from src.model.prompt_format import PromptFormat, QAFormat
+from src.model.prompt_format import PromptFormat, QAFormat, data_record
 from src.training.lm_loss import TargetIndex, eval_losses
 from src.utils.common import UserError, read_json
 
@@ -48,7 +48,8 @@ class TokenizedDataset(Dataset):
         domain_index = {d: i for i, d in enumerate(self.domain_names)}
         fmt = prompt_format or QAFormat(tokenizer)
         self.prompt_format = fmt.name
-        for rec, (p_ids, a_ids) in zip(records, fmt.encode(records)):  # batched: one tokenizer call per side
+        encoded = fmt.encode([data_record(r) for r in records])  # batched: one tokenizer call per side
+        for rec, (p_ids, a_ids) in zip(records, encoded):
             code = rec.get("has_code", has_code(rec["question"]) or has_code(rec["answer"]))  # set by prepare
             ids = p_ids + a_ids
             labels = ([IGNORE_INDEX] * len(p_ids) if loss_on == "answer" else list(p_ids)) + a_ids
