@@ -235,3 +235,31 @@ def test_warm_start_from_a_full_model_folder_is_refused(tiny_model_dir, prepared
         te.parse_args(_argv(tiny_model_dir, prepared_data, tiny_datasets_dir, tmp_path, "--peft", "lora",
                             "--warm_start", str(tiny_model_dir)))
     assert "it takes an adapter folder" in capsys.readouterr().err
+
+
+def test_quick_profile_lora_run_goes_through_every_overnight_step(tmp_path, tiny_model_dir, prepared_data,
+                                                                  tiny_datasets_dir, capsys):
+    """The chain's steps in order (pre-flight, train, evaluate, optimise, chat), each through its entry point."""
+    from src.model.theta_model import ThetaModel
+    from src.training import evaluate_model, optimize_for_inference, preflight
+
+    run = tmp_path / "models" / "theta_enhanced_20260101_000000"
+    run.mkdir(parents=True)
+    flags = ["--model_name", str(tiny_model_dir), "--datasets_dir", str(tiny_datasets_dir), "--peft", "lora",
+             "--epochs", "1", "--batch_size", "4", "--max_length", "48", "--num_samples", "1", "--lora_r", "4"]
+    assert preflight.main(["--profile", "quick", "--run_dir", str(run), "--data_path", str(prepared_data), "--",
+                           *flags]) == 0, capsys.readouterr().out[-2000:]
+    summary = te.train(te.parse_args(["--profile", "quick", *flags, "--data_path", str(prepared_data),
+                                      "--output_dir", str(run), "--no_progress_bar"]))
+    assert summary["exit_code"] == 0 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    stats = tmp_path / "stats" / f"evaluation_{run.name}.json"
+    test_set = prepared_data.parent / "enhanced_test_set.json"
+    assert evaluate_model.main(["--model_path", str(run / "theta_final"), "--test_data", str(test_set),
+                                "--output_file", str(stats), "--num_samples", "1", "--max_new_tokens", "8",
+                                "--device", "cpu"]) == 0
+    assert json.loads(stats.read_text())["perplexity"] > 1
+    assert optimize_for_inference.main(["--model_path", str(run / "theta_final"), "--test_data", str(test_set),
+                                        "--device", "cpu", "--max_new_tokens", "4", "--repeats", "1"]) == 0
+    assert (run / "theta_inference" / "optimization_metrics.json").is_file()
+    for folder in ("theta_final", "theta_inference"):
+        assert isinstance(ThetaModel.load(run / folder, device="cpu").generate("What is DNS?", max_length=4), str)
