@@ -263,3 +263,44 @@ def test_quick_profile_lora_run_goes_through_every_overnight_step(tmp_path, tiny
     assert (run / "theta_inference" / "optimization_metrics.json").is_file()
     for folder in ("theta_final", "theta_inference"):
         assert isinstance(ThetaModel.load(run / folder, device="cpu").generate("What is DNS?", max_length=4), str)
+
+
+# --- the pre-flight and the rtx3060-lora profile ---------------------------------------------------------------
+
+def _qwen15_shape():
+    """Qwen2.5-1.5B-Instruct's published sizes as a config object: no weights, nothing downloaded."""
+    from transformers import Qwen2Config
+
+    from src.training.preflight import ModelShape
+
+    return ModelShape.from_config(Qwen2Config(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960,
+                                              num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                              tie_word_embeddings=True))
+
+
+def test_preflight_memory_per_peft_mode_names_the_mode_that_fits_12_gb():
+    from src.training import preflight as pf
+
+    shape = _qwen15_shape()
+    assert pf.lora_parameters(shape, 16) == 28 * 16 * sum(a + b for a, b in pf.decoder_linear_shapes(shape))
+    full, lora, qlora = (pf.adapter_weight_memory(shape, m, 16).bytes() for m in ("none", "lora", "qlora"))
+    assert full == 16 * shape.parameters()  # AdamW full fine-tuning: 16 B a parameter (23 GB here)
+    assert qlora < lora < full and qlora < 1.5 * pf.GB
+    args = te.parse_args(["--profile", "rtx3060-lora", "--output_dir", "/tmp/x"])
+    assert (args.peft, args.batch_size, args.max_length) == ("qlora", 4, 512)
+    check = pf.check_peft_modes(shape, args, 12 * pf.GB, args.max_length, "a simulated 12 GB GPU")
+    assert check.level == "ok" and "none 0" in check.message, check.message  # full fine-tuning does not fit
+    probe = pf.SimulatedProbe(12 * pf.GB, shape, pf.adapter_weight_memory(shape, "qlora", 16), head_trainable=False)
+    assert probe(args.batch_size, args.max_length) < 12 * pf.GB
+    args.peft = "none"  # asked for full fine-tuning: the check names the adapter mode that fits instead
+    assert pf.check_peft_modes(shape, args, 12 * pf.GB, 512, "x").fix == "--peft lora"
+
+
+def test_rtx3060_lora_profile_stops_at_the_download_offline(monkeypatch, capsys, tmp_path):
+    from src.training import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = preflight.main(["--profile", "rtx3060-lora", "--no_data", "--run_dir", str(tmp_path),
+                           "--simulate_gpu_memory_gb", "12"])
+    out = capsys.readouterr().out
+    assert code == 2 and "Qwen/Qwen2.5-1.5B-Instruct" in out and "HF_HUB_OFFLINE is set" in out
