@@ -56,8 +56,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "run of a current 1.5B instruct model on a 12 GB GPU (documentation/ADAPTERS.md has the arithmetic)",
         "prepare": dict(max_domain_fraction=0.2, min_domain_count=300, synthetic_ratio=0.1, near_dup_threshold=0.8,
                         max_repeats=3.0, materialise_balance=False),
-        # Memory model (src/training/preflight.py, --simulate_gpu_memory_gb 12): weights 1.35 GB (NF4 linears, 16-bit
-        # embeddings, 18.5M trainable at 16 B), peak 6.4 GB at micro-batch 4 x 512 tokens; the largest that fits
+        # Memory model (src/training/preflight.py, --simulate_gpu_memory_gb 12): weights 1.35 GiB (NF4 linears, 16-bit
+        # embeddings, 18.5M trainable at 16 B), peak 6.4 GiB at micro-batch 4 x 512 tokens; the largest that fits
         # is 8. R-Drop would double the batch to that limit, so it is off; LLRD reads GPT-2's block names (off).
         "train": dict(model_name="Qwen/Qwen2.5-1.5B-Instruct", peft="qlora", lora_r=16, lora_alpha=32.0,
                       lora_dropout=0.05, epochs=5, batch_size=4, gradient_accumulation_steps=4,
