@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.model.theta_model import ThetaModel, check_model_folder
 from src.model.adapters import ADAPTER_DIR, PEFT_MODES
+from src.model.theta_model import ThetaModel, check_model_folder
 from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
                                         find_resume_checkpoint, list_checkpoints, load_checkpoint_file,
                                         load_model_tensors, model_tensors, rng_state, save_checkpoint, set_rng_state)
@@ -1557,7 +1557,8 @@ def attach_adapters(run: "Run") -> None:
         for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
             setattr(quantized.config, key, getattr(base.config, key))
             setattr(quantized.generation_config, key, getattr(base.generation_config, key))
-        tm.model, base = quantized, quantized
+        tm.model, base = quantized, quantized  # the full-precision copy on the CPU is dropped here
+        tm.device = run.device  # generation (samples, the domain check) feeds the 4-bit model's device
         tm._use_fused_gelu()
         if args.gradient_checkpointing:
             base.gradient_checkpointing_enable()
