@@ -1,7 +1,7 @@
 """LoRA and QLoRA (src/model/adapters.py and the trainer's --peft): the adapters train, their folder loads on the
 base with peft and matches the merged model, the base's other weights stay as they were, resume is bit-identical,
-the accumulation split matches, every technique runs with adapters, and one --peft lora run goes through every
-step of the overnight chain.
+the accumulation split matches, DDP ranks stay identical, every technique runs with adapters, and one --peft lora
+run goes through every step of the overnight chain.
 
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_adapters.py
 
@@ -304,3 +304,32 @@ def test_rtx3060_lora_profile_stops_at_the_download_offline(monkeypatch, capsys,
                            "--simulate_gpu_memory_gb", "12"])
     out = capsys.readouterr().out
     assert code == 2 and "Qwen/Qwen2.5-1.5B-Instruct" in out and "HF_HUB_OFFLINE is set" in out
+
+
+@pytest.mark.slow
+def test_ddp_with_adapters_keeps_ranks_identical_and_matches_one_process(tmp_path, tiny_model_no_dropout,
+                                                                          prepared_data, tiny_datasets_dir):
+    """torchrun with 2 processes (gloo) at per-rank batch 2 against one process at batch 4: the same adapters up to
+    float summation order, and one replica hash for both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    def flags(out, batch):
+        return [*_argv(tiny_model_no_dropout, prepared_data, tiny_datasets_dir, out, "--peft", "lora",
+                       "--lora_dropout", "0", "--max_steps", "3"), "--batch_size", str(batch)]
+
+    single = te.train(te.parse_args(flags(tmp_path / "single", 4)))
+    assert single["exit_code"] == 0
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "src.training.train_enhanced", *flags(tmp_path / "ddp", 2)], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "training_config.json").read_text())["summary"]
+    assert len(summary["replica_sha256"]) == 2 and len(set(summary["replica_sha256"])) == 1
+    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
