@@ -221,7 +221,7 @@ def test_bad_arguments_and_help(stubbed):
     code, out, _ = stubbed("--resume", "theta_enhanced_20200101_000000")
     assert code == 2 and "no such run folder" in out
     code, out, _ = stubbed("--help")
-    assert code == 0 and "--profile {quick,rtx3060}" in out and "TRAINING_PIPELINE.md" in out
+    assert code == 0 and "--profile {quick,rtx3060,rtx3060-lora}" in out and "TRAINING_PIPELINE.md" in out
     assert stubbed.runs() == []
 
 

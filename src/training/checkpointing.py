@@ -11,7 +11,8 @@ Python's RNG state) that JSON would turn into strings and lists, and ``torch.sav
 safetensors first builds the whole file in memory (gigabytes at gpt2-medium size).
 
 A loaded state is checked before anything uses it (``validate_state``): version, every key resume reads and its
-type, and the model's tensor names and shapes against the model. A checkpoint that fails any check is skipped
+type, and the model's tensor names and shapes against the model (the trainable tensors alone for an adapter
+run, whose checkpoints hold only those: ``model_tensors``). A checkpoint that fails any check is skipped
 like a torn one (``--resume auto`` falls back to an older one, with a warning); ``--resume DIR`` refuses it,
 naming what is wrong.
 
@@ -198,13 +199,35 @@ def validate_state(state: Any, model: torch.nn.Module | None = None) -> None:
                                                             if len(problems) > 4 else ""))
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: its whole state dict when every parameter trains, else (adapters
+    on a frozen base: --peft lora|qlora) the trainable parameters alone, a few MB: the frozen base is rebuilt
+    from --model_name on resume, so saving it again would cost gigabytes and say nothing."""
+    named = list(model.named_parameters())
+    if all(p.requires_grad for _, p in named):
+        return model.state_dict()
+    return {n: p.detach() for n, p in named if p.requires_grad}
+
+
+def load_model_tensors(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Load what ``model_tensors`` saved (checked first by ``validate_state``): the whole model, or its
+    trainable tensors into a model whose other weights are the frozen base."""
+    if all(p.requires_grad for p in model.parameters()):
+        model.load_state_dict(saved)
+        return
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            named[name].copy_(value)
+
+
 def _model_problems(saved: dict, model: torch.nn.Module | None) -> list[str]:
     not_tensors = [k for k, v in saved.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         return [f"model entries that are not tensors: {', '.join(map(str, not_tensors[:3]))}"]
     if model is None:
         return []
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model_tensors(model).items()}  # adapters: the trainable tensors
     problems = []
     missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing:

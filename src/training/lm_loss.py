@@ -302,6 +302,9 @@ def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
     """The head's (V, C) weight (tied to the token embedding in GPT-2); refuses heads with a bias or none."""
     head = model.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None)  # peft's trainable token rows (src/model/adapters.py)
+    if adapter is not None:  # the head's weight with the trained rows in: what the wrapped head would project
+        return adapter.get_merged_weights(adapter.active_adapters)
     if head is None or getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}: the target-position loss needs a bias-free linear LM head")
     return head.weight

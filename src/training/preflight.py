@@ -11,6 +11,10 @@ Checks, in order (each prints one line: ok, warn, skip or FATAL with the fix):
   tokens    the end-of-text token is a trained target (it ends every answer's labels) and pad != end-of-text;
   disk      free space where the run folder goes against what the run writes: checkpoints kept (+1 being
             written; each holds the fp32 weights, the AdamW moments and the EMA copy) and three model folders;
+  adapters  with --simulate_gpu_memory_gb (and with --peft lora|qlora on CUDA, whose probe would train the whole
+            model): the memory model's largest micro-batch for each --peft mode (a 16-bit or 4-bit frozen base,
+            the adapters and their AdamW state, the activations) and the mode to use; the disk check counts
+            adapter-sized checkpoints;
   memory    CUDA only: one forward+backward+AdamW step of the profile's micro-batch at its longest sequence, through
             the trainer's loss (lm_loss.step_losses); when it does not fit, the largest micro-batch that does and
             the flags to use (same effective batch);
@@ -56,6 +60,7 @@ if __package__ in (None, ""):  # run as a file: make `src` importable
 
 from src.training.checkpointing import rng_state, set_rng_state
 from src.utils.common import FlagParser, EXIT_USER_ERROR, PROJECT_ROOT, UserError, atomic_write_json
+from src.utils.profiles import PROFILE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +377,68 @@ class SimulatedProbe:
         if peak > self.capacity:
             raise ProbeOutOfMemory(f"simulated: needs {human_bytes(peak)} of {human_bytes(self.capacity)}")
         return peak
+
+
+# --- adapters (--peft lora|qlora; documentation/ADAPTERS.md) ---------------------------------------------------
+
+NF4_BYTES = 0.5 + 0.127 / 8 + 0.5 / 64  # a 4-bit NF4 weight: 4 bits, double-quantised absmax (~0.127 bits) + slack
+
+
+def decoder_linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer of one decoder layer (what --lora_target all adapts)."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    if not shape.gated_mlp:  # GPT-2: c_attn (fused q, k, v), attn c_proj, c_fc, mlp c_proj
+        return [(h, q + 2 * kv), (q, h), (h, i), (i, h)]
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def lora_parameters(shape: ModelShape, r: int) -> int:
+    """LoRA's trainable count on every decoder-layer linear: r x (in + out) per layer (A is r x in, B out x r)."""
+    return shape.layers * sum(r * (n_in + n_out) for n_in, n_out in decoder_linear_shapes(shape))
+
+
+def adapter_weight_memory(shape: ModelShape, peft: str, r: int) -> WeightMemory:
+    """Weights and optimizer state of a --peft mode: ``none`` trains everything (16 B each); ``lora`` trains the
+    adapters over a frozen base kept in fp32 as the trainer loads it (4 B; autocast computes in bf16/fp16);
+    ``qlora`` keeps the decoder-layer linears in NF4 (about 0.52 B) and the embeddings, head and norms in 16 bits."""
+    total = shape.parameters()
+    if peft == "none":
+        return WeightMemory(total)
+    adapters = lora_parameters(shape, r)
+    if peft == "lora":
+        return WeightMemory(adapters, total, 4.0)
+    linear = shape.layers * sum(n_in * n_out for n_in, n_out in decoder_linear_shapes(shape))
+    frozen_bytes = NF4_BYTES * linear + 2 * (total - linear)
+    return WeightMemory(adapters, total, frozen_bytes / total)
+
+
+def check_peft_modes(shape: ModelShape, targs: argparse.Namespace, capacity: float, seq: int,
+                     where: str) -> Check:
+    """The largest micro-batch each --peft mode fits at ``seq`` tokens on ``capacity`` bytes (the simulated
+    memory model), and the mode to use: the asked one when it fits the asked micro-batch, else the first of
+    none, lora, qlora that does (else the one that fits the largest micro-batch, with that micro-batch)."""
+    factor = 2 if targs.use_rdrop and getattr(targs, "rdrop_doubled_batch", True) else 1
+    r = getattr(targs, "lora_r", 16)
+    fits = {}
+    for mode in ("none", "lora", "qlora"):
+        probe = SimulatedProbe(capacity, shape, adapter_weight_memory(shape, mode, r), targs.gradient_checkpointing,
+                               head_trainable=mode == "none")
+        fits[mode] = largest_fitting_batch(probe, seq, 4 * targs.batch_size * factor + 1) // factor
+    text = ", ".join(f"{m} {fits[m]}" for m in fits)
+    asked = getattr(targs, "peft", "none")
+    detail = f"largest micro-batch at {seq} tokens on {where} by --peft mode: {text} (asked: --peft {asked}, " \
+             f"micro-batch {targs.batch_size})"
+    if fits[asked] >= targs.batch_size:
+        return Check("adapters", "ok", detail)
+    good = next((m for m in fits if fits[m] >= targs.batch_size), None)
+    if good is not None:
+        return Check("adapters", "warn", detail, f"--peft {good}")
+    best = max(fits, key=fits.get)
+    if fits[best] < 1:
+        return Check("adapters", "warn", detail, "no mode fits one record: add --gradient_checkpointing or lower "
+                                                 "--max_length")
+    return Check("adapters", "warn", detail, f"--peft {best} --batch_size {fits[best]} (and raise "
+                                             "--gradient_accumulation_steps to keep the effective batch)")
 
 
 def largest_fitting_batch(probe: Callable[[int, int], int], seq: int, upper: int) -> int:
@@ -802,7 +869,9 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         report.add(Check("flags", "fatal", str(err), "drop --packing or lower --max_length"))
     if not only_data:
         report.add(check_tokens(tokenizer, targs, tm.prompt_format))
-        report.add(check_disk(Path(opts.run_dir or targs.output_dir), n_params, targs))
+        peft = getattr(targs, "peft", "none")
+        trainable = None if peft == "none" else lora_parameters(ModelShape.from_config(model.config), targs.lora_r)
+        report.add(check_disk(Path(opts.run_dir or targs.output_dir), n_params, targs, trainable))
 
     info = None
     if opts.no_data:
@@ -827,9 +896,17 @@ def run_preflight(opts: argparse.Namespace, probe_factory: Callable[..., Any] | 
         probe, where = None, ""
         if probe_factory is not None:
             probe, where = probe_factory(model, device, targs), "the simulated GPU"
-        elif opts.simulate_gpu_memory_gb:
-            probe = SimulatedProbe.for_model(model, opts.simulate_gpu_memory_gb * GB, targs.gradient_checkpointing)
-            where = f"a simulated {opts.simulate_gpu_memory_gb:g} GB GPU"
+        elif opts.simulate_gpu_memory_gb or (device.type == "cuda" and getattr(targs, "peft", "none") != "none"):
+            # adapters: the memory model of the asked mode (the CUDA probe would train the whole unwrapped model)
+            capacity = opts.simulate_gpu_memory_gb * GB or torch.cuda.get_device_properties(device).total_memory
+            shape = ModelShape.from_config(model.config)
+            if getattr(targs, "peft", "none") == "none":
+                probe = SimulatedProbe.for_model(model, capacity, targs.gradient_checkpointing)
+            else:
+                probe = SimulatedProbe(capacity, shape, adapter_weight_memory(shape, targs.peft, targs.lora_r),
+                                       targs.gradient_checkpointing, head_trainable=False)
+            where = f"a simulated {capacity / GB:g} GB GPU"
+            report.add(check_peft_modes(shape, targs, capacity, longest, where))
         elif device.type == "cuda":
             probe, where = CudaProbe(model, device, precision.autocast), torch.cuda.get_device_name(device)
         if probe is None:
@@ -869,7 +946,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = FlagParser(prog="python -m src.training.preflight",
                    description="Check in seconds what would stop a training run (no training). "
                                "Trainer flags go after --.")
-    p.add_argument("--profile", choices=["quick", "rtx3060"], default="quick", help="the trainer profile")
+    p.add_argument("--profile", choices=PROFILE_NAMES, default="quick", help="the trainer profile")
     p.add_argument("--gpus", type=int, default=1, help="processes the run will use (for the duration)")
     p.add_argument("--run_dir", type=Path, default=None,
                    help="the run folder: the disk check looks there, and preflight.json is written into it")

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.model.adapters import ADAPTER_DIR, PEFT_MODES
 from src.model.families import check_support, has_dropout
 from src.model.quantization import decoder_layers
 from src.model.prompt_format import FORMAT_NAMES, resolve_format
 from src.model.theta_model import ThetaModel, check_model_folder
 from src.training.checkpointing import (CHECKPOINT_VERSION, COMPLETE_MARKER, UnusableCheckpoint,  # noqa: F401
-                                        find_resume_checkpoint, list_checkpoints, load_checkpoint_file, rng_state,
-                                        save_checkpoint, set_rng_state)
+                                        find_resume_checkpoint, list_checkpoints, load_checkpoint_file,
+                                        load_model_tensors, model_tensors, rng_state, save_checkpoint, set_rng_state)
 from src.training.lm_data import IGNORE_INDEX, TokenizedDataset, collate, evaluate, load_prepared_records
 from src.training.lm_loss import TargetIndex, rdrop_head_loss, step_inputs, step_losses
 from src.training.packing import pack_batch
@@ -1560,6 +1561,103 @@ def build_scheduler(optimizer, args: argparse.Namespace, total_steps: int):
                          scheduler_specific_kwargs=kwargs)
 
 
+# --- adapters (--peft lora|qlora; the machinery is src/model/adapters.py, documentation/ADAPTERS.md) -----------
+
+def adapter_problems(args: argparse.Namespace) -> list[str]:
+    """Start-up checks of the adapter flags. Every technique is defined for adapters (ADAPTERS.md says what each
+    does with them), so none is refused; what is refused is what an adapter run cannot mean."""
+    if args.peft == "none":
+        return []
+    problems = [m for bad, m in [
+        (args.lora_r < 1, "--lora_r must be at least 1"),
+        (not args.lora_alpha > 0, "--lora_alpha must be > 0"),
+        (not 0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)")] if bad]
+    if args.warm_start is not None and Path(args.warm_start).is_dir() \
+            and not (Path(args.warm_start) / "adapter_config.json").is_file():
+        problems.append(f"--warm_start {args.warm_start}: with --peft {args.peft} it takes an adapter folder "
+                        f"(models/<run>/{ADAPTER_DIR}/, with adapter_config.json); to start from a full model "
+                        "folder, give it as --model_name")
+    if args.peft == "qlora":
+        from src.model.adapters import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
+def attach_adapters(run: "Run") -> None:
+    """--peft: the frozen base (4-bit NF4 for qlora, reloaded from the same source with ThetaModel's added rows),
+    then the LoRA adapters, and trained rows for added tokens that are targets; ``run.tm.model`` becomes the
+    PeftModel, so every later step (techniques, optimizer, checkpoints, validation, generation) sees it."""
+    from src.model import adapters
+
+    args, tm = run.args, run.tm
+    base = tm.model
+    if args.peft == "qlora":
+        quantized = adapters.load_4bit(tm.source_path or args.model_name, run.device)
+        adapters.copy_resized_embeddings(quantized, base)
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            setattr(quantized.config, key, getattr(base.config, key))
+            setattr(quantized.generation_config, key, getattr(base.generation_config, key))
+        tm.model, base = quantized, quantized  # the full-precision copy on the CPU is dropped here
+        tm.device = run.device  # generation (samples, the domain check) feeds the 4-bit model's device
+        tm._use_fused_gelu()
+        if args.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+            base.config.use_cache = False
+    targets = [t for e in run.train_ds.examples for t in e["labels"] if t != IGNORE_INDEX]
+    added = adapters.added_target_tokens(run.base_vocab, base.get_input_embeddings().weight.shape[0], targets)
+    config = adapters.adapter_config(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target, added)
+    tm.model = adapters.wrap_with_adapters(base, config, args.gradient_checkpointing, args.peft == "qlora")
+    run.adapter_tokens = added
+
+
+def adapter_summary(run: "Run") -> str:
+    from src.model.adapters import trainable_count
+
+    trainable, total = trainable_count(run.model)
+    cfg = run.model.peft_config["default"]
+    return (f"adapters: {run.args.peft} r {cfg.r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+            f"{', '.join(sorted(cfg.target_modules))}; {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M "
+            f"({100 * trainable / max(total, 1):.2f}%)" + (f"; trained token rows {run.adapter_tokens}"
+                                                           if run.adapter_tokens else "")
+            + ("; base in 4-bit NF4" if run.args.peft == "qlora" else ""))
+
+
+def warm_start_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """--warm_start with --peft: the adapter tensors of a peft folder into this run's adapters."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"--warm_start {folder}: no adapter_model.safetensors in it")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    bad = list(getattr(result, "unexpected_keys", []) or [])
+    if bad:
+        raise UserError(f"--warm_start {folder}: its adapter does not fit this run's (--lora_target, --lora_r or "
+                        f"the model differ): {', '.join(bad[:3])}")
+    logger.info("warm start from the adapter in %s (fresh optimizer and schedule)", folder)
+
+
+def publish_adapter_model(run: "Run", path: Path, extra_files: dict) -> None:
+    """An adapter run's theta_best/: the adapter into models/<run>/adapter/ (peft's format), and the merged model
+    (merged on the CPU from the unquantised base, in its own precision) into ``path``, so evaluation, optimisation,
+    chat and the Auto classes read a plain model. Cost: the base is loaded again on the CPU each time."""
+    from src.model.adapters import merge_adapter, save_adapter
+
+    base_source = run.tm.source_path or run.args.model_name
+    save_adapter(run.model, run.tm.tokenizer, run.out / ADAPTER_DIR, base_source)
+    with torch.random.fork_rng(devices=[]):  # loading and merging must draw nothing from the run's generators
+        base = ThetaModel(run.args.model_name, device="cpu", datasets_dir=run.args.datasets_dir)
+        merged = merge_adapter(base.model, run.model)
+    ThetaModel.from_parts(merged, run.tm.tokenizer, device="cpu").save(path, extra_files={
+        **extra_files, "theta_adapter.json": {"peft": run.args.peft, "adapter": ADAPTER_DIR,
+                                              "base": str(base_source)}})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loss of a step: LossSetup, TrainModule (everything trainable, for DDP; its forward is the loss), accumulation
 # ---------------------------------------------------------------------------------------------------------------
@@ -1792,6 +1890,16 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(cls.name for cls in TECHNIQUE_TYPES))
     t.add_argument("--warm_start", type=Path, default=None,
                    help="start from the weights of this model folder (fresh optimizer and schedule)")
+    a = p.add_argument_group("adapters (documentation/ADAPTERS.md)")
+    a.add_argument("--peft", choices=PEFT_MODES, default="none",
+                   help="none: full fine-tuning; lora: LoRA adapters on a frozen base; qlora: the same on a 4-bit NF4 "
+                        "base (needs: pip install -r requirements-qlora.txt)")
+    a.add_argument("--lora_r", type=int, default=16, help="LoRA rank r")
+    a.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA scale alpha (the update is alpha / r x B A)")
+    a.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on each adapter's input")
+    a.add_argument("--lora_target", type=str, default="all",
+                   help="all (every linear layer of the decoder blocks, not the LM head) or a comma list of their "
+                        "names, e.g. q_proj,v_proj or c_attn")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save_every_steps", type=int, default=0, help="checkpoint every N steps (0 = per epoch)")
     c.add_argument("--keep_last_n_checkpoints", type=int, default=2, help="checkpoints kept")
@@ -1859,6 +1967,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.warm_start is not None and not Path(args.warm_start).is_dir(),
          f"--warm_start {args.warm_start}: not a model folder")] if bad]
     problems += [m for cls in TECHNIQUE_TYPES for m in cls.check(args)]  # each technique checks its own flags
+    problems += adapter_problems(args)
     if args.compile and sys.platform == "win32":
         problems.append("--compile: torch.compile is not supported on Windows; drop --compile")
     if problems:
@@ -2024,6 +2133,8 @@ class Run:
     last_saved_step: int = -1
     compiled: bool = False  # --compile resolved (configure_speed)
     pending_logs: list = field(default_factory=list)  # step lines whose device figures are read at the next flush
+    base_vocab: int = 0  # the base's own vocabulary rows (ThetaModel may add some): --peft trains added targets
+    adapter_tokens: list = field(default_factory=list)  # token rows the adapters train (--peft)
 
     @property
     def model(self):
@@ -2131,7 +2242,10 @@ def load_data(run: Run) -> None:
     if not run.val_recs:
         raise UserError(f"--data_path {args.data_path} has no validation records; prepare with "
                         "--validation_fraction > 0")
-    run.tm = ThetaModel(args.model_name, device=run.device, datasets_dir=args.datasets_dir, dropout=args.dropout)
+    # qlora: the full-precision model only lends its tokenizer and added rows (attach_adapters), on the CPU
+    run.tm = ThetaModel(args.model_name, device="cpu" if args.peft == "qlora" else run.device,
+                        datasets_dir=args.datasets_dir, dropout=args.dropout)
+    run.base_vocab = base_vocab_size(run.tm, args.model_name)
     run.tm.prompt_format = resolve_format(args.prompt_format, run.tm.tokenizer, run.tm.source_path,
                                           args.model_name)
     check_support(run.model.config, name=args.model_name, packing=args.packing, max_length=args.max_length)
@@ -2148,6 +2262,16 @@ def load_data(run: Run) -> None:
         [len(e["input_ids"]) for e in run.val_ds.examples], args.batch_size, run.rank, run.world)]
 
 
+def base_vocab_size(tm: ThetaModel, model_name: str) -> int:
+    """Rows of the base's own embedding, before ThetaModel added any (its saved config's vocab_size)."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(tm.source_path or model_name, local_files_only=True).vocab_size)
+    except (OSError, ValueError):
+        return tm.model.get_input_embeddings().weight.shape[0]
+
+
 def setup_run(run: Run) -> None:
     """Techniques, final weights (resume or warm start), the one wrapped module, sampler, optimizer, outputs.
 
@@ -2158,6 +2282,8 @@ def setup_run(run: Run) -> None:
     if args.gradient_checkpointing:
         run.model.gradient_checkpointing_enable()
         run.model.config.use_cache = False
+    if args.peft != "none":  # before the techniques: they see the adapters as the trainable parameters
+        attach_adapters(run)
     run.precision = resolve_precision(args.precision, run.device)
     run.techniques = []
     for t in techniques_on(args):  # a technique that cannot act on this model says so and stays out
@@ -2174,6 +2300,8 @@ def setup_run(run: Run) -> None:
     run.checkpoint = find_checkpoint(args, run.out / "checkpoints", run.model)
     if run.checkpoint:
         load_weights_and_state(run, run.checkpoint[1])
+    elif args.warm_start and args.peft != "none":
+        warm_start_adapter(run.model, Path(args.warm_start))
     elif args.warm_start:
         warm_start(run.model, Path(args.warm_start), args.model_name)
     run.module = TrainModule(run.model, run.loss, run.extra_modules).train()  # dropout on
@@ -2260,7 +2388,7 @@ def load_weights_and_state(run: Run, ckpt: dict) -> None:
     for key, old in sorted(ckpt["args"].items()):
         if key not in ("resume", "output_dir", "log_file", "stop_after_step") and now.get(key) != old:
             logger.warning("resume: --%s was %r in the checkpoint, now %r; the new value wins", key, old, now.get(key))
-    run.model.load_state_dict(ckpt["model"])
+    load_model_tensors(run.model, ckpt["model"])  # the adapters alone with --peft
     saved = ckpt.get("techniques", {})
     for t in run.techniques:
         if t.name in saved:
@@ -2373,6 +2501,8 @@ def summary_lines(run: Run) -> list[str]:
         f"loss on {args.loss_on}; prompt format {run.tm.prompt_format.name} (each completion ends with "
         f"{tok.convert_ids_to_tokens(run.tm.prompt_format.end_id)!r})",
     ]
+    if args.peft != "none":
+        lines.append(adapter_summary(run))
     lines += [t.summary(run) for t in run.techniques] or ["techniques: none (plain loop)"]
     lines += list(run.left_out.values())
     lines.append("sampling: " + (" -> ".join(sampling_in_effect(run)) or "a seeded permutation per epoch")
@@ -2653,7 +2783,7 @@ def save_run_checkpoint(run: Run, reason: str) -> None:
     flush_logs(run)  # the epoch's sums in the run state include every step taken
     if not run.is_main or run.last_saved_step == run.state.global_step:
         return
-    payload = {"version": CHECKPOINT_VERSION, "model": run.model.state_dict(),
+    payload = {"version": CHECKPOINT_VERSION, "model": model_tensors(run.model),  # adapters only with --peft
                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
                "techniques": {t.name: s for t in run.techniques if (s := t.state_dict()) is not None},
@@ -2729,9 +2859,12 @@ def save_best(run: Run, val_loss: float) -> None:
     non-finite validation loss (its callers test that first; this is the last guard)."""
     if not math.isfinite(val_loss):
         raise ValueError(f"save_best: validation loss {val_loss} is not finite; theta_best/ is not replaced")
-    run.tm.save(run.out / "theta_best", extra_files={"theta_run.json": {
-        "epoch": run.state.epoch + 1, "step": run.state.global_step, "val_loss": val_loss,
-        "ema_weights": eval_weights_swapped(run)}})
+    extra = {"theta_run.json": {"epoch": run.state.epoch + 1, "step": run.state.global_step, "val_loss": val_loss,
+                                "ema_weights": eval_weights_swapped(run)}}
+    if run.args.peft != "none":
+        publish_adapter_model(run, run.out / "theta_best", extra)
+    else:
+        run.tm.save(run.out / "theta_best", extra_files=extra)
     logger.info(_color(f"new best validation loss {val_loss:.4f}: saved theta_best/"
                        + (" (EMA weights)" if eval_weights_swapped(run) else ""), "GREEN", run.color))
 

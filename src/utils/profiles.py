@@ -51,6 +51,25 @@ PROFILES: dict[str, dict[str, Any]] = {
                       use_code_contrastive=True, code_contrastive_weight=0.02,
                       use_gradient_noise=False),
     },
+    "rtx3060-lora": {
+        "about": "Qwen2.5-1.5B-Instruct with QLoRA (4-bit NF4 base, LoRA r 16 on every decoder linear), the overnight "
+                 "run of a current 1.5B instruct model on a 12 GB GPU (documentation/ADAPTERS.md has the arithmetic)",
+        "prepare": dict(max_domain_fraction=0.2, min_domain_count=300, synthetic_ratio=0.1, near_dup_threshold=0.8,
+                        max_repeats=3.0, materialise_balance=False),
+        # Memory model (src/training/preflight.py, --simulate_gpu_memory_gb 12): weights 1.35 GiB (NF4 linears, 16-bit
+        # embeddings, 18.5M trainable at 16 B), peak 6.4 GiB at micro-batch 4 x 512 tokens; the largest that fits
+        # is 8. R-Drop would double the batch to that limit, so it is off; LLRD reads GPT-2's block names (off).
+        "train": dict(model_name="Qwen/Qwen2.5-1.5B-Instruct", peft="qlora", lora_r=16, lora_alpha=32.0,
+                      lora_dropout=0.05, epochs=5, batch_size=4, gradient_accumulation_steps=4,
+                      learning_rate=2e-4, warmup_proportion=0.05, scheduler_type="cosine", weight_decay=0.0,
+                      patience=3, max_length=512,
+                      use_label_smoothing=True, label_smoothing_epsilon=0.05,
+                      use_ema=True, ema_decay=0.995, ema_warmup_epochs=1,
+                      use_curriculum=True, curriculum_start_fraction=0.7,
+                      use_dynamic_curriculum=True, dynamic_curriculum_warmup=2,
+                      use_rdrop=False, use_llrd=False, use_cpu_offload=False, use_code_contrastive=False,
+                      use_gradient_noise=False),
+    },
 }
 PROFILE_NAMES = tuple(sorted(PROFILES))
 GPU_DEFAULT_PROFILE, CPU_DEFAULT_PROFILE = "rtx3060", "quick"  # the overnight scripts' choice without --profile

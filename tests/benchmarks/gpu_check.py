@@ -18,7 +18,9 @@ subset of GPT-2's 50,257 rows, so the embedding and head have GPT-2's real size)
    its micro-batch and end at the weights of a run at B/2 x 2 accumulation;
 6. packing with FlashAttention 2's variable-length path against padded SDPA, when ``flash_attn`` is installed;
 7. the pre-flight's simulated memory model against the CUDA probe for gpt2-medium and two Llama-family shapes
-   (SmolLM2-360M's, Qwen2.5-0.5B's), random weights: the ratio says how far ``--simulate_gpu_memory_gb`` is off.
+   (SmolLM2-360M's, Qwen2.5-0.5B's), random weights: the ratio says how far ``--simulate_gpu_memory_gb`` is off;
+8. the rtx3060-lora profile's shape (Qwen2.5-1.5B, random weights) with --peft qlora and lora at 4 x 512 tokens
+   under a 12 GiB cap: peak memory and tokens/s against the pre-flight's simulated peak.
 
 Without CUDA it says so and exits 0 after checking its plan (every trainer command line parses).
 
@@ -384,8 +386,79 @@ def section_preflight(chk: Check, report: dict) -> None:
     report["preflight_memory"] = rows
 
 
+# Qwen2.5-1.5B-Instruct's published sizes: the rtx3060-lora profile's model (src/utils/profiles.py)
+QWEN15 = dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
+              num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def section_lora_profile(chk: Check, report: dict) -> None:
+    """The rtx3060-lora profile's shape (Qwen2.5-1.5B, random weights saved once in bf16) under --peft qlora and
+    lora at its micro-batch 4 x 512 tokens, bf16 autocast: peak allocated memory and tokens/s over a few optimizer
+    steps of the trainer's own loss (lm_loss.step_losses) and adapters (src/model/adapters.py), capped at 12 GiB
+    as on an RTX 3060, against the pre-flight's simulated peak for the same mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from src.model import adapters
+    from src.training import preflight as pf
+    from src.training.lm_loss import TargetIndex, step_losses
+
+    log("\n## 8. the rtx3060-lora profile's shape (Qwen2.5-1.5B, random weights), 4 x 512 tokens, bf16, 12 GiB cap")
+    log("| mode | trainable | simulated GiB | peak allocated GiB | tokens/s |")
+    log("|---|---:|---:|---:|---:|")
+    folder = chk.work / "qwen15_random"
+    if not folder.exists():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN15), dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+    shape = pf.ModelShape.from_config(AutoConfig.for_model("qwen2", **QWEN15))
+    fraction = min(1.0, 12 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    rows = []
+    try:
+        for mode in ("qlora", "lora"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            device = torch.device("cuda")
+            base = adapters.load_4bit(folder, device) if mode == "qlora" else \
+                AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+            model = adapters.wrap_with_adapters(base, adapters.adapter_config(base, 16, 32, 0.05), False,
+                                                quantized=mode == "qlora").train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=2e-4)
+            ids = torch.randint(0, QWEN15["vocab_size"], (4, 512), device=device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+                     "targets": TargetIndex.from_labels(ids.cpu()).to(device)}
+            weights = torch.ones(4, device=device)
+            times = []
+            for step in range(6):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = step_losses(model, batch, weights)
+                (out["loss_sum"] / ids.numel()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            peak = torch.cuda.max_memory_allocated()
+            simulated = pf.SimulatedProbe(0, shape, pf.adapter_weight_memory(shape, mode, 16),
+                                          head_trainable=False).peak(4, 512)
+            rate = ids.numel() / sorted(times[2:])[len(times[2:]) // 2]
+            rows.append({"mode": mode, "trainable": sum(p.numel() for p in params),
+                         "simulated_bytes": simulated, "peak_allocated_bytes": peak, "tokens_per_sec": rate})
+            log(f"| {mode} | {rows[-1]['trainable'] / 1e6:.1f}M | {simulated / 2**30:.2f} | {peak / 2**30:.2f} | "
+                f"{rate:.0f} |")
+            del model, base, opt, params
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    report["lora_profile"] = rows
+
+
 SECTIONS = {"1": section_throughput, "2": section_memory, "3": section_offload, "4": section_ema,
-            "5": section_oom, "6": section_flash, "7": section_preflight}
+            "5": section_oom, "6": section_flash, "7": section_preflight, "8": section_lora_profile}
 
 
 def plan(chk: Check) -> list[list[str]]:
@@ -408,7 +481,7 @@ def plan(chk: Check) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", type=str, default="1,2,3,4,5,6,7", help="comma list of sections 1-7")
+    p.add_argument("--sections", type=str, default="1,2,3,4,5,6,7,8", help="comma list of sections 1-8")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "")) / "gpu_check"
                    if os.environ.get("OUT") else None, help="folder for gpu_check.json (default: $OUT/gpu_check)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")

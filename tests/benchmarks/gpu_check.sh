@@ -2,8 +2,8 @@
 # GPU check (documentation/PERFORMANCE.md, "GPU check"): throughput and MFU of the gpt2 and gpt2-medium shapes in
 # bf16 and fp16, the rtx3060 profile's peak memory uncapped and capped at 12 GiB, CPU offload 0 / 0.5 / 1, EMA's
 # device-to-host copy, a real CUDA out-of-memory recovery, FlashAttention packing, the pre-flight's memory model
-# against the CUDA probe.
-# Expected time: under 8 minutes on one GPU (about 15 short training runs); disk: about 4 GB in a temp folder.
+# against the CUDA probe, the rtx3060-lora profile's shape under QLoRA and LoRA (peak memory, tokens/s).
+# Expected time: under 8 minutes on one GPU (about 15 short training runs); disk: about 7 GB in a temp folder (the 1.5B random-weight folder of section 8 is 3 GB).
 # Without CUDA it checks its plan and exits 0 saying so. The report goes to $OUT/gpu_check/ when $OUT is set.
 #
 #   tests/benchmarks/gpu_check.sh
