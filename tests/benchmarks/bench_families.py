@@ -16,7 +16,8 @@ their intervals, from the run's own ``metrics.jsonl`` (``tokens_per_sec`` x ``ms
 interval holds the set-up): the wall time of the epochs, the first epoch's validation and checkpoint included.
 (A wall-clock difference of a 1- and a 2-epoch run measures about the same but, on a machine other jobs share,
 came out negative once.) Configurations are
-interleaved round by round; the ratios are medians of per-round ratios against gpt2.
+interleaved round by round; the ratios are medians of per-round ratios against gpt2. Where other jobs share the
+machine, the upper quartile of the steps' own tokens/s ("steps vs gpt2") is the steadier comparison.
 
     .venv/bin/python tests/benchmarks/bench_families.py                       # about 5 minutes on 2 cores
     .venv/bin/python tests/benchmarks/bench_families.py --records 120 --repeats 1 --out /tmp/families.json
@@ -83,8 +84,9 @@ def epoch_tokens(model_dir: Path, data: Path, max_length: int) -> int:
     return sum(len(e["input_ids"]) for e in TokenizedDataset(train, tok, max_length).examples)
 
 
-def epoch_rate(model_dir: Path, data: Path, datasets_dir: Path, out: Path, epochs: int, args) -> float:
-    """Training tokens/s over every optimizer step of ``epochs`` whole epochs of one run."""
+def epoch_rate(model_dir: Path, data: Path, datasets_dir: Path, out: Path, epochs: int, args) -> tuple[float, float]:
+    """Training tokens/s over every optimizer step of ``epochs`` whole epochs of one run, and the upper quartile of
+    the steps' own tokens/s (the steps other jobs on the machine slowed least)."""
     import src.training.train_enhanced as te
 
     argv = ["--model_name", str(model_dir), "--data_path", str(data), "--datasets_dir", str(datasets_dir),
@@ -97,7 +99,8 @@ def epoch_rate(model_dir: Path, data: Path, datasets_dir: Path, out: Path, epoch
         raise RuntimeError(f"{model_dir.name}: exit {summary['exit_code']}")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x][1:]
     tokens = sum(s["tokens_per_sec"] * s["ms"] / 1000 for s in steps)
-    return tokens / (sum(s["ms"] for s in steps) / 1000)
+    return tokens / (sum(s["ms"] for s in steps) / 1000), statistics.quantiles([s["tokens_per_sec"] for s in steps],
+                                                                                n=4)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,18 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             row = {}
             for name in CONFIGS:
-                row[name] = epoch_rate(models[name], data, args.datasets_dir, work / f"{name}_{r}", 2, args)
+                row[name], row[name + " (upper-quartile step)"] = epoch_rate(models[name], data, args.datasets_dir,
+                                                                             work / f"{name}_{r}", 2, args)
             rounds.append(row)
             print(f"round {r + 1}: " + ", ".join(f"{n} {v:,.0f} tok/s" for n, v in row.items()), flush=True)
+    q = " (upper-quartile step)"
     result = {"data": how, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "parameters": params, "epoch_tokens": tokens,
               "tokens_per_sec": {n: statistics.median(r[n] for r in rounds) for n in CONFIGS},
               "ratio_vs_gpt2": {n: statistics.median(r[n] / r["gpt2"] for r in rounds) for n in CONFIGS},
+              "step_ratio_vs_gpt2": {n: statistics.median(r[n + q] / r["gpt2" + q] for r in rounds) for n in CONFIGS},
               "rounds": rounds}
-    print(f"\n{'model':<14}{'parameters':>12}{'tokens/s':>12}{'vs gpt2':>10}")
+    print(f"\n{'model':<14}{'parameters':>12}{'tokens/s':>12}{'vs gpt2':>10}{'steps vs gpt2':>15}")
     for n in CONFIGS:
         print(f"{n:<14}{params[n] / 1e6:>11.2f}M{result['tokens_per_sec'][n]:>12,.0f}"
-              f"{result['ratio_vs_gpt2'][n]:>10.2f}")
+              f"{result['ratio_vs_gpt2'][n]:>10.2f}{result['step_ratio_vs_gpt2'][n]:>15.2f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
