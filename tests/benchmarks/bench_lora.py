@@ -74,7 +74,7 @@ def run(job, config: str, epochs: int, seed: int, r: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--records", type=int, default=200, help="training records sampled from the prepared sample")
     p.add_argument("--max_length", type=int, default=256, help="sequence limit")
     p.add_argument("--batch_size", type=int, default=4, help="micro-batch")
