@@ -359,7 +359,9 @@ def test_lora_on_other_families_resumes_and_merges(family, family_dirs, prepared
     b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["kl"] > 0 for m in metrics)  # the adapters' dropout gives R-Drop something to act on
+    # The adapters' dropout gives R-Drop something to act on, from step 2: at step 1 every B factor is still zero,
+    # so both passes are the base model's and the KL term is exactly 0.
+    assert metrics[0]["kl"] == 0 and all(m["kl"] > 0 for m in metrics[1:])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "theta_final").eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     assert type(merged) is type(base) and merged.config.model_type == family

@@ -540,10 +540,13 @@ class RDropTechnique(Technique):
 
     def left_out(self, run) -> str | None:
         """Without dropout both passes are the same function: the KL term is exactly 0 and the second forward is
-        spent on nothing (Llama, Qwen, Mistral and Phi-3 ship with every dropout at 0.0)."""
-        if has_dropout(run.model.config):
+        spent on nothing (Llama, Qwen, Mistral and Phi-3 ship with every dropout at 0.0). Dropout modules count too:
+        LoRA's ``--lora_dropout`` on the adapters' input gives R-Drop two different passes on any family."""
+        if has_dropout(run.model.config) or any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                                for m in run.model.modules()):
             return None
-        return f"R-Drop left out: {run.model.config.model_type} has no dropout (use --dropout P)"
+        hint = " or --lora_dropout P" if getattr(run.args, "peft", "none") != "none" else ""
+        return f"R-Drop left out: {run.model.config.model_type} has no dropout (use --dropout P{hint})"
 
     def configure(self, run) -> None:
         run.loss.lm_loss = functools.partial(rdrop_step_losses, alpha=self.args.rdrop_alpha,
