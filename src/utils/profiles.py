@@ -58,7 +58,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                         max_repeats=3.0, materialise_balance=False),
         # Memory model (src/training/preflight.py, --simulate_gpu_memory_gb 12): weights 1.35 GiB (NF4 linears, 16-bit
         # embeddings, 18.5M trainable at 16 B), peak 6.4 GiB at micro-batch 4 x 512 tokens; the largest that fits
-        # is 8. R-Drop would double the batch to that limit, so it is off; LLRD reads GPT-2's block names (off).
+        # is 8. R-Drop would double the batch to that limit, so it is off. LLRD gives each adapter its block's rate
+        # (the decoder layers found by the block class on any family, the peft wrapper included).
         "train": dict(model_name="Qwen/Qwen2.5-1.5B-Instruct", peft="qlora", lora_r=16, lora_alpha=32.0,
                       lora_dropout=0.05, epochs=5, batch_size=4, gradient_accumulation_steps=4,
                       learning_rate=2e-4, warmup_proportion=0.05, scheduler_type="cosine", weight_decay=0.0,
@@ -67,8 +68,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                       use_ema=True, ema_decay=0.995, ema_warmup_epochs=1,
                       use_curriculum=True, curriculum_start_fraction=0.7,
                       use_dynamic_curriculum=True, dynamic_curriculum_warmup=2,
-                      use_rdrop=False, use_llrd=False, use_cpu_offload=False, use_code_contrastive=False,
-                      use_gradient_noise=False),
+                      use_rdrop=False, use_llrd=True, llrd_factor=0.9, use_cpu_offload=False,
+                      use_code_contrastive=False, use_gradient_noise=False),
     },
 }
 PROFILE_NAMES = tuple(sorted(PROFILES))
