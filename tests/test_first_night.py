@@ -173,8 +173,8 @@ def test_every_parser_is_exact():
 
 def test_help_shows_each_profiles_value():
     helps = {a.option_strings[0]: a.help for a in build_parser()._actions if a.option_strings}
-    assert helps["--use_ema"].endswith("(default off; on in quick, rtx3060)")
-    assert helps["--epochs"].endswith("(default 3; quick 5, rtx3060 20)")
+    assert helps["--use_ema"].endswith("(default off; on in quick, rtx3060, rtx3060-lora)")
+    assert helps["--epochs"].endswith("(default 3; quick 5, rtx3060-lora 5, rtx3060 20)")
     assert helps["--use_gradient_noise"].endswith("(default off; on in quick)")
     assert helps["--no_ema"] == "turn --use_ema off"
 

@@ -72,11 +72,13 @@ def test_loads_with_its_own_class_pad_and_stop_ids(family, models):
     tok, model = tm.tokenizer, tm.model
     assert type(model).__name__ == CLASSES[family] and tm.family.model_type == family
     assert tm.context_length == 512
-    assert tm.stop_ids == tok.convert_tokens_to_ids(STOPS[family])
+    # the prompt format's trained end first (the chat template's end of turn where there is one), then every EOS
+    assert tm.stop_ids[0] == tm.prompt_format.end_id
+    assert sorted(tm.stop_ids) == sorted(tok.convert_tokens_to_ids(STOPS[family]))
     assert tok.pad_token == PADS[family] and tok.pad_token_id not in tm.stop_ids
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id
     gen_eos = model.generation_config.eos_token_id
-    assert (gen_eos if isinstance(gen_eos, list) else [gen_eos]) == tm.stop_ids  # the EOS list is kept
+    assert sorted(gen_eos if isinstance(gen_eos, list) else [gen_eos]) == sorted(tm.stop_ids)  # the list is kept
     inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert (out is inp) == TIED.get(family, False)
     assert inp.shape[0] == out.shape[0] == len(tok)
