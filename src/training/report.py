@@ -147,10 +147,11 @@ def verdict(result: dict, facts: dict) -> list[str]:
     if data:
         what += (f" on {_fmt(data.get('train_records'))} training records ({_fmt(data.get('validation_records'))} "
                  f"held for validation) in {_plural(len(domains), 'domain')}"
-                 + (f" ({', '.join(domains[:8])}{', ...' if len(domains) > 8 else ''})" if domains else "")
-                 + (f", {data['data']['sources'].removeprefix('data: ')}" if (data.get("data") or {}).get("sources")
-                    else ""))
+                 + (f" ({', '.join(domains[:8])}{', ...' if len(domains) > 8 else ''})" if domains else ""))
     lines.append(what + ".")
+    sources = (data.get("data") or {}).get("sources", "").removeprefix("data: ").rstrip(".")
+    if sources:  # where the records came from: the user's files, or the sample and why
+        lines.append(sources[0].upper() + sources[1:] + ".")
     if summary:
         took = summary.get("training_seconds", summary.get("seconds"))
         estimate = summary.get("preflight_estimate_s")
@@ -189,7 +190,7 @@ def data_summary_rows(data: dict) -> list[tuple[str, str]]:
     per_domain = data.get("per_domain") or {}
     rows = [("read from", (data.get("data") or {}).get("sources", "").removeprefix("data: ") or "–"),
             ("records read", _fmt(data.get("input_records"))),
-            ("records kept", f"{_fmt(data.get('real_records'))} of your own"
+            ("records kept", f"{_fmt(data.get('real_records'))} real"
                              + (f" + {_fmt(data.get('synthetic_records'))} synthetic" if data.get("synthetic_records")
                                 else "")
                              + f": {_fmt(data.get('train_records'))} train, {_fmt(data.get('validation_records'))} "
