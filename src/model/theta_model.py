@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +63,20 @@ PAD_TOKEN = "<|pad|>"
 TINY_CONFIG = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512, vocab_size=1024)
 TINY_SEED = 1234
 
+
+
+@contextmanager
+def no_hf_progress_bars():
+    """Hugging Face's progress bars off for the block (loading and saving a model print one each)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 class ThetaModelError(UserError):
@@ -360,7 +374,8 @@ class ThetaModel:
         config = PretrainedConfig.get_config_dict(str(source), **hub)[0]
         family = check_support(config, name=str(source))
         overrides = dropout_overrides(config, dropout) if dropout is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(source, **hub, **overrides)
+        with no_hf_progress_bars():  # no "Loading weights" bar on the console or in the logs
+            model = AutoModelForCausalLM.from_pretrained(source, **hub, **overrides)
         if model.config.model_type != family.model_type:
             raise UnsupportedModel(f"{source}: config.json says model_type '{family.model_type}' but the Auto "
                                    f"classes built a {type(model).__name__} ('{model.config.model_type}'); "
@@ -432,21 +447,13 @@ class ThetaModel:
         Through ``atomic_dir``: written next to its destination under a temporary name, fsynced, then swapped into
         place, so a crash leaves the previous version intact and the folder is never absent.
         """
-        path = Path(path)
-        model = getattr(self.model, "module", self.model)  # unwrap DDP
-        model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-        from transformers.utils import logging as hf_logging
-
+        from src.model.adapters import unwrap
         from src.model.interop import finish_saved_folder
 
+        path, model = Path(path), unwrap(self.model)  # DDP, torch.compile
         with atomic_dir(path) as tmp:
-            bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # no "Writing model shards" bar in every epoch's log
-            try:
+            with no_hf_progress_bars():  # no "Writing model shards" bar in every epoch's log
                 model.save_pretrained(tmp)
-            finally:
-                if bar:
-                    hf_logging.enable_progress_bar()
             self.tokenizer.save_pretrained(tmp)
             finish_saved_folder(tmp, self.source_path)  # the fields and files other tools read (interop.py)
             write_prompt_format(tmp, getattr(self, "prompt_format", None))  # format, chat template, stop ids

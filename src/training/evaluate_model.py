@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from src.model.prompt_format import FORMAT_NAMES, data_record, resolve_format
 from src.model.theta_model import ThetaModel
-from src.training.report import coverage, fixed
+from src.training.report import coverage, fixed, recorded_path
 from src.training.lm_data import TokenizedDataset, collate, evaluate
 from src.utils.common import (PROJECT_ROOT, FlagParser, UserError, atomic_write_json, read_json,
                               remove_stale_temporaries, run_entry_point, setup_logging)
@@ -191,10 +191,9 @@ def training_data_path(run_dir: Path | None) -> Path | None:
     data_path = (config.get("args") or {}).get("data_path") if isinstance(config, dict) else None
     if not data_path:
         return None
-    path = Path(data_path)
-    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]):
-        if candidate.is_file():
-            return candidate
+    found = recorded_path(data_path)
+    if found is not None and found.is_file():
+        return found
     logger.warning("cannot check the test set against the training data: %s (args.data_path of %s) is gone",
                    data_path, run_dir / "training_config.json")
     return None

@@ -92,8 +92,9 @@ def _read_dict(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _existing(path_text: str | None) -> Path | None:
-    """A path a run recorded: as it is, else relative to the current folder or the project root."""
+def recorded_path(path_text: str | None) -> Path | None:
+    """A path a run recorded (e.g. training_config.json's ``args.data_path``), where it exists now: as it is when
+    absolute, else relative to the current folder or to the project root (where the overnight scripts run)."""
     if not path_text:
         return None
     path = Path(path_text)
@@ -111,7 +112,7 @@ def load_run_facts(run_dir: Path | None) -> dict:
     domains). Missing files give empty dicts."""
     from src.utils.data_layout import STATS_NAME
     config = _read_dict(run_dir / "training_config.json") if run_dir else {}
-    data_path = _existing((config.get("args") or {}).get("data_path"))
+    data_path = recorded_path((config.get("args") or {}).get("data_path"))
     data = _read_dict(data_path.parent / STATS_NAME) if data_path else {}
     return {"config": config, "data": data}
 

@@ -1610,7 +1610,7 @@ def attach_adapters(run: "Run") -> None:
         if args.gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.config.use_cache = False
-    targets = [t for e in run.train_ds.examples for t in e["labels"] if t != IGNORE_INDEX]
+    targets = {t for e in run.train_ds.examples for t in e["labels"] if t >= run.base_vocab}  # only added ids
     added = adapters.added_target_tokens(run.base_vocab, base.get_input_embeddings().weight.shape[0], targets)
     config = adapters.adapter_config(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target, added)
     tm.model = adapters.wrap_with_adapters(base, config, args.gradient_checkpointing, args.peft == "qlora")
