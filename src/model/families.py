@@ -59,25 +59,6 @@ FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (
                 "a spare <|placeholderN|> (its pad is its EOS)"),
 )}
 
-# What each technique does, the same on every family unless the family's entry says otherwise (MODELS.md's table).
-TECHNIQUES_ON_FAMILIES = {
-    "ema": "unchanged: an fp32 shadow of every trainable parameter",
-    "label_smoothing": "unchanged: in the target-position head",
-    "quality_weighting": "unchanged",
-    "rdrop": "needs dropout: left out, with a start-up line, where every dropout field is 0 (Llama, Qwen, Mistral "
-             "and Phi-3 ship so) unless --dropout P sets them",
-    "llrd": "the decoder layers found by the family's block class; embeddings below layer 0, final norm and an "
-            "untied head at the base rate",
-    "gradient_noise": "unchanged",
-    "cpu_offload": "unchanged (largest parameters first: the embeddings and an untied head)",
-    "code_contrastive": "head sized by the config's hidden_size",
-    "curriculum": "unchanged (the data's difficulty)",
-    "dynamic_curriculum": "unchanged",
-    "domain_stratified": "unchanged",
-    "packing": "position_ids restart at every record (GPT-2's table and RoPE alike); refused with a sliding window "
-               "shorter than --max_length",
-}
-
 SUPPORTED_HINT = ("Theta fine-tunes these model types: " + ", ".join(FAMILIES) + " (documentation/MODELS.md); pick "
                   "a model of one of them, or --model_name theta-tiny")
 
